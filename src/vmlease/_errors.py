@@ -1,0 +1,198 @@
+"""The vmlease error tree.
+
+Every error vmlease raises derives from :class:`VMLeaseError`; where a
+built-in exception fits, the error inherits it too, so ``except TimeoutError``
+or ``except LookupError`` keep working. Messages say what to do next.
+
+::
+
+    VMLeaseError
+    ├── ConfigError (ValueError)            bad input: nothing was created
+    │   ├── InvalidName                     a VM name breaks the naming rule
+    │   ├── InvalidSpec                     cpus, memory or another field is wrong
+    │   └── NameInUse                       a live VM already has that name
+    ├── ImageError
+    │   ├── ImageNotFound (LookupError)     no such image in the cache
+    │   └── ImageBuildError                 an image could not be built
+    ├── BackendUnavailable                  a backend's program or daemon is missing
+    ├── BackendError                        a backend operation failed
+    │   ├── VMNotFound (LookupError)        the backend does not know the VM
+    │   ├── VMAlreadyExists                 the backend already has a VM of that name
+    │   ├── BootError                       the VM did not become ready
+    │   └── ChannelError (ConnectionError)  the command channel to the guest broke
+    ├── VMStateError                        the VM is not in a state for that operation
+    ├── CommandFailed                       a command exited non-zero (``check=True``)
+    ├── CommandTimeout (TimeoutError)       a command ran out of time and was killed
+    ├── GuestFileError (OSError)            a file in the guest could not be read or written
+    ├── LedgerError                         the ownership ledger cannot be used
+    └── UnsupportedOperation (NotImplementedError)
+                                            the backend does not offer the operation
+
+Errors from below (``subprocess``, ``socket``, ``sqlite3``) are translated at
+the boundary with ``raise ... from exc``; the original stays on
+``__cause__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "BootError",
+    "ChannelError",
+    "CommandFailed",
+    "CommandTimeout",
+    "ConfigError",
+    "GuestFileError",
+    "ImageBuildError",
+    "ImageError",
+    "ImageNotFound",
+    "InvalidName",
+    "InvalidSpec",
+    "LedgerError",
+    "NameInUse",
+    "UnsupportedOperation",
+    "VMAlreadyExists",
+    "VMLeaseError",
+    "VMNotFound",
+    "VMStateError",
+]
+
+
+class VMLeaseError(Exception):
+    """Root of every error vmlease raises."""
+
+
+class ConfigError(VMLeaseError, ValueError):
+    """Input was rejected before anything was created."""
+
+
+class InvalidName(ConfigError):
+    """A VM name breaks the naming rule (the message states the rule)."""
+
+
+class InvalidSpec(ConfigError):
+    """A VM spec field (cpus, memory_mb, image ...) is invalid."""
+
+
+class NameInUse(ConfigError):
+    """A live VM recorded in the ledger already has the requested name."""
+
+
+class ImageError(VMLeaseError):
+    """Base for image problems."""
+
+
+class ImageNotFound(ImageError, LookupError):
+    """The requested image is not in the image cache."""
+
+
+class ImageBuildError(ImageError):
+    """An image could not be built; the message names what is missing."""
+
+
+class BackendUnavailable(VMLeaseError):
+    """A backend cannot be used here: its program is missing or its daemon is down."""
+
+
+class BackendError(VMLeaseError):
+    """A backend operation failed.
+
+    Attributes:
+        command: the program and arguments that failed, if one was run.
+        exit_code: its exit status, if it exited.
+        stderr: what it wrote on standard error (may be truncated).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        command: Sequence[str] | None = None,
+        exit_code: int | None = None,
+        stderr: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.command = list(command) if command is not None else None
+        self.exit_code = exit_code
+        self.stderr = stderr
+
+
+class VMNotFound(BackendError, LookupError):
+    """The backend has no VM of that name."""
+
+
+class VMAlreadyExists(BackendError):
+    """The backend already has a VM of that name."""
+
+
+class BootError(BackendError):
+    """The VM did not become ready; the message carries the console tail."""
+
+
+class ChannelError(BackendError, ConnectionError):
+    """The command channel to the guest failed or broke."""
+
+
+class VMStateError(VMLeaseError):
+    """The VM is not in a state that allows the operation (deleted, stopped ...)."""
+
+
+class CommandFailed(VMLeaseError):
+    """A command run with ``check=True`` exited non-zero.
+
+    Attributes:
+        argv: the command.
+        exit_code: its exit status (128 + N when killed by signal N).
+        stdout, stderr: its output, decoded.
+        vm: the name of the VM it ran in.
+    """
+
+    def __init__(
+        self, *, vm: str, argv: Sequence[str], exit_code: int, stdout: str, stderr: str
+    ) -> None:
+        tail = stderr.strip().splitlines()[-5:]
+        detail = ("\n  " + "\n  ".join(tail)) if tail else ""
+        super().__init__(f"command {list(argv)!r} exited {exit_code} in VM {vm}{detail}")
+        self.vm = vm
+        self.argv = list(argv)
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class CommandTimeout(VMLeaseError, TimeoutError):
+    """A command did not finish within its timeout and was killed.
+
+    Attributes:
+        argv: the command.
+        timeout_s: the limit it exceeded, in seconds.
+        stdout, stderr: what it had written by then.
+    """
+
+    def __init__(
+        self, *, vm: str, argv: Sequence[str], timeout_s: float, stdout: str, stderr: str
+    ) -> None:
+        super().__init__(
+            f"command {list(argv)!r} in VM {vm} did not finish within {timeout_s:g} s "
+            "and was killed; pass a larger timeout_s if it needs longer"
+        )
+        self.vm = vm
+        self.argv = list(argv)
+        self.timeout_s = timeout_s
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class GuestFileError(VMLeaseError, OSError):
+    """A file could not be copied into or out of the guest."""
+
+
+class LedgerError(VMLeaseError):
+    """The ownership ledger is missing, corrupt or unwritable."""
+
+
+class UnsupportedOperation(VMLeaseError, NotImplementedError):
+    """The backend does not offer this operation (see its capabilities)."""

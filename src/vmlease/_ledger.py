@@ -1,0 +1,320 @@
+"""The ownership ledger: which VMs vmlease made, for whom, and where they are in life.
+
+SQLite in WAL mode, one file in the state directory, shared by every process
+of the user on this machine. A row is written *before* a backend is asked to
+create the VM, so a create that times out but later succeeds still has an
+owner on record. Every state change is a row in ``events`` as well.
+
+A name is unique among the rows that are not ``gone``: the name of a deleted
+VM may be used again, and its history stays.
+
+Writes that read first (claiming a name) use ``BEGIN IMMEDIATE`` so two
+processes cannot both see a name free. Waiting for another writer is bounded
+by ``busy_timeout_s``; "database is locked" never reaches a user as such.
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._errors import LedgerError, NameInUse
+from ._identity import Owner
+
+__all__ = ["Event", "Ledger", "Record", "VMState"]
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    owner_pid INTEGER NOT NULL,
+    owner_start_time INTEGER NOT NULL,
+    owner_boot_id TEXT NOT NULL,
+    owner_host TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    expires_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS vms_live_name ON vms(backend, name) WHERE state != 'gone';
+CREATE INDEX IF NOT EXISTS vms_session ON vms(session_id);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    vm_id INTEGER NOT NULL REFERENCES vms(id),
+    state TEXT NOT NULL,
+    at REAL NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_vm ON events(vm_id);
+"""
+
+
+class VMState(enum.StrEnum):
+    """Where a VM is in its life. Every change is recorded."""
+
+    INTENDED = "intended"  # row written, backend not asked yet
+    CREATING = "creating"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    STARTING = "starting"
+    DELETING = "deleting"
+    GONE = "gone"
+    FAILED = "failed"  # the error is kept; the VM may still need deleting
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One VM as the ledger knows it. Times are seconds since the epoch."""
+
+    id: int
+    name: str
+    backend: str
+    owner: Owner
+    spec: str
+    state: VMState
+    error: str | None
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One recorded state change."""
+
+    state: VMState
+    at: float
+    detail: str | None
+
+
+def _record(row: sqlite3.Row) -> Record:
+    return Record(
+        id=row["id"],
+        name=row["name"],
+        backend=row["backend"],
+        owner=Owner(
+            session_id=row["session_id"],
+            pid=row["owner_pid"],
+            start_time=row["owner_start_time"],
+            boot_id=row["owner_boot_id"],
+            host=row["owner_host"],
+        ),
+        spec=row["spec"],
+        state=VMState(row["state"]),
+        error=row["error"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        expires_at=row["expires_at"],
+    )
+
+
+class Ledger:
+    """The ledger file at ``path``. Thread-safe; share one per process.
+
+    Args:
+        path: the SQLite file; its directory must exist.
+        clock: wall-clock time in seconds (injected for tests).
+        busy_timeout_s: how long to wait for another writer.
+        create: create the file if it does not exist. With False, a missing
+            ledger is a LedgerError (for commands that must not invent one).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = 30.0,
+        create: bool = True,
+    ) -> None:
+        self.path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+        if not create and not path.exists():
+            raise LedgerError(f"no ledger at {path}: vmlease has not created any VM here yet")
+        try:
+            self._db = sqlite3.connect(
+                path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._db.row_factory = sqlite3.Row
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise LedgerError(
+                    f"the ledger at {path} was written by a newer vmlease "
+                    f"(schema {version}); upgrade vmlease to use it"
+                )
+            if version < _SCHEMA_VERSION:
+                with self._write():
+                    self._db.executescript(
+                        "BEGIN IMMEDIATE;"
+                        + _SCHEMA
+                        + f"PRAGMA user_version = {_SCHEMA_VERSION};COMMIT;"
+                    )
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(
+                f"the ledger at {path} cannot be read ({exc}); it may be corrupt. "
+                "Move it aside to start a new one; VMs it recorded must then be "
+                "deleted by hand"
+            ) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """Serialise this process's writers; SQLite serialises the others."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.DatabaseError as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise LedgerError(f"ledger write failed at {self.path}: {exc}") from exc
+
+    def claim(
+        self,
+        *,
+        name: str,
+        backend: str,
+        owner: Owner,
+        spec: str,
+        expires_at: float | None = None,
+    ) -> Record:
+        """Record the intent to create ``name``; raise NameInUse if a live row has it."""
+        now = self._clock()
+        with self._write():
+            self._db.execute("BEGIN IMMEDIATE")
+            taken = self._db.execute(
+                "SELECT session_id, state FROM vms"
+                " WHERE backend = ? AND name = ? AND state != 'gone'",
+                (backend, name),
+            ).fetchone()
+            if taken is not None:
+                self._db.execute("ROLLBACK")
+                raise NameInUse(
+                    f"a VM named {name!r} already exists on {backend} "
+                    f"(session {taken['session_id']}, {taken['state']}); "
+                    "choose another name or delete that VM first"
+                )
+            cur = self._db.execute(
+                "INSERT INTO vms (name, backend, session_id, owner_pid, owner_start_time,"
+                " owner_boot_id, owner_host, spec, state, created_at, updated_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    backend,
+                    owner.session_id,
+                    owner.pid,
+                    owner.start_time,
+                    owner.boot_id,
+                    owner.host,
+                    spec,
+                    VMState.INTENDED.value,
+                    now,
+                    now,
+                    expires_at,
+                ),
+            )
+            vm_id = cur.lastrowid
+            self._db.execute(
+                "INSERT INTO events (vm_id, state, at) VALUES (?, ?, ?)",
+                (vm_id, VMState.INTENDED.value, now),
+            )
+            self._db.execute("COMMIT")
+        return Record(
+            id=vm_id or 0,
+            name=name,
+            backend=backend,
+            owner=owner,
+            spec=spec,
+            state=VMState.INTENDED,
+            error=None,
+            created_at=now,
+            updated_at=now,
+            expires_at=expires_at,
+        )
+
+    def transition(
+        self, vm_id: int, state: VMState, *, error: str | None = None, detail: str | None = None
+    ) -> None:
+        """Move the row ``vm_id`` to ``state`` and record the event."""
+        now = self._clock()
+        with self._write():
+            self._db.execute("BEGIN IMMEDIATE")
+            if error is not None:
+                self._db.execute(
+                    "UPDATE vms SET state = ?, error = ?, updated_at = ? WHERE id = ?",
+                    (state.value, error, now, vm_id),
+                )
+            else:
+                self._db.execute(
+                    "UPDATE vms SET state = ?, updated_at = ? WHERE id = ?",
+                    (state.value, now, vm_id),
+                )
+            self._db.execute(
+                "INSERT INTO events (vm_id, state, at, detail) VALUES (?, ?, ?, ?)",
+                (vm_id, state.value, now, detail if detail is not None else error),
+            )
+            self._db.execute("COMMIT")
+
+    def get(self, vm_id: int) -> Record | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM vms WHERE id = ?", (vm_id,)).fetchone()
+        return _record(row) if row else None
+
+    def find(self, backend: str, name: str) -> Record | None:
+        """The live (not gone) row for ``name`` on ``backend``, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM vms WHERE backend = ? AND name = ? AND state != 'gone'",
+                (backend, name),
+            ).fetchone()
+        return _record(row) if row else None
+
+    def records(
+        self,
+        *,
+        session_id: str | None = None,
+        include_gone: bool = False,
+        states: Sequence[VMState] | None = None,
+    ) -> list[Record]:
+        """Rows, oldest first, filtered by session and state."""
+        sql = "SELECT * FROM vms WHERE 1=1"
+        args: list[object] = []
+        if session_id is not None:
+            sql += " AND session_id = ?"
+            args.append(session_id)
+        if not include_gone:
+            sql += " AND state != 'gone'"
+        if states is not None:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(s.value for s in states)
+        sql += " ORDER BY id"
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [_record(r) for r in rows]
+
+    def events(self, vm_id: int) -> list[Event]:
+        """The recorded state changes of one VM, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, at, detail FROM events WHERE vm_id = ? ORDER BY id", (vm_id,)
+            ).fetchall()
+        return [Event(VMState(r["state"]), r["at"], r["detail"]) for r in rows]

@@ -1,0 +1,69 @@
+"""Where vmlease keeps its files.
+
+- State (ledger, per-VM directories, locks): ``$VMLEASE_STATE_DIR``, else
+  ``$XDG_STATE_HOME/vmlease``, else ``~/.local/state/vmlease``. Created with
+  mode 0700: it holds sockets that control VMs.
+- Cache (built images, downloaded packages): ``$VMLEASE_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/vmlease``, else ``~/.cache/vmlease``. Images live in its
+  ``images`` folder unless ``$VMLEASE_IMAGE_DIR`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from ._errors import ConfigError
+
+__all__ = ["ensure_private_dir", "image_dir", "state_dir"]
+
+
+def _base(env: Mapping[str, str], own: str, xdg: str, fallback: str) -> Path:
+    if env.get(own):
+        return Path(env[own]).expanduser()
+    if env.get(xdg):
+        return Path(env[xdg]).expanduser() / "vmlease"
+    return Path.home() / fallback / "vmlease"
+
+
+def state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The state directory (not created)."""
+    env = os.environ if env is None else env
+    return _base(env, "VMLEASE_STATE_DIR", "XDG_STATE_HOME", ".local/state")
+
+
+def image_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The image cache directory (not created)."""
+    env = os.environ if env is None else env
+    if env.get("VMLEASE_IMAGE_DIR"):
+        return Path(env["VMLEASE_IMAGE_DIR"]).expanduser()
+    return _base(env, "VMLEASE_CACHE_DIR", "XDG_CACHE_HOME", ".cache") / "images"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and make sure only we can use it.
+
+    Raises ConfigError if it exists but is not a directory or belongs to
+    someone else: a state directory another user controls could hand us
+    their sockets.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the directory {path}: {exc.strerror}; "
+            "point VMLEASE_STATE_DIR at a writable place"
+        ) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path} exists but is not a directory")
+    if st.st_uid != os.getuid():
+        raise ConfigError(
+            f"{path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
+            "use a directory of your own (VMLEASE_STATE_DIR)"
+        )
+    if st.st_mode & 0o077:
+        path.chmod(0o700)
+    return path

@@ -1,0 +1,496 @@
+"""The session: one owner of VMs, and the policy every backend shares.
+
+A session validates requests, writes the ledger before the backend acts,
+records every transition, times every backend operation, and deletes its VMs
+when it ends. Backends only carry out primitives (backends/_base.py).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import backends as _backends
+from ._errors import (
+    BackendError,
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    GuestFileError,
+    VMLeaseError,
+    VMNotFound,
+    VMStateError,
+)
+from ._identity import Owner, current_owner
+from ._ledger import Ledger, VMState
+from ._metrics import Metrics, OpStats
+from ._naming import new_session_id, validate_name, vm_name
+from ._paths import ensure_private_dir
+from ._paths import state_dir as default_state_dir
+from ._spec import VMSpec
+from .backends import Backend
+
+__all__ = ["VM", "CommandResult", "Session", "SessionStats"]
+
+T = TypeVar("T")
+
+DEFAULT_BOOT_TIMEOUT_S = 120.0
+DEFAULT_STOP_TIMEOUT_S = 30.0
+DEFAULT_MAX_AGE_S = 6 * 3600.0
+TRANSCRIPT_LIMIT = 200
+_OUTPUT_KEPT = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What a command did in a VM.
+
+    Attributes:
+        argv: the command.
+        exit_code: its exit status; 127 if the command does not exist,
+            128 + N if killed by signal N.
+        stdout_bytes, stderr_bytes: its raw output.
+        duration_s: wall time of the round trip, in seconds.
+    """
+
+    argv: tuple[str, ...]
+    exit_code: int
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    duration_s: float
+
+    @property
+    def stdout(self) -> str:
+        """Standard output, decoded as UTF-8 (undecodable bytes replaced)."""
+        return self.stdout_bytes.decode(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        """Standard error, decoded as UTF-8 (undecodable bytes replaced)."""
+        return self.stderr_bytes.decode(errors="replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptEntry:
+    """One command as a VM's transcript keeps it (output truncated)."""
+
+    argv: tuple[str, ...]
+    exit_code: int | None
+    duration_s: float
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStats:
+    """Where a session's time went. Times in seconds."""
+
+    session_id: str
+    created: int
+    deleted: int
+    failed: int
+    ops: dict[str, OpStats]
+
+
+def _argv(argv: object) -> tuple[str, ...]:
+    if isinstance(argv, str | bytes):
+        raise ConfigError(
+            f"argv must be a list of strings, not the string {argv!r}; "
+            f"for a shell line use ['sh', '-c', {argv!r}]"
+        )
+    if not isinstance(argv, Sequence) or not argv:
+        raise ConfigError(f"argv must be a non-empty list of strings, not {argv!r}")
+    bad = [a for a in argv if not isinstance(a, str)]
+    if bad:
+        raise ConfigError(f"every argument must be a string; not {bad[0]!r}")
+    return tuple(argv)
+
+
+class VM:
+    """A handle on one VM of a session. Get one from :meth:`Session.create`."""
+
+    def __init__(self, session: Session, vm_id: int, name: str, spec: VMSpec) -> None:
+        self._session = session
+        self._id = vm_id
+        self.name = name
+        self.spec = spec
+        self.transcript: list[TranscriptEntry] = []
+
+    def __repr__(self) -> str:
+        return f"<VM {self.name} {self.state.value}>"
+
+    @property
+    def state(self) -> VMState:
+        """The VM's state as the ledger records it."""
+        record = self._session.ledger.get(self._id)
+        return record.state if record else VMState.GONE
+
+    def _require(self, *states: VMState) -> None:
+        state = self.state
+        if state in states:
+            return
+        if state is VMState.GONE:
+            raise VMStateError(f"VM {self.name} has been deleted")
+        if state is VMState.STOPPED:
+            raise VMStateError(f"VM {self.name} is stopped: call start() first")
+        raise VMStateError(f"VM {self.name} is {state.value}, not {' or '.join(states)}")
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | str | None = None,
+        check: bool = False,
+        timeout_s: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> CommandResult:
+        """Run ``argv`` in the VM (no shell) and return what it did.
+
+        Args:
+            argv: program and arguments; for a shell line pass ``["sh", "-c", line]``.
+            input: bytes (or text, encoded as UTF-8) for the command's stdin.
+            check: raise CommandFailed if it exits non-zero.
+            timeout_s: kill it after this many seconds and raise CommandTimeout.
+            env: extra environment variables.
+            cwd: working directory in the guest.
+        """
+        args = _argv(argv)
+        if timeout_s is not None and (isinstance(timeout_s, bool) or timeout_s <= 0):
+            raise ConfigError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
+        data = input.encode() if isinstance(input, str) else input
+        self._require(VMState.READY)
+        start = time.monotonic()
+        try:
+            raw = self._session.timed(
+                "exec",
+                lambda: self._session.backend.exec(
+                    self.name, args, stdin=data, env=env, cwd=cwd, timeout_s=timeout_s
+                ),
+            )
+        except VMLeaseError:
+            self._note(TranscriptEntry(args, None, time.monotonic() - start, "", "(channel error)"))
+            raise
+        result = CommandResult(
+            args, raw.exit_code, raw.stdout, raw.stderr, time.monotonic() - start
+        )
+        self._note(
+            TranscriptEntry(
+                args,
+                result.exit_code,
+                result.duration_s,
+                result.stdout[:_OUTPUT_KEPT],
+                result.stderr[:_OUTPUT_KEPT],
+            )
+        )
+        if raw.timed_out:
+            raise CommandTimeout(
+                vm=self.name,
+                argv=args,
+                timeout_s=timeout_s or 0.0,
+                stdout=result.stdout,
+                stderr=result.stderr,
+            )
+        if check and result.exit_code != 0:
+            raise CommandFailed(
+                vm=self.name,
+                argv=args,
+                exit_code=result.exit_code,
+                stdout=result.stdout,
+                stderr=result.stderr,
+            )
+        return result
+
+    def _note(self, entry: TranscriptEntry) -> None:
+        self.transcript.append(entry)
+        del self.transcript[:-TRANSCRIPT_LIMIT]
+
+    def put(self, local: str | os.PathLike[str], remote: str) -> None:
+        """Copy the local file ``local`` to ``remote`` in the VM (binary-safe, any size).
+
+        The guest file appears whole or not at all; its mode follows the local file.
+        """
+        path = Path(local)
+        if not path.is_file():
+            raise GuestFileError(f"cannot copy {path} into VM {self.name}: no such local file")
+        if not isinstance(remote, str) or not remote:
+            raise ConfigError(f"remote must be a path in the guest, not {remote!r}")
+        self._require(VMState.READY)
+        self._session.timed("put", lambda: self._session.backend.put(self.name, path, remote))
+
+    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
+        """Copy ``remote`` from the VM to the local file ``local`` (binary-safe, any size).
+
+        ``local`` is replaced only once the whole file has arrived.
+        """
+        path = Path(local)
+        if not path.parent.is_dir():
+            raise GuestFileError(f"cannot copy into {path}: {path.parent} is not a directory")
+        if path.is_dir():
+            raise GuestFileError(f"cannot copy into {path}: it is a directory")
+        if not isinstance(remote, str) or not remote:
+            raise ConfigError(f"remote must be a path in the guest, not {remote!r}")
+        self._require(VMState.READY)
+        self._session.timed("get", lambda: self._session.backend.get(self.name, remote, path))
+
+    def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
+        """Shut the VM down; its disk is kept for :meth:`start`."""
+        self._require(VMState.READY, VMState.STOPPED)
+        if self.state is VMState.STOPPED:
+            return
+        self._session.transition(self._id, VMState.STOPPING)
+        self._session.guard(
+            self._id, "stop", lambda: self._session.backend.stop(self.name, timeout_s)
+        )
+        self._session.transition(self._id, VMState.STOPPED)
+
+    def start(self, boot_timeout_s: float | None = None) -> None:
+        """Boot a stopped VM again; returns when it answers commands."""
+        self._require(VMState.READY, VMState.STOPPED)
+        if self.state is VMState.READY:
+            return
+        timeout = boot_timeout_s or self._session.boot_timeout_s
+        self._session.transition(self._id, VMState.STARTING)
+        self._session.guard(self._id, "start", lambda: self._session.backend.start(self.name))
+        self._session.guard(
+            self._id, "boot", lambda: self._session.backend.wait_ready(self.name, timeout)
+        )
+        self._session.transition(self._id, VMState.READY)
+
+    def delete(self) -> None:
+        """Destroy the VM. Deleting a deleted VM does nothing."""
+        self._session.delete_vm(self._id, self.name)
+
+    def console_tail(self, lines: int = 40) -> str:
+        """The last lines of the VM's console, for diagnosis."""
+        return self._session.backend.console_tail(self.name, lines)
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
+
+
+class Session:
+    """Owns VMs for one run and deletes them when it ends.
+
+    Args:
+        backend: a backend name (``"qemu"``) or a Backend instance.
+        state_dir: where the ledger and backend state live (default
+            ``$VMLEASE_STATE_DIR`` or ``$XDG_STATE_HOME/vmlease``).
+        name_prefix: first part of generated VM names.
+        boot_timeout_s: how long a VM may take to answer after create/start.
+        max_age_s: recorded as each VM's lease; a VM older than this may be
+            deleted by cleanup even if its owner looks alive.
+        session_id: share one id between processes of one run (pytest-xdist);
+            default a fresh one.
+        backend_options: keyword arguments for the backend, when named.
+        clock: monotonic seconds, for durations (injected for tests).
+    """
+
+    def __init__(
+        self,
+        backend: str | Backend = "qemu",
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        name_prefix: str = "vmlease",
+        boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
+        session_id: str | None = None,
+        backend_options: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not isinstance(name_prefix, str) or not name_prefix:
+            raise ConfigError("name_prefix must be a non-empty string")
+        validate_name(name_prefix)
+        for label, value in (("boot_timeout_s", boot_timeout_s), ("max_age_s", max_age_s)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"{label} must be a positive number of seconds, not {value!r}")
+        self.id = validate_name(session_id) if session_id is not None else new_session_id()
+        self.state_dir = ensure_private_dir(
+            Path(state_dir) if state_dir is not None else default_state_dir()
+        )
+        if isinstance(backend, Backend):
+            self.backend = backend
+        else:
+            self.backend = _backends.get(
+                backend, state_dir=self.state_dir, **dict(backend_options or {})
+            )
+        self.ledger = Ledger(self.state_dir / "ledger.sqlite3")
+        self.owner: Owner = current_owner(self.id)
+        self.name_prefix = name_prefix
+        self.boot_timeout_s = float(boot_timeout_s)
+        self.max_age_s = float(max_age_s)
+        self.metrics = Metrics()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._counter = 0
+        self._vms: dict[int, VM] = {}
+        self._created = 0
+        self._deleted = 0
+        self._failed = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.backend.name} vms={len(self._vms)}>"
+
+    # -- policy helpers used by VM handles -----------------------------
+
+    def timed(self, op: str, fn: Callable[[], T]) -> T:
+        """Run a backend operation and record how long it took."""
+        start = self._clock()
+        try:
+            value = fn()
+        except BaseException:
+            self.metrics.record(op, self._clock() - start, ok=False)
+            raise
+        self.metrics.record(op, self._clock() - start, ok=True)
+        return value
+
+    def transition(self, vm_id: int, state: VMState, *, error: str | None = None) -> None:
+        self.ledger.transition(vm_id, state, error=error)
+
+    def guard(self, vm_id: int, op: str, fn: Callable[[], T]) -> T:
+        """A timed backend operation whose failure is recorded as the VM's failure."""
+        try:
+            return self.timed(op, fn)
+        except BaseException as exc:
+            self.transition(vm_id, VMState.FAILED, error=f"{op}: {exc}")
+            raise
+
+    # -- the public API ----------------------------------------------------
+
+    def create(
+        self,
+        image: str = "tiny",
+        cpus: int = 1,
+        memory_mb: int = 256,
+        *,
+        name: str | None = None,
+        boot_timeout_s: float | None = None,
+    ) -> VM:
+        """Create a VM and return it once it answers commands.
+
+        The ledger records the VM before the backend is asked for it. If
+        anything fails, the VM is deleted again and its row says why.
+        """
+        if self._closed:
+            raise VMStateError(f"session {self.id} is closed")
+        spec = VMSpec(image=image, cpus=cpus, memory_mb=memory_mb)
+        timeout = self.boot_timeout_s if boot_timeout_s is None else boot_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ConfigError(f"boot_timeout_s must be a positive number, not {timeout!r}")
+        if name is None:
+            with self._lock:
+                self._counter += 1
+                vm_name_ = vm_name(self.name_prefix, self.id, self._counter)
+        else:
+            vm_name_ = validate_name(name)
+        self.backend.validate_name(vm_name_)
+        self.timed("check", lambda: self.backend.check_spec(spec))
+
+        record = self.ledger.claim(
+            name=vm_name_,
+            backend=self.backend.name,
+            owner=self.owner,
+            spec=spec.to_json(),
+            expires_at=time.time() + self.max_age_s,
+        )
+        vm = VM(self, record.id, vm_name_, spec)
+        with self._lock:
+            self._vms[record.id] = vm
+        try:
+            self.transition(record.id, VMState.CREATING)
+            self.timed("create", lambda: self.backend.create(vm_name_, spec))
+            self.timed("boot", lambda: self.backend.wait_ready(vm_name_, timeout))
+        except BaseException as exc:
+            self._failed += 1
+            self._abandon(record.id, vm_name_, exc)
+            raise
+        self.transition(record.id, VMState.READY)
+        self._created += 1
+        return vm
+
+    def _abandon(self, vm_id: int, name: str, exc: BaseException) -> None:
+        """A create failed: record why, remove whatever the backend made."""
+        self.transition(vm_id, VMState.FAILED, error=f"{type(exc).__name__}: {exc}")
+        try:
+            self.timed("delete", lambda: self.backend.delete(name))
+        except VMNotFound:
+            pass
+        except VMLeaseError:
+            return  # stays failed: a later cleanup retries the delete
+        self.transition(vm_id, VMState.GONE, error=f"{type(exc).__name__}: {exc}")
+        with self._lock:
+            self._vms.pop(vm_id, None)
+
+    def delete_vm(self, vm_id: int, name: str) -> None:
+        record = self.ledger.get(vm_id)
+        if record is None or record.state is VMState.GONE:
+            return
+        self.transition(vm_id, VMState.DELETING)
+        try:
+            self.timed("delete", lambda: self.backend.delete(name))
+        except VMNotFound:
+            pass
+        except BaseException as exc:
+            self.transition(vm_id, VMState.FAILED, error=f"delete: {exc}")
+            raise
+        self.transition(vm_id, VMState.GONE)
+        self._deleted += 1
+        with self._lock:
+            self._vms.pop(vm_id, None)
+
+    def vms(self) -> list[VM]:
+        """This session's VMs that still exist, oldest first."""
+        with self._lock:
+            return [vm for _, vm in sorted(self._vms.items())]
+
+    def stats(self) -> SessionStats:
+        """Counts and operation timings so far."""
+        return SessionStats(
+            session_id=self.id,
+            created=self._created,
+            deleted=self._deleted,
+            failed=self._failed,
+            ops=self.metrics.summary(),
+        )
+
+    def close(self) -> None:
+        """Delete every VM of this session that still exists. Safe to call twice.
+
+        Raises BackendError naming the VMs that could not be deleted (they
+        stay in the ledger as failed, for cleanup to retry).
+        """
+        self._closed = True
+        failures = []
+        for vm in self.vms():
+            try:
+                vm.delete()
+            except VMLeaseError as exc:
+                failures.append(f"{vm.name}: {exc}")
+        self.backend.close()
+        if failures:
+            raise BackendError("could not delete: " + "; ".join(failures))
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self.close()
+        except VMLeaseError:
+            if exc_type is None:
+                raise
+        finally:
+            self.ledger.close()

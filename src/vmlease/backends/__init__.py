@@ -1,0 +1,36 @@
+"""Backends: where VMs come from.
+
+Backends register under the entry-point group ``vmlease.backends``; the
+built-in ones register the same way (see ``pyproject.toml``), so a third-party
+backend is installed like any plugin and named like a built-in one.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+from vmlease._errors import ConfigError
+
+from ._base import Backend, BackendVM, Capabilities, ExecResult
+
+__all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult", "available", "get"]
+
+_GROUP = "vmlease.backends"
+
+
+def available() -> list[str]:
+    """Names of the installed backends."""
+    return sorted({ep.name for ep in entry_points(group=_GROUP)})
+
+
+def get(name: str, **options: Any) -> Backend:
+    """A new instance of the backend called ``name``, built with ``options``."""
+    found = [ep for ep in entry_points(group=_GROUP) if ep.name == name]
+    if not found:
+        names = ", ".join(available()) or "none"
+        raise ConfigError(f"unknown backend {name!r}; installed backends: {names}")
+    cls = found[0].load()
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ConfigError(f"the entry point for backend {name!r} is not a vmlease Backend")
+    return cls(**options)

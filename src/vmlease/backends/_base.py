@@ -1,0 +1,135 @@
+"""The backend contract: primitives a VM provider implements.
+
+A backend knows how to create, start, stop, delete, list, run commands and
+copy files. It does not retry, write the ledger, poll or time anything: the
+session does that once for every backend. Optional operations are declared in
+:class:`Capabilities`; an undeclared one raises UnsupportedOperation.
+
+All times are in seconds.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmlease._errors import UnsupportedOperation
+from vmlease._naming import validate_name
+from vmlease._spec import VMSpec
+
+__all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend offers beyond the required primitives."""
+
+    snapshots: bool = False
+    labels: bool = False
+    stop_start: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BackendVM:
+    """A VM as the backend reports it.
+
+    Attributes:
+        name: the VM's name.
+        state: ``running``, ``stopped`` or another backend word.
+        detail: backend-specific facts (pid, accelerator, image ...).
+    """
+
+    name: str
+    state: str
+    detail: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """What a command did. Output is raw bytes; exit_code is 128+N when killed by signal N."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+
+class Backend(abc.ABC):
+    """A VM provider. Subclasses set ``name`` and ``capabilities``."""
+
+    name: str = "?"
+    capabilities: Capabilities = Capabilities()
+
+    def validate_name(self, name: str) -> str:
+        """Check ``name`` against the backend's rule (by default vmlease's common rule)."""
+        return validate_name(name)
+
+    @abc.abstractmethod
+    def check_spec(self, spec: VMSpec) -> None:
+        """Raise ImageNotFound or InvalidSpec if ``spec`` cannot be created here. Cheap."""
+
+    @abc.abstractmethod
+    def create(self, name: str, spec: VMSpec) -> None:
+        """Create and start the VM; may return before it is ready (see wait_ready).
+
+        Raises VMAlreadyExists if the backend already has a VM of that name.
+        """
+
+    @abc.abstractmethod
+    def wait_ready(self, name: str, timeout_s: float) -> None:
+        """Block until the VM answers commands; BootError if it cannot within ``timeout_s``."""
+
+    @abc.abstractmethod
+    def start(self, name: str) -> None:
+        """Start a stopped VM (wait_ready follows)."""
+
+    @abc.abstractmethod
+    def stop(self, name: str, timeout_s: float) -> None:
+        """Shut the VM down, keeping its disk."""
+
+    @abc.abstractmethod
+    def delete(self, name: str) -> None:
+        """Destroy the VM and everything the backend kept for it. VMNotFound if unknown."""
+
+    @abc.abstractmethod
+    def list(self) -> list[BackendVM]:
+        """Every VM the backend has, ours or not."""
+
+    @abc.abstractmethod
+    def exec(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        timeout_s: float | None,
+    ) -> ExecResult:
+        """Run ``argv`` in the guest. A command that outlives ``timeout_s`` is killed
+        and reported with ``timed_out=True``; a missing command exits 127."""
+
+    @abc.abstractmethod
+    def put(self, name: str, local: Path, remote: str) -> None:
+        """Copy the local file ``local`` to ``remote`` in the guest (binary-safe)."""
+
+    @abc.abstractmethod
+    def get(self, name: str, remote: str, local: Path) -> None:
+        """Copy ``remote`` from the guest to the local file ``local`` (binary-safe)."""
+
+    def console_tail(self, name: str, lines: int = 40) -> str:
+        """The last lines the VM wrote to its console, for diagnosis ("" if none)."""
+        return ""
+
+    def snapshot(self, name: str, tag: str) -> None:
+        """Save the VM's memory and disk state as ``tag``."""
+        raise UnsupportedOperation(f"the {self.name} backend cannot take snapshots")
+
+    def restore(self, name: str, tag: str) -> None:
+        """Bring the VM back to the state saved as ``tag``."""
+        raise UnsupportedOperation(f"the {self.name} backend cannot restore snapshots")
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release connections this object holds (the VMs keep running)."""

@@ -1,0 +1,391 @@
+"""The QEMU backend: the embedded default. No daemon; KVM when it works, TCG otherwise.
+
+Each VM is a directory ``<state>/qemu/<name>/`` holding its disk (a qcow2
+overlay on the image's base disk), its sockets (QMP and the agent channel),
+its console log, its pidfile and ``vm.json`` (how to launch it again). QEMU
+runs daemonized, so a VM outlives the process that made it until it is
+deleted (by its session, the reaper, or ``vmlease cleanup``).
+
+Primitives only: no retries, no ledger, no timing. See backends/_base.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmlease._errors import (
+    BackendError,
+    BackendUnavailable,
+    BootError,
+    ChannelError,
+    InvalidSpec,
+    VMAlreadyExists,
+    VMNotFound,
+)
+from vmlease._paths import ensure_private_dir
+from vmlease._paths import image_dir as default_image_dir
+from vmlease._paths import state_dir as default_state_dir
+from vmlease._proc import Runner, SubprocessRunner
+from vmlease._spec import VMSpec
+from vmlease.backends._base import Backend, BackendVM, Capabilities, ExecResult
+from vmlease.images import find_image
+
+from ._accel import choose_accel
+from ._agent import AgentChannel, connect_unix
+from ._launch import (
+    AGENT_SOCKET,
+    CONSOLE_LOG,
+    DISK,
+    PIDFILE,
+    QMP_SOCKET,
+    LaunchConfig,
+    host_tsc_khz,
+    qemu_argv,
+)
+from ._qmp import try_quit
+
+__all__ = ["QemuBackend"]
+
+_INSTALL = {
+    "qemu-system-x86_64": "apt-get install qemu-system-x86",
+    "qemu-img": "apt-get install qemu-utils",
+}
+_LAUNCH_TIMEOUT_S = 30.0
+_RECONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class _Live:
+    """This process's handles on a running VM."""
+
+    pid: int
+    pidfd: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    channel: AgentChannel | None = None
+
+
+class QemuBackend(Backend):
+    """VMs as local QEMU processes.
+
+    Args:
+        state_dir: where VM directories go (``<state_dir>/qemu``); default the vmlease state dir.
+        image_dir: the image cache; default the vmlease image dir.
+        qemu_binary: the system emulator (``$VMLEASE_QEMU`` or ``qemu-system-x86_64``).
+        qemu_img: the disk tool.
+        runner: runs host programs (injected for tests).
+        env: environment to read settings from (default ``os.environ``).
+    """
+
+    name = "qemu"
+    capabilities = Capabilities(snapshots=False, labels=False, stop_start=True)
+
+    def __init__(
+        self,
+        *,
+        state_dir: Path | None = None,
+        image_dir: Path | None = None,
+        qemu_binary: str | None = None,
+        qemu_img: str = "qemu-img",
+        runner: Runner | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._env = dict(os.environ if env is None else env)
+        self.root = (state_dir or default_state_dir(self._env)) / "qemu"
+        self._image_dir = image_dir or default_image_dir(self._env)
+        self._qemu = qemu_binary or self._env.get("VMLEASE_QEMU", "qemu-system-x86_64")
+        self._qemu_img = qemu_img
+        self._run = runner or SubprocessRunner()
+        self._lock = threading.Lock()
+        self._live: dict[str, _Live] = {}
+        self._config: LaunchConfig | None = None
+        self.accel_reason = ""
+
+    # -- set-up ----------------------------------------------------------
+
+    def _require(self, program: str) -> str:
+        path = shutil.which(program)
+        if path is None:
+            how = _INSTALL.get(Path(program).name, f"install {program}")
+            raise BackendUnavailable(f"{program} not found: install it with `{how}`")
+        return path
+
+    def launch_config(self) -> LaunchConfig:
+        """The emulator, accelerator and TSC frequency; probes KVM once per host boot."""
+        with self._lock:
+            if self._config is None:
+                qemu = self._require(self._qemu)
+                done = self._run([qemu, "--version"], timeout_s=10)
+                if done.returncode != 0:
+                    raise BackendUnavailable(f"{qemu} --version failed: {done.stderr.strip()}")
+                version = done.stdout.splitlines()[0] if done.stdout else "?"
+                ensure_private_dir(self.root)
+                accel, self.accel_reason = choose_accel(
+                    qemu, version, self._run, self.root, self._env
+                )
+                self._config = LaunchConfig(qemu=qemu, accel=accel, tsc_khz=host_tsc_khz())
+            return self._config
+
+    def _dir(self, name: str) -> Path:
+        return self.root / name
+
+    # -- helpers on running processes --------------------------------------
+
+    def _running_pid(self, vm_dir: Path) -> int | None:
+        """The pid of this VM's QEMU if it runs; a reused pid does not count."""
+        try:
+            pid = int((vm_dir / PIDFILE).read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if str(vm_dir / PIDFILE).encode() in cmdline.split(b"\0") else None
+
+    def _attach(self, name: str) -> _Live:
+        """This process's handle on running VM ``name`` (opened on first use)."""
+        with self._lock:
+            live = self._live.get(name)
+            if live is not None:
+                return live
+            vm_dir = self._dir(name)
+            if not (vm_dir / "vm.json").exists():
+                raise VMNotFound(f"the qemu backend has no VM named {name!r}")
+            pid = self._running_pid(vm_dir)
+            if pid is None:
+                raise BackendError(f"VM {name} is not running")
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError as exc:
+                raise BackendError(f"VM {name} is not running") from exc
+            live = _Live(pid=pid, pidfd=pidfd)
+            self._live[name] = live
+            return live
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            live = self._live.pop(name, None)
+        if live is not None:
+            if live.channel is not None:
+                live.channel.close()
+            os.close(live.pidfd)
+
+    def _channel(self, name: str, live: _Live, timeout_s: float) -> AgentChannel:
+        """The agent channel of a running VM; caller holds ``live.lock``."""
+        if live.channel is not None and not live.channel.broken:
+            return live.channel
+        if live.channel is not None:
+            live.channel.close()
+            live.channel = None
+        try:
+            sock = connect_unix(self._dir(name) / AGENT_SOCKET, timeout_s)
+        except OSError as exc:
+            raise ChannelError(
+                f"cannot connect to the command channel of VM {name}: {exc}"
+            ) from exc
+        channel = AgentChannel(sock, name=name, abort_fd=live.pidfd)
+        try:
+            channel.handshake(timeout_s)
+        except BaseException:
+            channel.close()
+            raise
+        live.channel = channel
+        return channel
+
+    def _wait_exit(self, live: _Live, timeout_s: float) -> bool:
+        r, _, _ = select.select([live.pidfd], [], [], timeout_s)
+        return bool(r)
+
+    def _kill(self, live: _Live) -> None:
+        try:
+            signal.pidfd_send_signal(live.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self._wait_exit(live, 10.0)
+
+    def _clear_runtime(self, vm_dir: Path) -> None:
+        for leftover in (QMP_SOCKET, AGENT_SOCKET, PIDFILE):
+            (vm_dir / leftover).unlink(missing_ok=True)
+
+    def _launch(self, name: str, vm_dir: Path, argv: list[str]) -> None:
+        self._clear_runtime(vm_dir)
+        done = self._run(argv, timeout_s=_LAUNCH_TIMEOUT_S, cwd=vm_dir)
+        if done.returncode != 0:
+            why = (
+                "did not start in time" if done.returncode is None else f"exited {done.returncode}"
+            )
+            raise BackendError(
+                f"qemu for VM {name} {why}: {done.stderr.strip()[-2000:]}",
+                command=argv,
+                exit_code=done.returncode,
+                stderr=done.stderr,
+            )
+        self._forget(name)
+        self._attach(name)
+
+    # -- the Backend primitives ------------------------------------------
+
+    def check_spec(self, spec: VMSpec) -> None:
+        image = find_image(self._image_dir, spec.image)
+        if spec.memory_mb < image.min_memory_mb:
+            raise InvalidSpec(
+                f"memory_mb={spec.memory_mb} is too little for image {spec.image!r}: "
+                f"it needs at least {image.min_memory_mb}"
+            )
+
+    def create(self, name: str, spec: VMSpec) -> None:
+        config = self.launch_config()
+        qemu_img = self._require(self._qemu_img)
+        image = find_image(self._image_dir, spec.image)
+        vm_dir = self._dir(name)
+        try:
+            vm_dir.mkdir(mode=0o700)
+        except FileExistsError as exc:
+            raise VMAlreadyExists(f"the qemu backend already has a VM named {name!r}") from exc
+        try:
+            argv = [
+                qemu_img,
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                str(image.disk),
+                "-F",
+                "qcow2",
+                str(vm_dir / DISK),
+            ]
+            done = self._run(argv, timeout_s=60)
+            if done.returncode != 0:
+                raise BackendError(
+                    f"cannot create the disk of VM {name}: {done.stderr.strip()}",
+                    command=argv,
+                    exit_code=done.returncode,
+                    stderr=done.stderr,
+                )
+            launch = qemu_argv(config, vm_dir, name, spec, image)
+            record = {
+                "name": name,
+                "spec": json.loads(spec.to_json()),
+                "image": str(image.path),
+                "accel": config.accel,
+                "argv": launch,
+            }
+            (vm_dir / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
+            self._launch(name, vm_dir, launch)
+        except BaseException:
+            self._forget(name)
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            raise
+
+    def wait_ready(self, name: str, timeout_s: float) -> None:
+        live = self._attach(name)
+        with live.lock:
+            try:
+                self._channel(name, live, timeout_s)
+            except (BootError, ChannelError) as exc:
+                tail = self.console_tail(name, 20)
+                raise BootError(f"{exc}\n--- console (last lines) ---\n{tail}") from exc
+
+    def start(self, name: str) -> None:
+        vm_dir = self._dir(name)
+        try:
+            record = json.loads((vm_dir / "vm.json").read_text())
+        except FileNotFoundError as exc:
+            raise VMNotFound(f"the qemu backend has no VM named {name!r}") from exc
+        if self._running_pid(vm_dir) is not None:
+            return
+        self._launch(name, vm_dir, list(record["argv"]))
+
+    def stop(self, name: str, timeout_s: float) -> None:
+        vm_dir = self._dir(name)
+        if not (vm_dir / "vm.json").exists():
+            raise VMNotFound(f"the qemu backend has no VM named {name!r}")
+        if self._running_pid(vm_dir) is None:
+            self._forget(name)
+            return
+        live = self._attach(name)
+        with live.lock:
+            if live.channel is not None and not live.channel.broken:
+                # If the sync fails the disk may miss the last writes; stop anyway.
+                with contextlib.suppress(ChannelError):
+                    live.channel.sync(min(timeout_s, 10.0))
+            try_quit(vm_dir / QMP_SOCKET, timeout_s=min(timeout_s, 5.0))
+            if not self._wait_exit(live, timeout_s):
+                self._kill(live)
+        self._forget(name)
+        self._clear_runtime(vm_dir)
+
+    def delete(self, name: str) -> None:
+        vm_dir = self._dir(name)
+        if not vm_dir.is_dir():
+            raise VMNotFound(f"the qemu backend has no VM named {name!r}")
+        if self._running_pid(vm_dir) is not None:
+            try:
+                live = self._attach(name)
+            except BackendError:
+                live = None  # exited just now
+            if live is not None:
+                self._kill(live)
+        self._forget(name)
+        shutil.rmtree(vm_dir, ignore_errors=True)
+        if vm_dir.exists():
+            raise BackendError(f"could not remove {vm_dir}")
+
+    def list(self) -> list[BackendVM]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for vm_dir in sorted(self.root.iterdir()):
+            if not (vm_dir / "vm.json").is_file():
+                continue
+            pid = self._running_pid(vm_dir)
+            detail = {"dir": str(vm_dir)}
+            if pid is not None:
+                detail["pid"] = str(pid)
+            found.append(BackendVM(vm_dir.name, "running" if pid else "stopped", detail))
+        return found
+
+    def exec(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        timeout_s: float | None,
+    ) -> ExecResult:
+        live = self._attach(name)
+        with live.lock:
+            channel = self._channel(name, live, _RECONNECT_TIMEOUT_S)
+            return channel.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout_s=timeout_s)
+
+    def put(self, name: str, local: Path, remote: str) -> None:
+        live = self._attach(name)
+        with live.lock:
+            channel = self._channel(name, live, _RECONNECT_TIMEOUT_S)
+            channel.put(local, remote, local.stat().st_mode & 0o7777)
+
+    def get(self, name: str, remote: str, local: Path) -> None:
+        live = self._attach(name)
+        with live.lock:
+            channel = self._channel(name, live, _RECONNECT_TIMEOUT_S)
+            channel.get(remote, local)
+
+    def console_tail(self, name: str, lines: int = 40) -> str:
+        try:
+            text = (self._dir(name) / CONSOLE_LOG).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def close(self) -> None:
+        for name in list(self._live):
+            self._forget(name)

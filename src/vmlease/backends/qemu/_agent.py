@@ -1,0 +1,303 @@
+"""Host side of the guest agent channel (see ``vmlease/images/agent.c`` for the protocol).
+
+One channel per VM, one operation at a time (callers hold a lock). Sending
+and receiving run in one ``select`` loop, so a command can read a large stdin
+while its output streams back without either side blocking the other.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+from vmlease._errors import BootError, ChannelError, GuestFileError
+from vmlease.backends._base import ExecResult
+
+__all__ = ["AgentChannel", "connect_unix"]
+
+HELLO, EXEC, STDIN, STDOUT, STDERR, EXIT, KILL, PUT, DATA, GET, OK, ERR, SYNC = range(1, 14)
+_HEADER = struct.Struct(">BI")
+_CHUNK = 256 * 1024
+_KILL_GRACE_S = 10.0
+_SUN_PATH_MAX = 107
+
+
+def _frame(kind: int, payload: bytes = b"") -> bytes:
+    return _HEADER.pack(kind, len(payload)) + payload
+
+
+def _strings(items: Sequence[str]) -> bytes:
+    out = [struct.pack(">I", len(items))]
+    for item in items:
+        raw = item.encode()
+        out.append(struct.pack(">I", len(raw)) + raw)
+    return b"".join(out)
+
+
+def connect_unix(path: Path, timeout_s: float) -> socket.socket:
+    """Connect to a Unix socket, even one whose path is longer than sockaddr_un allows."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    target = str(path)
+    dir_fd = None
+    try:
+        if len(target.encode()) > _SUN_PATH_MAX:
+            # Resolve through an open directory: /proc/self/fd/N/name is short.
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            target = f"/proc/self/fd/{dir_fd}/{path.name}"
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    return sock
+
+
+class AgentChannel:
+    """A connection to one VM's agent.
+
+    Args:
+        sock: a connected stream socket to the VM's agent port.
+        name: the VM name, for messages.
+        abort_fd: a file descriptor that becomes readable when the VM's
+            process ends (a pidfd), so a dead VM fails every wait at once.
+    """
+
+    def __init__(self, sock: socket.socket, *, name: str, abort_fd: int | None = None) -> None:
+        self._sock = sock
+        self._sock.setblocking(False)
+        self._name = name
+        self._abort_fd = abort_fd
+        self._buf = bytearray()
+        self._broken: str | None = None
+
+    def close(self) -> None:
+        self._sock.close()
+
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
+
+    # -- low level -------------------------------------------------------
+
+    def _fail(self, why: str) -> ChannelError:
+        self._broken = why
+        return ChannelError(f"command channel to VM {self._name} broke: {why}")
+
+    def _wait(self, deadline: float | None, want_write: bool) -> tuple[bool, bool]:
+        """Wait until readable/writable; returns (readable, writable). Raises on abort."""
+        rlist: list[int | socket.socket] = [self._sock]
+        if self._abort_fd is not None:
+            rlist.append(self._abort_fd)
+        wlist = [self._sock] if want_write else []
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        r, w, _ = select.select(rlist, wlist, [], timeout)
+        if self._abort_fd is not None and self._abort_fd in r:
+            raise self._fail("the VM's qemu process has exited")
+        return self._sock in r, self._sock in w
+
+    def _recv(self) -> None:
+        try:
+            data = self._sock.recv(_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise self._fail(str(exc)) from exc
+        if not data:
+            raise self._fail("the VM closed the channel")
+        self._buf += data
+
+    def _frames(self) -> Iterator[tuple[int, bytes]]:
+        while len(self._buf) >= _HEADER.size:
+            kind, length = _HEADER.unpack_from(self._buf)
+            end = _HEADER.size + length
+            if len(self._buf) < end:
+                return
+            payload = bytes(self._buf[_HEADER.size : end])
+            del self._buf[:end]
+            yield kind, payload
+
+    def _converse(
+        self,
+        outgoing: Iterable[bytes],
+        handle: Callable[[int, bytes], bool],
+        deadline: float | None,
+        on_deadline: Callable[[], bytes] | None = None,
+    ) -> bool:
+        """Send ``outgoing`` while handing received frames to ``handle`` until it returns True.
+
+        At ``deadline``, ``on_deadline`` (if given) supplies bytes to send and
+        the conversation gets a grace period; without it, ChannelError.
+        Returns True if the deadline passed.
+        """
+        if self._broken:
+            raise ChannelError(f"command channel to VM {self._name} is broken: {self._broken}")
+        source = iter(outgoing)
+        pending = bytearray()
+        expired = False
+        while True:
+            if not pending:
+                pending += next(source, b"")
+            readable, writable = self._wait(deadline, want_write=bool(pending))
+            if writable and pending:
+                try:
+                    sent = self._sock.send(pending)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    raise self._fail(str(exc)) from exc
+                del pending[:sent]
+            if readable:
+                self._recv()
+                for kind, payload in self._frames():
+                    if handle(kind, payload):
+                        return expired
+            if deadline is not None and time.monotonic() >= deadline and not (readable or writable):
+                if expired or on_deadline is None:
+                    raise self._fail("no answer in time")
+                expired = True
+                pending += on_deadline()
+                deadline = time.monotonic() + _KILL_GRACE_S
+
+    # -- operations ------------------------------------------------------
+
+    def handshake(self, timeout_s: float) -> str:
+        """Say HELLO and wait for the agent's answer; returns its version string.
+
+        Anything received before the answer (left over from an earlier
+        connection) is skipped: the answer is found by its random nonce.
+        """
+        nonce = secrets.token_bytes(16)
+        self._buf.clear()
+        deadline = time.monotonic() + timeout_s
+        out = [_frame(HELLO, nonce)]
+        sent = False
+        while True:
+            try:
+                readable, writable = self._wait(deadline, want_write=not sent)
+            except ChannelError as exc:
+                raise BootError(f"VM {self._name} stopped before it was ready: {exc}") from exc
+            if writable and not sent:
+                self._sock.sendall(out[0])
+                sent = True
+            if readable:
+                try:
+                    self._recv()
+                except ChannelError as exc:
+                    raise BootError(f"VM {self._name} closed its channel while booting") from exc
+                at = self._buf.find(nonce)
+                if at >= _HEADER.size:
+                    start = at - _HEADER.size
+                    kind, length = _HEADER.unpack_from(self._buf, start)
+                    end = start + _HEADER.size + length
+                    if kind == HELLO and len(self._buf) >= end:
+                        version = bytes(self._buf[at + len(nonce) : end]).decode(errors="replace")
+                        del self._buf[:end]
+                        self._broken = None
+                        return version
+            if time.monotonic() >= deadline:
+                raise BootError(
+                    f"VM {self._name} did not answer on its command channel within {timeout_s:g} s"
+                )
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        timeout_s: float | None,
+    ) -> ExecResult:
+        env_items = [f"{k}={v}" for k, v in (env or {}).items()]
+        cwd_raw = (cwd or "").encode()
+        request = _strings(argv) + _strings(env_items) + struct.pack(">I", len(cwd_raw)) + cwd_raw
+
+        def outgoing() -> Iterator[bytes]:
+            yield _frame(EXEC, request)
+            data = stdin or b""
+            for i in range(0, len(data), _CHUNK):
+                yield _frame(STDIN, data[i : i + _CHUNK])
+            yield _frame(STDIN)
+
+        out: list[bytes] = []
+        err: list[bytes] = []
+        code: list[int] = []
+
+        def handle(kind: int, payload: bytes) -> bool:
+            if kind == STDOUT:
+                out.append(payload)
+            elif kind == STDERR:
+                err.append(payload)
+            elif kind == EXIT:
+                (status,) = struct.unpack_from(">i", payload)
+                if len(payload) > 5:
+                    err.append(payload[5:])
+                code.append(status)
+                return True
+            return False
+
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        timed_out = self._converse(
+            outgoing(), handle, deadline, on_deadline=lambda: _frame(KILL, struct.pack(">I", 9))
+        )
+        return ExecResult(code[0], b"".join(out), b"".join(err), timed_out=timed_out)
+
+    def put(self, local: Path, remote: str, mode: int) -> None:
+        def outgoing() -> Iterator[bytes]:
+            yield _frame(PUT, struct.pack(">I", mode) + remote.encode())
+            with local.open("rb") as f:
+                while chunk := f.read(_CHUNK):
+                    yield _frame(DATA, chunk)
+            yield _frame(DATA)
+
+        error: list[str] = []
+
+        def handle(kind: int, payload: bytes) -> bool:
+            if kind == ERR:
+                error.append(payload.decode(errors="replace"))
+            return kind in (OK, ERR)
+
+        self._converse(outgoing(), handle, None)
+        if error:
+            raise GuestFileError(f"VM {self._name}: {error[0]}")
+
+    def get(self, remote: str, local: Path) -> None:
+        error: list[str] = []
+        tmp = local.with_name(f".{local.name}.vmlease-part")
+        with tmp.open("wb") as f:
+
+            def handle(kind: int, payload: bytes) -> bool:
+                if kind == DATA:
+                    if not payload:
+                        return True
+                    f.write(payload)
+                    return False
+                if kind == ERR:
+                    error.append(payload.decode(errors="replace"))
+                    return True
+                return False
+
+            try:
+                self._converse([_frame(GET, remote.encode())], handle, None)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        if error:
+            tmp.unlink(missing_ok=True)
+            raise GuestFileError(f"VM {self._name}: {error[0]}")
+        tmp.replace(local)
+
+    def sync(self, timeout_s: float) -> None:
+        """Ask the guest to flush its file systems to disk."""
+        self._converse(
+            [_frame(SYNC)], lambda kind, _p: kind in (OK, ERR), time.monotonic() + timeout_s
+        )

@@ -1,0 +1,113 @@
+"""The QEMU command line for a VM: microvm, PVH kernel, virtio-mmio devices.
+
+Figures behind the choices are in docs/architecture.md: ``-M microvm`` with a
+PVH ``vmlinux`` boots in about 1.5 s under TCG, against 2.2 s for ``-M pc``;
+``tsc_early_khz`` avoids a boot hang on microvm ("Unable to calibrate against
+PIT"); the command channel is a virtio-serial port (1 ms round trips).
+
+Sockets are given as names relative to the VM directory (QEMU runs there),
+since a Unix socket path may not exceed 107 bytes; every other path is
+absolute, because ``-daemonize`` moves QEMU to ``/`` once it is up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmlease._spec import VMSpec
+from vmlease.images import Image
+
+__all__ = [
+    "AGENT_SOCKET",
+    "CONSOLE_LOG",
+    "DISK",
+    "PIDFILE",
+    "QMP_SOCKET",
+    "host_tsc_khz",
+    "qemu_argv",
+]
+
+AGENT_PORT = "org.vmlease.agent"
+DISK = "disk.qcow2"
+QMP_SOCKET = "qmp.sock"
+AGENT_SOCKET = "agent.sock"
+CONSOLE_LOG = "console.log"
+PIDFILE = "qemu.pid"
+
+
+def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
+    """The host TSC frequency in kHz as /proc/cpuinfo states it, if it does."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":", 1)[1]) * 1000)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchConfig:
+    qemu: str
+    accel: str
+    tsc_khz: int | None
+
+
+def qemu_argv(
+    config: LaunchConfig, vm_dir: Path, name: str, spec: VMSpec, image: Image
+) -> list[str]:
+    """The full QEMU command for VM ``name`` in ``vm_dir``."""
+    cmdline = f"{image.cmdline} vmlease.name={name}"
+    if config.tsc_khz:
+        cmdline += f" tsc_early_khz={config.tsc_khz}"
+    accel = (
+        ["-accel", "kvm", "-cpu", "host"]
+        if config.accel == "kvm"
+        else ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    )
+    return [
+        config.qemu,
+        "-name",
+        name,
+        "-M",
+        "microvm,acpi=on,x-option-roms=off",
+        *accel,
+        "-smp",
+        str(spec.cpus),
+        "-m",
+        str(spec.memory_mb),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(image.kernel),
+        "-initrd",
+        str(image.initrd),
+        "-append",
+        cmdline,
+        "-chardev",
+        f"file,id=console,path={vm_dir / CONSOLE_LOG}",
+        "-serial",
+        "chardev:console",
+        # Disposable disks: a host crash loses nothing anyone needs, so skip flushes.
+        "-drive",
+        f"id=disk0,file={vm_dir / DISK},if=none,format=qcow2,cache=unsafe",
+        "-device",
+        "virtio-blk-device,drive=disk0",
+        "-device",
+        "virtio-rng-device",
+        "-device",
+        "virtio-serial-device",
+        "-chardev",
+        f"socket,id=agent,path={AGENT_SOCKET},server=on,wait=off",
+        "-device",
+        f"virtserialport,chardev=agent,name={AGENT_PORT}",
+        "-qmp",
+        f"unix:{QMP_SOCKET},server=on,wait=off",
+        "-pidfile",
+        str(vm_dir / PIDFILE),
+        "-daemonize",
+    ]

@@ -1,0 +1,8 @@
+"""Images: the built-in ``tiny`` image builder and the image cache."""
+
+from __future__ import annotations
+
+from ._catalog import BUILDERS, Image, find_image, list_images
+from ._tiny import build_tiny
+
+__all__ = ["BUILDERS", "Image", "build_tiny", "find_image", "list_images"]

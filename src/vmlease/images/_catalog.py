@@ -1,0 +1,101 @@
+"""The image cache: which images are built, and where their parts are.
+
+Layout under the image directory::
+
+    <name>/<build-id>/manifest.json   one build, never changed once complete
+    <name>/current -> <build-id>      the build new VMs use
+
+A rebuild writes a new build directory and then swings ``current``, so VMs
+whose disks are overlays on an older build keep working.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmlease._errors import ImageNotFound
+
+__all__ = ["BUILDERS", "Image", "find_image", "list_images"]
+
+#: Images vmlease can build itself, with the command that builds them.
+BUILDERS = {"tiny": "vmlease image build tiny"}
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """A built image.
+
+    Attributes:
+        name: the image name (``tiny``).
+        build_id: the build this is.
+        path: the build directory.
+        kernel: a PVH-bootable uncompressed kernel.
+        initrd: the stage-1 initramfs.
+        disk: the base disk (qcow2) that VM disks are overlays on.
+        cmdline: kernel command line common to every VM of this image.
+        min_memory_mb: the least memory a VM of this image boots with.
+        size_bytes: bytes the build takes on disk.
+        info: what it was built from (kernel package, busybox, agent version).
+    """
+
+    name: str
+    build_id: str
+    path: Path
+    kernel: Path
+    initrd: Path
+    disk: Path
+    cmdline: str
+    min_memory_mb: int
+    size_bytes: int
+    info: dict[str, str]
+
+
+def _load(build: Path) -> Image:
+    data = json.loads((build / "manifest.json").read_text())
+    size = sum(p.stat().st_size for p in build.iterdir() if p.is_file())
+    return Image(
+        name=data["name"],
+        build_id=data["build_id"],
+        path=build,
+        kernel=build / data["kernel"],
+        initrd=build / data["initrd"],
+        disk=build / data["disk"],
+        cmdline=data["cmdline"],
+        min_memory_mb=int(data["min_memory_mb"]),
+        size_bytes=size,
+        info={str(k): str(v) for k, v in data.get("info", {}).items()},
+    )
+
+
+def find_image(image_dir: Path, name: str) -> Image:
+    """The current build of ``name``; ImageNotFound saying what exists and how to build."""
+    current = image_dir / name / "current"
+    try:
+        return _load(current.resolve(strict=True))
+    except (OSError, ValueError, KeyError) as exc:
+        have = [i.name for i in list_images(image_dir)]
+        have_text = ", ".join(have) if have else "none"
+        build = BUILDERS.get(name)
+        how = (
+            f"build it with `{build}`"
+            if build
+            else f"images vmlease can build: {', '.join(sorted(BUILDERS))}"
+        )
+        raise ImageNotFound(
+            f"no image {name!r} in {image_dir} (images there: {have_text}); {how}"
+        ) from exc
+
+
+def list_images(image_dir: Path) -> list[Image]:
+    """Every image with a complete current build, by name."""
+    found = []
+    if image_dir.is_dir():
+        for entry in sorted(image_dir.iterdir()):
+            current = entry / "current"
+            try:
+                found.append(_load(current.resolve(strict=True)))
+            except (OSError, ValueError, KeyError):
+                continue
+    return found

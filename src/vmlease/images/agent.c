@@ -1,0 +1,531 @@
+/*
+ * vmlease-agent: the guest side of the vmlease command channel.
+ *
+ * Serves one host at a time over a virtio-serial port (name
+ * "org.vmlease.agent"): runs commands with stdin/stdout/stderr and exit
+ * status, and copies files in and out. Built statically by
+ * `vmlease image build tiny`; the host side lives in
+ * vmlease/backends/qemu/_agent.py.
+ *
+ * Wire format, both directions: frames of
+ *     u8 type | u32 length (big-endian) | length bytes of payload
+ *
+ * host -> guest                       guest -> host
+ *   HELLO  nonce                        HELLO  nonce "vmlease-agent N"
+ *   EXEC   argv/env/cwd (see below)     STDOUT bytes, STDERR bytes
+ *   STDIN  bytes (empty = end of input) EXIT   i32 code | u8 signaled | message
+ *   KILL   u32 signal
+ *   PUT    u32 mode | path              OK / ERR message
+ *   DATA   bytes (empty = end of file)  DATA   bytes (empty = end of file)
+ *   GET    path                         ERR message (instead of DATA)
+ *   SYNC                                OK
+ *
+ * EXEC payload: u32 argc, argc x (u32 len, bytes), u32 envc,
+ * envc x (u32 len, "KEY=VALUE"), u32 cwd length, cwd bytes.
+ *
+ * A HELLO at any time aborts whatever was in progress (the running command
+ * is killed, a partial upload is removed) and is answered with the same
+ * nonce: a new host connection finds the start of the stream by searching
+ * for its nonce, so bytes left from an earlier connection cannot confuse it.
+ *
+ * While no host is connected the port reads end-of-file and polls as
+ * hung-up, so the agent then checks back every 20 ms.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define AGENT_VERSION "1"
+#define PORT_NAME "org.vmlease.agent"
+#define MAX_FRAME (1u << 20)
+#define CHUNK (64u * 1024u)
+#define STDIN_HIGH_WATER (1u << 20)
+
+enum {
+    T_HELLO = 1, T_EXEC = 2, T_STDIN = 3, T_STDOUT = 4, T_STDERR = 5,
+    T_EXIT = 6, T_KILL = 7, T_PUT = 8, T_DATA = 9, T_GET = 10, T_OK = 11,
+    T_ERR = 12, T_SYNC = 13,
+};
+
+static const char *DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+static int port = -1;
+
+/* Input buffer for frames from the host. */
+static unsigned char *inbuf;
+static size_t inlen, incap;
+
+/* The running command, if any. */
+static struct {
+    pid_t pid;
+    int pidfd;
+    int in, out, err;      /* pipe ends; -1 when closed */
+    unsigned char *stdin_buf;
+    size_t stdin_len;
+    int stdin_eof;         /* host sent the empty STDIN frame */
+    int exited;
+    int status;
+} job = { .pid = -1, .pidfd = -1, .in = -1, .out = -1, .err = -1 };
+
+/* An upload in progress, if any. */
+static struct {
+    int fd;                /* -1 when none */
+    int failed;            /* errno of the first failure, 0 if none */
+    mode_t mode;
+    char *path, *tmp;
+} put = { .fd = -1 };
+
+static void die(const char *what) {
+    fprintf(stderr, "vmlease-agent: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static void sleep_ms(long ms) {
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    nanosleep(&ts, NULL);
+}
+
+static void put32(unsigned char *p, uint32_t v) {
+    p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
+}
+
+static uint32_t get32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+/* Write a whole frame. The port accepts at most 32 KiB per write and blocks
+ * while no host is connected, which is what we want: output is never lost
+ * while a host is attached, and a new host resynchronises with HELLO. */
+static void send_frame(int type, const void *data, size_t len) {
+    unsigned char hdr[5];
+    hdr[0] = (unsigned char)type;
+    put32(hdr + 1, (uint32_t)len);
+    struct iovec iov[2] = { { hdr, 5 }, { (void *)data, len } };
+    int n = 2;
+    struct iovec *v = iov;
+    while (n > 0) {
+        ssize_t w = writev(port, v, n);
+        if (w < 0) {
+            if (errno == EINTR || errno == EAGAIN) { sleep_ms(1); continue; }
+            die("write to port");
+        }
+        while (n > 0 && (size_t)w >= v->iov_len) { w -= (ssize_t)v->iov_len; v++; n--; }
+        if (n > 0) { v->iov_base = (char *)v->iov_base + w; v->iov_len -= (size_t)w; }
+    }
+}
+
+static void send_error(const char *fmt, const char *arg, int err) {
+    char msg[4096];
+    int n = snprintf(msg, sizeof msg, fmt, arg, strerror(err));
+    send_frame(T_ERR, msg, n < 0 ? 0 : (size_t)n);
+}
+
+static void send_exit(int code, int signaled, const char *message) {
+    size_t mlen = message ? strlen(message) : 0;
+    unsigned char *p = malloc(5 + mlen);
+    if (!p) die("malloc");
+    put32(p, (uint32_t)code);
+    p[4] = (unsigned char)signaled;
+    if (mlen) memcpy(p + 5, message, mlen);
+    send_frame(T_EXIT, p, 5 + mlen);
+    free(p);
+}
+
+static void close_fd(int *fd) {
+    if (*fd >= 0) { close(*fd); *fd = -1; }
+}
+
+static void abort_put(void) {
+    if (put.fd >= 0) { close(put.fd); unlink(put.tmp); }
+    put.fd = -1;
+    put.failed = 0;
+    free(put.path); free(put.tmp);
+    put.path = put.tmp = NULL;
+}
+
+static void finish_job(void) {
+    close_fd(&job.in); close_fd(&job.out); close_fd(&job.err); close_fd(&job.pidfd);
+    free(job.stdin_buf);
+    job.stdin_buf = NULL;
+    job.stdin_len = 0;
+    job.pid = -1;
+}
+
+static void kill_job(void) {
+    if (job.pid < 0) return;
+    kill(-job.pid, SIGKILL);
+    kill(job.pid, SIGKILL);
+    waitpid(job.pid, NULL, 0);
+    finish_job();
+}
+
+/* Find argv0 on the PATH of the command's own environment. */
+static char *resolve(const char *argv0, char *const envp[], int *err) {
+    if (strchr(argv0, '/')) return strdup(argv0);
+    const char *path = DEFAULT_PATH;
+    for (char *const *e = envp; *e; e++)
+        if (strncmp(*e, "PATH=", 5) == 0) path = *e + 5;
+    *err = ENOENT;
+    const char *p = path;
+    while (*p) {
+        const char *end = strchr(p, ':');
+        size_t dlen = end ? (size_t)(end - p) : strlen(p);
+        char *cand = malloc(dlen + strlen(argv0) + 2);
+        if (!cand) die("malloc");
+        memcpy(cand, p, dlen);
+        cand[dlen] = '/';
+        strcpy(cand + dlen + 1, argv0);
+        struct stat st;
+        if (stat(cand, &st) == 0 && S_ISREG(st.st_mode)) {
+            if (access(cand, X_OK) == 0) return cand;
+            *err = EACCES;
+        }
+        free(cand);
+        if (!end) break;
+        p = end + 1;
+    }
+    return NULL;
+}
+
+/* Parse the EXEC payload into NULL-terminated arrays; returns 0 on success. */
+static int parse_exec(const unsigned char *p, size_t len, char ***argv, char ***envp, char **cwd) {
+    const unsigned char *end = p + len;
+    char **lists[2] = { NULL, NULL };
+    for (int l = 0; l < 2; l++) {
+        if (end - p < 4) return -1;
+        uint32_t n = get32(p); p += 4;
+        if (n > 65536) return -1;
+        lists[l] = calloc(n + 1, sizeof(char *));
+        if (!lists[l]) die("calloc");
+        for (uint32_t i = 0; i < n; i++) {
+            if (end - p < 4) return -1;
+            uint32_t s = get32(p); p += 4;
+            if ((size_t)(end - p) < s) return -1;
+            lists[l][i] = strndup((const char *)p, s);
+            p += s;
+        }
+    }
+    if (end - p < 4) return -1;
+    uint32_t s = get32(p); p += 4;
+    if ((size_t)(end - p) < s) return -1;
+    *cwd = s ? strndup((const char *)p, s) : NULL;
+    *argv = lists[0];
+    *envp = lists[1];
+    return (*argv)[0] ? 0 : -1;
+}
+
+static void free_list(char **l) {
+    if (!l) return;
+    for (char **x = l; *x; x++) free(*x);
+    free(l);
+}
+
+static void start_job(const unsigned char *payload, size_t len) {
+    char **argv = NULL, **envp = NULL, *cwd = NULL;
+    if (parse_exec(payload, len, &argv, &envp, &cwd) != 0) {
+        send_exit(126, 0, "vmlease-agent: malformed command request");
+        goto out;
+    }
+    int err = 0;
+    char *file = resolve(argv[0], envp, &err);
+    if (!file) {
+        char msg[4200];
+        snprintf(msg, sizeof msg, "vmlease-agent: %s: %s\n", argv[0],
+                 err == ENOENT ? "command not found" : strerror(err));
+        send_exit(err == ENOENT ? 127 : 126, 0, msg);
+        goto out;
+    }
+    int pin[2], pout[2], perr[2];
+    if (pipe2(pin, O_CLOEXEC) || pipe2(pout, O_CLOEXEC) || pipe2(perr, O_CLOEXEC)) die("pipe");
+    posix_spawn_file_actions_t fa;
+    posix_spawnattr_t at;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, pin[0], 0);
+    posix_spawn_file_actions_adddup2(&fa, pout[1], 1);
+    posix_spawn_file_actions_adddup2(&fa, perr[1], 2);
+    if (cwd) posix_spawn_file_actions_addchdir_np(&fa, cwd);
+    posix_spawnattr_init(&at);
+    sigset_t none;
+    sigemptyset(&none);
+    posix_spawnattr_setsigmask(&at, &none);
+    sigset_t deflt;
+    sigfillset(&deflt);
+    posix_spawnattr_setsigdefault(&at, &deflt);
+    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    pid_t pid;
+    int rc = posix_spawn(&pid, file, &fa, &at, argv, envp);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&at);
+    close(pin[0]); close(pout[1]); close(perr[1]);
+    if (rc != 0) {
+        close(pin[1]); close(pout[0]); close(perr[0]);
+        char msg[4200];
+        snprintf(msg, sizeof msg, "vmlease-agent: %s: %s\n", cwd && rc == ENOENT ? cwd : argv[0], strerror(rc));
+        send_exit(rc == ENOENT ? 127 : 126, 0, msg);
+        free(file);
+        goto out;
+    }
+    free(file);
+    job.pid = pid;
+    job.pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (job.pidfd < 0) die("pidfd_open");
+    job.in = pin[1];
+    job.out = pout[0];
+    job.err = perr[0];
+    fcntl(job.in, F_SETFL, O_NONBLOCK);
+    job.stdin_eof = 0;
+    job.exited = 0;
+out:
+    free_list(argv); free_list(envp); free(cwd);
+}
+
+static void send_file(const unsigned char *path, size_t len) {
+    char *p = strndup((const char *)path, len);
+    int fd = open(p, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0) { send_error("cannot read %s: %s", p, errno); goto out; }
+    if (fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) { send_error("cannot read %s: %s", p, EISDIR); goto out; }
+    static unsigned char buf[CHUNK];
+    for (;;) {
+        ssize_t r = read(fd, buf, sizeof buf);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            /* DATA frames may already be out: the host takes ERR as the end. */
+            send_error("cannot read %s: %s", p, errno);
+            goto out;
+        }
+        send_frame(T_DATA, buf, (size_t)r);
+        if (r == 0) break;
+    }
+out:
+    if (fd >= 0) close(fd);
+    free(p);
+}
+
+static void begin_put(const unsigned char *payload, size_t len) {
+    abort_put();
+    if (len < 4) { put.failed = EINVAL; put.path = strdup("?"); return; }
+    put.mode = get32(payload) & 07777;
+    put.path = strndup((const char *)payload + 4, len - 4);
+    put.tmp = malloc(strlen(put.path) + 32);
+    if (!put.path || !put.tmp) die("malloc");
+    sprintf(put.tmp, "%s.vmlease-part", put.path);
+    struct stat st;
+    if (stat(put.path, &st) == 0 && S_ISDIR(st.st_mode)) { put.failed = EISDIR; return; }
+    put.fd = open(put.tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (put.fd < 0) put.failed = errno;
+}
+
+static void put_data(const unsigned char *data, size_t len) {
+    if (len == 0) {  /* end of file */
+        if (!put.failed && put.fd >= 0) {
+            if (fchmod(put.fd, put.mode) != 0) put.failed = errno;
+            if (close(put.fd) != 0 && !put.failed) put.failed = errno;
+            put.fd = -1;
+            if (!put.failed && rename(put.tmp, put.path) != 0) put.failed = errno;
+            if (put.failed) unlink(put.tmp);
+        }
+        if (put.failed) send_error("cannot write %s: %s", put.path ? put.path : "?", put.failed);
+        else send_frame(T_OK, NULL, 0);
+        abort_put();
+        return;
+    }
+    while (!put.failed && len > 0) {
+        ssize_t w = write(put.fd, data, len);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            put.failed = errno;
+            break;
+        }
+        data += w; len -= (size_t)w;
+    }
+}
+
+static void reset_all(void) {
+    kill_job();
+    abort_put();
+}
+
+static void handle_frame(int type, const unsigned char *p, size_t len) {
+    switch (type) {
+    case T_HELLO: {
+        reset_all();
+        const char *tag = "vmlease-agent " AGENT_VERSION;
+        unsigned char reply[256 + 64];
+        size_t n = len > 256 ? 256 : len;
+        memcpy(reply, p, n);
+        memcpy(reply + n, tag, strlen(tag));
+        send_frame(T_HELLO, reply, n + strlen(tag));
+        break;
+    }
+    case T_EXEC:
+        if (job.pid >= 0) { send_exit(126, 0, "vmlease-agent: a command is already running"); break; }
+        start_job(p, len);
+        break;
+    case T_STDIN:
+        if (job.pid < 0 || job.in < 0) break;  /* the command no longer reads */
+        if (len == 0) { job.stdin_eof = 1; if (job.stdin_len == 0) close_fd(&job.in); break; }
+        job.stdin_buf = realloc(job.stdin_buf, job.stdin_len + len);
+        if (!job.stdin_buf) die("realloc");
+        memcpy(job.stdin_buf + job.stdin_len, p, len);
+        job.stdin_len += len;
+        break;
+    case T_KILL:
+        if (job.pid >= 0 && len >= 4) { int sig = (int)get32(p); kill(-job.pid, sig); kill(job.pid, sig); }
+        break;
+    case T_PUT: begin_put(p, len); break;
+    case T_DATA: if (put.path) put_data(p, len); break;
+    case T_GET: send_file(p, len); break;
+    case T_SYNC: sync(); send_frame(T_OK, NULL, 0); break;
+    default: {
+        char msg[64];
+        int n = snprintf(msg, sizeof msg, "unknown request type %d", type);
+        send_frame(T_ERR, msg, (size_t)n);
+    }
+    }
+}
+
+/* Consume complete frames from the input buffer. */
+static void parse_input(void) {
+    size_t off = 0;
+    while (inlen - off >= 5) {
+        uint32_t len = get32(inbuf + off + 1);
+        if (len > MAX_FRAME) {  /* garbage: drop everything, wait for HELLO */
+            off = inlen;
+            break;
+        }
+        if (inlen - off < 5 + (size_t)len) break;
+        handle_frame(inbuf[off], inbuf + off + 5, len);
+        off += 5 + len;
+    }
+    memmove(inbuf, inbuf + off, inlen - off);
+    inlen -= off;
+}
+
+/* Forward what a command wrote; returns 0 at end of file. */
+static int pump_output(int *fd, int type) {
+    static unsigned char buf[CHUNK];
+    ssize_t r = read(*fd, buf, sizeof buf);
+    if (r > 0) { send_frame(type, buf, (size_t)r); return 1; }
+    if (r < 0 && (errno == EINTR || errno == EAGAIN)) return 1;
+    close_fd(fd);
+    return 0;
+}
+
+static void finish_if_done(void) {
+    if (job.pid < 0 || !job.exited) return;
+    /* The command has exited. Whatever it wrote is in the pipes now; a
+     * background child that keeps them open must not hold up the result. */
+    int fds[2] = { job.out, job.err };
+    int types[2] = { T_STDOUT, T_STDERR };
+    for (int i = 0; i < 2; i++) {
+        if (fds[i] < 0) continue;
+        fcntl(fds[i], F_SETFL, O_NONBLOCK);
+        while (pump_output(&fds[i], types[i])) {
+            struct pollfd q = { fds[i], POLLIN, 0 };
+            if (poll(&q, 1, 0) <= 0) break;
+        }
+    }
+    job.out = fds[0]; job.err = fds[1];
+    int st = job.status;
+    if (WIFSIGNALED(st)) send_exit(128 + WTERMSIG(st), 1, NULL);
+    else send_exit(WEXITSTATUS(st), 0, NULL);
+    finish_job();
+}
+
+static int open_port(void) {
+    DIR *d = opendir("/sys/class/virtio-ports");
+    if (!d) return -1;
+    struct dirent *e;
+    int fd = -1;
+    while ((e = readdir(d)) && fd < 0) {
+        if (e->d_name[0] == '.') continue;
+        char path[512], name[128] = "";
+        snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        if (fgets(name, sizeof name, f)) name[strcspn(name, "\n")] = 0;
+        fclose(f);
+        if (strcmp(name, PORT_NAME) == 0) {
+            snprintf(path, sizeof path, "/dev/%s", e->d_name);
+            fd = open(path, O_RDWR | O_CLOEXEC);
+        }
+    }
+    closedir(d);
+    return fd;
+}
+
+int main(void) {
+    signal(SIGPIPE, SIG_IGN);
+    setenv("PATH", DEFAULT_PATH, 1);
+    for (int i = 0; i < 500 && (port = open_port()) < 0; i++) sleep_ms(10);
+    if (port < 0) die("open " PORT_NAME);
+    incap = MAX_FRAME + 4096;
+    inbuf = malloc(incap);
+    if (!inbuf) die("malloc");
+
+    for (;;) {
+        struct pollfd fds[5];
+        int n = 0;
+        int stdin_full = job.stdin_len >= STDIN_HIGH_WATER;
+        fds[n++] = (struct pollfd){ port, stdin_full ? 0 : POLLIN, 0 };
+        int i_out = -1, i_err = -1, i_in = -1, i_pid = -1;
+        if (job.pid >= 0) {
+            if (job.out >= 0) { i_out = n; fds[n++] = (struct pollfd){ job.out, POLLIN, 0 }; }
+            if (job.err >= 0) { i_err = n; fds[n++] = (struct pollfd){ job.err, POLLIN, 0 }; }
+            if (job.in >= 0 && job.stdin_len) { i_in = n; fds[n++] = (struct pollfd){ job.in, POLLOUT, 0 }; }
+            if (!job.exited) { i_pid = n; fds[n++] = (struct pollfd){ job.pidfd, POLLIN, 0 }; }
+        }
+        if (poll(fds, (nfds_t)n, -1) < 0) {
+            if (errno == EINTR) continue;
+            die("poll");
+        }
+        if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+            ssize_t r = read(port, inbuf + inlen, incap - inlen);
+            if (r > 0) {
+                inlen += (size_t)r;
+                parse_input();
+                if (inlen == incap) inlen = 0;  /* cannot be a frame: drop */
+            } else if (r == 0 || (errno != EINTR && errno != EAGAIN)) {
+                /* No host: whatever it asked for is void. */
+                reset_all();
+                inlen = 0;
+                sleep_ms(20);
+                continue;
+            }
+        }
+        if (job.pid < 0) continue;
+        if (i_out >= 0 && fds[i_out].revents) pump_output(&job.out, T_STDOUT);
+        if (i_err >= 0 && fds[i_err].revents) pump_output(&job.err, T_STDERR);
+        if (i_in >= 0 && fds[i_in].revents) {
+            ssize_t w = write(job.in, job.stdin_buf, job.stdin_len);
+            if (w > 0) {
+                memmove(job.stdin_buf, job.stdin_buf + w, job.stdin_len - (size_t)w);
+                job.stdin_len -= (size_t)w;
+                if (job.stdin_len == 0 && job.stdin_eof) close_fd(&job.in);
+            } else if (w < 0 && errno != EAGAIN && errno != EINTR) {
+                job.stdin_len = 0;  /* the command closed its input */
+                close_fd(&job.in);
+            }
+        }
+        if (i_pid >= 0 && fds[i_pid].revents) {
+            if (waitpid(job.pid, &job.status, WNOHANG) == job.pid) job.exited = 1;
+        }
+        if (job.exited) finish_if_done();
+    }
+}
