@@ -142,6 +142,7 @@ class Ledger:
         self.path = path
         self._clock = clock
         self._lock = threading.Lock()
+        self._closed = False
         if not create and not path.exists():
             raise LedgerError(f"no ledger at {path}: vmlease has not created any VM here yet")
         try:
@@ -176,6 +177,11 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @contextmanager
     def _write(self) -> Iterator[None]:

@@ -124,13 +124,16 @@ class VM:
         self.name = name
         self.spec = spec
         self.transcript: list[TranscriptEntry] = []
+        self.last_state = VMState.INTENDED
 
     def __repr__(self) -> str:
         return f"<VM {self.name} {self.state.value}>"
 
     @property
     def state(self) -> VMState:
-        """The VM's state as the ledger records it."""
+        """The VM's state as the ledger records it (the last one seen once the session ended)."""
+        if self._session.ledger.closed:
+            return self.last_state
         record = self._session.ledger.get(self._id)
         return record.state if record else VMState.GONE
 
@@ -359,6 +362,9 @@ class Session:
 
     def transition(self, vm_id: int, state: VMState, *, error: str | None = None) -> None:
         self.ledger.transition(vm_id, state, error=error)
+        vm = self._vms.get(vm_id)
+        if vm is not None:
+            vm.last_state = state
 
     def guard(self, vm_id: int, op: str, fn: Callable[[], T]) -> T:
         """A timed backend operation whose failure is recorded as the VM's failure."""

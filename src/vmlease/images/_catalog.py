@@ -81,7 +81,8 @@ def find_image(image_dir: Path, name: str) -> Image:
         how = (
             f"build it with `{build}`"
             if build
-            else f"images vmlease can build: {', '.join(sorted(BUILDERS))}"
+            else "vmlease can build "
+            + ", ".join(f"{n} (`{cmd}`)" for n, cmd in sorted(BUILDERS.items()))
         )
         raise ImageNotFound(
             f"no image {name!r} in {image_dir} (images there: {have_text}); {how}"

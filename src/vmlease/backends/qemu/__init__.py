@@ -112,10 +112,12 @@ class QemuBackend(Backend):
     # -- set-up ----------------------------------------------------------
 
     def _require(self, program: str) -> str:
-        path = shutil.which(program)
+        path = shutil.which(program, path=self._env.get("PATH", os.defpath))
         if path is None:
-            how = _INSTALL.get(Path(program).name, f"install {program}")
-            raise BackendUnavailable(f"{program} not found: install it with `{how}`")
+            default = "qemu-img" if "img" in Path(program).name else "qemu-system-x86_64"
+            how = _INSTALL[default]
+            hint = "" if program == default else f" (or correct the name {program!r} you gave)"
+            raise BackendUnavailable(f"{program} not found: install it with `{how}`{hint}")
         return path
 
     def launch_config(self) -> LaunchConfig:
@@ -232,6 +234,8 @@ class QemuBackend(Backend):
     # -- the Backend primitives ------------------------------------------
 
     def check_spec(self, spec: VMSpec) -> None:
+        self.launch_config()
+        self._require(self._qemu_img)
         image = find_image(self._image_dir, spec.image)
         if spec.memory_mb < image.min_memory_mb:
             raise InvalidSpec(

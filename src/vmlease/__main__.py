@@ -1,0 +1,5 @@
+import sys
+
+from vmlease.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""What vmlease owns, joined with what the backends report: the data behind ``vmlease ls``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmlease import backends as _backends
+from vmlease._errors import VMLeaseError
+from vmlease._identity import Liveness, liveness
+from vmlease._ledger import Ledger, Record
+
+__all__ = ["InventoryRow", "inventory"]
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryRow:
+    """One VM in the ledger with its backend's view.
+
+    Attributes:
+        record: the ledger row.
+        actual: the backend's state (``running``, ``stopped``), ``missing`` if
+            the backend does not have it, ``?`` if the backend cannot be asked.
+        owner: whether the owning process is alive.
+        age_s: seconds since the row was written.
+    """
+
+    record: Record
+    actual: str
+    owner: Liveness
+    age_s: float
+
+    def as_dict(self) -> dict[str, object]:
+        r = self.record
+        return {
+            "name": r.name,
+            "backend": r.backend,
+            "state": r.state.value,
+            "actual": self.actual,
+            "owner": self.owner.value,
+            "session_id": r.owner.session_id,
+            "pid": r.owner.pid,
+            "host": r.owner.host,
+            "age_s": round(self.age_s, 1),
+            "created_at": r.created_at,
+            "expires_at": r.expires_at,
+            "error": r.error,
+        }
+
+
+def inventory(state_dir: Path, *, include_gone: bool = False) -> list[InventoryRow]:
+    """Every VM in the ledger under ``state_dir``; empty if there is no ledger yet."""
+    path = state_dir / "ledger.sqlite3"
+    if not path.exists():
+        return []
+    ledger = Ledger(path, create=False)
+    try:
+        records = ledger.records(include_gone=include_gone)
+    finally:
+        ledger.close()
+    seen: dict[str, dict[str, str] | None] = {}
+    for name in sorted({r.backend for r in records}):
+        try:
+            backend = _backends.get(name, state_dir=state_dir)
+            seen[name] = {vm.name: vm.state for vm in backend.list()}
+            backend.close()
+        except VMLeaseError:
+            seen[name] = None
+    now = time.time()
+    rows = []
+    for r in records:
+        states = seen.get(r.backend)
+        actual = "?" if states is None else states.get(r.name, "missing")
+        rows.append(InventoryRow(r, actual, liveness(r.owner), now - r.created_at))
+    return rows

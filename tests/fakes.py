@@ -1,0 +1,97 @@
+"""Hand-written recording fakes for unit tests of policy. Not a backend for users."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmlease import ImageNotFound, VMNotFound
+from vmlease._spec import VMSpec
+from vmlease.backends import Backend, BackendVM, ExecResult
+
+
+@dataclass
+class Call:
+    op: str
+    name: str
+    args: tuple[object, ...] = ()
+
+
+@dataclass
+class FakeBackend(Backend):
+    """Records every call; VMs are entries in a dict.
+
+    ``fail`` maps an operation name to an exception to raise from it;
+    ``on_create`` runs inside ``create`` (to look at the ledger at that moment).
+    """
+
+    name = "fake"
+    images: tuple[str, ...] = ("tiny",)
+    vms: dict[str, str] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    fail: dict[str, BaseException] = field(default_factory=dict)
+    on_create: Callable[[str], None] | None = None
+
+    def _do(self, op: str, name: str, *args: object) -> None:
+        self.calls.append(Call(op, name, args))
+        if op in self.fail:
+            raise self.fail[op]
+
+    def ops(self) -> list[str]:
+        return [c.op for c in self.calls]
+
+    def check_spec(self, spec: VMSpec) -> None:
+        self._do("check_spec", "", spec)
+        if spec.image not in self.images:
+            raise ImageNotFound(f"no image {spec.image!r}")
+
+    def create(self, name: str, spec: VMSpec) -> None:
+        if self.on_create is not None:
+            self.on_create(name)
+        self.vms[name] = "running"  # a create that fails late may still leave the VM
+        self._do("create", name, spec)
+
+    def wait_ready(self, name: str, timeout_s: float) -> None:
+        self._do("wait_ready", name, timeout_s)
+
+    def start(self, name: str) -> None:
+        self._do("start", name)
+        self.vms[name] = "running"
+
+    def stop(self, name: str, timeout_s: float) -> None:
+        self._do("stop", name)
+        self.vms[name] = "stopped"
+
+    def delete(self, name: str) -> None:
+        self._do("delete", name)
+        if name not in self.vms:
+            raise VMNotFound(name)
+        del self.vms[name]
+
+    def list(self) -> list[BackendVM]:
+        return [BackendVM(n, s, {}) for n, s in sorted(self.vms.items())]
+
+    def exec(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        timeout_s: float | None,
+    ) -> ExecResult:
+        self._do("exec", name, tuple(argv))
+        if argv[0] == "false":
+            return ExecResult(1, b"", b"failed\n")
+        if argv[0] == "sleep":
+            return ExecResult(137, b"", b"", timed_out=True)
+        return ExecResult(0, (stdin or b"") + " ".join(argv).encode(), b"")
+
+    def put(self, name: str, local: Path, remote: str) -> None:
+        self._do("put", name, local, remote)
+
+    def get(self, name: str, remote: str, local: Path) -> None:
+        self._do("get", name, remote, local)
+        local.write_bytes(b"from " + remote.encode())

@@ -1,0 +1,60 @@
+"""Real QEMU VMs. Every test gets its own state directory and must leave it empty."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import vmlease
+from tests.conftest import _qemu_processes_under
+from vmlease._paths import image_dir
+from vmlease.images import Image, build_tiny
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def tiny_image() -> Image:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    return build_tiny(image_dir())
+
+
+def assert_nothing_left(state: Path) -> None:
+    pids = _qemu_processes_under(state)
+    qemu_dir = state / "qemu"
+    dirs = sorted(p.name for p in qemu_dir.iterdir() if p.is_dir()) if qemu_dir.is_dir() else []
+    assert (pids, dirs) == ([], []), f"left behind: qemu pids {pids}, VM directories {dirs}"
+
+
+@pytest.fixture
+def state(state_root: Path, request: pytest.FixtureRequest, tiny_image: Image) -> Iterator[Path]:
+    """A state directory for this test only; checked empty afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=request.node.name[:30] + "-", dir=state_root))
+    yield path
+    assert_nothing_left(path)
+
+
+@pytest.fixture
+def session(state: Path) -> Iterator[vmlease.Session]:
+    with vmlease.Session(state_dir=state) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def shared_vm(state_root: Path, tiny_image: Image) -> Iterator[vmlease.VM]:
+    """One VM for tests that only run commands, to spare boots."""
+    path = state_root / "shared"
+    path.mkdir(exist_ok=True)
+    with vmlease.Session(state_dir=path) as s:
+        yield s.create()
+    assert_nothing_left(path)

@@ -1,0 +1,153 @@
+"""Host side of the agent protocol against a scripted peer on a socketpair."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vmlease import BootError, ChannelError, GuestFileError
+from vmlease.backends.qemu import _agent as proto
+from vmlease.backends.qemu._agent import AgentChannel
+
+Peer = Callable[[socket.socket], None]
+
+
+def frame(kind: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">BI", kind, len(payload)) + payload
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    head = sock.recv(5, socket.MSG_WAITALL)
+    kind, length = struct.unpack(">BI", head)
+    data = sock.recv(length, socket.MSG_WAITALL) if length else b""
+    return kind, data
+
+
+MakeChannel = Callable[[Peer], tuple[AgentChannel, threading.Thread]]
+
+
+@pytest.fixture
+def channel_with() -> Iterator[MakeChannel]:
+    """Connects a channel to ``peer`` running in a thread; closes both at teardown."""
+    opened: list[tuple[AgentChannel, socket.socket, threading.Thread]] = []
+
+    def make(peer: Peer) -> tuple[AgentChannel, threading.Thread]:
+        host, guest = socket.socketpair()
+        thread = threading.Thread(target=peer, args=(guest,), daemon=True)
+        thread.start()
+        channel = AgentChannel(host, name="t")
+        opened.append((channel, guest, thread))
+        return channel, thread
+
+    yield make
+    for channel, guest, thread in opened:
+        channel.close()
+        guest.close()
+        thread.join(5)
+
+
+def test_handshake_skips_leftovers_from_an_earlier_connection(channel_with: MakeChannel) -> None:
+    def peer(sock: socket.socket) -> None:
+        kind, nonce = read_frame(sock)
+        assert kind == proto.HELLO
+        # Junk, a stale frame and half a header, then the answer.
+        sock.sendall(
+            b"\x04\x00\x00\x00\x03abc"
+            + b"\xff\x00"
+            + frame(proto.HELLO, nonce + b"vmlease-agent 1")
+        )
+
+    ch, t = channel_with(peer)
+    assert ch.handshake(5.0) == "vmlease-agent 1"
+    t.join()
+
+
+def test_handshake_times_out_with_a_boot_error(channel_with: MakeChannel) -> None:
+    ch, _ = channel_with(lambda sock: None)
+    with pytest.raises(BootError, match="did not answer"):
+        ch.handshake(0.3)
+
+
+def test_exec_collects_output_in_order_and_sends_stdin(channel_with: MakeChannel) -> None:
+    got_stdin: list[bytes] = []
+
+    def peer(sock: socket.socket) -> None:
+        kind, _req = read_frame(sock)
+        assert kind == proto.EXEC
+        while True:
+            kind, data = read_frame(sock)
+            assert kind == proto.STDIN
+            if not data:
+                break
+            got_stdin.append(data)
+        sock.sendall(
+            frame(proto.STDOUT, b"out1 ")
+            + frame(proto.STDERR, b"err")
+            + frame(proto.STDOUT, b"out2")
+        )
+        sock.sendall(frame(proto.EXIT, struct.pack(">iB", 7, 0)))
+
+    ch, t = channel_with(peer)
+    big = os.urandom(600_000)
+    result = ch.exec(["x"], stdin=big, env={"A": "1"}, cwd="/tmp", timeout_s=10)
+    t.join()
+    assert (result.exit_code, result.stdout, result.stderr) == (7, b"out1 out2", b"err")
+    assert b"".join(got_stdin) == big
+
+
+def test_exec_timeout_sends_kill_and_reports_it(channel_with: MakeChannel) -> None:
+    def peer(sock: socket.socket) -> None:
+        read_frame(sock)
+        read_frame(sock)  # end of stdin
+        kind, data = read_frame(sock)
+        assert kind == proto.KILL
+        assert struct.unpack(">I", data) == (9,)
+        sock.sendall(frame(proto.EXIT, struct.pack(">iB", 137, 1)))
+
+    ch, t = channel_with(peer)
+    result = ch.exec(["sleep", "9"], stdin=None, env=None, cwd=None, timeout_s=0.2)
+    t.join()
+    assert result.timed_out
+    assert result.exit_code == 137
+
+
+def test_a_closed_channel_is_a_channel_error_and_stays_broken(channel_with: MakeChannel) -> None:
+    ch, t = channel_with(lambda sock: sock.close())
+    t.join()
+    with pytest.raises(ChannelError, match="broke"):
+        ch.exec(["true"], stdin=None, env=None, cwd=None, timeout_s=5)
+    assert ch.broken
+    with pytest.raises(ChannelError, match="broken"):
+        ch.exec(["true"], stdin=None, env=None, cwd=None, timeout_s=5)
+
+
+def test_abort_fd_ends_a_wait_at_once() -> None:
+    host, guest = socket.socketpair()
+    r, w = os.pipe()
+    ch = AgentChannel(host, name="t", abort_fd=r)
+    os.write(w, b"x")
+    with pytest.raises(ChannelError, match="exited"):
+        ch.exec(["true"], stdin=None, env=None, cwd=None, timeout_s=None)
+    for fd in (r, w):
+        os.close(fd)
+    guest.close()
+    ch.close()
+
+
+def test_get_error_leaves_no_local_file(channel_with: MakeChannel, tmp_path: Path) -> None:
+    def peer(sock: socket.socket) -> None:
+        read_frame(sock)
+        sock.sendall(frame(proto.ERR, b"cannot read /nope: No such file or directory"))
+
+    ch, t = channel_with(peer)
+    target = tmp_path / "out.bin"
+    with pytest.raises(GuestFileError, match="No such file"):
+        ch.get("/nope", target)
+    t.join()
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from vmlease import ImageBuildError, ImageNotFound
+from vmlease.images import _tiny
+from vmlease.images._catalog import find_image, list_images
+
+
+def _parse_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
+    out: dict[str, tuple[int, bytes]] = {}
+    pos = 0
+    while True:
+        assert data[pos : pos + 6] == b"070701"
+        fields = [int(data[pos + 6 + i * 8 : pos + 14 + i * 8], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name_start = pos + 110
+        name = data[name_start : name_start + namesize - 1].decode()
+        pos = name_start + namesize
+        pos += -pos % 4
+        body = data[pos : pos + size]
+        pos += size
+        pos += -pos % 4
+        if name == "TRAILER!!!":
+            return out
+        out[name] = (mode, body)
+
+
+def test_cpio_round_trip() -> None:
+    entries = [("bin", 0o040755, b""), ("bin/x", 0o100755, b"abcde"), ("init", 0o100755, b"#!")]
+    parsed = _parse_cpio(_tiny._cpio_newc(entries))
+    assert parsed == {name: (mode, data) for name, mode, data in entries}
+
+
+def _ko(path: Path, depends: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x7fELF junk\0license=GPL\0depends=" + depends.encode() + b"\0vermagic=6\0")
+
+
+def test_modules_load_after_their_dependencies(tmp_path: Path) -> None:
+    _ko(tmp_path / "drivers/virtio/virtio_ring.ko", "")
+    _ko(tmp_path / "drivers/virtio/virtio.ko", "virtio_ring")
+    _ko(tmp_path / "drivers/block/virtio_blk.ko", "virtio,virtio_ring")
+    _ko(tmp_path / "drivers/char/hw_random/virtio-rng.ko", "virtio,virtio_ring")
+    order = [p.stem for p in _tiny._load_order(tmp_path, ("virtio_blk", "virtio_rng"))]
+    assert order == ["virtio_ring", "virtio", "virtio_blk", "virtio-rng"]
+
+
+def test_a_missing_module_is_named(tmp_path: Path) -> None:
+    _ko(tmp_path / "a.ko", "nothere")
+    with pytest.raises(ImageBuildError, match="nothere"):
+        _tiny._load_order(tmp_path, ("a",))
+
+
+def _elf(tmp_path: Path, interp: bool, note: tuple[bytes, int] | None) -> Path:
+    """A minimal ELF64 with optional PT_INTERP and one PT_NOTE."""
+    phoff, phentsize = 64, 56
+    phdrs = []
+    body = bytearray()
+    data_off = phoff + phentsize * 2
+    if interp:
+        phdrs.append(struct.pack("<IIQQQQQQ", 3, 0, data_off, 0, 0, 10, 10, 1))
+        body += b"/lib/ld.so"
+    if note is not None:
+        name, ntype = note
+        desc = b"\0" * 8
+        n = struct.pack("<III", len(name) + 1, len(desc), ntype) + name + b"\0"
+        n += b"\0" * (-len(n) % 4) + desc
+        phdrs.append(struct.pack("<IIQQQQQQ", 4, 0, data_off + len(body), 0, 0, len(n), len(n), 4))
+        body += n
+    head = bytearray(b"\x7fELF\x02\x01\x01" + b"\0" * 57)
+    struct.pack_into("<Q", head, 0x20, phoff)
+    struct.pack_into("<HH", head, 0x36, phentsize, len(phdrs))
+    path = tmp_path / "elf"
+    path.write_bytes(bytes(head) + b"".join(phdrs).ljust(phentsize * 2, b"\0") + bytes(body))
+    return path
+
+
+def test_static_elf_detection(tmp_path: Path) -> None:
+    assert _tiny._is_static_elf(_elf(tmp_path, interp=False, note=None))
+    assert not _tiny._is_static_elf(_elf(tmp_path, interp=True, note=None))
+    (tmp_path / "script").write_bytes(b"#!/bin/sh\n")
+    assert not _tiny._is_static_elf(tmp_path / "script")
+
+
+def test_pvh_note_detection(tmp_path: Path) -> None:
+    assert _tiny._has_pvh_note(_elf(tmp_path, interp=False, note=(b"Xen", 18)))
+    assert not _tiny._has_pvh_note(_elf(tmp_path, interp=False, note=(b"Xen", 6)))
+    assert not _tiny._has_pvh_note(_elf(tmp_path, interp=False, note=(b"GNU", 18)))
+
+
+def test_missing_tools_are_all_named_with_one_install_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(ImageBuildError) as info:
+        _tiny.build_tiny(tmp_path / "images")
+    message = str(info.value)
+    assert "apt-get install" in message
+    for package in ("qemu-utils", "lz4", "gcc", "e2fsprogs", "libc6-dev"):
+        assert package in message
+    assert not (tmp_path / "images").exists()
+
+
+def test_a_missing_kernel_package_file_is_named(tmp_path: Path) -> None:
+    if not all(shutil.which(t) for t in ("gcc", "lz4", "mke2fs", "qemu-img", "dpkg-deb")):
+        pytest.skip("the image build tools are not installed")
+    with pytest.raises(ImageBuildError, match="does not exist"):
+        _tiny.build_tiny(tmp_path / "images", kernel_deb=tmp_path / "nope.deb")
+
+
+def test_an_unknown_image_says_what_exists_and_how_to_build(tmp_path: Path) -> None:
+    with pytest.raises(ImageNotFound) as info:
+        find_image(tmp_path, "tiny")
+    assert "vmlease image build tiny" in str(info.value)
+    assert "none" in str(info.value)
+    with pytest.raises(ImageNotFound, match=r"can build tiny \(`vmlease image build tiny`\)"):
+        find_image(tmp_path, "ubuntu")
+    assert list_images(tmp_path / "missing") == []

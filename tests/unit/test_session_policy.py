@@ -1,0 +1,257 @@
+"""The session's promises, checked against a recording fake backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import vmlease
+from tests.fakes import FakeBackend
+from vmlease import (
+    BootError,
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    GuestFileError,
+    ImageNotFound,
+    InvalidName,
+    InvalidSpec,
+    NameInUse,
+    Session,
+    VMState,
+    VMStateError,
+)
+from vmlease._ledger import Ledger
+
+
+@pytest.fixture
+def fake() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def session(fake: FakeBackend, tmp_path: Path) -> Session:
+    return Session(backend=fake, state_dir=tmp_path)
+
+
+def test_the_ledger_row_exists_before_the_backend_creates(
+    fake: FakeBackend, session: Session
+) -> None:
+    seen: list[VMState] = []
+
+    def look(name: str) -> None:
+        record = session.ledger.find("fake", name)
+        assert record is not None, "create was called before the ledger had the VM"
+        assert record.owner == session.owner
+        seen.append(record.state)
+
+    fake.on_create = look
+    vm = session.create()
+    assert seen == [VMState.CREATING]
+    assert vm.state is VMState.READY
+    assert fake.ops() == ["check_spec", "create", "wait_ready"]
+
+
+def test_generated_names_are_unique_and_valid(session: Session) -> None:
+    names = [session.create().name for _ in range(5)]
+    assert len(set(names)) == 5
+    assert all(n.startswith(f"vmlease-{session.id}-") for n in names)
+
+
+def test_leaving_the_session_deletes_every_vm(fake: FakeBackend, tmp_path: Path) -> None:
+    with Session(backend=fake, state_dir=tmp_path) as session:
+        a, b = session.create(), session.create()
+        b.delete()
+    assert fake.vms == {}
+    assert a.state is VMState.GONE
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    assert ledger.records() == []
+
+
+def test_leaving_by_exception_deletes_too(fake: FakeBackend, tmp_path: Path) -> None:
+    def failing_test() -> None:
+        with Session(backend=fake, state_dir=tmp_path) as session:
+            session.create()
+            raise RuntimeError("test failed")
+
+    with pytest.raises(RuntimeError, match="test failed"):
+        failing_test()
+    assert fake.vms == {}
+
+
+def test_a_failed_boot_is_recorded_and_the_vm_removed(fake: FakeBackend, session: Session) -> None:
+    fake.fail["wait_ready"] = BootError("no answer")
+    with pytest.raises(BootError):
+        session.create(name="broken")
+    assert fake.vms == {}
+    [row] = session.ledger.records(include_gone=True)
+    assert row.state is VMState.GONE
+    assert row.error is not None
+    assert "BootError: no answer" in row.error
+    states = [e.state for e in session.ledger.events(row.id)]
+    assert states == [
+        VMState.INTENDED,
+        VMState.CREATING,
+        VMState.FAILED,
+        VMState.GONE,
+    ]
+    assert session.vms() == []
+    assert session.stats().failed == 1
+    # The name is free again.
+    fake.fail.clear()
+    assert session.create(name="broken").name == "broken"
+
+
+def test_a_failed_create_whose_cleanup_fails_stays_failed(
+    fake: FakeBackend, session: Session
+) -> None:
+    fake.fail["wait_ready"] = BootError("no answer")
+    fake.fail["delete"] = vmlease.BackendError("backend down")
+    with pytest.raises(BootError):
+        session.create(name="stuck")
+    [row] = session.ledger.records()
+    assert row.state is VMState.FAILED
+    with pytest.raises(NameInUse):
+        session.create(name="stuck")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"cpus": 0}, InvalidSpec),
+        ({"cpus": 1.5}, InvalidSpec),
+        ({"memory_mb": -1}, InvalidSpec),
+        ({"memory_mb": "256"}, InvalidSpec),
+        ({"image": "nope"}, ImageNotFound),
+        ({"name": "1-starts-with-digit"}, InvalidName),
+        ({"name": "under_score"}, InvalidName),
+        ({"name": "x" * 64}, InvalidName),
+        ({"boot_timeout_s": 0}, ConfigError),
+    ],
+)
+def test_bad_input_creates_nothing(
+    fake: FakeBackend, session: Session, kwargs: dict[str, object], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        session.create(**kwargs)  # type: ignore[arg-type]
+    assert "create" not in fake.ops()
+    assert session.ledger.records(include_gone=True) == []
+
+
+def test_a_taken_name_creates_nothing(fake: FakeBackend, session: Session) -> None:
+    session.create(name="db")
+    with pytest.raises(NameInUse, match="db"):
+        session.create(name="db")
+    assert fake.ops().count("create") == 1
+
+
+def test_run_returns_a_result_and_check_raises(session: Session) -> None:
+    vm = session.create()
+    result = vm.run(["echo", "hi"], input="in:")
+    assert result.stdout == "in:echo hi"
+    assert result.exit_code == 0
+    assert result.ok
+    assert result.duration_s >= 0
+    assert not vm.run(["false"]).ok
+    with pytest.raises(CommandFailed) as info:
+        vm.run(["false"], check=True)
+    assert info.value.exit_code == 1
+    assert info.value.stderr == "failed\n"
+    assert [e.argv[0] for e in vm.transcript] == ["echo", "false", "false"]
+
+
+def test_a_timed_out_command_raises(session: Session) -> None:
+    vm = session.create()
+    with pytest.raises(CommandTimeout) as info:
+        vm.run(["sleep", "100"], timeout_s=0.5)
+    assert isinstance(info.value, TimeoutError)
+
+
+@pytest.mark.parametrize("argv", ["uname -r", b"uname", [], ["ok", 3], None, [b"bytes"]])
+def test_bad_argv_is_rejected_before_running(
+    fake: FakeBackend, session: Session, argv: object
+) -> None:
+    vm = session.create()
+    with pytest.raises(ConfigError):
+        vm.run(argv)  # type: ignore[arg-type]
+    assert "exec" not in fake.ops()
+
+
+def test_a_string_argv_error_suggests_the_list_form(session: Session) -> None:
+    vm = session.create()
+    with pytest.raises(ConfigError, match=r"\['sh', '-c', 'uname -r'\]"):
+        vm.run("uname -r")
+
+
+def test_bad_timeout_is_rejected(session: Session) -> None:
+    vm = session.create()
+    with pytest.raises(ConfigError):
+        vm.run(["true"], timeout_s=0)
+
+
+def test_put_of_a_missing_local_file_is_refused(session: Session, tmp_path: Path) -> None:
+    vm = session.create()
+    with pytest.raises(GuestFileError, match="no such local file"):
+        vm.put(tmp_path / "missing", "/tmp/x")
+
+
+def test_get_into_a_missing_directory_is_refused(session: Session, tmp_path: Path) -> None:
+    vm = session.create()
+    with pytest.raises(GuestFileError, match="not a directory"):
+        vm.get("/etc/hostname", tmp_path / "no" / "such" / "file")
+
+
+def test_operations_on_a_deleted_vm_say_so(session: Session) -> None:
+    vm = session.create()
+    vm.delete()
+    vm.delete()  # twice is fine
+    with pytest.raises(VMStateError, match="deleted"):
+        vm.run(["true"])
+
+
+def test_stop_then_run_says_start_first(fake: FakeBackend, session: Session) -> None:
+    vm = session.create()
+    vm.stop()
+    assert vm.state is VMState.STOPPED
+    with pytest.raises(VMStateError, match="start"):
+        vm.run(["true"])
+    vm.start()
+    assert vm.state is VMState.READY
+    assert fake.ops()[-3:] == ["stop", "start", "wait_ready"]
+
+
+def test_stats_count_and_time_operations(session: Session) -> None:
+    vm = session.create()
+    vm.run(["true"])
+    vm.delete()
+    stats = session.stats()
+    assert (stats.created, stats.deleted) == (1, 1)
+    assert stats.ops["exec"].count == 1
+    assert set(stats.ops) >= {"check", "create", "boot", "exec", "delete"}
+
+
+def test_a_closed_session_creates_nothing(session: Session) -> None:
+    session.close()
+    with pytest.raises(VMStateError, match="closed"):
+        session.create()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"name_prefix": ""},
+        {"name_prefix": "bad_prefix"},
+        {"boot_timeout_s": -1},
+        {"max_age_s": 0},
+        {"session_id": "Bad Id"},
+    ],
+)
+def test_bad_session_options_are_rejected(tmp_path: Path, kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        Session(backend=FakeBackend(), state_dir=tmp_path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_unknown_backend_name_lists_the_installed_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="qemu"):
+        Session(backend="nosuch", state_dir=tmp_path)
