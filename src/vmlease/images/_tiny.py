@@ -36,7 +36,7 @@ from ._catalog import Image, find_image
 
 __all__ = ["TINY_MODULES", "build_tiny"]
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 #: Drivers the guest needs, in no particular order (dependencies are resolved).
 TINY_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng")
@@ -361,11 +361,11 @@ class _Builder:
         return find_image(self.image_dir, "tiny")
 
     def _root_tree(self, root: Path, busybox: Path, agent: Path, guest: dict[str, bytes]) -> None:
+        # The usual Linux layout, so tests can install software where it normally goes.
         for d in (
             "bin",
             "sbin",
-            "usr/bin",
-            "usr/sbin",
+            "lib",
             "etc/init.d",
             "dev",
             "proc",
@@ -373,9 +373,24 @@ class _Builder:
             "run",
             "root",
             "tmp",
-            "var/tmp",
             "home",
             "mnt",
+            "opt",
+            "srv",
+            "media",
+            "usr/bin",
+            "usr/sbin",
+            "usr/lib",
+            "usr/share",
+            "usr/local/bin",
+            "usr/local/sbin",
+            "usr/local/lib",
+            "usr/local/share",
+            "var/tmp",
+            "var/log",
+            "var/lib",
+            "var/cache",
+            "var/spool",
         ):
             (root / d).mkdir(parents=True, exist_ok=True)
         (root / "tmp").chmod(0o1777)

@@ -1,0 +1,1 @@
+"""vmlease benchmarks: `python -m benchmarks` (or scripts/bench) prints the figures."""

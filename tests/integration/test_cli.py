@@ -1,0 +1,63 @@
+"""The vmlease command against real VMs, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import vmlease
+
+
+def vmlease_cli(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "VMLEASE_STATE_DIR": str(state)}
+    return subprocess.run(
+        [sys.executable, "-m", "vmlease", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_ls_shows_a_running_vm_with_its_live_owner(session: vmlease.Session, state: Path) -> None:
+    vm = session.create()
+    done = vmlease_cli("ls", "--json", state=state)
+    assert done.returncode == 0, done.stderr
+    [row] = json.loads(done.stdout)["vms"]
+    assert row["name"] == vm.name
+    assert row["backend"] == "qemu"
+    assert row["state"] == "ready"
+    assert row["actual"] == "running"
+    assert row["owner"] == "alive"
+    assert row["pid"] == os.getpid()
+    assert row["session_id"] == session.id
+    table = vmlease_cli("ls", state=state).stdout
+    assert vm.name in table
+    assert "alive" in table
+    vm.stop()
+    [row] = json.loads(vmlease_cli("ls", "--json", state=state).stdout)["vms"]
+    assert (row["state"], row["actual"]) == ("stopped", "stopped")
+    vm.delete()
+    assert json.loads(vmlease_cli("ls", "--json", state=state).stdout) == {"vms": []}
+    [gone] = json.loads(vmlease_cli("ls", "--json", "--all", state=state).stdout)["vms"]
+    assert (gone["state"], gone["actual"]) == ("gone", "missing")
+
+
+def test_image_ls_lists_the_tiny_image(state: Path) -> None:
+    done = vmlease_cli("image", "ls", "--json", state=state)
+    assert done.returncode == 0
+    [image] = json.loads(done.stdout)["images"]
+    assert image["name"] == "tiny"
+    assert image["kernel_release"].endswith("-cloud-amd64")
+    assert "tiny" in vmlease_cli("image", "ls", state=state).stdout
+
+
+def test_image_build_is_idempotent(state: Path) -> None:
+    done = vmlease_cli("image", "build", "tiny", state=state)
+    assert done.returncode == 0, done.stderr
+    assert "up to date" in done.stderr
+    assert Path(done.stdout.strip(), "manifest.json").is_file()

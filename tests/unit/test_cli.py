@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vmlease.cli import main
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("VMLEASE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("VMLEASE_IMAGE_DIR", str(tmp_path / "images"))
+    return tmp_path / "state"
+
+
+def test_ls_with_no_ledger_is_empty_and_creates_nothing(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ls", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"vms": []}
+    assert main(["ls"]) == 0
+    assert capsys.readouterr().out == "no VMs\n"
+    assert not state.exists()
+
+
+def test_ls_on_a_corrupt_ledger_says_so_and_keeps_the_file(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state.mkdir()
+    (state / "ledger.sqlite3").write_bytes(b"garbage" * 1000)
+    assert main(["ls"]) == 1
+    err = capsys.readouterr().err
+    assert "corrupt" in err
+    assert "Traceback" not in err
+    assert (state / "ledger.sqlite3").read_bytes() == b"garbage" * 1000
+
+
+def test_building_an_unknown_image_is_refused(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["image", "build", "windows"]) == 2
+    assert "it builds: tiny" in capsys.readouterr().err
+
+
+def test_image_ls_with_no_images_says_how_to_build(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["image", "ls"]) == 0
+    assert "vmlease image build tiny" in capsys.readouterr().out
+    assert main(["image", "ls", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"images": []}
+
+
+def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
