@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+
+import vmlease
+
+
+def _exported_errors() -> list[type[BaseException]]:
+    return [
+        obj
+        for name in vmlease.__all__
+        if isinstance(obj := getattr(vmlease, name), type) and issubclass(obj, BaseException)
+    ]
+
+
+def test_every_exported_error_derives_from_the_root() -> None:
+    errors = _exported_errors()
+    assert len(errors) >= 19
+    for error in errors:
+        assert issubclass(error, vmlease.VMLeaseError), error
+
+
+@pytest.mark.parametrize(
+    ("error", "builtin"),
+    [
+        (vmlease.ConfigError, ValueError),
+        (vmlease.InvalidSpec, ValueError),
+        (vmlease.ImageNotFound, LookupError),
+        (vmlease.VMNotFound, LookupError),
+        (vmlease.CommandTimeout, TimeoutError),
+        (vmlease.ChannelError, ConnectionError),
+        (vmlease.GuestFileError, OSError),
+        (vmlease.UnsupportedOperation, NotImplementedError),
+    ],
+)
+def test_errors_also_are_the_matching_builtin(
+    error: type[Exception], builtin: type[Exception]
+) -> None:
+    assert issubclass(error, builtin)
+
+
+def test_the_tree_in_the_docstring_names_every_error() -> None:
+    doc = vmlease._errors.__doc__ or ""
+    for error in _exported_errors():
+        assert error.__name__ in doc, error
+
+
+def test_backend_error_keeps_command_exit_code_and_stderr() -> None:
+    exc = vmlease.BackendError("failed", command=["qemu-img", "x"], exit_code=1, stderr="boom")
+    assert (exc.command, exc.exit_code, exc.stderr) == (["qemu-img", "x"], 1, "boom")
