@@ -22,12 +22,13 @@ from ._errors import (
     CommandTimeout,
     ConfigError,
     GuestFileError,
+    NameInUse,
     VMLeaseError,
     VMNotFound,
     VMStateError,
 )
 from ._identity import Owner, current_owner
-from ._ledger import Ledger, VMState
+from ._ledger import Ledger, Record, VMState
 from ._metrics import Metrics, OpStats
 from ._naming import new_session_id, validate_name, vm_name
 from ._paths import ensure_private_dir
@@ -396,22 +397,11 @@ class Session:
         timeout = self.boot_timeout_s if boot_timeout_s is None else boot_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             raise ConfigError(f"boot_timeout_s must be a positive number, not {timeout!r}")
-        if name is None:
-            with self._lock:
-                self._counter += 1
-                vm_name_ = vm_name(self.name_prefix, self.id, self._counter)
-        else:
-            vm_name_ = validate_name(name)
-        self.backend.validate_name(vm_name_)
+        if name is not None:
+            self.backend.validate_name(validate_name(name))
         self.timed("check", lambda: self.backend.check_spec(spec))
-
-        record = self.ledger.claim(
-            name=vm_name_,
-            backend=self.backend.name,
-            owner=self.owner,
-            spec=spec.to_json(),
-            expires_at=time.time() + self.max_age_s,
-        )
+        record = self._claim(name, spec)
+        vm_name_ = record.name
         vm = VM(self, record.id, vm_name_, spec)
         with self._lock:
             self._vms[record.id] = vm
@@ -426,6 +416,30 @@ class Session:
         self.transition(record.id, VMState.READY)
         self._created += 1
         return vm
+
+    def _claim(self, name: str | None, spec: VMSpec) -> Record:
+        """Write the ledger row for a new VM. A generated name that is taken
+        (processes sharing a session id) moves on to the next counter."""
+        for _ in range(1000):
+            if name is None:
+                with self._lock:
+                    self._counter += 1
+                    candidate = vm_name(self.name_prefix, self.id, self._counter)
+                self.backend.validate_name(candidate)
+            else:
+                candidate = name
+            try:
+                return self.ledger.claim(
+                    name=candidate,
+                    backend=self.backend.name,
+                    owner=self.owner,
+                    spec=spec.to_json(),
+                    expires_at=time.time() + self.max_age_s,
+                )
+            except NameInUse:
+                if name is not None:
+                    raise
+        raise NameInUse(f"no free generated name for session {self.id}")
 
     def _abandon(self, vm_id: int, name: str, exc: BaseException) -> None:
         """A create failed: record why, remove whatever the backend made."""

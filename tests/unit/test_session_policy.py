@@ -59,6 +59,14 @@ def test_generated_names_are_unique_and_valid(session: Session) -> None:
     assert all(n.startswith(f"vmlease-{session.id}-") for n in names)
 
 
+def test_sessions_sharing_an_id_get_distinct_names(tmp_path: Path) -> None:
+    # pytest-xdist workers share one session id; their counters start alike.
+    first = Session(backend=FakeBackend(), state_dir=tmp_path, session_id="run1")
+    second = Session(backend=FakeBackend(), state_dir=tmp_path, session_id="run1")
+    names = [first.create().name, second.create().name, first.create().name]
+    assert names == ["vmlease-run1-1", "vmlease-run1-2", "vmlease-run1-3"]
+
+
 def test_leaving_the_session_deletes_every_vm(fake: FakeBackend, tmp_path: Path) -> None:
     with Session(backend=fake, state_dir=tmp_path) as session:
         a, b = session.create(), session.create()

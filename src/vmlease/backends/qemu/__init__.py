@@ -161,7 +161,10 @@ class QemuBackend(Backend):
                 raise VMNotFound(f"the qemu backend has no VM named {name!r}")
             pid = self._running_pid(vm_dir)
             if pid is None:
-                raise BackendError(f"VM {name} is not running")
+                raise BackendError(
+                    f"VM {name} is not running; if it was not stopped, its console "
+                    f"({vm_dir / CONSOLE_LOG}) says why it ended"
+                )
             try:
                 pidfd = os.pidfd_open(pid)
             except ProcessLookupError as exc:
