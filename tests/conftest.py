@@ -6,14 +6,15 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 
-def _qemu_processes_under(root: Path) -> list[int]:
-    """Pids of live qemu processes whose command line mentions ``root``."""
+def _processes_under(root: Path, program: bytes) -> list[int]:
+    """Pids of live processes running ``program`` whose command line mentions ``root``."""
     found = []
     needle = str(root).encode()
     for entry in Path("/proc").iterdir():
@@ -23,9 +24,17 @@ def _qemu_processes_under(root: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"qemu-system" in cmdline and needle in cmdline:
+        if program in cmdline and needle in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def _qemu_processes_under(root: Path) -> list[int]:
+    return _processes_under(root, b"qemu-system")
+
+
+def _reapers_under(root: Path) -> list[int]:
+    return _processes_under(root, b"vmlease._reaper")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,22 +46,31 @@ def state_root() -> Iterator[Path]:
     run fails: a leak in a test is a leak users would have.
     """
     root = Path(tempfile.mkdtemp(prefix="vmlease-test-"))
-    old = os.environ.get("VMLEASE_STATE_DIR")
+    saved = {k: os.environ.get(k) for k in ("VMLEASE_STATE_DIR", "VMLEASE_REAPER_IDLE_S")}
     os.environ["VMLEASE_STATE_DIR"] = str(root)
+    os.environ["VMLEASE_REAPER_IDLE_S"] = "1"  # reapers go soon after their last session
     try:
         yield root
     finally:
-        if old is None:
-            del os.environ["VMLEASE_STATE_DIR"]
-        else:
-            os.environ["VMLEASE_STATE_DIR"] = old
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        deadline = time.monotonic() + 10
+        while _reapers_under(root) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        reapers = _reapers_under(root)
         pids = _qemu_processes_under(root)
-        for pid in pids:
+        for pid in pids + reapers:
             os.kill(pid, signal.SIGKILL)
         qemu_dir = root / "qemu"
         vm_dirs = (
             sorted(p.name for p in qemu_dir.iterdir() if p.is_dir()) if qemu_dir.is_dir() else []
         )
         shutil.rmtree(root, ignore_errors=True)
-        if pids or vm_dirs:
-            pytest.fail(f"tests left behind qemu processes {pids} and VM directories {vm_dirs}")
+        if pids or vm_dirs or reapers:
+            pytest.fail(
+                f"tests left behind qemu processes {pids}, VM directories {vm_dirs} "
+                f"and reapers that did not exit {reapers}"
+            )

@@ -25,8 +25,13 @@ or ``except LookupError`` keep working. Messages say what to do next.
     ├── CommandTimeout (TimeoutError)       a command ran out of time and was killed
     ├── GuestFileError (OSError)            a file in the guest could not be read or written
     ├── LedgerError                         the ownership ledger cannot be used
+    ├── ReaperUnavailable                   no reaper protects the session: nothing is created
     └── UnsupportedOperation (NotImplementedError)
                                             the backend does not offer the operation
+
+    Terminated (KeyboardInterrupt)          not an error: SIGTERM arrived while a
+                                            session was open; the program unwinds and
+                                            deletes its VMs as on Ctrl-C
 
 Errors from below (``subprocess``, ``socket``, ``sqlite3``) are translated at
 the boundary with ``raise ... from exc``; the original stays on
@@ -53,6 +58,8 @@ __all__ = [
     "InvalidSpec",
     "LedgerError",
     "NameInUse",
+    "ReaperUnavailable",
+    "Terminated",
     "UnsupportedOperation",
     "VMAlreadyExists",
     "VMLeaseError",
@@ -194,5 +201,18 @@ class LedgerError(VMLeaseError):
     """The ownership ledger is missing, corrupt or unwritable."""
 
 
+class ReaperUnavailable(VMLeaseError):
+    """No reaper acknowledged the session, so it refuses to create VMs."""
+
+
 class UnsupportedOperation(VMLeaseError, NotImplementedError):
     """The backend does not offer this operation (see its capabilities)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM arrives while a session is open.
+
+    A KeyboardInterrupt, so the program unwinds the way Ctrl-C does (pytest
+    stops and tears its fixtures down) and every open session deletes its
+    VMs on the way out.
+    """

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmlease import backends as _backends
+from vmlease._cleanup import Status, status
 from vmlease._errors import VMLeaseError
 from vmlease._identity import Liveness, liveness
 from vmlease._ledger import Ledger, Record
@@ -23,12 +24,15 @@ class InventoryRow:
         actual: the backend's state (``running``, ``stopped``), ``missing`` if
             the backend does not have it, ``?`` if the backend cannot be asked.
         owner: whether the owning process is alive.
+        status: ``alive``, ``orphaned`` (owner dead), ``expired`` (past its
+            lease) or ``unknown`` (owned from another host).
         age_s: seconds since the row was written.
     """
 
     record: Record
     actual: str
     owner: Liveness
+    status: Status
     age_s: float
 
     def as_dict(self) -> dict[str, object]:
@@ -39,6 +43,7 @@ class InventoryRow:
             "state": r.state.value,
             "actual": self.actual,
             "owner": self.owner.value,
+            "status": self.status.value,
             "session_id": r.owner.session_id,
             "pid": r.owner.pid,
             "host": r.owner.host,
@@ -72,5 +77,5 @@ def inventory(state_dir: Path, *, include_gone: bool = False) -> list[InventoryR
     for r in records:
         states = seen.get(r.backend)
         actual = "?" if states is None else states.get(r.name, "missing")
-        rows.append(InventoryRow(r, actual, liveness(r.owner), now - r.created_at))
+        rows.append(InventoryRow(r, actual, liveness(r.owner), status(r, now), now - r.created_at))
     return rows

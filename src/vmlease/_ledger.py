@@ -280,6 +280,32 @@ class Ledger:
             )
             self._db.execute("COMMIT")
 
+    def take_for_deletion(self, vm_id: int, *, detail: str, stale_after_s: float = 60.0) -> bool:
+        """Atomically mark ``vm_id`` as being deleted by the caller.
+
+        False if the row is gone, or another process marked it ``deleting``
+        less than ``stale_after_s`` ago (a deleter that died longer ago than
+        that has given up its claim). So the session, the reaper, a sweep and
+        ``vmlease cleanup`` never delete one VM at the same time.
+        """
+        now = self._clock()
+        with self._write():
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute(
+                "UPDATE vms SET state = 'deleting', updated_at = ? WHERE id = ?"
+                " AND (state NOT IN ('deleting', 'gone')"
+                "      OR (state = 'deleting' AND updated_at < ?))",
+                (now, vm_id, now - stale_after_s),
+            )
+            taken = cur.rowcount == 1
+            if taken:
+                self._db.execute(
+                    "INSERT INTO events (vm_id, state, at, detail) VALUES (?, 'deleting', ?, ?)",
+                    (vm_id, now, detail),
+                )
+            self._db.execute("COMMIT")
+        return taken
+
     def get(self, vm_id: int) -> Record | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM vms WHERE id = ?", (vm_id,)).fetchone()

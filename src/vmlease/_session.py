@@ -7,6 +7,9 @@ when it ends. Backends only carry out primitives (backends/_base.py).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import logging
 import os
 import threading
 import time
@@ -15,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import _signals
 from . import backends as _backends
+from ._cleanup import Backends, Outcome, delete_records, find_reapable
 from ._errors import (
     BackendError,
     CommandFailed,
@@ -33,12 +38,14 @@ from ._metrics import Metrics, OpStats
 from ._naming import new_session_id, validate_name, vm_name
 from ._paths import ensure_private_dir
 from ._paths import state_dir as default_state_dir
+from ._reaper import ReaperLink
 from ._spec import VMSpec
 from .backends import Backend
 
 __all__ = ["VM", "CommandResult", "Session", "SessionStats"]
 
 T = TypeVar("T")
+log = logging.getLogger("vmlease")
 
 DEFAULT_BOOT_TIMEOUT_S = 120.0
 DEFAULT_STOP_TIMEOUT_S = 30.0
@@ -299,6 +306,12 @@ class Session:
         session_id: share one id between processes of one run (pytest-xdist);
             default a fresh one.
         backend_options: keyword arguments for the backend, when named.
+        reaper: register with the reaper before the first create (default),
+            so the VMs are deleted even if this process is killed. False
+            turns the protection off (for fake backends in tests); a
+            ReaperLink instance is used as given.
+        sweep: at start, delete VMs whose owners are provably dead or whose
+            lease has expired (default True).
         clock: monotonic seconds, for durations (injected for tests).
     """
 
@@ -312,6 +325,8 @@ class Session:
         max_age_s: float = DEFAULT_MAX_AGE_S,
         session_id: str | None = None,
         backend_options: Mapping[str, Any] | None = None,
+        reaper: bool | ReaperLink = True,
+        sweep: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(name_prefix, str) or not name_prefix:
@@ -344,6 +359,12 @@ class Session:
         self._deleted = 0
         self._failed = 0
         self._closed = False
+        self._opened = False
+        if isinstance(reaper, ReaperLink):
+            self._reaper: ReaperLink | None = reaper
+        else:
+            self._reaper = ReaperLink(self.state_dir) if reaper else None
+        self.swept: list[Outcome] = self._sweep() if sweep else []
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.backend.name} vms={len(self._vms)}>"
@@ -375,6 +396,47 @@ class Session:
             self.transition(vm_id, VMState.FAILED, error=f"{op}: {exc}")
             raise
 
+    def _backends(self) -> Backends:
+        return Backends(self.state_dir, known={self.backend.name: self.backend})
+
+    def _sweep(self) -> list[Outcome]:
+        """Delete VMs of owners that are provably dead, and VMs past their lease."""
+        rows = [(r, why.value) for r, why in find_reapable(self.ledger)]
+        if not rows:
+            return []
+        backends = self._backends()
+        try:
+            outcomes = delete_records(
+                self.ledger, rows, backends, reason=f"swept by session {self.id}"
+            )
+        finally:
+            backends.close()
+        for o in outcomes:
+            level = logging.WARNING if o.action == "failed" else logging.INFO
+            log.log(
+                level,
+                "sweep: %s %s (%s)%s",
+                o.action,
+                o.name,
+                o.why,
+                f": {o.error}" if o.error else "",
+            )
+        return outcomes
+
+    def _protect(self) -> None:
+        """Before a create: the reaper holds our registration, signals unwind, atexit backs up."""
+        if self._reaper is not None:
+            self._reaper.register(self.owner)
+        if not self._opened:
+            self._opened = True
+            _signals.session_opened()
+            atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        # Last resort for a session nobody closed; the reaper covers the rest.
+        with contextlib.suppress(BaseException):  # the interpreter is exiting
+            self.close()
+
     # -- the public API ----------------------------------------------------
 
     def create(
@@ -400,6 +462,7 @@ class Session:
         if name is not None:
             self.backend.validate_name(validate_name(name))
         self.timed("check", lambda: self.backend.check_spec(spec))
+        self._protect()
         record = self._claim(name, spec)
         vm_name_ = record.name
         vm = VM(self, record.id, vm_name_, spec)
@@ -458,15 +521,20 @@ class Session:
         record = self.ledger.get(vm_id)
         if record is None or record.state is VMState.GONE:
             return
-        self.transition(vm_id, VMState.DELETING)
-        try:
-            self.timed("delete", lambda: self.backend.delete(name))
-        except VMNotFound:
-            pass
-        except BaseException as exc:
-            self.transition(vm_id, VMState.FAILED, error=f"delete: {exc}")
-            raise
-        self.transition(vm_id, VMState.GONE)
+        with _signals.shielded(f"deleting VM {name}"):
+            if not self.ledger.take_for_deletion(vm_id, detail=f"deleted by session {self.id}"):
+                return  # another process (reaper, cleanup) is deleting it
+            vm = self._vms.get(vm_id)
+            if vm is not None:
+                vm.last_state = VMState.DELETING
+            try:
+                self.timed("delete", lambda: self.backend.delete(name))
+            except VMNotFound:
+                pass
+            except BaseException as exc:
+                self.transition(vm_id, VMState.FAILED, error=f"delete: {exc}")
+                raise
+            self.transition(vm_id, VMState.GONE)
         self._deleted += 1
         with self._lock:
             self._vms.pop(vm_id, None)
@@ -489,17 +557,25 @@ class Session:
     def close(self) -> None:
         """Delete every VM of this session that still exists. Safe to call twice.
 
-        Raises BackendError naming the VMs that could not be deleted (they
-        stay in the ledger as failed, for cleanup to retry).
+        Ctrl-C and SIGTERM wait until the deleting is done. Raises
+        BackendError naming the VMs that could not be deleted (they stay in
+        the ledger as failed, and the reaper tries again).
         """
-        self._closed = True
         failures = []
-        for vm in self.vms():
-            try:
-                vm.delete()
-            except VMLeaseError as exc:
-                failures.append(f"{vm.name}: {exc}")
-        self.backend.close()
+        with _signals.shielded("deleting this session's VMs"):
+            self._closed = True
+            for vm in self.vms():
+                try:
+                    vm.delete()
+                except VMLeaseError as exc:
+                    failures.append(f"{vm.name}: {exc}")
+            self.backend.close()
+            if self._reaper is not None:
+                self._reaper.close()
+            if self._opened:
+                self._opened = False
+                _signals.session_closed()
+                atexit.unregister(self._at_exit)
         if failures:
             raise BackendError("could not delete: " + "; ".join(failures))
 

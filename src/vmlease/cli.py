@@ -11,8 +11,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vmlease._cleanup import cleanup
 from vmlease._errors import ConfigError, VMLeaseError
 from vmlease._inventory import inventory
+from vmlease._ledger import Record, VMState
 from vmlease._paths import image_dir, state_dir
 from vmlease._version import __version__
 from vmlease.images import BUILDERS, build_tiny, list_images
@@ -29,6 +31,16 @@ def _age(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -55,7 +67,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     r.record.backend,
                     r.record.state.value,
                     r.actual,
-                    f"{r.owner.value} (pid {r.record.owner.pid})",
+                    "-"
+                    if r.record.state is VMState.GONE
+                    else f"{r.status.value} (pid {r.record.owner.pid})",
                     _age(r.age_s),
                     r.record.owner.session_id,
                 ]
@@ -64,6 +78,39 @@ def cmd_ls(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _ask(records: list[Record]) -> bool:
+    """The question ``cleanup --all`` asks before deleting VMs of live sessions too."""
+    print(f"vmlease cleanup --all would delete these {len(records)} VMs, live sessions' too:")
+    for r in records:
+        print(f"  {r.name}  ({r.backend}, session {r.owner.session_id}, pid {r.owner.pid})")
+    print("Delete them? [y/N] ", end="", flush=True)
+    answer = sys.stdin.readline().strip().lower()
+    return answer in ("y", "yes")
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    outcomes = cleanup(
+        state_dir(),
+        everything=args.all,
+        dry_run=args.dry_run,
+        max_age_s=args.max_age,
+        confirm=None if args.yes else _ask,
+    )
+    failed = any(o.action == "failed" for o in outcomes)
+    if args.json:
+        print(json.dumps({"results": [o.as_dict() for o in outcomes]}, indent=2))
+    elif not outcomes:
+        print("nothing to clean up")
+    else:
+        print(
+            _table(
+                ["NAME", "BACKEND", "WHY", "ACTION", "ERROR"],
+                [[o.name, o.backend, o.why, o.action, o.error or ""] for o in outcomes],
+            )
+        )
+    return 1 if failed else 0
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -129,6 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.add_argument("--all", action="store_true", help="include deleted VMs")
     ls.set_defaults(func=cmd_ls)
+
+    clean = sub.add_parser(
+        "cleanup",
+        help="delete VMs whose owners died or whose lease expired",
+        description="Deletes only VMs recorded in the ledger; never anything else, "
+        "whatever its name.",
+    )
+    clean.add_argument("--dry-run", action="store_true", help="say what would be deleted")
+    clean.add_argument(
+        "--all", action="store_true", help="delete every VM vmlease owns, live sessions' too"
+    )
+    clean.add_argument("--yes", action="store_true", help="do not ask (with --all)")
+    clean.add_argument(
+        "--max-age",
+        type=_seconds,
+        metavar="SECONDS",
+        help="treat VMs older than this as expired (default: the lease each VM was given)",
+    )
+    clean.add_argument("--json", action="store_true", help="print JSON")
+    clean.set_defaults(func=cmd_cleanup)
 
     image = sub.add_parser("image", help="build and list images")
     isub = image.add_subparsers(dest="image_command", required=True, metavar="COMMAND")

@@ -14,10 +14,15 @@ def _exported_errors() -> list[type[BaseException]]:
 
 
 def test_every_exported_error_derives_from_the_root() -> None:
-    errors = _exported_errors()
-    assert len(errors) >= 19
+    errors = [e for e in _exported_errors() if e is not vmlease.Terminated]
+    assert len(errors) >= 20
     for error in errors:
         assert issubclass(error, vmlease.VMLeaseError), error
+
+
+def test_terminated_unwinds_like_ctrl_c_and_is_not_an_error() -> None:
+    assert issubclass(vmlease.Terminated, KeyboardInterrupt)
+    assert not issubclass(vmlease.Terminated, vmlease.VMLeaseError)
 
 
 @pytest.mark.parametrize(

@@ -136,3 +136,24 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     ledger = Ledger(path)
     assert sum(done) == 600
     assert len(ledger.records(states=[VMState.READY])) == 600
+
+
+def test_only_one_deleter_takes_a_row(ledger: Ledger) -> None:
+    rec = ledger.claim(name="vm1", backend="qemu", owner=OWNER, spec="{}")
+    assert ledger.take_for_deletion(rec.id, detail="reaper")
+    assert not ledger.take_for_deletion(rec.id, detail="sweep")
+    events = ledger.events(rec.id)
+    assert (events[-1].state, events[-1].detail) == (VMState.DELETING, "reaper")
+    ledger.transition(rec.id, VMState.GONE)
+    assert not ledger.take_for_deletion(rec.id, detail="late")
+
+
+def test_a_stale_deleting_claim_can_be_taken_over(tmp_path: Path) -> None:
+    now = [1000.0]
+    ledger = Ledger(tmp_path / "l.db", clock=lambda: now[0])
+    rec = ledger.claim(name="vm1", backend="qemu", owner=OWNER, spec="{}")
+    assert ledger.take_for_deletion(rec.id, detail="a deleter that then died")
+    now[0] += 30
+    assert not ledger.take_for_deletion(rec.id, detail="too soon", stale_after_s=60)
+    now[0] += 60
+    assert ledger.take_for_deletion(rec.id, detail="took over", stale_after_s=60)

@@ -32,7 +32,7 @@ def fake() -> FakeBackend:
 
 @pytest.fixture
 def session(fake: FakeBackend, tmp_path: Path) -> Session:
-    return Session(backend=fake, state_dir=tmp_path)
+    return Session(backend=fake, state_dir=tmp_path, reaper=False)
 
 
 def test_the_ledger_row_exists_before_the_backend_creates(
@@ -61,14 +61,14 @@ def test_generated_names_are_unique_and_valid(session: Session) -> None:
 
 def test_sessions_sharing_an_id_get_distinct_names(tmp_path: Path) -> None:
     # pytest-xdist workers share one session id; their counters start alike.
-    first = Session(backend=FakeBackend(), state_dir=tmp_path, session_id="run1")
-    second = Session(backend=FakeBackend(), state_dir=tmp_path, session_id="run1")
+    first = Session(backend=FakeBackend(), state_dir=tmp_path, session_id="run1", reaper=False)
+    second = Session(backend=FakeBackend(), state_dir=tmp_path, session_id="run1", reaper=False)
     names = [first.create().name, second.create().name, first.create().name]
     assert names == ["vmlease-run1-1", "vmlease-run1-2", "vmlease-run1-3"]
 
 
 def test_leaving_the_session_deletes_every_vm(fake: FakeBackend, tmp_path: Path) -> None:
-    with Session(backend=fake, state_dir=tmp_path) as session:
+    with Session(backend=fake, state_dir=tmp_path, reaper=False) as session:
         a, b = session.create(), session.create()
         b.delete()
     assert fake.vms == {}
@@ -79,7 +79,7 @@ def test_leaving_the_session_deletes_every_vm(fake: FakeBackend, tmp_path: Path)
 
 def test_leaving_by_exception_deletes_too(fake: FakeBackend, tmp_path: Path) -> None:
     def failing_test() -> None:
-        with Session(backend=fake, state_dir=tmp_path) as session:
+        with Session(backend=fake, state_dir=tmp_path, reaper=False) as session:
             session.create()
             raise RuntimeError("test failed")
 
@@ -257,7 +257,7 @@ def test_a_closed_session_creates_nothing(session: Session) -> None:
 )
 def test_bad_session_options_are_rejected(tmp_path: Path, kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
-        Session(backend=FakeBackend(), state_dir=tmp_path, **kwargs)  # type: ignore[arg-type]
+        Session(backend=FakeBackend(), state_dir=tmp_path, reaper=False, **kwargs)  # type: ignore[arg-type]
 
 
 def test_unknown_backend_name_lists_the_installed_ones(tmp_path: Path) -> None:

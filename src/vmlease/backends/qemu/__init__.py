@@ -330,20 +330,43 @@ class QemuBackend(Backend):
         self._clear_runtime(vm_dir)
 
     def delete(self, name: str) -> None:
+        """Kill the VM's QEMU and remove its directory.
+
+        The owner may have died while QEMU was starting, with no pidfile
+        yet, so every QEMU whose command line names this VM's pidfile is
+        killed, before and after the directory goes: one that started in
+        between cannot open its files any more.
+        """
         vm_dir = self._dir(name)
-        if not vm_dir.is_dir():
-            raise VMNotFound(f"the qemu backend has no VM named {name!r}")
-        if self._running_pid(vm_dir) is not None:
-            try:
-                live = self._attach(name)
-            except BackendError:
-                live = None  # exited just now
-            if live is not None:
-                self._kill(live)
+        existed = vm_dir.is_dir()
         self._forget(name)
+        killed = self._kill_all(vm_dir)
         shutil.rmtree(vm_dir, ignore_errors=True)
+        killed += self._kill_all(vm_dir)
         if vm_dir.exists():
             raise BackendError(f"could not remove {vm_dir}")
+        if not existed and not killed:
+            raise VMNotFound(f"the qemu backend has no VM named {name!r}")
+
+    def _kill_all(self, vm_dir: Path) -> int:
+        """SIGKILL every QEMU of ``vm_dir`` and wait for each to end; returns how many."""
+        needle = str(vm_dir / PIDFILE).encode()
+        count = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if needle not in (entry / "cmdline").read_bytes().split(b"\0"):
+                    continue
+                pidfd = os.pidfd_open(int(entry.name))
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+            try:
+                self._kill(_Live(pid=int(entry.name), pidfd=pidfd))
+                count += 1
+            finally:
+                os.close(pidfd)
+        return count
 
     def list(self) -> list[BackendVM]:
         if not self.root.is_dir():

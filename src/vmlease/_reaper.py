@@ -1,0 +1,392 @@
+"""The reaper: a small detached process that deletes the VMs of owners that died.
+
+One reaper serves every session that uses a state directory. A session
+connects to ``<state>/reaper.sock``, registers its owner identity and waits
+for the acknowledgement before it creates anything. When that connection
+closes, or the owner's pid (with its start time) is no longer alive, the
+reaper deletes the owner's VMs through their backends and records it in the
+ledger. It exits once nobody has been registered for ``idle_exit_s`` (5 s, or
+``$VMLEASE_REAPER_IDLE_S``).
+
+Starting is race-free: ``<state>/reaper.lock`` is held (``flock``) by the one
+serving reaper for as long as it runs, so of several reapers started at once
+all but one exit; the kernel frees the lock of a reaper that died. A spawning
+session waits until the new reaper reports that it listens (or that another
+one does) before it connects.
+
+Protocol: one JSON object per line. Session: ``{"op": "register", "owner":
+{...}}``; reaper: ``{"ok": true, "pid": N}``. Then the session says nothing
+more, except ``{"op": "bye"}`` before an orderly close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import vmlease
+from vmlease._cleanup import Backends, delete_records, find_reapable
+from vmlease._errors import ReaperUnavailable, VMLeaseError
+from vmlease._identity import Liveness, Owner, liveness
+from vmlease._ledger import Ledger
+from vmlease.backends.qemu._agent import connect_unix
+
+__all__ = ["ReaperLink", "serve", "spawn_reaper"]
+
+SOCKET = "reaper.sock"
+LOCK = "reaper.lock"
+LOG = "reaper.log"
+IDLE_EXIT_S = 5.0
+TICK_S = 0.5
+SWEEP_EVERY_S = 30.0
+REGISTER_TIMEOUT_S = 15.0
+
+
+def _log(state_dir: Path, message: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with contextlib.suppress(OSError), (state_dir / LOG).open("a") as f:
+        f.write(f"{stamp} reaper[{os.getpid()}] {message}\n")
+
+
+# -- the server --------------------------------------------------------------
+
+
+class _Server:
+    def __init__(self, state_dir: Path, idle_exit_s: float) -> None:
+        self.state_dir = state_dir
+        self.idle_exit_s = idle_exit_s
+        self.ledger = Ledger(state_dir / "ledger.sqlite3")
+        self.backends = Backends(state_dir)
+        self.sel = selectors.DefaultSelector()
+        self.owners: dict[socket.socket, Owner | None] = {}
+        self.buffers: dict[socket.socket, bytes] = {}
+        self.idle_since = time.monotonic()
+
+    def reap(self, owner: Owner, why: str) -> None:
+        rows = [
+            (r, why)
+            for r in self.ledger.records(session_id=owner.session_id)
+            if r.owner.pid == owner.pid and r.owner.start_time == owner.start_time
+        ]
+        if not rows:
+            return
+        outcomes = delete_records(
+            self.ledger, rows, self.backends, reason=f"reaped: owner pid {owner.pid} {why}"
+        )
+        for o in outcomes:
+            _log(
+                self.state_dir, f"{o.action} {o.name} ({o.why}){': ' + o.error if o.error else ''}"
+            )
+
+    def drop(self, conn: socket.socket, why: str) -> None:
+        owner = self.owners.pop(conn, None)
+        self.buffers.pop(conn, None)
+        self.sel.unregister(conn)
+        conn.close()
+        if owner is not None:
+            self.reap(owner, why)
+        if not self.owners:
+            self.idle_since = time.monotonic()
+
+    def on_message(self, conn: socket.socket, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+            op = msg["op"]
+        except (ValueError, KeyError, TypeError):
+            self.drop(conn, "sent garbage")
+            return
+        if op == "register":
+            try:
+                owner = Owner(**msg["owner"])
+            except (KeyError, TypeError):
+                self.drop(conn, "sent a bad registration")
+                return
+            self.owners[conn] = owner
+            conn.sendall(json.dumps({"ok": True, "pid": os.getpid()}).encode() + b"\n")
+        elif op == "bye":
+            self.drop(conn, "closed its session")
+
+    def on_readable(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(conn, "ended")
+            return
+        buf = self.buffers.get(conn, b"") + data
+        *lines, rest = buf.split(b"\n")
+        self.buffers[conn] = rest
+        for line in lines:
+            if conn not in self.owners:
+                break  # dropped by an earlier line
+            self.on_message(conn, line)
+
+    def check_owners(self) -> None:
+        for conn, owner in list(self.owners.items()):
+            if owner is not None and liveness(owner) is Liveness.DEAD:
+                self.drop(conn, "is no longer alive")
+
+    def run(self, listener: socket.socket) -> None:
+        self.sel.register(listener, selectors.EVENT_READ)
+        # Owners that died while no reaper ran are handled right away.
+        self.sweep()
+        next_sweep = time.monotonic() + SWEEP_EVERY_S
+        while True:
+            for key, _ in self.sel.select(TICK_S):
+                if key.fileobj is listener:
+                    conn, _ = listener.accept()
+                    self.owners[conn] = None
+                    self.buffers[conn] = b""
+                    self.sel.register(conn, selectors.EVENT_READ)
+                else:
+                    assert isinstance(key.fileobj, socket.socket)
+                    self.on_readable(key.fileobj)
+            self.check_owners()
+            if time.monotonic() >= next_sweep:
+                self.sweep()  # leases that expired under a hung but living owner
+                next_sweep = time.monotonic() + SWEEP_EVERY_S
+            if not self.owners and time.monotonic() - self.idle_since >= self.idle_exit_s:
+                return
+
+    def sweep(self) -> None:
+        rows = [(r, s.value) for r, s in find_reapable(self.ledger)]
+        if rows:
+            for o in delete_records(self.ledger, rows, self.backends, reason="swept by the reaper"):
+                _log(self.state_dir, f"{o.action} {o.name} ({o.why})")
+
+
+def serve(state_dir: Path, *, idle_exit_s: float = IDLE_EXIT_S, ready: int | None = None) -> int:
+    """Run the reaper for ``state_dir`` until it is idle; 0 also if another one serves.
+
+    ``ready`` is a pipe to write one line to once it listens (or knows
+    another reaper does), for the process that started it.
+    """
+
+    def tell(word: str) -> None:
+        if ready is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready, word.encode() + b"\n")
+                os.close(ready)
+
+    os.chdir(state_dir)  # bind a short relative name: socket paths are limited to 107 bytes
+    lock = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        tell("another")
+        return 0
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        Path(SOCKET).unlink(missing_ok=True)  # a dead reaper's: we hold the lock
+        listener.bind(SOCKET)
+        Path(SOCKET).chmod(0o600)
+        listener.listen(128)
+        tell("listening")
+        _log(state_dir, "started")
+        server = _Server(state_dir, idle_exit_s)
+        try:
+            server.run(listener)
+        finally:
+            # Stop accepting before giving up the lock: a session that connects
+            # now gets no acknowledgement and starts the next reaper.
+            Path(SOCKET).unlink(missing_ok=True)
+            listener.close()
+            # Only an idle reaper returns normally; after a crash the sessions
+            # still connected are alive and will register with the next one.
+            for conn in list(server.owners):
+                conn.close()
+            server.backends.close()
+            server.ledger.close()
+            _log(state_dir, "idle, exiting")
+    finally:
+        listener.close()
+        os.close(lock)
+    return 0
+
+
+# -- starting it ---------------------------------------------------------------
+
+
+def _reaper_env() -> dict[str, str]:
+    """The environment for the reaper: this process's, with vmlease importable."""
+    env = dict(os.environ)
+    src = str(Path(vmlease.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def spawn_reaper(state_dir: Path) -> None:
+    """Start a detached reaper for ``state_dir`` and wait until it (or another) listens."""
+    done = subprocess.run(
+        [sys.executable, "-m", "vmlease._reaper", "--state-dir", str(state_dir), "--detach"],
+        env=_reaper_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=REGISTER_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0 or done.stdout.strip() not in ("listening", "another"):
+        raise ReaperUnavailable(
+            f"the reaper for {state_dir} did not start: "
+            f"{(done.stderr or done.stdout).strip()[-500:] or 'no reason given'}"
+        )
+
+
+def _detach_and_serve(state_dir: Path, idle_exit_s: float) -> int:
+    """Fork a reaper that outlives us; print what it reported once it is up."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the reaper
+        os.close(r)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        log = os.open(state_dir / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(log, 2)
+        os.closerange(3, w)
+        os.closerange(w + 1, 1 << 16)
+        try:
+            code = serve(state_dir, idle_exit_s=idle_exit_s, ready=w)
+        except BaseException as exc:  # the reaper's last word goes to its log
+            _log(state_dir, f"crashed: {exc!r}")
+            code = 1
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        word = f.readline().strip()
+    print(word or "failed")
+    return 0 if word else 1
+
+
+# -- the session's side ------------------------------------------------------------
+
+
+class ReaperLink:
+    """A session's registration with the reaper of its state directory.
+
+    Args:
+        state_dir: the state directory.
+        spawn: starts a reaper (injected for tests); default spawn_reaper.
+        timeout_s: how long registering may take, spawning included.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        spawn: Callable[[Path], None] = spawn_reaper,
+        timeout_s: float = REGISTER_TIMEOUT_S,
+    ) -> None:
+        self.state_dir = state_dir
+        self._spawn = spawn
+        self._timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self.reaper_pid: int | None = None
+
+    @property
+    def registered(self) -> bool:
+        """True while the reaper holds our registration (its end is still open)."""
+        if self._sock is None:
+            return False
+        try:
+            self._sock.setblocking(False)
+            data = self._sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                self._sock.setblocking(True)
+        return bool(data)
+
+    def _try_register(self, owner: Owner) -> bool:
+        try:
+            sock = connect_unix(self.state_dir / SOCKET, 2.0)
+        except OSError:
+            return False
+        try:
+            sock.settimeout(5.0)
+            sock.sendall(json.dumps({"op": "register", "owner": asdict(owner)}).encode() + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise OSError("the reaper closed the connection")
+                reply += chunk
+            answer = json.loads(reply)
+            if not answer.get("ok"):
+                raise OSError(f"the reaper refused: {answer}")
+        except (OSError, ValueError):
+            sock.close()
+            return False
+        self._sock = sock
+        self.reaper_pid = int(answer.get("pid", 0))
+        return True
+
+    def register(self, owner: Owner) -> None:
+        """Register ``owner`` and wait for the acknowledgement; start a reaper if none runs.
+
+        Raises ReaperUnavailable if no reaper acknowledges within the timeout.
+        """
+        if self.registered:
+            return
+        self.close()
+        deadline = time.monotonic() + self._timeout_s
+        last_error = "no reaper answered"
+        while time.monotonic() < deadline:
+            if self._try_register(owner):
+                return
+            try:
+                self._spawn(self.state_dir)
+            except (VMLeaseError, OSError, subprocess.SubprocessError) as exc:
+                last_error = str(exc)
+                time.sleep(0.1)
+        raise ReaperUnavailable(
+            f"no reaper acknowledged this session within {self._timeout_s:g} s ({last_error}); "
+            f"vmlease creates no VM that nothing would delete if this process died. "
+            f"See {self.state_dir / LOG}"
+        )
+
+    def close(self) -> None:
+        """Say goodbye (the session deleted its VMs) and disconnect."""
+        if self._sock is None:
+            return
+        with contextlib.suppress(OSError):
+            self._sock.sendall(b'{"op": "bye"}\n')
+        self._sock.close()
+        self._sock = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vmlease._reaper")
+    parser.add_argument("--state-dir", required=True, type=Path)
+    parser.add_argument("--detach", action="store_true", help="fork and report when listening")
+    parser.add_argument("--idle-exit", type=float, default=None)
+    args = parser.parse_args(argv)
+    if args.idle_exit is None:
+        try:
+            args.idle_exit = float(os.environ.get("VMLEASE_REAPER_IDLE_S", IDLE_EXIT_S))
+        except ValueError:
+            args.idle_exit = IDLE_EXIT_S
+    if args.detach:
+        return _detach_and_serve(args.state_dir, args.idle_exit)
+    return serve(args.state_dir, idle_exit_s=args.idle_exit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

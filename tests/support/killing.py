@@ -1,0 +1,144 @@
+"""Kill a VM owner at a chosen point and measure how long until nothing is left.
+
+Used by the integration tests (a few trials) and ``python -m benchmarks reap``
+(many).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from vmlease._ledger import Ledger, VMState
+
+OWNER = Path(__file__).with_name("owner.py")
+#: Where a kill lands: the marker to wait for, and what it means.
+POINTS = {
+    "creating": "CREATING",  # ledger row written, backend create not yet run
+    "launching": "CREATING",  # ... plus a random delay: inside qemu-img or qemu's start
+    "booting": "LAUNCHED",  # QEMU up, guest booting
+    "ready": "READY",  # VM answering
+}
+
+
+@dataclass
+class Owner:
+    """A running owner process and what it said."""
+
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def stdout(self) -> IO[str]:
+        assert self.proc.stdout is not None
+        return self.proc.stdout
+
+    def wait_for(self, marker: str, timeout_s: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.stdout.readline()
+            if not line:
+                raise RuntimeError(f"owner ended before {marker}: {self.lines}")
+            self.lines.append(line.strip())
+            if line.startswith(marker):
+                return line.strip()
+        raise TimeoutError(f"no {marker} within {timeout_s} s: {self.lines}")
+
+    def finish(self, timeout_s: float = 60.0) -> int:
+        code = self.proc.wait(timeout_s)
+        self.stdout.close()
+        return code
+
+
+def start_owner(state_dir: Path, *args: str) -> Owner:
+    proc = subprocess.Popen(
+        [sys.executable, str(OWNER), str(state_dir), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    return Owner(proc)
+
+
+def leftovers(state_dir: Path, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """What of the owner's VMs still exists: qemu processes, VM directories, live rows.
+
+    ``ignore`` names VMs in the state directory that are not the owner's.
+    """
+    found = []
+    needle = str(state_dir).encode()
+    spared = [str(state_dir / "qemu" / name / "qemu.pid").encode() for name in ignore]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if (
+                any(b"qemu-system" in a for a in args)
+                and any(needle in a for a in args)
+                and not any(s in args for s in spared)
+            ):
+                found.append(f"qemu pid {entry.name}")
+    qemu_dir = state_dir / "qemu"
+    if qemu_dir.is_dir():
+        found += [
+            f"directory {p.name}" for p in qemu_dir.iterdir() if p.is_dir() and p.name not in ignore
+        ]
+    if (state_dir / "ledger.sqlite3").exists():
+        ledger = Ledger(state_dir / "ledger.sqlite3")
+        found += [f"ledger row {r.name} ({r.state.value})" for r in ledger.records()]
+        ledger.close()
+    return found
+
+
+@dataclass(frozen=True)
+class Trial:
+    point: str
+    delay_s: float
+    reap_s: float | None  # None: not clean within the timeout
+    leaked: list[str]
+
+
+def kill_trial(
+    state_dir: Path,
+    point: str,
+    delay_s: float,
+    timeout_s: float = 10.0,
+    ignore: frozenset[str] = frozenset(),
+) -> Trial:
+    """SIGKILL an owner at ``point`` (+ ``delay_s``); wait until nothing of it is left.
+
+    ``ignore`` names VMs in the state directory that are not the owner's.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    owner = start_owner(state_dir)
+    owner.wait_for(POINTS[point])
+    time.sleep(delay_s)
+    os.kill(owner.proc.pid, signal.SIGKILL)
+    owner.finish()
+    killed = time.monotonic()
+    while time.monotonic() - killed < timeout_s:
+        if not leftovers(state_dir, ignore):
+            return Trial(point, delay_s, time.monotonic() - killed, [])
+        time.sleep(0.05)
+    return Trial(point, delay_s, None, leftovers(state_dir, ignore))
+
+
+def gone_events(state_dir: Path) -> list[str]:
+    """The detail of each VM's last 'deleting' event: who deleted it."""
+    ledger = Ledger(state_dir / "ledger.sqlite3")
+    try:
+        details = []
+        for record in ledger.records(include_gone=True):
+            deleting = [e for e in ledger.events(record.id) if e.state is VMState.DELETING]
+            details.append(deleting[-1].detail or "" if deleting else "")
+        return details
+    finally:
+        ledger.close()
