@@ -1,21 +1,34 @@
-"""Run the benchmarks and print their figures; JSON goes to benchmarks/results/."""
+"""Run the benchmarks and print their figures; JSON goes to benchmarks/results/.
+
+python -m benchmarks            all of them
+python -m benchmarks spine      P1 (cold create) and P4 (command round trip)
+python -m benchmarks reap       SIGKILL trials: leaks and time to reap
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import spine
+from benchmarks import reap, spine
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("which", nargs="*", choices=["spine", "reap"], default=[])
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
     parser.add_argument("--round-trips", type=int, default=200, help="P4 samples")
+    parser.add_argument("--trials", type=int, default=50, help="SIGKILL trials")
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5 (the figures are medians of at least 5)")
-    return spine.main(runs=args.runs, round_trips=args.round_trips)
+    which = args.which or ["spine", "reap"]
+    code = 0
+    if "spine" in which:
+        code |= spine.main(runs=args.runs, round_trips=args.round_trips)
+    if "reap" in which:
+        code |= reap.main(trials=args.trials)
+    return code
 
 
 sys.exit(main())

@@ -26,7 +26,6 @@ __all__ = ["session_closed", "session_opened", "shielded"]
 
 _lock = threading.Lock()
 _open_sessions = 0
-_installed = False
 _shield_depth = 0  # main thread only
 
 
@@ -40,27 +39,24 @@ def _main_thread() -> bool:
 
 def session_opened() -> None:
     """A session will own VMs: make SIGTERM unwind the program."""
-    global _open_sessions, _installed
+    global _open_sessions
     with _lock:
         _open_sessions += 1
-        if _main_thread() and not _installed and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        if _main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _on_sigterm)
-            _installed = True
 
 
 def session_closed() -> None:
     """A session ended; the last one restores SIGTERM's default."""
-    global _open_sessions, _installed
+    global _open_sessions
     with _lock:
         _open_sessions = max(0, _open_sessions - 1)
         if (
             _open_sessions == 0
-            and _installed
             and _main_thread()
             and signal.getsignal(signal.SIGTERM) is _on_sigterm
         ):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _installed = False
 
 
 @contextmanager

@@ -98,6 +98,21 @@ def leftovers(state_dir: Path, ignore: frozenset[str] = frozenset()) -> list[str
     return found
 
 
+def reapers_under(root: Path) -> list[int]:
+    """Pids of reapers serving a state directory under ``root``."""
+    needle = str(root).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"vmlease._reaper" in cmdline and needle in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
 @dataclass(frozen=True)
 class Trial:
     point: str

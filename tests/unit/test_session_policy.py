@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,9 @@ def fake() -> FakeBackend:
 
 
 @pytest.fixture
-def session(fake: FakeBackend, tmp_path: Path) -> Session:
-    return Session(backend=fake, state_dir=tmp_path, reaper=False)
+def session(fake: FakeBackend, tmp_path: Path) -> Iterator[Session]:
+    with Session(backend=fake, state_dir=tmp_path, reaper=False) as s:
+        yield s
 
 
 def test_the_ledger_row_exists_before_the_backend_creates(
@@ -61,9 +63,11 @@ def test_generated_names_are_unique_and_valid(session: Session) -> None:
 
 def test_sessions_sharing_an_id_get_distinct_names(tmp_path: Path) -> None:
     # pytest-xdist workers share one session id; their counters start alike.
-    first = Session(backend=FakeBackend(), state_dir=tmp_path, session_id="run1", reaper=False)
-    second = Session(backend=FakeBackend(), state_dir=tmp_path, session_id="run1", reaper=False)
-    names = [first.create().name, second.create().name, first.create().name]
+    with (
+        Session(backend=FakeBackend(), state_dir=tmp_path, session_id="run1", reaper=False) as a,
+        Session(backend=FakeBackend(), state_dir=tmp_path, session_id="run1", reaper=False) as b,
+    ):
+        names = [a.create().name, b.create().name, a.create().name]
     assert names == ["vmlease-run1-1", "vmlease-run1-2", "vmlease-run1-3"]
 
 
@@ -122,6 +126,11 @@ def test_a_failed_create_whose_cleanup_fails_stays_failed(
     assert row.state is VMState.FAILED
     with pytest.raises(NameInUse):
         session.create(name="stuck")
+    # Closing the session tries the delete again.
+    fake.fail.clear()
+    session.close()
+    assert "stuck" not in fake.vms
+    assert session.ledger.records() == []
 
 
 @pytest.mark.parametrize(
