@@ -15,13 +15,16 @@ from benchmarks import reap, spine
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("which", nargs="*", choices=["spine", "reap"], default=[])
+    parser.add_argument("which", nargs="*", metavar="spine|reap", help="default: all")
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
     parser.add_argument("--round-trips", type=int, default=200, help="P4 samples")
     parser.add_argument("--trials", type=int, default=50, help="SIGKILL trials")
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5 (the figures are medians of at least 5)")
+    unknown = set(args.which) - {"spine", "reap"}
+    if unknown:
+        parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose spine or reap")
     which = args.which or ["spine", "reap"]
     code = 0
     if "spine" in which:

@@ -40,7 +40,7 @@ from vmlease._cleanup import Backends, delete_records, find_reapable
 from vmlease._errors import ReaperUnavailable, VMLeaseError
 from vmlease._identity import Liveness, Owner, liveness
 from vmlease._ledger import Ledger
-from vmlease.backends.qemu._agent import connect_unix
+from vmlease._unix import connect_unix
 
 __all__ = ["ReaperLink", "serve", "spawn_reaper"]
 

@@ -13,6 +13,8 @@ import pytest
 import vmlease
 from vmlease import VMState
 from vmlease._naming import validate_name
+from vmlease.backends.qemu import QemuBackend
+from vmlease.images import Image
 
 from .conftest import assert_nothing_left
 
@@ -218,3 +220,22 @@ def test_a_boot_that_does_not_answer_in_time_is_cleaned_up(
     assert row.error is not None
     assert "BootError" in row.error
     assert_nothing_left(state)
+
+
+def test_the_image_chooses_the_emulated_cpu_and_the_environment_overrides(
+    state: Path, tiny_image: Image
+) -> None:
+    with vmlease.Session(state_dir=state) as session:
+        backend = session.backend
+        assert isinstance(backend, QemuBackend)
+        if backend.launch_config().accel == "kvm":
+            pytest.skip("KVM uses the host CPU; the emulated model does not apply")
+        vm = session.create()
+        model = vm.run(["grep", "-m1", "model name", "/proc/cpuinfo"]).stdout
+        assert tiny_image.tcg_cpu == "qemu64"
+        assert "QEMU Virtual CPU" in model
+    override = QemuBackend(state_dir=state, env={**os.environ, "VMLEASE_QEMU_CPU": "max"})
+    with vmlease.Session(backend=override, state_dir=state) as session:
+        vm = session.create()
+        model = vm.run(["grep", "-m1", "model name", "/proc/cpuinfo"]).stdout
+        assert "QEMU TCG CPU" in model  # what -cpu max calls itself

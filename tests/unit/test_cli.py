@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
+from vmlease._identity import current_owner
+from vmlease._ledger import Ledger
 from vmlease.cli import main
 
 
@@ -57,3 +60,29 @@ def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
     assert info.value.code == 2
+
+
+def test_cleanup_exits_1_when_a_delete_fails(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A dead owner's VM on a backend that is no longer installed cannot be deleted.
+    state.mkdir()
+    ledger = Ledger(state / "ledger.sqlite3")
+    owner = dataclasses.replace(current_owner("gone"), boot_id="an-earlier-boot")
+    ledger.claim(name="vmlease-old-1", backend="retired", owner=owner, spec="{}")
+    ledger.close()
+    assert main(["cleanup"]) == 1
+    out = capsys.readouterr().out
+    assert "vmlease-old-1" in out
+    assert "failed" in out
+    assert "unknown backend 'retired'" in out
+    assert main(["cleanup", "--json"]) == 1
+    [result] = json.loads(capsys.readouterr().out)["results"]
+    assert (result["why"], result["action"]) == ("orphaned", "failed")
+
+
+def test_cleanup_rejects_a_bad_max_age(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["cleanup", "--max-age", "-3"])
+    assert info.value.code == 2
+    assert "more than 0 seconds" in capsys.readouterr().err

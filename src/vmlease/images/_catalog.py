@@ -36,6 +36,8 @@ class Image:
         disk: the base disk (qcow2) that VM disks are overlays on.
         cmdline: kernel command line common to every VM of this image.
         min_memory_mb: the least memory a VM of this image boots with.
+        tcg_cpu: the CPU model to emulate without KVM (``-cpu``); the simplest
+            one the image's programs run on is the fastest to emulate.
         size_bytes: bytes the build takes on disk.
         info: what it was built from (kernel package, busybox, agent version).
     """
@@ -48,6 +50,7 @@ class Image:
     disk: Path
     cmdline: str
     min_memory_mb: int
+    tcg_cpu: str
     size_bytes: int
     info: dict[str, str]
 
@@ -64,6 +67,7 @@ def _load(build: Path) -> Image:
         disk=build / data["disk"],
         cmdline=data["cmdline"],
         min_memory_mb=int(data["min_memory_mb"]),
+        tcg_cpu=str(data.get("tcg_cpu", "max")),
         size_bytes=size,
         info={str(k): str(v) for k, v in data.get("info", {}).items()},
     )

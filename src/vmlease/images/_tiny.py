@@ -36,7 +36,7 @@ from ._catalog import Image, find_image
 
 __all__ = ["TINY_MODULES", "build_tiny"]
 
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 #: Drivers the guest needs, in no particular order (dependencies are resolved).
 TINY_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng")
@@ -344,6 +344,9 @@ class _Builder:
                 "disk": "disk.qcow2",
                 "cmdline": "console=ttyS0 quiet loglevel=4 panic=-1",
                 "min_memory_mb": MIN_MEMORY_MB,
+                # Everything in the image is Debian's baseline x86-64 build, and
+                # TCG runs a plain qemu64 CPU about 20% faster than "max".
+                "tcg_cpu": "qemu64",
                 "info": {
                     "kernel_package": deb.name,
                     "kernel_release": kver,

@@ -36,11 +36,12 @@ from vmlease._paths import image_dir as default_image_dir
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._proc import Runner, SubprocessRunner
 from vmlease._spec import VMSpec
+from vmlease._unix import connect_unix
 from vmlease.backends._base import Backend, BackendVM, Capabilities, ExecResult
 from vmlease.images import find_image
 
 from ._accel import choose_accel
-from ._agent import AgentChannel, connect_unix
+from ._agent import AgentChannel
 from ._launch import (
     AGENT_SOCKET,
     CONSOLE_LOG,
@@ -133,7 +134,12 @@ class QemuBackend(Backend):
                 accel, self.accel_reason = choose_accel(
                     qemu, version, self._run, self.root, self._env
                 )
-                self._config = LaunchConfig(qemu=qemu, accel=accel, tsc_khz=host_tsc_khz())
+                self._config = LaunchConfig(
+                    qemu=qemu,
+                    accel=accel,
+                    tsc_khz=host_tsc_khz(),
+                    tcg_cpu=self._env.get("VMLEASE_QEMU_CPU") or None,
+                )
             return self._config
 
     def _dir(self, name: str) -> Path:

@@ -7,7 +7,6 @@ while its output streams back without either side blocking the other.
 
 from __future__ import annotations
 
-import os
 import secrets
 import select
 import socket
@@ -19,13 +18,12 @@ from pathlib import Path
 from vmlease._errors import BootError, ChannelError, GuestFileError
 from vmlease.backends._base import ExecResult
 
-__all__ = ["AgentChannel", "connect_unix"]
+__all__ = ["AgentChannel"]
 
 HELLO, EXEC, STDIN, STDOUT, STDERR, EXIT, KILL, PUT, DATA, GET, OK, ERR, SYNC = range(1, 14)
 _HEADER = struct.Struct(">BI")
 _CHUNK = 256 * 1024
 _KILL_GRACE_S = 10.0
-_SUN_PATH_MAX = 107
 
 
 def _frame(kind: int, payload: bytes = b"") -> bytes:
@@ -38,27 +36,6 @@ def _strings(items: Sequence[str]) -> bytes:
         raw = item.encode()
         out.append(struct.pack(">I", len(raw)) + raw)
     return b"".join(out)
-
-
-def connect_unix(path: Path, timeout_s: float) -> socket.socket:
-    """Connect to a Unix socket, even one whose path is longer than sockaddr_un allows."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout_s)
-    target = str(path)
-    dir_fd = None
-    try:
-        if len(target.encode()) > _SUN_PATH_MAX:
-            # Resolve through an open directory: /proc/self/fd/N/name is short.
-            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            target = f"/proc/self/fd/{dir_fd}/{path.name}"
-        sock.connect(target)
-    except OSError:
-        sock.close()
-        raise
-    finally:
-        if dir_fd is not None:
-            os.close(dir_fd)
-    return sock
 
 
 class AgentChannel:

@@ -49,9 +49,20 @@ def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class LaunchConfig:
+    """Host-wide launch settings.
+
+    Attributes:
+        qemu: the emulator binary.
+        accel: ``kvm`` or ``tcg``.
+        tsc_khz: host TSC frequency for ``tsc_early_khz``, if known.
+        tcg_cpu: a CPU model that overrides the image's choice under TCG
+            (``$VMLEASE_QEMU_CPU``), or None.
+    """
+
     qemu: str
     accel: str
     tsc_khz: int | None
+    tcg_cpu: str | None = None
 
 
 def qemu_argv(
@@ -61,11 +72,10 @@ def qemu_argv(
     cmdline = f"{image.cmdline} vmlease.name={name}"
     if config.tsc_khz:
         cmdline += f" tsc_early_khz={config.tsc_khz}"
-    accel = (
-        ["-accel", "kvm", "-cpu", "host"]
-        if config.accel == "kvm"
-        else ["-accel", "tcg,thread=multi", "-cpu", "max"]
-    )
+    if config.accel == "kvm":
+        accel = ["-accel", "kvm", "-cpu", "host"]
+    else:
+        accel = ["-accel", "tcg,thread=multi", "-cpu", config.tcg_cpu or image.tcg_cpu]
     return [
         config.qemu,
         "-name",

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vmlease._errors import BackendError
-
-from ._agent import connect_unix
+from vmlease._unix import connect_unix
 
 __all__ = ["QMP"]
 
