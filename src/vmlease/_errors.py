@@ -19,6 +19,7 @@ or ``except LookupError`` keep working. Messages say what to do next.
     │   ├── VMNotFound (LookupError)        the backend does not know the VM
     │   ├── VMAlreadyExists                 the backend already has a VM of that name
     │   ├── BootError                       the VM did not become ready
+    │   ├── SnapshotNotFound (LookupError)  the VM has no snapshot of that name
     │   └── ChannelError (ConnectionError)  the command channel to the guest broke
     ├── VMStateError                        the VM is not in a state for that operation
     ├── CommandFailed                       a command exited non-zero (``check=True``)
@@ -59,6 +60,7 @@ __all__ = [
     "LedgerError",
     "NameInUse",
     "ReaperUnavailable",
+    "SnapshotNotFound",
     "Terminated",
     "UnsupportedOperation",
     "VMAlreadyExists",
@@ -137,6 +139,10 @@ class VMAlreadyExists(BackendError):
 
 class BootError(BackendError):
     """The VM did not become ready; the message carries the console tail."""
+
+
+class SnapshotNotFound(BackendError, LookupError):
+    """The VM has no snapshot of that name."""
 
 
 class ChannelError(BackendError, ConnectionError):

@@ -280,6 +280,14 @@ class Ledger:
             )
             self._db.execute("COMMIT")
 
+    def note(self, vm_id: int, state: VMState, detail: str) -> None:
+        """Record an event that does not change the state (a snapshot, a restore)."""
+        with self._write():
+            self._db.execute(
+                "INSERT INTO events (vm_id, state, at, detail) VALUES (?, ?, ?, ?)",
+                (vm_id, state.value, self._clock(), detail),
+            )
+
     def take_for_deletion(self, vm_id: int, *, detail: str, stale_after_s: float = 60.0) -> bool:
         """Atomically mark ``vm_id`` as being deleted by the caller.
 

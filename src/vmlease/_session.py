@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from ._errors import (
     ConfigError,
     GuestFileError,
     NameInUse,
+    UnsupportedOperation,
     VMLeaseError,
     VMNotFound,
     VMStateError,
@@ -107,6 +109,17 @@ class SessionStats:
     deleted: int
     failed: int
     ops: dict[str, OpStats]
+
+
+_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _check_tag(tag: object) -> None:
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
+        raise ConfigError(
+            f"invalid snapshot name {tag!r}: 1 to 64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
 
 
 def _argv(argv: object) -> tuple[str, ...]:
@@ -280,6 +293,36 @@ class VM:
     def delete(self) -> None:
         """Destroy the VM. Deleting a deleted VM does nothing."""
         self._session.delete_vm(self._id, self.name)
+
+    def snapshot(self, tag: str) -> None:
+        """Save the VM's memory and disk state as ``tag`` (replacing a snapshot of that name).
+
+        UnsupportedOperation if the backend cannot (see its capabilities).
+        """
+        _check_tag(tag)
+        self._require_snapshots()
+        self._require(VMState.READY)
+        self._session.timed("snapshot", lambda: self._session.backend.snapshot(self.name, tag))
+        self._session.ledger.note(self._id, VMState.READY, f"snapshot {tag}")
+
+    def restore(self, tag: str) -> None:
+        """Bring memory and disk back to snapshot ``tag``: what happened since is gone.
+
+        The guest clock is set to the current time afterwards.
+        """
+        _check_tag(tag)
+        self._require_snapshots()
+        self._require(VMState.READY)
+        self._session.timed("restore", lambda: self._session.backend.restore(self.name, tag))
+        self._session.ledger.note(self._id, VMState.READY, f"restored {tag}")
+
+    def _require_snapshots(self) -> None:
+        backend = self._session.backend
+        if not backend.capabilities.snapshots:
+            raise UnsupportedOperation(
+                f"the {backend.name} backend cannot take or restore snapshots; "
+                "use a fresh VM per test instead"
+            )
 
     def console_tail(self, lines: int = 40) -> str:
         """The last lines of the VM's console, for diagnosis."""

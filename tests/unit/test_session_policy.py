@@ -272,3 +272,11 @@ def test_bad_session_options_are_rejected(tmp_path: Path, kwargs: dict[str, obje
 def test_unknown_backend_name_lists_the_installed_ones(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="qemu"):
         Session(backend="nosuch", state_dir=tmp_path)
+
+
+def test_a_backend_without_snapshots_says_what_to_do_instead(session: Session) -> None:
+    vm = session.create()
+    with pytest.raises(vmlease.UnsupportedOperation, match="fresh VM per test"):
+        vm.snapshot("clean")
+    with pytest.raises(vmlease.UnsupportedOperation):
+        vm.restore("clean")

@@ -19,6 +19,7 @@
  *   DATA   bytes (empty = end of file)  DATA   bytes (empty = end of file)
  *   GET    path                         ERR message (instead of DATA)
  *   SYNC                                OK
+ *   SETTIME u64 seconds | u32 nanoseconds  OK / ERR message
  *
  * EXEC payload: u32 argc, argc x (u32 len, bytes), u32 envc,
  * envc x (u32 len, "KEY=VALUE"), u32 cwd length, cwd bytes.
@@ -59,7 +60,7 @@
 enum {
     T_HELLO = 1, T_EXEC = 2, T_STDIN = 3, T_STDOUT = 4, T_STDERR = 5,
     T_EXIT = 6, T_KILL = 7, T_PUT = 8, T_DATA = 9, T_GET = 10, T_OK = 11,
-    T_ERR = 12, T_SYNC = 13,
+    T_ERR = 12, T_SYNC = 13, T_SETTIME = 14,
 };
 
 static const char *DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -392,6 +393,16 @@ static void handle_frame(int type, const unsigned char *p, size_t len) {
     case T_DATA: if (put.path) put_data(p, len); break;
     case T_GET: send_file(p, len); break;
     case T_SYNC: sync(); send_frame(T_OK, NULL, 0); break;
+    case T_SETTIME: {
+        /* After a snapshot is restored the guest clock reads the snapshot's time. */
+        if (len < 12) { send_error("%s: %s", "settime", EINVAL); break; }
+        struct timespec ts;
+        ts.tv_sec = (time_t)(((uint64_t)get32(p) << 32) | get32(p + 4));
+        ts.tv_nsec = (long)get32(p + 8);
+        if (clock_settime(CLOCK_REALTIME, &ts) != 0) send_error("%s: %s", "settime", errno);
+        else send_frame(T_OK, NULL, 0);
+        break;
+    }
     default: {
         char msg[64];
         int n = snprintf(msg, sizeof msg, "unknown request type %d", type);

@@ -18,6 +18,7 @@ import select
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from vmlease._errors import (
     BootError,
     ChannelError,
     InvalidSpec,
+    SnapshotNotFound,
     VMAlreadyExists,
     VMNotFound,
 )
@@ -52,7 +54,7 @@ from ._launch import (
     host_tsc_khz,
     qemu_argv,
 )
-from ._qmp import try_quit
+from ._qmp import QMP, try_quit
 
 __all__ = ["QemuBackend"]
 
@@ -62,6 +64,7 @@ _INSTALL = {
 }
 _LAUNCH_TIMEOUT_S = 30.0
 _RECONNECT_TIMEOUT_S = 10.0
+_SNAPSHOT_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -87,7 +90,7 @@ class QemuBackend(Backend):
     """
 
     name = "qemu"
-    capabilities = Capabilities(snapshots=False, labels=False, stop_start=True)
+    capabilities = Capabilities(snapshots=True, labels=False, stop_start=True)
 
     def __init__(
         self,
@@ -414,6 +417,42 @@ class QemuBackend(Backend):
         with live.lock:
             channel = self._channel(name, live, _RECONNECT_TIMEOUT_S)
             channel.get(remote, local)
+
+    def _hmp(self, name: str, command: str, timeout_s: float) -> None:
+        """Run a human-monitor command; its output is empty on success, the error otherwise.
+
+        ``loadvm`` stops the guest before it looks for the snapshot and does
+        not start it again when that fails, so after a failure a stopped
+        guest is resumed.
+        """
+        with QMP(self._dir(name) / QMP_SOCKET, timeout_s=timeout_s) as qmp:
+            said = qmp.execute(
+                "human-monitor-command", {"command-line": command}, timeout_s=timeout_s
+            )
+            text = str(said or "").strip()
+            if text and not qmp.execute("query-status", timeout_s=timeout_s).get("running"):
+                qmp.execute("cont", timeout_s=timeout_s)
+        if text:
+            if "does not exist" in text or "not found" in text.lower():
+                raise SnapshotNotFound(f"VM {name}: {text}")
+            raise BackendError(f"VM {name}: {command} failed: {text}")
+
+    def snapshot(self, name: str, tag: str) -> None:
+        """Save memory and disk as ``tag`` inside the VM's qcow2 disk (``savevm``)."""
+        live = self._attach(name)
+        with live.lock:
+            self._hmp(name, f"savevm {tag}", _SNAPSHOT_TIMEOUT_S)
+
+    def restore(self, name: str, tag: str) -> None:
+        """Bring memory and disk back to ``tag`` (``loadvm``), then set the guest clock."""
+        live = self._attach(name)
+        with live.lock:
+            self._hmp(name, f"loadvm {tag}", _SNAPSHOT_TIMEOUT_S)
+            # The guest is back where it was at the snapshot: resynchronise the
+            # channel, and give it today's time instead of the snapshot's.
+            channel = self._channel(name, live, _RECONNECT_TIMEOUT_S)
+            channel.handshake(_RECONNECT_TIMEOUT_S)
+            channel.set_time(time.time(), _RECONNECT_TIMEOUT_S)
 
     def console_tail(self, name: str, lines: int = 40) -> str:
         try:

@@ -20,7 +20,9 @@ from vmlease.backends._base import ExecResult
 
 __all__ = ["AgentChannel"]
 
-HELLO, EXEC, STDIN, STDOUT, STDERR, EXIT, KILL, PUT, DATA, GET, OK, ERR, SYNC = range(1, 14)
+HELLO, EXEC, STDIN, STDOUT, STDERR, EXIT, KILL, PUT, DATA, GET, OK, ERR, SYNC, SETTIME = range(
+    1, 15
+)
 _HEADER = struct.Struct(">BI")
 _CHUNK = 256 * 1024
 _KILL_GRACE_S = 10.0
@@ -272,6 +274,22 @@ class AgentChannel:
             tmp.unlink(missing_ok=True)
             raise GuestFileError(f"VM {self._name}: {error[0]}")
         tmp.replace(local)
+
+    def set_time(self, when_s: float, timeout_s: float) -> None:
+        """Set the guest's wall clock to ``when_s`` (seconds since the epoch)."""
+        seconds = int(when_s)
+        nanos = int((when_s - seconds) * 1e9)
+        payload = struct.pack(">QI", seconds, nanos)
+        error: list[str] = []
+
+        def handle(kind: int, body: bytes) -> bool:
+            if kind == ERR:
+                error.append(body.decode(errors="replace"))
+            return kind in (OK, ERR)
+
+        self._converse([_frame(SETTIME, payload)], handle, time.monotonic() + timeout_s)
+        if error:
+            raise ChannelError(f"VM {self._name}: {error[0]}")
 
     def sync(self, timeout_s: float) -> None:
         """Ask the guest to flush its file systems to disk."""
