@@ -38,6 +38,7 @@ class Status(enum.StrEnum):
     ALIVE = "alive"  # its owner runs: hands off
     ORPHANED = "orphaned"  # its owner is provably dead
     EXPIRED = "expired"  # older than its lease allows, owner alive or not
+    KEPT = "kept"  # left for inspection: only cleanup or its lease removes it
     UNKNOWN = "unknown"  # owned from another host: we cannot tell
 
 
@@ -46,10 +47,13 @@ def status(record: Record, now: float, *, max_age_s: float | None = None) -> Sta
 
     ``max_age_s`` overrides the lease recorded with the VM.
     """
+    expires = record.expires_at if max_age_s is None else record.created_at + max_age_s
+    expired = expires is not None and now >= expires
+    if record.state is VMState.KEPT:
+        return Status.EXPIRED if expired else Status.KEPT
     if liveness(record.owner) is Liveness.DEAD:
         return Status.ORPHANED
-    expires = record.expires_at if max_age_s is None else record.created_at + max_age_s
-    if expires is not None and now >= expires:
+    if expired:
         return Status.EXPIRED
     if liveness(record.owner) is Liveness.UNKNOWN:
         return Status.UNKNOWN
@@ -57,14 +61,20 @@ def status(record: Record, now: float, *, max_age_s: float | None = None) -> Sta
 
 
 def find_reapable(
-    ledger: Ledger, *, now: float | None = None, max_age_s: float | None = None
+    ledger: Ledger,
+    *,
+    now: float | None = None,
+    max_age_s: float | None = None,
+    include_kept: bool = False,
 ) -> list[tuple[Record, Status]]:
-    """Rows whose VMs may be deleted without asking: orphaned or expired."""
+    """Rows whose VMs may be deleted without asking: orphaned or expired, and
+    with ``include_kept`` (``vmlease cleanup``) those kept for inspection."""
     at = time.time() if now is None else now
+    wanted = {Status.ORPHANED, Status.EXPIRED} | ({Status.KEPT} if include_kept else set())
     found: list[tuple[Record, Status]] = []
     for record in ledger.records():
         why = status(record, at, max_age_s=max_age_s)
-        if why in (Status.ORPHANED, Status.EXPIRED):
+        if why in wanted:
             found.append((record, why))
     return found
 
@@ -171,8 +181,8 @@ def cleanup(
     confirm: Confirm | None = None,
     known: Mapping[str, Backend] | None = None,
 ) -> list[Outcome]:
-    """What ``vmlease cleanup`` does: delete orphaned and expired VMs, or with
-    ``everything`` every VM in the ledger once ``confirm`` agrees.
+    """What ``vmlease cleanup`` does: delete orphaned, expired and kept VMs, or
+    with ``everything`` every VM in the ledger once ``confirm`` agrees.
 
     Only VMs in the ledger are considered: whatever a backend has beyond
     them is not ours. A missing or unreadable ledger is a LedgerError and
@@ -187,7 +197,10 @@ def cleanup(
             if rows and not dry_run and confirm is not None and not confirm([r for r, _ in rows]):
                 return []
         else:
-            rows = [(r, s.value) for r, s in find_reapable(ledger, max_age_s=max_age_s)]
+            rows = [
+                (r, s.value)
+                for r, s in find_reapable(ledger, max_age_s=max_age_s, include_kept=True)
+            ]
         return delete_records(ledger, rows, backends, reason="vmlease cleanup", dry_run=dry_run)
     finally:
         backends.close()

@@ -26,6 +26,7 @@ or ``except LookupError`` keep working. Messages say what to do next.
     ├── CommandTimeout (TimeoutError)       a command ran out of time and was killed
     ├── GuestFileError (OSError)            a file in the guest could not be read or written
     ├── LedgerError                         the ownership ledger cannot be used
+    ├── LockTimeout (TimeoutError)          a lock or VM place stayed taken too long
     ├── ReaperUnavailable                   no reaper protects the session: nothing is created
     └── UnsupportedOperation (NotImplementedError)
                                             the backend does not offer the operation
@@ -58,6 +59,7 @@ __all__ = [
     "InvalidName",
     "InvalidSpec",
     "LedgerError",
+    "LockTimeout",
     "NameInUse",
     "ReaperUnavailable",
     "SnapshotNotFound",
@@ -205,6 +207,10 @@ class GuestFileError(VMLeaseError, OSError):
 
 class LedgerError(VMLeaseError):
     """The ownership ledger is missing, corrupt or unwritable."""
+
+
+class LockTimeout(VMLeaseError, TimeoutError):
+    """A lock, or a place under a VM limit, stayed taken for longer than the timeout."""
 
 
 class ReaperUnavailable(VMLeaseError):

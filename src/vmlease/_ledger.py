@@ -70,6 +70,7 @@ class VMState(enum.StrEnum):
     STOPPED = "stopped"
     STARTING = "starting"
     DELETING = "deleting"
+    KEPT = "kept"  # left running on purpose (--vm-keep); no session owns it any more
     GONE = "gone"
     FAILED = "failed"  # the error is kept; the VM may still need deleting
 

@@ -39,7 +39,7 @@ import vmlease
 from vmlease._cleanup import Backends, delete_records, find_reapable
 from vmlease._errors import ReaperUnavailable, VMLeaseError
 from vmlease._identity import Liveness, Owner, liveness
-from vmlease._ledger import Ledger
+from vmlease._ledger import Ledger, VMState
 from vmlease._unix import connect_unix
 
 __all__ = ["ReaperLink", "serve", "spawn_reaper"]
@@ -77,7 +77,9 @@ class _Server:
         rows = [
             (r, why)
             for r in self.ledger.records(session_id=owner.session_id)
-            if r.owner.pid == owner.pid and r.owner.start_time == owner.start_time
+            if r.owner.pid == owner.pid
+            and r.owner.start_time == owner.start_time
+            and r.state is not VMState.KEPT
         ]
         if not rows:
             return

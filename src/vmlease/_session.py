@@ -36,6 +36,7 @@ from ._errors import (
 )
 from ._identity import Owner, current_owner
 from ._ledger import Ledger, Record, VMState
+from ._locks import Semaphore, Slot
 from ._metrics import Metrics, OpStats
 from ._naming import new_session_id, validate_name, vm_name
 from ._paths import ensure_private_dir
@@ -294,6 +295,15 @@ class VM:
         """Destroy the VM. Deleting a deleted VM does nothing."""
         self._session.delete_vm(self._id, self.name)
 
+    def keep(self, why: str = "kept for inspection") -> None:
+        """Leave the VM running after the session ends, for a person to inspect.
+
+        The session, its sweeps and the reaper leave a kept VM alone;
+        ``vmlease cleanup`` (or its lease running out) deletes it.
+        """
+        self._require(VMState.READY, VMState.STOPPED)
+        self._session.release(self._id, why)
+
     def snapshot(self, tag: str) -> None:
         """Save the VM's memory and disk state as ``tag`` (replacing a snapshot of that name).
 
@@ -355,6 +365,10 @@ class Session:
             ReaperLink instance is used as given.
         sweep: at start, delete VMs whose owners are provably dead or whose
             lease has expired (default True).
+        max_vms: at most this many VMs at once among all sessions that use
+            the same state directory and limit (pytest-xdist workers of a run);
+            a create waits up to ``place_timeout_s`` for a place.
+        place_timeout_s: how long a create waits under ``max_vms``.
         clock: monotonic seconds, for durations (injected for tests).
     """
 
@@ -370,6 +384,8 @@ class Session:
         backend_options: Mapping[str, Any] | None = None,
         reaper: bool | ReaperLink = True,
         sweep: bool = True,
+        max_vms: int | None = None,
+        place_timeout_s: float = 1800.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(name_prefix, str) or not name_prefix:
@@ -396,6 +412,7 @@ class Session:
         self.metrics = Metrics()
         self._clock = clock
         self._lock = threading.Lock()
+        self._protect_lock = threading.Lock()
         self._counter = 0
         self._vms: dict[int, VM] = {}
         self._created = 0
@@ -407,6 +424,9 @@ class Session:
             self._reaper: ReaperLink | None = reaper
         else:
             self._reaper = ReaperLink(self.state_dir) if reaper else None
+        self._places = Semaphore(self.state_dir, "vm", max_vms) if max_vms is not None else None
+        self._place_timeout_s = place_timeout_s
+        self._held: dict[int, Slot] = {}
         self.swept: list[Outcome] = self._sweep() if sweep else []
 
     def __repr__(self) -> str:
@@ -468,12 +488,13 @@ class Session:
 
     def _protect(self) -> None:
         """Before a create: the reaper holds our registration, signals unwind, atexit backs up."""
-        if self._reaper is not None:
-            self._reaper.register(self.owner)
-        if not self._opened:
-            self._opened = True
-            _signals.session_opened()
-            atexit.register(self._at_exit)
+        with self._protect_lock:
+            if self._reaper is not None:
+                self._reaper.register(self.owner)
+            if not self._opened:
+                self._opened = True
+                _signals.session_opened()
+                atexit.register(self._at_exit)
 
     def _at_exit(self) -> None:
         # Last resort for a session nobody closed; the reaper covers the rest.
@@ -506,11 +527,19 @@ class Session:
             self.backend.validate_name(validate_name(name))
         self.timed("check", lambda: self.backend.check_spec(spec))
         self._protect()
-        record = self._claim(name, spec)
+        place = self._take_place()
+        try:
+            record = self._claim(name, spec)
+        except BaseException:
+            if place is not None:
+                place.release()
+            raise
         vm_name_ = record.name
         vm = VM(self, record.id, vm_name_, spec)
         with self._lock:
             self._vms[record.id] = vm
+            if place is not None:
+                self._held[record.id] = place
         try:
             self.transition(record.id, VMState.CREATING)
             self.timed("create", lambda: self.backend.create(vm_name_, spec))
@@ -522,6 +551,19 @@ class Session:
         self.transition(record.id, VMState.READY)
         self._created += 1
         return vm
+
+    def _take_place(self) -> Slot | None:
+        """A place under ``max_vms``, waited for (and timed as ``wait``)."""
+        if self._places is None:
+            return None
+        places = self._places
+        return self.timed("wait", lambda: places.acquire(self._place_timeout_s))
+
+    def _give_back_place(self, vm_id: int) -> None:
+        with self._lock:
+            place = self._held.pop(vm_id, None)
+        if place is not None:
+            place.release()
 
     def _claim(self, name: str | None, spec: VMSpec) -> Record:
         """Write the ledger row for a new VM. A generated name that is taken
@@ -557,6 +599,7 @@ class Session:
         except VMLeaseError:
             return  # stays failed: a later cleanup retries the delete
         self.transition(vm_id, VMState.GONE, error=f"{type(exc).__name__}: {exc}")
+        self._give_back_place(vm_id)
         with self._lock:
             self._vms.pop(vm_id, None)
 
@@ -578,9 +621,19 @@ class Session:
                 self.transition(vm_id, VMState.FAILED, error=f"delete: {exc}")
                 raise
             self.transition(vm_id, VMState.GONE)
+        self._give_back_place(vm_id)
         self._deleted += 1
         with self._lock:
             self._vms.pop(vm_id, None)
+
+    def release(self, vm_id: int, why: str) -> None:
+        """Hand a VM over to the ledger as kept: this session no longer deletes it."""
+        self.ledger.transition(vm_id, VMState.KEPT, detail=why)
+        self._give_back_place(vm_id)
+        with self._lock:
+            vm = self._vms.pop(vm_id, None)
+        if vm is not None:
+            vm.last_state = VMState.KEPT
 
     def vms(self) -> list[VM]:
         """This session's VMs that still exist, oldest first."""

@@ -280,3 +280,36 @@ def test_a_backend_without_snapshots_says_what_to_do_instead(session: Session) -
         vm.snapshot("clean")
     with pytest.raises(vmlease.UnsupportedOperation):
         vm.restore("clean")
+
+
+def test_a_kept_vm_outlives_its_session_and_cleanup_removes_it(
+    fake: FakeBackend, tmp_path: Path
+) -> None:
+    with Session(backend=fake, state_dir=tmp_path, reaper=False) as session:
+        kept = session.create(name="keep-me")
+        session.create(name="drop-me")
+        kept.keep("test failed")
+    assert sorted(fake.vms) == ["keep-me"]
+    assert kept.state is VMState.KEPT
+    # A later session's sweep leaves it alone; vmlease cleanup does not.
+    with Session(backend=fake, state_dir=tmp_path, reaper=False) as later:
+        assert later.swept == []
+    from vmlease._cleanup import cleanup
+
+    [outcome] = cleanup(tmp_path, known={"fake": fake})
+    assert (outcome.name, outcome.why, outcome.action) == ("keep-me", "kept", "deleted")
+    assert fake.vms == {}
+
+
+def test_max_vms_bounds_a_sessions_vms_and_frees_places(fake: FakeBackend, tmp_path: Path) -> None:
+    with Session(
+        backend=fake, state_dir=tmp_path, reaper=False, max_vms=2, place_timeout_s=0.2
+    ) as session:
+        a = session.create()
+        session.create()
+        with pytest.raises(vmlease.LockTimeout):
+            session.create()
+        assert len(session.ledger.records()) == 2  # the refused create wrote nothing
+        a.delete()
+        session.create()
+        assert session.stats().ops["wait"].count == 4
