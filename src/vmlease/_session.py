@@ -353,6 +353,8 @@ class Session:
         state_dir: where the ledger and backend state live (default
             ``$VMLEASE_STATE_DIR`` or ``$XDG_STATE_HOME/vmlease``).
         name_prefix: first part of generated VM names.
+        name_tag: put into generated names after the session id (the
+            pytest-xdist worker id, so a run's VMs are named by worker).
         boot_timeout_s: how long a VM may take to answer after create/start.
         max_age_s: recorded as each VM's lease; a VM older than this may be
             deleted by cleanup even if its owner looks alive.
@@ -378,6 +380,7 @@ class Session:
         *,
         state_dir: str | os.PathLike[str] | None = None,
         name_prefix: str = "vmlease",
+        name_tag: str = "",
         boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S,
         max_age_s: float = DEFAULT_MAX_AGE_S,
         session_id: str | None = None,
@@ -407,6 +410,9 @@ class Session:
         self.ledger = Ledger(self.state_dir / "ledger.sqlite3")
         self.owner: Owner = current_owner(self.id)
         self.name_prefix = name_prefix
+        if name_tag:
+            validate_name(name_tag)
+        self.name_tag = name_tag
         self.boot_timeout_s = float(boot_timeout_s)
         self.max_age_s = float(max_age_s)
         self.metrics = Metrics()
@@ -485,6 +491,12 @@ class Session:
                 f": {o.error}" if o.error else "",
             )
         return outcomes
+
+    def prepare(self) -> None:
+        """Register with the reaper and install the signal handlers now rather than
+        at the first create; call it from the main thread before creating VMs
+        from other threads (signal handlers can only be set from the main thread)."""
+        self._protect()
 
     def _protect(self) -> None:
         """Before a create: the reaper holds our registration, signals unwind, atexit backs up."""
@@ -572,7 +584,7 @@ class Session:
             if name is None:
                 with self._lock:
                     self._counter += 1
-                    candidate = vm_name(self.name_prefix, self.id, self._counter)
+                    candidate = vm_name(self.name_prefix, self.id, self._counter, self.name_tag)
                 self.backend.validate_name(candidate)
             else:
                 candidate = name

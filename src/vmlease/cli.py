@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vmlease._attach import exec_in
 from vmlease._cleanup import cleanup
 from vmlease._errors import ConfigError, VMLeaseError
 from vmlease._inventory import inventory
@@ -113,6 +114,21 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    result = exec_in(state_dir(), args.name, command, stdin=stdin, timeout_s=args.timeout)
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr)
+    sys.stderr.flush()
+    if result.timed_out:
+        print(f"vmlease: the command ran out of time ({args.timeout:g} s)", file=sys.stderr)
+    return result.exit_code
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     if args.name != "tiny":
         raise ConfigError(
@@ -196,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clean.add_argument("--json", action="store_true", help="print JSON")
     clean.set_defaults(func=cmd_cleanup)
+
+    run = sub.add_parser(
+        "exec",
+        help="run a command in a VM vmlease owns (a kept one, say); its exit code is ours",
+        usage="vmlease exec [--timeout S] NAME -- COMMAND [ARG...]",
+    )
+    run.add_argument(
+        "--timeout", type=_seconds, metavar="S", help="kill the command after S seconds"
+    )
+    run.add_argument("name", help="the VM, as `vmlease ls` names it")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    run.set_defaults(func=cmd_exec)
 
     image = sub.add_parser("image", help="build and list images")
     isub = image.add_subparsers(dest="image_command", required=True, metavar="COMMAND")

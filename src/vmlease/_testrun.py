@@ -1,0 +1,303 @@
+"""One process's share of a test run: its session, the VMs tests are given,
+what to keep, what to report. The pytest plugin is a thin face on this.
+
+The kinds of VM a test can get:
+
+- *clean* (the ``vm`` fixture): one VM per worker and spec, snapshotted right
+  after boot and restored to that snapshot before each further test, so
+  isolation costs a restore instead of a boot. Backends without snapshots
+  give a fresh VM per test instead.
+- *fresh* (``@pytest.mark.vm(fresh=True)``, ``vm_factory``, ``vm_pool``): made
+  for one test, deleted when it ends.
+- *worker* (``worker_vm``): one per worker and spec for the whole run; state
+  carries over from test to test.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmlease._errors import ConfigError, VMLeaseError
+from vmlease._inventory import inventory
+from vmlease._ledger import VMState
+from vmlease._paths import state_dir as default_state_dir
+from vmlease._session import VM, Session
+from vmlease._spec import VMSpec
+
+__all__ = ["CLEAN_TAG", "KEEP_CHOICES", "RunOptions", "TestRun", "Use", "left_behind"]
+
+CLEAN_TAG = "vmlease-clean"
+KEEP_CHOICES = ("never", "failed", "always")
+_OUTPUT_SHOWN = 600
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """Settings for a test run (from the command line, environment or ini file).
+
+    Attributes:
+        backend: backend name.
+        image: the image VMs get unless a test asks for another.
+        keep: ``never``, ``failed`` (keep the VMs of failed tests) or ``always``.
+        max_vms: at most this many VMs at once across the run's workers.
+        max_age_s: each VM's lease, in seconds.
+        session_id: the run's session id, shared by its workers.
+        worker: the xdist worker id (``gw0``), "" without xdist.
+        state_dir: the state directory (default: vmlease's).
+    """
+
+    backend: str = "qemu"
+    image: str = "tiny"
+    keep: str = "never"
+    max_vms: int | None = None
+    max_age_s: float | None = None
+    session_id: str | None = None
+    worker: str = ""
+    state_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep not in KEEP_CHOICES:
+            raise ConfigError(f"keep must be one of {', '.join(KEEP_CHOICES)}, not {self.keep!r}")
+        if self.max_vms is not None and (
+            isinstance(self.max_vms, bool) or not isinstance(self.max_vms, int) or self.max_vms < 1
+        ):
+            raise ConfigError(
+                f"the VM limit must be a whole number of at least 1, not {self.max_vms!r}"
+            )
+        if self.max_age_s is not None and not self.max_age_s > 0:
+            raise ConfigError(
+                f"the maximum VM age must be more than 0 seconds, not {self.max_age_s!r}"
+            )
+
+
+@dataclass
+class Use:
+    """One VM as one test used it."""
+
+    vm: VM
+    kind: str  # "clean", "fresh" or "worker"
+    transcript_from: int
+    kept: bool = False
+
+
+@dataclass
+class _Counts:
+    created: int = 0
+    reused: int = 0
+    restored: int = 0
+    deleted: int = 0
+    kept: list[str] = field(default_factory=list)
+
+
+class TestRun:
+    """The VMs of one process of a test run."""
+
+    __test__ = False  # not a test class, whatever pytest thinks of the name
+
+    def __init__(self, options: RunOptions) -> None:
+        self.options = options
+        self._session: Session | None = None
+        self._clean: dict[VMSpec, VM] = {}
+        self._dirty: set[str] = set()
+        self._workers: dict[VMSpec, VM] = {}
+        self._keep_at_end: set[str] = set()
+        self.counts = _Counts()
+
+    # -- the session ------------------------------------------------------
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            kwargs: dict[str, Any] = {}
+            if self.options.max_age_s is not None:
+                kwargs["max_age_s"] = self.options.max_age_s
+            self._session = Session(
+                backend=self.options.backend,
+                state_dir=self.options.state_dir,
+                session_id=self.options.session_id,
+                name_tag=self.options.worker,
+                max_vms=self.options.max_vms,
+                **kwargs,
+            )
+        return self._session
+
+    @property
+    def used(self) -> bool:
+        return self._session is not None
+
+    def spec(
+        self, image: str | None = None, cpus: int | None = None, memory_mb: int | None = None
+    ) -> VMSpec:
+        """The run's default spec with what a test asked for."""
+        default = VMSpec(image=self.options.image)
+        return VMSpec(
+            image=default.image if image is None else image,
+            cpus=default.cpus if cpus is None else cpus,
+            memory_mb=default.memory_mb if memory_mb is None else memory_mb,
+        )
+
+    def _create(self, spec: VMSpec) -> VM:
+        vm = self.session.create(image=spec.image, cpus=spec.cpus, memory_mb=spec.memory_mb)
+        self.counts.created += 1
+        return vm
+
+    @staticmethod
+    def _use(vm: VM, kind: str) -> Use:
+        return Use(vm=vm, kind=kind, transcript_from=len(vm.transcript))
+
+    # -- handing out VMs --------------------------------------------------------
+
+    def clean_vm(self, spec: VMSpec) -> Use:
+        """The worker's clean VM of ``spec``: as it was right after boot."""
+        if not self.session.backend.capabilities.snapshots:
+            return self.fresh_vm(spec)
+        vm = self._clean.get(spec)
+        if vm is None:
+            vm = self._create(spec)
+            vm.snapshot(CLEAN_TAG)
+            self._clean[spec] = vm
+        elif vm.name in self._dirty:
+            vm.restore(CLEAN_TAG)
+            self.counts.restored += 1
+        else:
+            self.counts.reused += 1
+        self._dirty.add(vm.name)
+        return self._use(vm, "clean")
+
+    def fresh_vm(self, spec: VMSpec) -> Use:
+        """A new VM for one test."""
+        return self._use(self._create(spec), "fresh")
+
+    def worker_vm(self, spec: VMSpec) -> Use:
+        """The worker's long-lived VM of ``spec``; state carries over between tests."""
+        vm = self._workers.get(spec)
+        if vm is None:
+            vm = self._create(spec)
+            self._workers[spec] = vm
+        else:
+            self.counts.reused += 1
+        return self._use(vm, "worker")
+
+    def pool(self, count: int, spec: VMSpec) -> list[Use]:
+        """``count`` new VMs, created at once; if any fails, the others are deleted."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"a pool needs a whole number of VMs, at least 1, not {count!r}")
+        self.session.prepare()  # reaper and signal handlers from this (the main) thread
+        with ThreadPoolExecutor(max_workers=count) as threads:
+            futures = [threads.submit(self._create, spec) for _ in range(count)]
+        made = [f.result() for f in futures if f.exception() is None]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            for vm in made:
+                vm.delete()
+                self.counts.deleted += 1
+            raise errors[0]  # type: ignore[misc]
+        return [self._use(vm, "fresh") for vm in made]
+
+    # -- the end of a test ---------------------------------------------------------
+
+    def should_keep(self, failed: bool) -> bool:
+        return self.options.keep == "always" or (self.options.keep == "failed" and failed)
+
+    def finish(self, uses: list[Use], failed: bool) -> None:
+        """A test ended: delete or keep its fresh VMs, keep a clean VM if asked."""
+        keep = self.should_keep(failed)
+        for use in uses:
+            vm = use.vm
+            if use.kind == "worker":
+                if keep:
+                    self._keep_at_end.add(vm.name)
+                continue
+            if keep:
+                self._keep(vm, "kept after test")
+                use.kept = True
+                if use.kind == "clean":
+                    self._clean = {s: v for s, v in self._clean.items() if v is not vm}
+                continue
+            if use.kind == "fresh":
+                vm.delete()
+                self.counts.deleted += 1
+
+    def _keep(self, vm: VM, why: str) -> None:
+        vm.keep(why)
+        self.counts.kept.append(vm.name)
+
+    def report(self, uses: list[Use]) -> list[tuple[str, str]]:
+        """Sections for a failed test's report: its commands, the console, how to reach kept VMs."""
+        sections = []
+        for use in uses:
+            vm = use.vm
+            lines = []
+            for entry in vm.transcript[use.transcript_from :]:
+                status = "no exit code" if entry.exit_code is None else f"exit {entry.exit_code}"
+                lines.append(f"$ {' '.join(entry.argv)}   ({status}, {entry.duration_s:.3f} s)")
+                for label, text in (("stdout", entry.stdout), ("stderr", entry.stderr)):
+                    if text:
+                        shown = text[:_OUTPUT_SHOWN] + (" ..." if len(text) > _OUTPUT_SHOWN else "")
+                        lines.append(f"  {label}: " + shown.rstrip().replace("\n", "\n          "))
+            sections.append((f"vmlease: commands run in {vm.name}", "\n".join(lines) or "(none)"))
+            try:
+                console = vm.console_tail(30)
+            except VMLeaseError:
+                console = ""
+            sections.append((f"vmlease: console of {vm.name} (last lines)", console or "(empty)"))
+            if use.kept or (use.kind == "worker" and vm.name in self._keep_at_end):
+                when = "is" if use.kept else "will be, after the run,"
+                sections.append(
+                    (
+                        f"vmlease: {vm.name} kept",
+                        f"The VM {when} kept running for inspection. Reach it with:\n"
+                        f"  vmlease exec {vm.name} -- sh -c 'your command'\n"
+                        "Remove it, and any other kept VM, with:\n  vmlease cleanup",
+                    )
+                )
+        return sections
+
+    # -- the end of the run ------------------------------------------------------
+
+    def close(self) -> dict[str, Any]:
+        """Delete the worker's VMs (keeping those asked for) and end the session.
+
+        Returns the figures for the run's summary.
+        """
+        started = time.monotonic()
+        if self._session is not None:
+            keep_all = self.options.keep == "always"
+            for vm in [*self._clean.values(), *self._workers.values()]:
+                if vm.name in self._keep_at_end or (keep_all and vm.state.value == "ready"):
+                    self._keep(vm, "kept after the run")
+            self.counts.deleted += len(self._session.vms())
+            self._session.close()
+        stats = self._session.stats() if self._session is not None else None
+        ops = stats.ops if stats is not None else {}
+
+        def total(*names: str) -> float:
+            return sum(ops[n].total_s for n in names if n in ops)
+
+        return {
+            "session_id": self._session.id if self._session is not None else None,
+            "created": self.counts.created,
+            "reused": self.counts.reused,
+            "restored": self.counts.restored,
+            "deleted": self.counts.deleted,
+            "kept": list(self.counts.kept),
+            "boot_s": total("create", "boot"),
+            "restore_s": total("restore", "snapshot"),
+            "vm_ops_s": total("create", "boot", "restore", "snapshot", "delete", "wait"),
+            "exec_s": total("exec", "put", "get"),
+            "close_s": time.monotonic() - started,
+        }
+
+
+def left_behind(options: RunOptions, session_ids: set[str]) -> list[str]:
+    """VMs of the run's sessions that still exist and were not kept on purpose."""
+    rows = inventory(options.state_dir or default_state_dir())
+    return [
+        r.record.name
+        for r in rows
+        if r.record.owner.session_id in session_ids and r.record.state is not VMState.KEPT
+    ]

@@ -1,0 +1,292 @@
+"""vmlease's pytest plugin: options, hooks and fixtures. The work is done in
+``vmlease._testrun``; this module only connects it to pytest.
+
+Fixtures: ``vm`` (a clean VM per test), ``worker_vm`` (one per worker, state
+shared), ``vm_factory`` and ``vm_pool`` (VMs made inside a test, deleted at
+its end), ``vm_session`` (the run's Session). Marker:
+``@pytest.mark.vm(image=..., cpus=..., memory_mb=..., fresh=False)``.
+
+Settings, strongest first: the command line (``--vm-backend``), the
+environment (``VMLEASE_BACKEND``), the ini file (``vm_backend``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import pytest
+
+from vmlease._errors import ConfigError
+from vmlease._naming import new_session_id
+from vmlease._session import VM, Session
+from vmlease._testrun import RunOptions, TestRun, Use, left_behind
+
+_RUN = pytest.StashKey[TestRun]()
+_USES = pytest.StashKey[list[Use]]()
+_FAILED = pytest.StashKey[bool]()
+_SUMMARY = pytest.StashKey[dict[str, Any]]()
+
+#: option name -> (environment variable, help)
+_SETTINGS = {
+    "vm_backend": ("VMLEASE_BACKEND", "backend for VMs (default: qemu)"),
+    "vm_image": ("VMLEASE_IMAGE", "image VMs get unless a test asks for another (default: tiny)"),
+    "vm_keep": (
+        "VMLEASE_KEEP",
+        "keep VMs for inspection: never (default), failed (those of failed tests), always",
+    ),
+    "vm_max": ("VMLEASE_MAX", "at most N VMs at once across all workers"),
+    "vm_max_age": ("VMLEASE_MAX_AGE", "seconds a VM may live before cleanup may delete it"),
+}
+_MARKER_ARGS = {"image", "cpus", "memory_mb", "fresh"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vmlease", "disposable VMs (vmlease)")
+    for name, (env, text) in _SETTINGS.items():
+        flag = "--" + name.replace("_", "-")
+        group.addoption(flag, dest=name, default=None, help=f"{text} [env {env}, ini {name}]")
+        parser.addini(name, text, default=None)
+
+
+def _setting(config: pytest.Config, name: str) -> str | None:
+    value: str | None = config.getoption(name)
+    if value is None:
+        value = os.environ.get(_SETTINGS[name][0]) or None
+    if value is None:
+        ini = config.getini(name)
+        value = ini if isinstance(ini, str) and ini else None
+    return value
+
+
+def _number(config: pytest.Config, name: str, kind: Callable[[str], Any]) -> Any:
+    value = _setting(config, name)
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        flag = "--" + name.replace("_", "-")
+        raise pytest.UsageError(
+            f"{flag} (or {_SETTINGS[name][0]}) must be a number, not {value!r}"
+        ) from None
+
+
+def _options(config: pytest.Config) -> RunOptions:
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        session_id = workerinput.get("vmlease_session_id") or (
+            "r" + str(workerinput["testrunuid"])[:11]
+        )
+        worker = str(workerinput["workerid"])
+    else:
+        session_id, worker = new_session_id(), ""
+    try:
+        return RunOptions(
+            backend=_setting(config, "vm_backend") or "qemu",
+            image=_setting(config, "vm_image") or "tiny",
+            keep=_setting(config, "vm_keep") or "never",
+            max_vms=_number(config, "vm_max", int),
+            max_age_s=_number(config, "vm_max_age", float),
+            session_id=session_id,
+            worker=worker,
+        )
+    except ConfigError as exc:
+        raise pytest.UsageError(f"vmlease: {exc}") from None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "vm(image=None, cpus=None, memory_mb=None, fresh=False): the VM the `vm` fixture "
+        "gives this test; fresh=True for a new VM of its own",
+    )
+    config.stash[_RUN] = TestRun(_options(config))
+    config.stash[_SUMMARY] = {}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: every worker joins the controller's session."""
+    run = node.config.stash[_RUN]
+    node.workerinput["vmlease_session_id"] = run.options.session_id
+
+
+def _run(request: pytest.FixtureRequest) -> TestRun:
+    return request.config.stash[_RUN]
+
+
+def _track(request: pytest.FixtureRequest, uses: list[Use]) -> None:
+    request.node.stash.setdefault(_USES, []).extend(uses)
+
+
+def _finish(request: pytest.FixtureRequest, uses: list[Use]) -> None:
+    _run(request).finish(uses, failed=request.node.stash.get(_FAILED, False))
+
+
+def _marker_spec(request: pytest.FixtureRequest) -> tuple[dict[str, Any], bool]:
+    marker = request.node.get_closest_marker("vm")
+    if marker is None:
+        return {}, False
+    if marker.args:
+        raise pytest.UsageError("@pytest.mark.vm takes keyword arguments only")
+    unknown = set(marker.kwargs) - _MARKER_ARGS
+    if unknown:
+        raise pytest.UsageError(
+            f"@pytest.mark.vm does not know {', '.join(sorted(unknown))}; "
+            f"it takes {', '.join(sorted(_MARKER_ARGS))}"
+        )
+    kwargs = dict(marker.kwargs)
+    fresh = bool(kwargs.pop("fresh", False))
+    return kwargs, fresh
+
+
+@pytest.fixture(scope="session")
+def vm_session(request: pytest.FixtureRequest) -> Session:
+    """The run's vmlease Session (shared by the fixtures of this worker)."""
+    return _run(request).session
+
+
+@pytest.fixture
+def vm(request: pytest.FixtureRequest) -> Iterator[VM]:
+    """A clean VM for this test: the worker's VM restored to its clean snapshot,
+    or with ``@pytest.mark.vm(fresh=True)`` (or a backend without snapshots) a new one."""
+    run = _run(request)
+    kwargs, fresh = _marker_spec(request)
+    spec = run.spec(**kwargs)
+    use = run.fresh_vm(spec) if fresh else run.clean_vm(spec)
+    _track(request, [use])
+    yield use.vm
+    _finish(request, [use])
+
+
+@pytest.fixture
+def worker_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
+    """This worker's VM for the whole run; what a test leaves in it, the next one finds."""
+    run = _run(request)
+    use = run.worker_vm(run.spec())
+    _track(request, [use])
+    yield use.vm
+    _finish(request, [use])
+
+
+@pytest.fixture
+def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
+    """``vm_factory(image=..., cpus=..., memory_mb=...)`` makes a VM; all are deleted at the end."""
+    run = _run(request)
+    uses: list[Use] = []
+
+    def make(image: str | None = None, cpus: int | None = None, memory_mb: int | None = None) -> VM:
+        use = run.fresh_vm(run.spec(image, cpus, memory_mb))
+        uses.append(use)
+        _track(request, [use])
+        return use.vm
+
+    yield make
+    _finish(request, uses)
+
+
+@pytest.fixture
+def vm_pool(request: pytest.FixtureRequest) -> Iterator[Callable[..., list[VM]]]:
+    """``vm_pool(n, image=...)`` makes n VMs at once; all are deleted at the end."""
+    run = _run(request)
+    uses: list[Use] = []
+
+    def make(
+        n: int, image: str | None = None, cpus: int | None = None, memory_mb: int | None = None
+    ) -> list[VM]:
+        made = run.pool(n, run.spec(image, cpus, memory_mb))
+        uses.extend(made)
+        _track(request, made)
+        return [u.vm for u in made]
+
+    yield make
+    _finish(request, uses)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and report.when in ("setup", "call"):
+        item.stash[_FAILED] = True
+        uses = item.stash.get(_USES, [])
+        if uses:
+            run = item.config.stash[_RUN]
+            # Decide now what the fixtures will keep, so the report can say how to reach it.
+            keep = run.should_keep(failed=True)
+            for use in uses:
+                use.kept = keep and use.kind != "worker"
+            for title, text in run.report(uses):
+                report.sections.append((title, text))
+    return report
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """After every fixture is torn down: delete this process's VMs."""
+    config = session.config
+    figures = config.stash[_RUN].close()
+    workeroutput: dict[str, Any] | None = getattr(config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["vmlease"] = figures
+    else:
+        _merge(config.stash[_SUMMARY], figures)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist controller: add up what each worker reports."""
+    figures = getattr(node, "workeroutput", {}).get("vmlease")
+    if figures:
+        _merge(node.config.stash[_SUMMARY], figures)
+
+
+def _merge(into: dict[str, Any], figures: dict[str, Any]) -> None:
+    for key, value in figures.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            into[key] = into.get(key, 0) + value
+        elif isinstance(value, list):
+            into.setdefault(key, []).extend(value)
+        elif value is not None:
+            into.setdefault("sessions", set()).add(value)
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    summary = config.stash.get(_SUMMARY, {})
+    if not summary.get("created"):
+        return
+    tests_s = sum(
+        getattr(report, "duration", 0.0)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+    )
+    write = terminalreporter.write_line
+    terminalreporter.section("vmlease")
+    write(
+        f"VMs: {summary.get('created', 0)} created, {summary.get('reused', 0)} reused, "
+        f"{summary.get('restored', 0)} restored, {summary.get('deleted', 0)} deleted, "
+        f"{len(summary.get('kept', []))} kept"
+    )
+    write(
+        f"time: {summary.get('boot_s', 0.0):.1f} s booting, "
+        f"{summary.get('restore_s', 0.0):.1f} s snapshotting and restoring, "
+        f"{tests_s:.1f} s in tests"
+    )
+    kept = summary.get("kept", [])
+    if kept:
+        write(f"kept for inspection: {', '.join(kept)}")
+        write(
+            "  reach one with `vmlease exec NAME -- sh -c '...'`; "
+            "remove them with `vmlease cleanup`"
+        )
+    left = left_behind(config.stash[_RUN].options, summary.get("sessions", set()))
+    if left:
+        write(f"LEFT BEHIND: {', '.join(left)} (vmlease cleanup --all removes them)", red=True)
+    else:
+        write("nothing left behind: no VM of this run is still running", green=True)
