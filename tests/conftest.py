@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 
 def _processes_under(root: Path, program: bytes) -> list[int]:
     """Pids of live processes running ``program`` whose command line mentions ``root``."""
