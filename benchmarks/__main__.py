@@ -10,27 +10,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import reap, spine
+from benchmarks import reap, spine, suite
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("which", nargs="*", metavar="spine|reap", help="default: all")
+    parser.add_argument("which", nargs="*", metavar="spine|reap|suite", help="default: all")
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
     parser.add_argument("--round-trips", type=int, default=200, help="P4 samples")
     parser.add_argument("--trials", type=int, default=50, help="SIGKILL trials")
+    parser.add_argument("--tests", type=int, default=200, help="model tests per suite mode")
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5 (the figures are medians of at least 5)")
-    unknown = set(args.which) - {"spine", "reap"}
+    unknown = set(args.which) - {"spine", "reap", "suite"}
     if unknown:
-        parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose spine or reap")
-    which = args.which or ["spine", "reap"]
+        parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose spine, reap or suite")
+    which = args.which or ["spine", "reap", "suite"]
     code = 0
     if "spine" in which:
         code |= spine.main(runs=args.runs, round_trips=args.round_trips)
     if "reap" in which:
         code |= reap.main(trials=args.trials)
+    if "suite" in which:
+        code |= suite.main(tests=args.tests)
     return code
 
 

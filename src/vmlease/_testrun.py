@@ -3,10 +3,13 @@ what to keep, what to report. The pytest plugin is a thin face on this.
 
 The kinds of VM a test can get:
 
-- *clean* (the ``vm`` fixture): one VM per worker and spec, snapshotted right
-  after boot and restored to that snapshot before each further test, so
-  isolation costs a restore instead of a boot. Backends without snapshots
-  give a fresh VM per test instead.
+- *clean* (the ``vm`` fixture): VMs snapshotted right after boot and
+  restored to that snapshot between tests, so isolation costs a restore
+  instead of a boot. Two per worker and spec take turns: while a test runs
+  on one, the other is restored (and run once, so its first command is not
+  slow) in a background thread, which takes the restore off the test's path.
+  Under a VM limit (``max_vms``) there is one, restored between tests.
+  Backends without snapshots give a fresh VM per test instead.
 - *fresh* (``@pytest.mark.vm(fresh=True)``, ``vm_factory``, ``vm_pool``): made
   for one test, deleted when it ends.
 - *worker* (``worker_vm``): one per worker and spec for the whole run; state
@@ -15,8 +18,10 @@ The kinds of VM a test can get:
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,11 +106,19 @@ class TestRun:
     def __init__(self, options: RunOptions) -> None:
         self.options = options
         self._session: Session | None = None
-        self._clean: dict[VMSpec, VM] = {}
-        self._dirty: set[str] = set()
+        # Clean VMs by spec: each entry becomes a ready VM once its restore (or boot) is done.
+        self._clean: dict[VMSpec, list[Future[VM]]] = {}
+        self._clean_specs: dict[str, VMSpec] = {}  # VM name -> spec, for clean VMs
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmlease-reset")
         self._workers: dict[VMSpec, VM] = {}
         self._keep_at_end: set[str] = set()
+        self._handed: set[str] = set()
         self.counts = _Counts()
+        self._count_lock = threading.Lock()
+
+    def _count(self, what: str, n: int = 1) -> None:
+        with self._count_lock:
+            setattr(self.counts, what, getattr(self.counts, what) + n)
 
     # -- the session ------------------------------------------------------
 
@@ -142,31 +155,58 @@ class TestRun:
 
     def _create(self, spec: VMSpec) -> VM:
         vm = self.session.create(image=spec.image, cpus=spec.cpus, memory_mb=spec.memory_mb)
-        self.counts.created += 1
+        self._count("created", 1)
         return vm
 
-    @staticmethod
-    def _use(vm: VM, kind: str) -> Use:
+    def _use(self, vm: VM, kind: str) -> Use:
+        """Hand ``vm`` to a test; a VM handed out before counts as reused."""
+        if vm.name in self._handed:
+            self._count("reused", 1)
+        self._handed.add(vm.name)
         return Use(vm=vm, kind=kind, transcript_from=len(vm.transcript))
 
     # -- handing out VMs --------------------------------------------------------
 
+    @property
+    def takes_turns(self) -> bool:
+        """Whether clean VMs come in pairs (no VM limit to respect)."""
+        return self.options.max_vms is None
+
     def clean_vm(self, spec: VMSpec) -> Use:
-        """The worker's clean VM of ``spec``: as it was right after boot."""
+        """A VM of ``spec`` as it was right after boot."""
         if not self.session.backend.capabilities.snapshots:
             return self.fresh_vm(spec)
-        vm = self._clean.get(spec)
-        if vm is None:
-            vm = self._create(spec)
-            vm.snapshot(CLEAN_TAG)
-            self._clean[spec] = vm
-        elif vm.name in self._dirty:
-            vm.restore(CLEAN_TAG)
-            self.counts.restored += 1
+        turns = self._clean.setdefault(spec, [])
+        if not turns:
+            vm = self._new_clean(spec)
+            if self.takes_turns:
+                turns.append(self._background.submit(self._new_clean, spec))
         else:
-            self.counts.reused += 1
-        self._dirty.add(vm.name)
+            ready = next((f for f in turns if f.done()), turns[0])
+            turns.remove(ready)
+            try:
+                vm = ready.result()
+            except VMLeaseError:
+                vm = self._new_clean(spec)  # a reset failed: that VM is gone or broken
+        self._clean_specs[vm.name] = spec
         return self._use(vm, "clean")
+
+    def _new_clean(self, spec: VMSpec) -> VM:
+        vm = self._create(spec)
+        vm.snapshot(CLEAN_TAG)
+        return vm
+
+    def _reset(self, vm: VM) -> VM:
+        """Back to the clean snapshot, warmed up; deleted if that fails."""
+        try:
+            vm.restore(CLEAN_TAG)
+            vm.run(["true"])  # the first command after a restore is slow; take it here
+        except VMLeaseError:
+            vm.delete()
+            self._count("deleted", 1)
+            raise
+        self._count("restored", 1)
+        return vm
 
     def fresh_vm(self, spec: VMSpec) -> Use:
         """A new VM for one test."""
@@ -178,8 +218,6 @@ class TestRun:
         if vm is None:
             vm = self._create(spec)
             self._workers[spec] = vm
-        else:
-            self.counts.reused += 1
         return self._use(vm, "worker")
 
     def pool(self, count: int, spec: VMSpec) -> list[Use]:
@@ -194,7 +232,7 @@ class TestRun:
         if errors:
             for vm in made:
                 vm.delete()
-                self.counts.deleted += 1
+                self._count("deleted", 1)
             raise errors[0]  # type: ignore[misc]
         return [self._use(vm, "fresh") for vm in made]
 
@@ -204,7 +242,7 @@ class TestRun:
         return self.options.keep == "always" or (self.options.keep == "failed" and failed)
 
     def finish(self, uses: list[Use], failed: bool) -> None:
-        """A test ended: delete or keep its fresh VMs, keep a clean VM if asked."""
+        """A test ended: delete or keep its fresh VMs, reset or keep its clean VM."""
         keep = self.should_keep(failed)
         for use in uses:
             vm = use.vm
@@ -215,12 +253,14 @@ class TestRun:
             if keep:
                 self._keep(vm, "kept after test")
                 use.kept = True
-                if use.kind == "clean":
-                    self._clean = {s: v for s, v in self._clean.items() if v is not vm}
+                self._clean_specs.pop(vm.name, None)
                 continue
-            if use.kind == "fresh":
+            if use.kind == "clean":
+                spec = self._clean_specs[vm.name]
+                self._clean[spec].append(self._background.submit(self._reset, vm))
+            elif use.kind == "fresh":
                 vm.delete()
-                self.counts.deleted += 1
+                self._count("deleted", 1)
 
     def _keep(self, vm: VM, why: str) -> None:
         vm.keep(why)
@@ -265,12 +305,18 @@ class TestRun:
         Returns the figures for the run's summary.
         """
         started = time.monotonic()
+        clean: list[VM] = []
+        for turns in self._clean.values():
+            for turn in turns:
+                with contextlib.suppress(VMLeaseError):  # deleted when its reset failed
+                    clean.append(turn.result())
+        self._background.shutdown(wait=True)
         if self._session is not None:
             keep_all = self.options.keep == "always"
-            for vm in [*self._clean.values(), *self._workers.values()]:
+            for vm in [*clean, *self._workers.values()]:
                 if vm.name in self._keep_at_end or (keep_all and vm.state.value == "ready"):
                     self._keep(vm, "kept after the run")
-            self.counts.deleted += len(self._session.vms())
+            self._count("deleted", len(self._session.vms()))
             self._session.close()
         stats = self._session.stats() if self._session is not None else None
         ops = stats.ops if stats is not None else {}

@@ -12,6 +12,7 @@ environment (``VMLEASE_BACKEND``), the ini file (``vm_backend``).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
@@ -48,6 +49,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         flag = "--" + name.replace("_", "-")
         group.addoption(flag, dest=name, default=None, help=f"{text} [env {env}, ini {name}]")
         parser.addini(name, text, default=None)
+    group.addoption(
+        "--vm-report",
+        dest="vm_report",
+        default=None,
+        metavar="PATH",
+        help="write the run's VM figures (counts, seconds per operation) to PATH as JSON",
+    )
 
 
 def _setting(config: pytest.Config, name: str) -> str | None:
@@ -278,6 +286,13 @@ def pytest_terminal_summary(
         f"{summary.get('restore_s', 0.0):.1f} s snapshotting and restoring, "
         f"{tests_s:.1f} s in tests"
     )
+    report_path = config.getoption("vm_report")
+    if report_path:
+        figures = {k: v for k, v in summary.items() if k != "sessions"}
+        figures["tests_s"] = tests_s
+        figures["sessions"] = sorted(summary.get("sessions", set()))
+        with open(report_path, "w") as f:  # noqa: PTH123 - a path string from the command line
+            json.dump(figures, f, indent=2)
     kept = summary.get("kept", [])
     if kept:
         write(f"kept for inspection: {', '.join(kept)}")
