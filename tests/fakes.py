@@ -6,9 +6,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmlease import ImageNotFound, VMNotFound
+from vmlease import ImageNotFound, SnapshotNotFound, VMNotFound
 from vmlease._spec import VMSpec
-from vmlease.backends import Backend, BackendVM, ExecResult
+from vmlease.backends import Backend, BackendVM, Capabilities, ExecResult
 
 
 @dataclass
@@ -95,3 +95,20 @@ class FakeBackend(Backend):
     def get(self, name: str, remote: str, local: Path) -> None:
         self._do("get", name, remote, local)
         local.write_bytes(b"from " + remote.encode())
+
+
+@dataclass
+class SnapshottingFake(FakeBackend):
+    """A FakeBackend that also records snapshots (a dict of tags per VM)."""
+
+    capabilities = Capabilities(snapshots=True)
+    snapshots: dict[str, set[str]] = field(default_factory=dict)
+
+    def snapshot(self, name: str, tag: str) -> None:
+        self._do("snapshot", name, tag)
+        self.snapshots.setdefault(name, set()).add(tag)
+
+    def restore(self, name: str, tag: str) -> None:
+        self._do("restore", name, tag)
+        if tag not in self.snapshots.get(name, set()):
+            raise SnapshotNotFound(f"{name} has no snapshot {tag}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,8 +104,11 @@ class TestRun:
 
     __test__ = False  # not a test class, whatever pytest thinks of the name
 
-    def __init__(self, options: RunOptions) -> None:
+    def __init__(
+        self, options: RunOptions, *, make_session: Callable[[RunOptions], Session] | None = None
+    ) -> None:
         self.options = options
+        self._make_session = make_session or _session_for
         self._session: Session | None = None
         # Clean VMs by spec: each entry becomes a ready VM once its restore (or boot) is done.
         self._clean: dict[VMSpec, list[Future[VM]]] = {}
@@ -125,17 +129,7 @@ class TestRun:
     @property
     def session(self) -> Session:
         if self._session is None:
-            kwargs: dict[str, Any] = {}
-            if self.options.max_age_s is not None:
-                kwargs["max_age_s"] = self.options.max_age_s
-            self._session = Session(
-                backend=self.options.backend,
-                state_dir=self.options.state_dir,
-                session_id=self.options.session_id,
-                name_tag=self.options.worker,
-                max_vms=self.options.max_vms,
-                **kwargs,
-            )
+            self._session = self._make_session(self.options)
         return self._session
 
     @property
@@ -190,6 +184,10 @@ class TestRun:
                 vm = self._new_clean(spec)  # a reset failed: that VM is gone or broken
         self._clean_specs[vm.name] = spec
         return self._use(vm, "clean")
+
+    def settle(self) -> None:
+        """Wait until the background resets and boots queued so far are done."""
+        self._background.submit(lambda: None).result()
 
     def _new_clean(self, spec: VMSpec) -> VM:
         vm = self._create(spec)
@@ -337,6 +335,20 @@ class TestRun:
             "exec_s": total("exec", "put", "get"),
             "close_s": time.monotonic() - started,
         }
+
+
+def _session_for(options: RunOptions) -> Session:
+    kwargs: dict[str, Any] = {}
+    if options.max_age_s is not None:
+        kwargs["max_age_s"] = options.max_age_s
+    return Session(
+        backend=options.backend,
+        state_dir=options.state_dir,
+        session_id=options.session_id,
+        name_tag=options.worker,
+        max_vms=options.max_vms,
+        **kwargs,
+    )
 
 
 def left_behind(options: RunOptions, session_ids: set[str]) -> list[str]:
