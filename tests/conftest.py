@@ -12,31 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.procs import processes_under
+
 pytest_plugins = ["pytester"]
 
 
-def _processes_under(root: Path, program: bytes) -> list[int]:
-    """Pids of live processes running ``program`` whose command line mentions ``root``."""
-    found = []
-    needle = str(root).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if program in cmdline and needle in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 def _qemu_processes_under(root: Path) -> list[int]:
-    return _processes_under(root, b"qemu-system")
+    return processes_under(root, b"qemu-system")
 
 
 def _reapers_under(root: Path) -> list[int]:
-    return _processes_under(root, b"vmlease._reaper")
+    return processes_under(root, b"vmlease._reaper")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from tests.support.procs import processes_under
 from vmlease._ledger import Ledger, VMState
 
 OWNER = Path(__file__).with_name("owner.py")
@@ -100,17 +101,7 @@ def leftovers(state_dir: Path, ignore: frozenset[str] = frozenset()) -> list[str
 
 def reapers_under(root: Path) -> list[int]:
     """Pids of reapers serving a state directory under ``root``."""
-    needle = str(root).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"vmlease._reaper" in cmdline and needle in cmdline:
-                found.append(int(entry.name))
-    return found
+    return processes_under(root, b"vmlease._reaper")
 
 
 @dataclass(frozen=True)
