@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._errors import (
     BackendError,
     BackendUnavailable,
@@ -38,10 +41,38 @@ from ._errors import (
     VMNotFound,
     VMStateError,
 )
-from ._ledger import VMState
-from ._session import VM, CommandResult, Session, SessionStats, TranscriptEntry
-from ._spec import VMSpec
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._ledger import VMState
+    from ._session import VM, CommandResult, Session, SessionStats, TranscriptEntry
+    from ._spec import VMSpec
+
+# The session and its machinery load on first use, so importing vmlease (as
+# pytest does for the plugin in every run, VMs or not) stays cheap.
+_LAZY = {
+    "VM": "._session",
+    "CommandResult": "._session",
+    "Session": "._session",
+    "SessionStats": "._session",
+    "TranscriptEntry": "._session",
+    "VMSpec": "._spec",
+    "VMState": "._ledger",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vmlease' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "VM",

@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from vmlease._errors import ConfigError, VMLeaseError
 from vmlease._inventory import inventory
 from vmlease._ledger import VMState
+from vmlease._options import KEEP_CHOICES, RunOptions
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._session import VM, Session
 from vmlease._spec import VMSpec
@@ -37,47 +37,7 @@ from vmlease._spec import VMSpec
 __all__ = ["CLEAN_TAG", "KEEP_CHOICES", "RunOptions", "TestRun", "Use", "left_behind"]
 
 CLEAN_TAG = "vmlease-clean"
-KEEP_CHOICES = ("never", "failed", "always")
 _OUTPUT_SHOWN = 600
-
-
-@dataclass(frozen=True, slots=True)
-class RunOptions:
-    """Settings for a test run (from the command line, environment or ini file).
-
-    Attributes:
-        backend: backend name.
-        image: the image VMs get unless a test asks for another.
-        keep: ``never``, ``failed`` (keep the VMs of failed tests) or ``always``.
-        max_vms: at most this many VMs at once across the run's workers.
-        max_age_s: each VM's lease, in seconds.
-        session_id: the run's session id, shared by its workers.
-        worker: the xdist worker id (``gw0``), "" without xdist.
-        state_dir: the state directory (default: vmlease's).
-    """
-
-    backend: str = "qemu"
-    image: str = "tiny"
-    keep: str = "never"
-    max_vms: int | None = None
-    max_age_s: float | None = None
-    session_id: str | None = None
-    worker: str = ""
-    state_dir: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.keep not in KEEP_CHOICES:
-            raise ConfigError(f"keep must be one of {', '.join(KEEP_CHOICES)}, not {self.keep!r}")
-        if self.max_vms is not None and (
-            isinstance(self.max_vms, bool) or not isinstance(self.max_vms, int) or self.max_vms < 1
-        ):
-            raise ConfigError(
-                f"the VM limit must be a whole number of at least 1, not {self.max_vms!r}"
-            )
-        if self.max_age_s is not None and not self.max_age_s > 0:
-            raise ConfigError(
-                f"the maximum VM age must be more than 0 seconds, not {self.max_age_s!r}"
-            )
 
 
 @dataclass

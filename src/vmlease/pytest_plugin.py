@@ -15,17 +15,23 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from vmlease._errors import ConfigError
 from vmlease._naming import new_session_id
-from vmlease._session import VM, Session
-from vmlease._testrun import RunOptions, TestRun, Use, left_behind
+from vmlease._options import RunOptions
 
-_RUN = pytest.StashKey[TestRun]()
-_USES = pytest.StashKey[list[Use]]()
+if TYPE_CHECKING:
+    # The machinery that makes VMs loads when a test first asks for one, so a
+    # run without VMs pays almost nothing for the plugin.
+    from vmlease._session import VM, Session
+    from vmlease._testrun import TestRun, Use
+
+_OPTIONS = pytest.StashKey[RunOptions]()
+_RUN = pytest.StashKey["TestRun"]()
+_USES = pytest.StashKey[list["Use"]]()
 _FAILED = pytest.StashKey[bool]()
 _SUMMARY = pytest.StashKey[dict[str, Any]]()
 
@@ -110,19 +116,25 @@ def pytest_configure(config: pytest.Config) -> None:
         "vm(image=None, cpus=None, memory_mb=None, fresh=False): the VM the `vm` fixture "
         "gives this test; fresh=True for a new VM of its own",
     )
-    config.stash[_RUN] = TestRun(_options(config))
+    config.stash[_OPTIONS] = _options(config)
     config.stash[_SUMMARY] = {}
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """xdist controller: every worker joins the controller's session."""
-    run = node.config.stash[_RUN]
-    node.workerinput["vmlease_session_id"] = run.options.session_id
+    node.workerinput["vmlease_session_id"] = node.config.stash[_OPTIONS].session_id
 
 
 def _run(request: pytest.FixtureRequest) -> TestRun:
-    return request.config.stash[_RUN]
+    """This process's TestRun, made when a test first asks for a VM."""
+    config = request.config
+    run = config.stash.get(_RUN, None)
+    if run is None:
+        from vmlease._testrun import TestRun
+
+        run = config.stash[_RUN] = TestRun(config.stash[_OPTIONS])
+    return run
 
 
 def _track(request: pytest.FixtureRequest, uses: list[Use]) -> None:
@@ -236,7 +248,10 @@ def pytest_runtest_makereport(
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """After every fixture is torn down: delete this process's VMs."""
     config = session.config
-    figures = config.stash[_RUN].close()
+    run = config.stash.get(_RUN, None)
+    if run is None:
+        return  # no test asked for a VM
+    figures = run.close()
     workeroutput: dict[str, Any] | None = getattr(config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput["vmlease"] = figures
@@ -300,7 +315,9 @@ def pytest_terminal_summary(
             "  reach one with `vmlease exec NAME -- sh -c '...'`; "
             "remove them with `vmlease cleanup`"
         )
-    left = left_behind(config.stash[_RUN].options, summary.get("sessions", set()))
+    from vmlease._testrun import left_behind
+
+    left = left_behind(config.stash[_OPTIONS], summary.get("sessions", set()))
     if left:
         write(f"LEFT BEHIND: {', '.join(left)} (vmlease cleanup --all removes them)", red=True)
     else:

@@ -7,26 +7,35 @@ backend is installed like any plugin and named like a built-in one.
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmlease._errors import ConfigError
 
 from ._base import Backend, BackendVM, Capabilities, ExecResult
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 __all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult", "available", "get"]
 
 _GROUP = "vmlease.backends"
 
 
+def _entry_points() -> list[EntryPoint]:
+    # importlib.metadata costs ~15 ms to import; only a session needs it.
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group=_GROUP))
+
+
 def available() -> list[str]:
     """Names of the installed backends."""
-    return sorted({ep.name for ep in entry_points(group=_GROUP)})
+    return sorted({ep.name for ep in _entry_points()})
 
 
 def get(name: str, **options: Any) -> Backend:
     """A new instance of the backend called ``name``, built with ``options``."""
-    found = [ep for ep in entry_points(group=_GROUP) if ep.name == name]
+    found = [ep for ep in _entry_points() if ep.name == name]
     if not found:
         names = ", ".join(available()) or "none"
         raise ConfigError(f"unknown backend {name!r}; installed backends: {names}")
