@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmlease import ImageNotFound, SnapshotNotFound, VMNotFound
+from vmlease import ImageNotFound, SnapshotNotFound, VMAlreadyExists, VMNotFound
 from vmlease._spec import VMSpec
 from vmlease.backends import Backend, BackendVM, Capabilities, ExecResult
 
@@ -22,7 +22,8 @@ class Call:
 class FakeBackend(Backend):
     """Records every call; VMs are entries in a dict.
 
-    ``fail`` maps an operation name to an exception to raise from it;
+    ``fail`` maps an operation name to an exception to raise from it every
+    time, or to a list of exceptions to raise from its next calls, one each;
     ``on_create`` runs inside ``create`` (to look at the ledger at that moment).
     """
 
@@ -30,13 +31,17 @@ class FakeBackend(Backend):
     images: tuple[str, ...] = ("tiny",)
     vms: dict[str, str] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
-    fail: dict[str, BaseException] = field(default_factory=dict)
+    fail: dict[str, BaseException | list[BaseException]] = field(default_factory=dict)
     on_create: Callable[[str], None] | None = None
 
     def _do(self, op: str, name: str, *args: object) -> None:
         self.calls.append(Call(op, name, args))
-        if op in self.fail:
-            raise self.fail[op]
+        failure = self.fail.get(op)
+        if isinstance(failure, list):
+            if failure:
+                raise failure.pop(0)
+        elif failure is not None:
+            raise failure
 
     def ops(self) -> list[str]:
         return [c.op for c in self.calls]
@@ -46,7 +51,10 @@ class FakeBackend(Backend):
         if spec.image not in self.images:
             raise ImageNotFound(f"no image {spec.image!r}")
 
-    def create(self, name: str, spec: VMSpec) -> None:
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
+        if name in self.vms:
+            self.calls.append(Call("create", name, (spec,)))
+            raise VMAlreadyExists(f"{name} already exists")
         if self.on_create is not None:
             self.on_create(name)
         self.vms[name] = "running"  # a create that fails late may still leave the VM
@@ -55,7 +63,7 @@ class FakeBackend(Backend):
     def wait_ready(self, name: str, timeout_s: float) -> None:
         self._do("wait_ready", name, timeout_s)
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *, timeout_s: float = 120.0) -> None:
         self._do("start", name)
         self.vms[name] = "running"
 
@@ -63,13 +71,13 @@ class FakeBackend(Backend):
         self._do("stop", name)
         self.vms[name] = "stopped"
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
         self._do("delete", name)
         if name not in self.vms:
             raise VMNotFound(name)
         del self.vms[name]
 
-    def list(self) -> list[BackendVM]:
+    def list(self, *, timeout_s: float = 30.0) -> list[BackendVM]:
         return [BackendVM(n, s, {}) for n, s in sorted(self.vms.items())]
 
     def exec(
@@ -104,11 +112,11 @@ class SnapshottingFake(FakeBackend):
     capabilities = Capabilities(snapshots=True)
     snapshots: dict[str, set[str]] = field(default_factory=dict)
 
-    def snapshot(self, name: str, tag: str) -> None:
+    def snapshot(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
         self._do("snapshot", name, tag)
         self.snapshots.setdefault(name, set()).add(tag)
 
-    def restore(self, name: str, tag: str) -> None:
+    def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
         self._do("restore", name, tag)
         if tag not in self.snapshots.get(name, set()):
             raise SnapshotNotFound(f"{name} has no snapshot {tag}")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     BackendError,
+    BackendTimeout,
     BackendUnavailable,
     BootError,
     ChannelError,
@@ -45,17 +46,21 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from ._ledger import VMState
-    from ._session import VM, CommandResult, Session, SessionStats, TranscriptEntry
+    from ._retry import RetryPolicy, Timeouts
+    from ._session import Session, SessionStats
     from ._spec import VMSpec
+    from ._vm import VM, CommandResult, TranscriptEntry
 
 # The session and its machinery load on first use, so importing vmlease (as
 # pytest does for the plugin in every run, VMs or not) stays cheap.
 _LAZY = {
-    "VM": "._session",
-    "CommandResult": "._session",
+    "VM": "._vm",
+    "CommandResult": "._vm",
+    "TranscriptEntry": "._vm",
     "Session": "._session",
     "SessionStats": "._session",
-    "TranscriptEntry": "._session",
+    "RetryPolicy": "._retry",
+    "Timeouts": "._retry",
     "VMSpec": "._spec",
     "VMState": "._ledger",
 }
@@ -77,6 +82,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "VM",
     "BackendError",
+    "BackendTimeout",
     "BackendUnavailable",
     "BootError",
     "ChannelError",
@@ -94,10 +100,12 @@ __all__ = [
     "LockTimeout",
     "NameInUse",
     "ReaperUnavailable",
+    "RetryPolicy",
     "Session",
     "SessionStats",
     "SnapshotNotFound",
     "Terminated",
+    "Timeouts",
     "TranscriptEntry",
     "UnsupportedOperation",
     "VMAlreadyExists",

@@ -18,6 +18,7 @@ or ``except LookupError`` keep working. Messages say what to do next.
     ├── BackendError                        a backend operation failed
     │   ├── VMNotFound (LookupError)        the backend does not know the VM
     │   ├── VMAlreadyExists                 the backend already has a VM of that name
+    │   ├── BackendTimeout (TimeoutError)   an operation hung past its time limit
     │   ├── BootError                       the VM did not become ready
     │   ├── SnapshotNotFound (LookupError)  the VM has no snapshot of that name
     │   └── ChannelError (ConnectionError)  the command channel to the guest broke
@@ -46,6 +47,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "BackendError",
+    "BackendTimeout",
     "BackendUnavailable",
     "BootError",
     "ChannelError",
@@ -115,7 +117,12 @@ class BackendError(VMLeaseError):
         command: the program and arguments that failed, if one was run.
         exit_code: its exit status, if it exited.
         stderr: what it wrote on standard error (may be truncated).
+        transient: the backend's judgement that trying again may work and is
+            safe (the operation failed before it took effect, or repeating it
+            does no harm); the session retries these (see ``Backend.classify``).
     """
+
+    transient_by_default = False
 
     def __init__(
         self,
@@ -124,11 +131,13 @@ class BackendError(VMLeaseError):
         command: Sequence[str] | None = None,
         exit_code: int | None = None,
         stderr: str = "",
+        transient: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.command = list(command) if command is not None else None
         self.exit_code = exit_code
         self.stderr = stderr
+        self.transient = self.transient_by_default if transient is None else transient
 
 
 class VMNotFound(BackendError, LookupError):
@@ -137,6 +146,12 @@ class VMNotFound(BackendError, LookupError):
 
 class VMAlreadyExists(BackendError):
     """The backend already has a VM of that name."""
+
+
+class BackendTimeout(BackendError, TimeoutError):
+    """A backend operation did not finish within its time limit (transient by default)."""
+
+    transient_by_default = True
 
 
 class BootError(BackendError):

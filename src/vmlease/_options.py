@@ -29,6 +29,10 @@ class RunOptions:
         session_id: the run's session id, shared by its workers.
         worker: the xdist worker id (``gw0``), "" without xdist.
         state_dir: the state directory (default: vmlease's).
+        faults: faults to inject, for testing a suite's resilience
+            (``failure_rate=0.3,hang_rate=0.05,seed=1``; see vmlease.testing).
+        retry: the retry policy and time limits (``attempts=8,total_s=300,
+            create_s=600``; see RetryPolicy.parse).
     """
 
     backend: str = "qemu"
@@ -39,6 +43,8 @@ class RunOptions:
     session_id: str | None = None
     worker: str = ""
     state_dir: Path | None = None
+    faults: str | None = None
+    retry: str | None = None
 
     def __post_init__(self) -> None:
         if self.keep not in KEEP_CHOICES:
@@ -53,3 +59,11 @@ class RunOptions:
             raise ConfigError(
                 f"the maximum VM age must be more than 0 seconds, not {self.max_age_s!r}"
             )
+        if self.faults:
+            from vmlease.testing import check_faults
+
+            check_faults(self.faults)
+        if self.retry:
+            from vmlease._retry import RetryPolicy
+
+            RetryPolicy.parse(self.retry)

@@ -1,8 +1,10 @@
 """The session: one owner of VMs, and the policy every backend shares.
 
 A session validates requests, writes the ledger before the backend acts,
-records every transition, times every backend operation, and deletes its VMs
-when it ends. Backends only carry out primitives (backends/_base.py).
+records every transition, times every backend operation, retries the ones
+that fail transiently (``_retry.py``), adopts a VM that a failed create made
+after all, and deletes its VMs when it ends. Backends only carry out
+primitives (backends/_base.py).
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ import atexit
 import contextlib
 import logging
 import os
-import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,12 +25,9 @@ from . import backends as _backends
 from ._cleanup import Backends, Outcome, delete_records, find_reapable
 from ._errors import (
     BackendError,
-    CommandFailed,
-    CommandTimeout,
     ConfigError,
-    GuestFileError,
     NameInUse,
-    UnsupportedOperation,
+    VMAlreadyExists,
     VMLeaseError,
     VMNotFound,
     VMStateError,
@@ -42,63 +40,18 @@ from ._naming import new_session_id, validate_name, vm_name
 from ._paths import ensure_private_dir
 from ._paths import state_dir as default_state_dir
 from ._reaper import ReaperLink
+from ._retry import Retrier, RetryPolicy
 from ._spec import VMSpec
-from .backends import Backend
+from ._vm import VM
+from .backends import Backend, Fault
 
-__all__ = ["VM", "CommandResult", "Session", "SessionStats"]
+__all__ = ["Session", "SessionStats"]
 
 T = TypeVar("T")
 log = logging.getLogger("vmlease")
 
 DEFAULT_BOOT_TIMEOUT_S = 120.0
-DEFAULT_STOP_TIMEOUT_S = 30.0
 DEFAULT_MAX_AGE_S = 6 * 3600.0
-TRANSCRIPT_LIMIT = 200
-_OUTPUT_KEPT = 2000
-
-
-@dataclass(frozen=True, slots=True)
-class CommandResult:
-    """What a command did in a VM.
-
-    Attributes:
-        argv: the command.
-        exit_code: its exit status; 127 if the command does not exist,
-            128 + N if killed by signal N.
-        stdout_bytes, stderr_bytes: its raw output.
-        duration_s: wall time of the round trip, in seconds.
-    """
-
-    argv: tuple[str, ...]
-    exit_code: int
-    stdout_bytes: bytes
-    stderr_bytes: bytes
-    duration_s: float
-
-    @property
-    def stdout(self) -> str:
-        """Standard output, decoded as UTF-8 (undecodable bytes replaced)."""
-        return self.stdout_bytes.decode(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        """Standard error, decoded as UTF-8 (undecodable bytes replaced)."""
-        return self.stderr_bytes.decode(errors="replace")
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-
-@dataclass(frozen=True, slots=True)
-class TranscriptEntry:
-    """One command as a VM's transcript keeps it (output truncated)."""
-
-    argv: tuple[str, ...]
-    exit_code: int | None
-    duration_s: float
-    stdout: str
-    stderr: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,239 +63,9 @@ class SessionStats:
     deleted: int
     failed: int
     ops: dict[str, OpStats]
-
-
-_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-def _check_tag(tag: object) -> None:
-    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
-        raise ConfigError(
-            f"invalid snapshot name {tag!r}: 1 to 64 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
-
-
-def _argv(argv: object) -> tuple[str, ...]:
-    if isinstance(argv, str | bytes):
-        raise ConfigError(
-            f"argv must be a list of strings, not the string {argv!r}; "
-            f"for a shell line use ['sh', '-c', {argv!r}]"
-        )
-    if not isinstance(argv, Sequence) or not argv:
-        raise ConfigError(f"argv must be a non-empty list of strings, not {argv!r}")
-    bad = [a for a in argv if not isinstance(a, str)]
-    if bad:
-        raise ConfigError(f"every argument must be a string; not {bad[0]!r}")
-    return tuple(argv)
-
-
-class VM:
-    """A handle on one VM of a session. Get one from :meth:`Session.create`."""
-
-    def __init__(self, session: Session, vm_id: int, name: str, spec: VMSpec) -> None:
-        self._session = session
-        self._id = vm_id
-        self.name = name
-        self.spec = spec
-        self.transcript: list[TranscriptEntry] = []
-        self.last_state = VMState.INTENDED
-
-    def __repr__(self) -> str:
-        return f"<VM {self.name} {self.state.value}>"
-
-    @property
-    def state(self) -> VMState:
-        """The VM's state as the ledger records it (the last one seen once the session ended)."""
-        if self._session.ledger.closed:
-            return self.last_state
-        record = self._session.ledger.get(self._id)
-        return record.state if record else VMState.GONE
-
-    def _require(self, *states: VMState) -> None:
-        state = self.state
-        if state in states:
-            return
-        if state is VMState.GONE:
-            raise VMStateError(f"VM {self.name} has been deleted")
-        if state is VMState.STOPPED:
-            raise VMStateError(f"VM {self.name} is stopped: call start() first")
-        raise VMStateError(f"VM {self.name} is {state.value}, not {' or '.join(states)}")
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        input: bytes | str | None = None,
-        check: bool = False,
-        timeout_s: float | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-    ) -> CommandResult:
-        """Run ``argv`` in the VM (no shell) and return what it did.
-
-        Args:
-            argv: program and arguments; for a shell line pass ``["sh", "-c", line]``.
-            input: bytes (or text, encoded as UTF-8) for the command's stdin.
-            check: raise CommandFailed if it exits non-zero.
-            timeout_s: kill it after this many seconds and raise CommandTimeout.
-            env: extra environment variables.
-            cwd: working directory in the guest.
-        """
-        args = _argv(argv)
-        if timeout_s is not None and (isinstance(timeout_s, bool) or timeout_s <= 0):
-            raise ConfigError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
-        data = input.encode() if isinstance(input, str) else input
-        self._require(VMState.READY)
-        start = time.monotonic()
-        try:
-            raw = self._session.timed(
-                "exec",
-                lambda: self._session.backend.exec(
-                    self.name, args, stdin=data, env=env, cwd=cwd, timeout_s=timeout_s
-                ),
-            )
-        except VMLeaseError:
-            self._note(TranscriptEntry(args, None, time.monotonic() - start, "", "(channel error)"))
-            raise
-        result = CommandResult(
-            args, raw.exit_code, raw.stdout, raw.stderr, time.monotonic() - start
-        )
-        self._note(
-            TranscriptEntry(
-                args,
-                result.exit_code,
-                result.duration_s,
-                result.stdout[:_OUTPUT_KEPT],
-                result.stderr[:_OUTPUT_KEPT],
-            )
-        )
-        if raw.timed_out:
-            raise CommandTimeout(
-                vm=self.name,
-                argv=args,
-                timeout_s=timeout_s or 0.0,
-                stdout=result.stdout,
-                stderr=result.stderr,
-            )
-        if check and result.exit_code != 0:
-            raise CommandFailed(
-                vm=self.name,
-                argv=args,
-                exit_code=result.exit_code,
-                stdout=result.stdout,
-                stderr=result.stderr,
-            )
-        return result
-
-    def _note(self, entry: TranscriptEntry) -> None:
-        self.transcript.append(entry)
-        del self.transcript[:-TRANSCRIPT_LIMIT]
-
-    def put(self, local: str | os.PathLike[str], remote: str) -> None:
-        """Copy the local file ``local`` to ``remote`` in the VM (binary-safe, any size).
-
-        The guest file appears whole or not at all; its mode follows the local file.
-        """
-        path = Path(local)
-        if not path.is_file():
-            raise GuestFileError(f"cannot copy {path} into VM {self.name}: no such local file")
-        if not isinstance(remote, str) or not remote:
-            raise ConfigError(f"remote must be a path in the guest, not {remote!r}")
-        self._require(VMState.READY)
-        self._session.timed("put", lambda: self._session.backend.put(self.name, path, remote))
-
-    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
-        """Copy ``remote`` from the VM to the local file ``local`` (binary-safe, any size).
-
-        ``local`` is replaced only once the whole file has arrived.
-        """
-        path = Path(local)
-        if not path.parent.is_dir():
-            raise GuestFileError(f"cannot copy into {path}: {path.parent} is not a directory")
-        if path.is_dir():
-            raise GuestFileError(f"cannot copy into {path}: it is a directory")
-        if not isinstance(remote, str) or not remote:
-            raise ConfigError(f"remote must be a path in the guest, not {remote!r}")
-        self._require(VMState.READY)
-        self._session.timed("get", lambda: self._session.backend.get(self.name, remote, path))
-
-    def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
-        """Shut the VM down; its disk is kept for :meth:`start`."""
-        self._require(VMState.READY, VMState.STOPPED)
-        if self.state is VMState.STOPPED:
-            return
-        self._session.transition(self._id, VMState.STOPPING)
-        self._session.guard(
-            self._id, "stop", lambda: self._session.backend.stop(self.name, timeout_s)
-        )
-        self._session.transition(self._id, VMState.STOPPED)
-
-    def start(self, boot_timeout_s: float | None = None) -> None:
-        """Boot a stopped VM again; returns when it answers commands."""
-        self._require(VMState.READY, VMState.STOPPED)
-        if self.state is VMState.READY:
-            return
-        timeout = boot_timeout_s or self._session.boot_timeout_s
-        self._session.transition(self._id, VMState.STARTING)
-        self._session.guard(self._id, "start", lambda: self._session.backend.start(self.name))
-        self._session.guard(
-            self._id, "boot", lambda: self._session.backend.wait_ready(self.name, timeout)
-        )
-        self._session.transition(self._id, VMState.READY)
-
-    def delete(self) -> None:
-        """Destroy the VM. Deleting a deleted VM does nothing."""
-        self._session.delete_vm(self._id, self.name)
-
-    def keep(self, why: str = "kept for inspection") -> None:
-        """Leave the VM running after the session ends, for a person to inspect.
-
-        The session, its sweeps and the reaper leave a kept VM alone;
-        ``vmlease cleanup`` (or its lease running out) deletes it.
-        """
-        self._require(VMState.READY, VMState.STOPPED)
-        self._session.release(self._id, why)
-
-    def snapshot(self, tag: str) -> None:
-        """Save the VM's memory and disk state as ``tag`` (replacing a snapshot of that name).
-
-        UnsupportedOperation if the backend cannot (see its capabilities).
-        """
-        _check_tag(tag)
-        self._require_snapshots()
-        self._require(VMState.READY)
-        self._session.timed("snapshot", lambda: self._session.backend.snapshot(self.name, tag))
-        self._session.ledger.note(self._id, VMState.READY, f"snapshot {tag}")
-
-    def restore(self, tag: str) -> None:
-        """Bring memory and disk back to snapshot ``tag``: what happened since is gone.
-
-        The guest clock is set to the current time afterwards.
-        """
-        _check_tag(tag)
-        self._require_snapshots()
-        self._require(VMState.READY)
-        self._session.timed("restore", lambda: self._session.backend.restore(self.name, tag))
-        self._session.ledger.note(self._id, VMState.READY, f"restored {tag}")
-
-    def _require_snapshots(self) -> None:
-        backend = self._session.backend
-        if not backend.capabilities.snapshots:
-            raise UnsupportedOperation(
-                f"the {backend.name} backend cannot take or restore snapshots; "
-                "use a fresh VM per test instead"
-            )
-
-    def console_tail(self, lines: int = 40) -> str:
-        """The last lines of the VM's console, for diagnosis."""
-        return self._session.backend.console_tail(self.name, lines)
-
-    def __enter__(self) -> VM:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.delete()
+    retries: dict[str, int]
+    longest_s: dict[str, float]
+    adopted: int = 0
 
 
 class Session:
@@ -371,7 +94,11 @@ class Session:
             the same state directory and limit (pytest-xdist workers of a run);
             a create waits up to ``place_timeout_s`` for a place.
         place_timeout_s: how long a create waits under ``max_vms``.
+        retry: how backend operations that fail transiently are retried, and
+            each one's time limit (default ``RetryPolicy()``; use
+            ``RetryPolicy(...).without_waits()`` in tests that inject failures).
         clock: monotonic seconds, for durations (injected for tests).
+        sleep: waits between retries (injected for tests).
     """
 
     def __init__(
@@ -389,7 +116,9 @@ class Session:
         sweep: bool = True,
         max_vms: int | None = None,
         place_timeout_s: float = 1800.0,
+        retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not isinstance(name_prefix, str) or not name_prefix:
             raise ConfigError("name_prefix must be a non-empty string")
@@ -397,6 +126,10 @@ class Session:
         for label, value in (("boot_timeout_s", boot_timeout_s), ("max_age_s", max_age_s)):
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"{label} must be a positive number of seconds, not {value!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"retry must be a vmlease.RetryPolicy, not {retry!r}")
+        self.retry_policy = retry or RetryPolicy()
+        self._retrier = Retrier(self.retry_policy, sleep=sleep, clock=clock)
         self.id = validate_name(session_id) if session_id is not None else new_session_id()
         self.state_dir = ensure_private_dir(
             Path(state_dir) if state_dir is not None else default_state_dir()
@@ -424,6 +157,7 @@ class Session:
         self._created = 0
         self._deleted = 0
         self._failed = 0
+        self._adopted = 0
         self._closed = False
         self._opened = False
         if isinstance(reaper, ReaperLink):
@@ -457,10 +191,41 @@ class Session:
         if vm is not None:
             vm.last_state = state
 
-    def guard(self, vm_id: int, op: str, fn: Callable[[], T]) -> T:
-        """A timed backend operation whose failure is recorded as the VM's failure."""
+    def transient(self, exc: BaseException) -> bool:
+        """Whether the backend judges ``exc`` worth retrying."""
+        return self.backend.classify(exc) is Fault.TRANSIENT
+
+    def call(
+        self,
+        op: str,
+        fn: Callable[[float], T],
+        *,
+        timeout_s: float,
+        subject: str = "",
+        before_retry: Callable[[BaseException], None] | None = None,
+    ) -> T:
+        """A backend operation, timed and retried under the session's policy.
+
+        ``fn`` gets the time limit for its attempt: ``timeout_s``, or less
+        near the end of the policy's total time.
+        """
+        return self.timed(
+            op,
+            lambda: self._retrier.call(
+                op,
+                fn,
+                timeout_s=timeout_s,
+                transient=self.transient,
+                subject=subject,
+                before_retry=before_retry,
+            ),
+        )
+
+    def guard(self, vm_id: int, op: str, fn: Callable[[float], T], *, timeout_s: float) -> T:
+        """A backend operation (as ``call``) whose failure is recorded as the VM's failure."""
+        vm = self._vms.get(vm_id)
         try:
-            return self.timed(op, fn)
+            return self.call(op, fn, timeout_s=timeout_s, subject=vm.name if vm else "")
         except BaseException as exc:
             self.transition(vm_id, VMState.FAILED, error=f"{op}: {exc}")
             raise
@@ -552,14 +317,28 @@ class Session:
             self._vms[record.id] = vm
             if place is not None:
                 self._held[record.id] = place
+        attempt = _CreateAttempts(self, vm_name_, spec)
         try:
             self.transition(record.id, VMState.CREATING)
-            self.timed("create", lambda: self.backend.create(vm_name_, spec))
-            self.timed("boot", lambda: self.backend.wait_ready(vm_name_, timeout))
+            self.call(
+                "create",
+                attempt,
+                timeout_s=self.retry_policy.timeouts.create_s,
+                subject=vm_name_,
+            )
+            self.call(
+                "boot",
+                lambda limit: self.backend.wait_ready(vm_name_, limit),
+                timeout_s=timeout,
+                subject=vm_name_,
+            )
         except BaseException as exc:
             self._failed += 1
-            self._abandon(record.id, vm_name_, exc)
+            self._abandon(record.id, vm_name_, exc, ours=attempt.may_exist)
             raise
+        if attempt.adopted:
+            self._adopted += 1
+            self.ledger.note(record.id, VMState.CREATING, "adopted after a failed create")
         self.transition(record.id, VMState.READY)
         self._created += 1
         return vm
@@ -601,15 +380,20 @@ class Session:
                     raise
         raise NameInUse(f"no free generated name for session {self.id}")
 
-    def _abandon(self, vm_id: int, name: str, exc: BaseException) -> None:
-        """A create failed: record why, remove whatever the backend made."""
+    def _abandon(self, vm_id: int, name: str, exc: BaseException, *, ours: bool) -> None:
+        """A create failed: record why, remove whatever the backend made.
+
+        ``ours`` is False when no attempt can have made a VM (the backend
+        said at once that the name was taken): that VM is someone else's.
+        """
         self.transition(vm_id, VMState.FAILED, error=f"{type(exc).__name__}: {exc}")
-        try:
-            self.timed("delete", lambda: self.backend.delete(name))
-        except VMNotFound:
-            pass
-        except VMLeaseError:
-            return  # stays failed: a later cleanup retries the delete
+        if ours:
+            try:
+                self._backend_delete(name)
+            except VMNotFound:
+                pass
+            except VMLeaseError:
+                return  # stays failed: the reaper or a later cleanup retries the delete
         self.transition(vm_id, VMState.GONE, error=f"{type(exc).__name__}: {exc}")
         self._give_back_place(vm_id)
         with self._lock:
@@ -626,7 +410,7 @@ class Session:
             if vm is not None:
                 vm.last_state = VMState.DELETING
             try:
-                self.timed("delete", lambda: self.backend.delete(name))
+                self._backend_delete(name)
             except VMNotFound:
                 pass
             except BaseException as exc:
@@ -637,6 +421,14 @@ class Session:
         self._deleted += 1
         with self._lock:
             self._vms.pop(vm_id, None)
+
+    def _backend_delete(self, name: str) -> None:
+        self.call(
+            "delete",
+            lambda limit: self.backend.delete(name, timeout_s=limit),
+            timeout_s=self.retry_policy.timeouts.delete_s,
+            subject=name,
+        )
 
     def release(self, vm_id: int, why: str) -> None:
         """Hand a VM over to the ledger as kept: this session no longer deletes it."""
@@ -660,6 +452,9 @@ class Session:
             deleted=self._deleted,
             failed=self._failed,
             ops=self.metrics.summary(),
+            retries=dict(self._retrier.stats.retries),
+            longest_s=dict(self._retrier.stats.longest_s),
+            adopted=self._adopted,
         )
 
     def close(self) -> None:
@@ -698,3 +493,51 @@ class Session:
                 raise
         finally:
             self.ledger.close()
+
+
+class _CreateAttempts:
+    """The create step of ``Session.create``, called once per attempt.
+
+    A create that failed transiently (a timeout, say) may have made the VM
+    anyway, so the next attempt can meet "already exists". That VM is ours:
+    it is adopted if it answers, or deleted so that the attempt after can
+    make it again. "Already exists" on the first attempt means another
+    program's VM has the name, which is never touched.
+    """
+
+    def __init__(self, session: Session, name: str, spec: VMSpec) -> None:
+        self._session = session
+        self._name = name
+        self._spec = spec
+        self.may_exist = False  # whether an earlier attempt may have made the VM
+        self.adopted = False
+
+    def __call__(self, limit_s: float) -> None:
+        session, name = self._session, self._name
+        try:
+            session.backend.create(name, self._spec, timeout_s=limit_s)
+        except VMAlreadyExists:
+            if not self.may_exist:
+                raise
+            self._adopt_or_clear(limit_s)
+            return
+        except BaseException:
+            self.may_exist = True
+            raise
+        self.may_exist = True
+
+    def _adopt_or_clear(self, limit_s: float) -> None:
+        session, name = self._session, self._name
+        try:
+            session.backend.wait_ready(name, min(limit_s, session.boot_timeout_s))
+        except VMLeaseError as exc:
+            log.warning("VM %s, made by a create that failed, does not answer: %s", name, exc)
+            with contextlib.suppress(VMNotFound):
+                session.backend.delete(name, timeout_s=session.retry_policy.timeouts.delete_s)
+            raise BackendError(
+                f"VM {name} was made by a create that failed, and did not answer; "
+                "it was deleted, to be made again",
+                transient=True,
+            ) from exc
+        log.warning("adopted VM %s, made by a create that failed", name)
+        self.adopted = True

@@ -26,13 +26,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmlease import backends
 from vmlease._errors import ConfigError, VMLeaseError
 from vmlease._inventory import inventory
 from vmlease._ledger import VMState
 from vmlease._options import KEEP_CHOICES, RunOptions
 from vmlease._paths import state_dir as default_state_dir
-from vmlease._session import VM, Session
+from vmlease._retry import RetryPolicy
+from vmlease._session import Session
 from vmlease._spec import VMSpec
+from vmlease._vm import VM
+from vmlease.backends import Backend
 
 __all__ = ["CLEAN_TAG", "KEEP_CHOICES", "RunOptions", "TestRun", "Use", "left_behind"]
 
@@ -294,6 +298,12 @@ class TestRun:
             "vm_ops_s": total("create", "boot", "restore", "snapshot", "delete", "wait"),
             "exec_s": total("exec", "put", "get"),
             "close_s": time.monotonic() - started,
+            "retries": dict(stats.retries) if stats is not None else {},
+            "longest_op_s": dict(stats.longest_s) if stats is not None else {},
+            "adopted": stats.adopted if stats is not None else 0,
+            "faults": sum(getattr(self._session.backend, "injected", {}).values())
+            if self._session is not None
+            else 0,
         }
 
 
@@ -301,8 +311,16 @@ def _session_for(options: RunOptions) -> Session:
     kwargs: dict[str, Any] = {}
     if options.max_age_s is not None:
         kwargs["max_age_s"] = options.max_age_s
+    backend: str | Backend = options.backend
+    if options.faults:
+        from vmlease.testing import FlakyBackend, check_faults
+
+        inner = backends.get(options.backend, state_dir=options.state_dir or default_state_dir())
+        backend = FlakyBackend(inner, **check_faults(options.faults))  # type: ignore[arg-type]
+    if options.retry:
+        kwargs["retry"] = RetryPolicy.parse(options.retry)
     return Session(
-        backend=options.backend,
+        backend=backend,
         state_dir=options.state_dir,
         session_id=options.session_id,
         name_tag=options.worker,

@@ -26,8 +26,9 @@ from vmlease._options import RunOptions
 if TYPE_CHECKING:
     # The machinery that makes VMs loads when a test first asks for one, so a
     # run without VMs pays almost nothing for the plugin.
-    from vmlease._session import VM, Session
+    from vmlease._session import Session
     from vmlease._testrun import TestRun, Use
+    from vmlease._vm import VM
 
 _OPTIONS = pytest.StashKey[RunOptions]()
 _RUN = pytest.StashKey["TestRun"]()
@@ -45,6 +46,16 @@ _SETTINGS = {
     ),
     "vm_max": ("VMLEASE_MAX", "at most N VMs at once across all workers"),
     "vm_max_age": ("VMLEASE_MAX_AGE", "seconds a VM may live before cleanup may delete it"),
+    "vm_retry": (
+        "VMLEASE_RETRY",
+        "how transient backend failures are retried, and time limits per operation: "
+        "attempts=5,total_s=600,create_s=300,start_s=120,delete_s=60,waits=on",
+    ),
+    "vm_faults": (
+        "VMLEASE_FAULTS",
+        "inject transient backend failures and hangs, to test the suite's resilience: "
+        "failure_rate=0.3,hang_rate=0.05,hang_s=1,seed=7 (see vmlease.testing)",
+    ),
 }
 _MARKER_ARGS = {"image", "cpus", "memory_mb", "fresh"}
 
@@ -103,6 +114,8 @@ def _options(config: pytest.Config) -> RunOptions:
             keep=_setting(config, "vm_keep") or "never",
             max_vms=_number(config, "vm_max", int),
             max_age_s=_number(config, "vm_max_age", float),
+            faults=_setting(config, "vm_faults"),
+            retry=_setting(config, "vm_retry"),
             session_id=session_id,
             worker=worker,
         )
@@ -273,6 +286,11 @@ def _merge(into: dict[str, Any], figures: dict[str, Any]) -> None:
             into[key] = into.get(key, 0) + value
         elif isinstance(value, list):
             into.setdefault(key, []).extend(value)
+        elif isinstance(value, dict):
+            counts = into.setdefault(key, {})
+            for k, n in value.items():
+                # durations are the longest seen; counts add up
+                counts[k] = max(counts.get(k, 0), n) if key.endswith("_s") else counts.get(k, 0) + n
         elif value is not None:
             into.setdefault("sessions", set()).add(value)
 
@@ -296,6 +314,15 @@ def pytest_terminal_summary(
         f"{summary.get('restored', 0)} restored, {summary.get('deleted', 0)} deleted, "
         f"{len(summary.get('kept', []))} kept"
     )
+    retries = summary.get("retries", {})
+    if retries or summary.get("faults"):
+        by_op = ", ".join(f"{op} {n}" for op, n in sorted(retries.items()))
+        write(
+            f"retries: {sum(retries.values())} after transient failures"
+            + (f" ({by_op})" if by_op else "")
+            + (f"; {summary['faults']} faults injected" if summary.get("faults") else "")
+            + (f"; {summary['adopted']} VMs adopted" if summary.get("adopted") else "")
+        )
     write(
         f"time: {summary.get('boot_s', 0.0):.1f} s booting, "
         f"{summary.get('restore_s', 0.0):.1f} s snapshotting and restoring, "

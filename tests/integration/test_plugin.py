@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.killing import leftovers
+from tests.support.ledger import ledger_records
 from vmlease._ledger import Ledger, VMState
 from vmlease.images import Image
 
@@ -36,11 +37,7 @@ def run(suite: pytest.Pytester, *args: str) -> pytest.RunResult:
 
 
 def names_in_ledger(state: Path) -> list[str]:
-    ledger = Ledger(state / "ledger.sqlite3")
-    try:
-        return [r.name for r in ledger.records(include_gone=True)]
-    finally:
-        ledger.close()
+    return [r.name for r in ledger_records(state)]
 
 
 def test_vm_is_clean_for_every_test_and_worker_vm_carries_state(

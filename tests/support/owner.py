@@ -25,15 +25,15 @@ def say(*words: str) -> None:
 class MarkingBackend(QemuBackend):
     delete_pause_s = 0.0
 
-    def create(self, name: str, spec: VMSpec) -> None:
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
         say("CREATING", name)
-        super().create(name, spec)
+        super().create(name, spec, timeout_s=timeout_s)
         say("LAUNCHED", name)
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
         say("DELETING", name)
         time.sleep(self.delete_pause_s)  # widens the window for a second signal
-        super().delete(name)
+        super().delete(name, timeout_s=timeout_s)
 
 
 def main() -> int:

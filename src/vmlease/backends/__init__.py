@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 from vmlease._errors import ConfigError
 
-from ._base import Backend, BackendVM, Capabilities, ExecResult
+from ._base import Backend, BackendVM, Capabilities, ExecResult, Fault
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
 
-__all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult", "available", "get"]
+__all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult", "Fault", "available", "get"]
 
 _GROUP = "vmlease.backends"
 

@@ -11,15 +11,23 @@ All times are in seconds.
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmlease._errors import UnsupportedOperation
+from vmlease._errors import BackendError, UnsupportedOperation
 from vmlease._naming import validate_name
 from vmlease._spec import VMSpec
 
-__all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult"]
+__all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult", "Fault"]
+
+
+class Fault(enum.Enum):
+    """How a backend judges a failure."""
+
+    TRANSIENT = "transient"  # trying again may work, and is safe
+    PERMANENT = "permanent"  # surface it at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +78,21 @@ class Backend(abc.ABC):
     def check_spec(self, spec: VMSpec) -> None:
         """Raise ImageNotFound or InvalidSpec if ``spec`` cannot be created here. Cheap."""
 
+    def classify(self, exc: BaseException) -> Fault:
+        """Whether ``exc``, raised by one of this backend's operations, is worth
+        retrying. By default a BackendError says so itself (``transient``);
+        a backend that learns more from an error's text overrides this."""
+        if isinstance(exc, BackendError) and exc.transient:
+            return Fault.TRANSIENT
+        return Fault.PERMANENT
+
     @abc.abstractmethod
-    def create(self, name: str, spec: VMSpec) -> None:
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
         """Create and start the VM; may return before it is ready (see wait_ready).
 
-        Raises VMAlreadyExists if the backend already has a VM of that name.
+        Raises VMAlreadyExists if the backend already has a VM of that name,
+        BackendTimeout if creating takes longer than ``timeout_s`` (the VM
+        may still appear later; the session handles that).
         """
 
     @abc.abstractmethod
@@ -82,7 +100,7 @@ class Backend(abc.ABC):
         """Block until the VM answers commands; BootError if it cannot within ``timeout_s``."""
 
     @abc.abstractmethod
-    def start(self, name: str) -> None:
+    def start(self, name: str, *, timeout_s: float = 120.0) -> None:
         """Start a stopped VM (wait_ready follows)."""
 
     @abc.abstractmethod
@@ -90,11 +108,11 @@ class Backend(abc.ABC):
         """Shut the VM down, keeping its disk."""
 
     @abc.abstractmethod
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
         """Destroy the VM and everything the backend kept for it. VMNotFound if unknown."""
 
     @abc.abstractmethod
-    def list(self) -> list[BackendVM]:
+    def list(self, *, timeout_s: float = 30.0) -> list[BackendVM]:
         """Every VM the backend has, ours or not."""
 
     @abc.abstractmethod
@@ -123,11 +141,11 @@ class Backend(abc.ABC):
         """The last lines the VM wrote to its console, for diagnosis ("" if none)."""
         return ""
 
-    def snapshot(self, name: str, tag: str) -> None:
+    def snapshot(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
         """Save the VM's memory and disk state as ``tag``."""
         raise UnsupportedOperation(f"the {self.name} backend cannot take snapshots")
 
-    def restore(self, name: str, tag: str) -> None:
+    def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
         """Bring the VM back to the state saved as ``tag``."""
         raise UnsupportedOperation(f"the {self.name} backend cannot restore snapshots")
 

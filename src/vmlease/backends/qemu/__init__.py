@@ -25,6 +25,7 @@ from pathlib import Path
 
 from vmlease._errors import (
     BackendError,
+    BackendTimeout,
     BackendUnavailable,
     BootError,
     ChannelError,
@@ -64,7 +65,6 @@ _INSTALL = {
 }
 _LAUNCH_TIMEOUT_S = 30.0
 _RECONNECT_TIMEOUT_S = 10.0
-_SNAPSHOT_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -227,15 +227,18 @@ class QemuBackend(Backend):
         for leftover in (QMP_SOCKET, AGENT_SOCKET, PIDFILE):
             (vm_dir / leftover).unlink(missing_ok=True)
 
-    def _launch(self, name: str, vm_dir: Path, argv: list[str]) -> None:
+    def _launch(self, name: str, vm_dir: Path, argv: list[str], timeout_s: float) -> None:
         self._clear_runtime(vm_dir)
-        done = self._run(argv, timeout_s=_LAUNCH_TIMEOUT_S, cwd=vm_dir)
-        if done.returncode != 0:
-            why = (
-                "did not start in time" if done.returncode is None else f"exited {done.returncode}"
+        done = self._run(argv, timeout_s=min(timeout_s, _LAUNCH_TIMEOUT_S), cwd=vm_dir)
+        if done.returncode is None:
+            raise BackendTimeout(
+                f"qemu for VM {name} did not start in time: {done.stderr.strip()[-2000:]}",
+                command=argv,
+                stderr=done.stderr,
             )
+        if done.returncode != 0:
             raise BackendError(
-                f"qemu for VM {name} {why}: {done.stderr.strip()[-2000:]}",
+                f"qemu for VM {name} exited {done.returncode}: {done.stderr.strip()[-2000:]}",
                 command=argv,
                 exit_code=done.returncode,
                 stderr=done.stderr,
@@ -255,7 +258,7 @@ class QemuBackend(Backend):
                 f"it needs at least {image.min_memory_mb}"
             )
 
-    def create(self, name: str, spec: VMSpec) -> None:
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
         config = self.launch_config()
         qemu_img = self._require(self._qemu_img)
         image = find_image(self._image_dir, spec.image)
@@ -277,7 +280,12 @@ class QemuBackend(Backend):
                 "qcow2",
                 str(vm_dir / DISK),
             ]
-            done = self._run(argv, timeout_s=60)
+            done = self._run(argv, timeout_s=min(timeout_s, 60.0))
+            if done.returncode is None:
+                raise BackendTimeout(
+                    f"creating the disk of VM {name} took longer than {min(timeout_s, 60.0):g} s",
+                    command=argv,
+                )
             if done.returncode != 0:
                 raise BackendError(
                     f"cannot create the disk of VM {name}: {done.stderr.strip()}",
@@ -294,9 +302,12 @@ class QemuBackend(Backend):
                 "argv": launch,
             }
             (vm_dir / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
-            self._launch(name, vm_dir, launch)
+            self._launch(name, vm_dir, launch, timeout_s)
         except BaseException:
+            # Leave nothing a retry could trip over: no directory, and no QEMU
+            # that a launch which timed out may still have started.
             self._forget(name)
+            self._kill_all(vm_dir)
             shutil.rmtree(vm_dir, ignore_errors=True)
             raise
 
@@ -309,7 +320,7 @@ class QemuBackend(Backend):
                 tail = self.console_tail(name, 20)
                 raise BootError(f"{exc}\n--- console (last lines) ---\n{tail}") from exc
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *, timeout_s: float = 120.0) -> None:
         vm_dir = self._dir(name)
         try:
             record = json.loads((vm_dir / "vm.json").read_text())
@@ -317,7 +328,7 @@ class QemuBackend(Backend):
             raise VMNotFound(f"the qemu backend has no VM named {name!r}") from exc
         if self._running_pid(vm_dir) is not None:
             return
-        self._launch(name, vm_dir, list(record["argv"]))
+        self._launch(name, vm_dir, list(record["argv"]), timeout_s)
 
     def stop(self, name: str, timeout_s: float) -> None:
         vm_dir = self._dir(name)
@@ -338,7 +349,7 @@ class QemuBackend(Backend):
         self._forget(name)
         self._clear_runtime(vm_dir)
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
         """Kill the VM's QEMU and remove its directory.
 
         The owner may have died while QEMU was starting, with no pidfile
@@ -377,7 +388,7 @@ class QemuBackend(Backend):
                 os.close(pidfd)
         return count
 
-    def list(self) -> list[BackendVM]:
+    def list(self, *, timeout_s: float = 30.0) -> list[BackendVM]:
         if not self.root.is_dir():
             return []
         found = []
@@ -437,17 +448,17 @@ class QemuBackend(Backend):
                 raise SnapshotNotFound(f"VM {name}: {text}")
             raise BackendError(f"VM {name}: {command} failed: {text}")
 
-    def snapshot(self, name: str, tag: str) -> None:
+    def snapshot(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
         """Save memory and disk as ``tag`` inside the VM's qcow2 disk (``savevm``)."""
         live = self._attach(name)
         with live.lock:
-            self._hmp(name, f"savevm {tag}", _SNAPSHOT_TIMEOUT_S)
+            self._hmp(name, f"savevm {tag}", timeout_s)
 
-    def restore(self, name: str, tag: str) -> None:
+    def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
         """Bring memory and disk back to ``tag`` (``loadvm``), then set the guest clock."""
         live = self._attach(name)
         with live.lock:
-            self._hmp(name, f"loadvm {tag}", _SNAPSHOT_TIMEOUT_S)
+            self._hmp(name, f"loadvm {tag}", timeout_s)
             # The guest is back where it was at the snapshot: resynchronise the
             # channel, and give it today's time instead of the snapshot's.
             channel = self._channel(name, live, _RECONNECT_TIMEOUT_S)

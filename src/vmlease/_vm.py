@@ -1,0 +1,351 @@
+"""VM handles: what a test does with one VM of a session.
+
+Every backend operation goes through the session (``Session.call``), which
+times it, retries it under the session's policy when the backend calls the
+failure transient, and records state changes in the ledger.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._errors import (
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    GuestFileError,
+    UnsupportedOperation,
+    VMLeaseError,
+    VMStateError,
+)
+from ._ledger import VMState
+from ._spec import VMSpec
+
+if TYPE_CHECKING:
+    from ._session import Session
+
+__all__ = ["VM", "CommandResult", "TranscriptEntry"]
+
+DEFAULT_STOP_TIMEOUT_S = 30.0
+TRANSCRIPT_LIMIT = 200
+_OUTPUT_KEPT = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What a command did in a VM.
+
+    Attributes:
+        argv: the command.
+        exit_code: its exit status; 127 if the command does not exist,
+            128 + N if killed by signal N.
+        stdout_bytes, stderr_bytes: its raw output.
+        duration_s: wall time of the round trip, in seconds.
+    """
+
+    argv: tuple[str, ...]
+    exit_code: int
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    duration_s: float
+
+    @property
+    def stdout(self) -> str:
+        """Standard output, decoded as UTF-8 (undecodable bytes replaced)."""
+        return self.stdout_bytes.decode(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        """Standard error, decoded as UTF-8 (undecodable bytes replaced)."""
+        return self.stderr_bytes.decode(errors="replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptEntry:
+    """One command as a VM's transcript keeps it (output truncated)."""
+
+    argv: tuple[str, ...]
+    exit_code: int | None
+    duration_s: float
+    stdout: str
+    stderr: str
+
+
+_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _check_tag(tag: object) -> None:
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
+        raise ConfigError(
+            f"invalid snapshot name {tag!r}: 1 to 64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _argv(argv: object) -> tuple[str, ...]:
+    if isinstance(argv, str | bytes):
+        raise ConfigError(
+            f"argv must be a list of strings, not the string {argv!r}; "
+            f"for a shell line use ['sh', '-c', {argv!r}]"
+        )
+    if not isinstance(argv, Sequence) or not argv:
+        raise ConfigError(f"argv must be a non-empty list of strings, not {argv!r}")
+    bad = [a for a in argv if not isinstance(a, str)]
+    if bad:
+        raise ConfigError(f"every argument must be a string; not {bad[0]!r}")
+    return tuple(argv)
+
+
+class VM:
+    """A handle on one VM of a session. Get one from :meth:`Session.create`."""
+
+    def __init__(self, session: Session, vm_id: int, name: str, spec: VMSpec) -> None:
+        self._session = session
+        self._id = vm_id
+        self.name = name
+        self.spec = spec
+        self.transcript: list[TranscriptEntry] = []
+        self.last_state = VMState.INTENDED
+
+    def __repr__(self) -> str:
+        return f"<VM {self.name} {self.state.value}>"
+
+    @property
+    def state(self) -> VMState:
+        """The VM's state as the ledger records it (the last one seen once the session ended)."""
+        if self._session.ledger.closed:
+            return self.last_state
+        record = self._session.ledger.get(self._id)
+        return record.state if record else VMState.GONE
+
+    def _require(self, *states: VMState) -> None:
+        state = self.state
+        if state in states:
+            return
+        if state is VMState.GONE:
+            raise VMStateError(f"VM {self.name} has been deleted")
+        if state is VMState.STOPPED:
+            raise VMStateError(f"VM {self.name} is stopped: call start() first")
+        raise VMStateError(f"VM {self.name} is {state.value}, not {' or '.join(states)}")
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | str | None = None,
+        check: bool = False,
+        timeout_s: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> CommandResult:
+        """Run ``argv`` in the VM (no shell) and return what it did.
+
+        Args:
+            argv: program and arguments; for a shell line pass ``["sh", "-c", line]``.
+            input: bytes (or text, encoded as UTF-8) for the command's stdin.
+            check: raise CommandFailed if it exits non-zero.
+            timeout_s: kill it after this many seconds and raise CommandTimeout.
+            env: extra environment variables.
+            cwd: working directory in the guest.
+        """
+        args = _argv(argv)
+        if timeout_s is not None and (isinstance(timeout_s, bool) or timeout_s <= 0):
+            raise ConfigError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
+        data = input.encode() if isinstance(input, str) else input
+        self._require(VMState.READY)
+        start = time.monotonic()
+        try:
+            # Only a failure the backend calls transient is retried, and for
+            # exec that means the command never started: it is not run twice.
+            raw = self._session.call(
+                "exec",
+                lambda _limit: self._session.backend.exec(
+                    self.name, args, stdin=data, env=env, cwd=cwd, timeout_s=timeout_s
+                ),
+                timeout_s=math.inf,
+                subject=self.name,
+            )
+        except VMLeaseError:
+            self._note(TranscriptEntry(args, None, time.monotonic() - start, "", "(channel error)"))
+            raise
+        result = CommandResult(
+            args, raw.exit_code, raw.stdout, raw.stderr, time.monotonic() - start
+        )
+        self._note(
+            TranscriptEntry(
+                args,
+                result.exit_code,
+                result.duration_s,
+                result.stdout[:_OUTPUT_KEPT],
+                result.stderr[:_OUTPUT_KEPT],
+            )
+        )
+        if raw.timed_out:
+            raise CommandTimeout(
+                vm=self.name,
+                argv=args,
+                timeout_s=timeout_s or 0.0,
+                stdout=result.stdout,
+                stderr=result.stderr,
+            )
+        if check and result.exit_code != 0:
+            raise CommandFailed(
+                vm=self.name,
+                argv=args,
+                exit_code=result.exit_code,
+                stdout=result.stdout,
+                stderr=result.stderr,
+            )
+        return result
+
+    def _note(self, entry: TranscriptEntry) -> None:
+        self.transcript.append(entry)
+        del self.transcript[:-TRANSCRIPT_LIMIT]
+
+    def put(self, local: str | os.PathLike[str], remote: str) -> None:
+        """Copy the local file ``local`` to ``remote`` in the VM (binary-safe, any size).
+
+        The guest file appears whole or not at all; its mode follows the local file.
+        """
+        path = Path(local)
+        if not path.is_file():
+            raise GuestFileError(f"cannot copy {path} into VM {self.name}: no such local file")
+        if not isinstance(remote, str) or not remote:
+            raise ConfigError(f"remote must be a path in the guest, not {remote!r}")
+        self._require(VMState.READY)
+        self._session.call(
+            "put",
+            lambda _limit: self._session.backend.put(self.name, path, remote),
+            timeout_s=math.inf,
+            subject=self.name,
+        )
+
+    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
+        """Copy ``remote`` from the VM to the local file ``local`` (binary-safe, any size).
+
+        ``local`` is replaced only once the whole file has arrived.
+        """
+        path = Path(local)
+        if not path.parent.is_dir():
+            raise GuestFileError(f"cannot copy into {path}: {path.parent} is not a directory")
+        if path.is_dir():
+            raise GuestFileError(f"cannot copy into {path}: it is a directory")
+        if not isinstance(remote, str) or not remote:
+            raise ConfigError(f"remote must be a path in the guest, not {remote!r}")
+        self._require(VMState.READY)
+        self._session.call(
+            "get",
+            lambda _limit: self._session.backend.get(self.name, remote, path),
+            timeout_s=math.inf,
+            subject=self.name,
+        )
+
+    def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
+        """Shut the VM down; its disk is kept for :meth:`start`."""
+        self._require(VMState.READY, VMState.STOPPED)
+        if self.state is VMState.STOPPED:
+            return
+        self._session.transition(self._id, VMState.STOPPING)
+        self._session.guard(
+            self._id,
+            "stop",
+            lambda limit: self._session.backend.stop(self.name, limit),
+            timeout_s=timeout_s,
+        )
+        self._session.transition(self._id, VMState.STOPPED)
+
+    def start(self, boot_timeout_s: float | None = None) -> None:
+        """Boot a stopped VM again; returns when it answers commands."""
+        self._require(VMState.READY, VMState.STOPPED)
+        if self.state is VMState.READY:
+            return
+        timeout = boot_timeout_s or self._session.boot_timeout_s
+        self._session.transition(self._id, VMState.STARTING)
+        session = self._session
+        session.guard(
+            self._id,
+            "start",
+            lambda limit: session.backend.start(self.name, timeout_s=limit),
+            timeout_s=session.retry_policy.timeouts.start_s,
+        )
+        session.guard(
+            self._id,
+            "boot",
+            lambda limit: session.backend.wait_ready(self.name, limit),
+            timeout_s=timeout,
+        )
+        self._session.transition(self._id, VMState.READY)
+
+    def delete(self) -> None:
+        """Destroy the VM. Deleting a deleted VM does nothing."""
+        self._session.delete_vm(self._id, self.name)
+
+    def keep(self, why: str = "kept for inspection") -> None:
+        """Leave the VM running after the session ends, for a person to inspect.
+
+        The session, its sweeps and the reaper leave a kept VM alone;
+        ``vmlease cleanup`` (or its lease running out) deletes it.
+        """
+        self._require(VMState.READY, VMState.STOPPED)
+        self._session.release(self._id, why)
+
+    def snapshot(self, tag: str) -> None:
+        """Save the VM's memory and disk state as ``tag`` (replacing a snapshot of that name).
+
+        UnsupportedOperation if the backend cannot (see its capabilities).
+        """
+        _check_tag(tag)
+        self._require_snapshots()
+        self._require(VMState.READY)
+        self._session.call(
+            "snapshot",
+            lambda limit: self._session.backend.snapshot(self.name, tag, timeout_s=limit),
+            timeout_s=self._session.retry_policy.timeouts.snapshot_s,
+            subject=self.name,
+        )
+        self._session.ledger.note(self._id, VMState.READY, f"snapshot {tag}")
+
+    def restore(self, tag: str) -> None:
+        """Bring memory and disk back to snapshot ``tag``: what happened since is gone.
+
+        The guest clock is set to the current time afterwards.
+        """
+        _check_tag(tag)
+        self._require_snapshots()
+        self._require(VMState.READY)
+        self._session.call(
+            "restore",
+            lambda limit: self._session.backend.restore(self.name, tag, timeout_s=limit),
+            timeout_s=self._session.retry_policy.timeouts.snapshot_s,
+            subject=self.name,
+        )
+        self._session.ledger.note(self._id, VMState.READY, f"restored {tag}")
+
+    def _require_snapshots(self) -> None:
+        backend = self._session.backend
+        if not backend.capabilities.snapshots:
+            raise UnsupportedOperation(
+                f"the {backend.name} backend cannot take or restore snapshots; "
+                "use a fresh VM per test instead"
+            )
+
+    def console_tail(self, lines: int = 40) -> str:
+        """The last lines of the VM's console, for diagnosis."""
+        return self._session.backend.console_tail(self.name, lines)
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
