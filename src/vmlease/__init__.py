@@ -46,6 +46,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from ._ledger import VMState
+    from ._locks import Lock
     from ._retry import RetryPolicy, Timeouts
     from ._session import Session, SessionStats
     from ._spec import VMSpec
@@ -60,6 +61,7 @@ _LAZY = {
     "Session": "._session",
     "SessionStats": "._session",
     "RetryPolicy": "._retry",
+    "Lock": "._locks",
     "Timeouts": "._retry",
     "VMSpec": "._spec",
     "VMState": "._ledger",
@@ -97,6 +99,7 @@ __all__ = [
     "InvalidName",
     "InvalidSpec",
     "LedgerError",
+    "Lock",
     "LockTimeout",
     "NameInUse",
     "ReaperUnavailable",

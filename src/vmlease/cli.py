@@ -16,6 +16,7 @@ from vmlease._cleanup import cleanup
 from vmlease._errors import ConfigError, VMLeaseError
 from vmlease._inventory import inventory
 from vmlease._ledger import Record, VMState
+from vmlease._locks import Lock, run_holding
 from vmlease._paths import image_dir, state_dir
 from vmlease._version import __version__
 from vmlease.images import BUILDERS, build_tiny, list_images
@@ -129,6 +130,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def cmd_lock(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    return run_holding(Lock(args.name, state_dir=state_dir()), command, timeout_s=args.timeout)
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     if args.name != "tiny":
         raise ConfigError(
@@ -224,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("name", help="the VM, as `vmlease ls` names it")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     run.set_defaults(func=cmd_exec)
+
+    lock = sub.add_parser(
+        "lock",
+        help="run a command holding a named lock (shared by every process of this user)",
+        usage="vmlease lock [--timeout S] NAME -- COMMAND [ARG...]",
+        description="Waits for the lock, runs the command, passes its exit status through. "
+        "A holder that dies frees the lock at once; a wait that runs out names the holder.",
+    )
+    lock.add_argument(
+        "--timeout", type=_seconds, metavar="S", help="give up after waiting S seconds (exit 1)"
+    )
+    lock.add_argument("name", help="the lock's name: letters, digits, '_', '.', '-'")
+    lock.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    lock.set_defaults(func=cmd_lock)
 
     image = sub.add_parser("image", help="build and list images")
     isub = image.add_subparsers(dest="image_command", required=True, metavar="COMMAND")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vmlease import ConfigError, LockTimeout
-from vmlease._locks import Semaphore
+from vmlease._locks import Lock, Semaphore
 
 
 def test_places_are_limited_and_come_back(tmp_path: Path) -> None:
@@ -87,3 +87,42 @@ def test_never_more_than_n_holders_across_four_processes(tmp_path: Path) -> None
         most = pool.map(_count_at_once, [(str(tmp_path), str(counter), 15)] * 4)
     assert max(most) <= 2
     assert max(most) >= 1
+
+
+# -- named locks ---------------------------------------------------------------
+
+
+def test_a_lock_is_exclusive_and_its_timeout_names_the_holder(tmp_path: Path) -> None:
+    first = Lock("db", state_dir=tmp_path)
+    second = Lock("db", state_dir=tmp_path, timeout_s=0.1)
+    with first:
+        with pytest.raises(LockTimeout) as info:
+            second.acquire()
+        message = str(info.value)
+        assert f"pid {os.getpid()}" in message
+        assert "pytest" in message or "python" in message  # this process's command
+        assert "since 20" in message
+    with second:  # free again
+        pass
+    assert (tmp_path / "locks" / "db.lock").stat().st_mode & 0o777 == 0o600
+
+
+def test_locks_of_other_names_do_not_conflict(tmp_path: Path) -> None:
+    with Lock("a", state_dir=tmp_path), Lock("b", state_dir=tmp_path, timeout_s=0):
+        pass
+
+
+@pytest.mark.parametrize("name", ["", "../etc/passwd", "a b", "-x", "x" * 65, 3])
+def test_bad_lock_names_are_refused(tmp_path: Path, name: object) -> None:
+    with pytest.raises(ConfigError, match="invalid lock name"):
+        Lock(name, state_dir=tmp_path)  # type: ignore[arg-type]
+    assert not (tmp_path / "locks").exists() or list((tmp_path / "locks").iterdir()) == []
+
+
+def test_a_full_semaphore_names_its_holders(tmp_path: Path) -> None:
+    sem = Semaphore(tmp_path, "vm", 2)
+    a, b = sem.acquire(), sem.acquire()
+    with pytest.raises(LockTimeout, match=f"held by pid {os.getpid()}"):
+        sem.acquire(timeout_s=0.05)
+    a.release()
+    b.release()
