@@ -358,8 +358,9 @@ class Session:
 
     def _claim(self, name: str | None, spec: VMSpec) -> Record:
         """Write the ledger row for a new VM. A generated name that is taken
-        (processes sharing a session id) moves on to the next counter."""
-        for _ in range(1000):
+        (processes sharing a session id) moves the counter past the highest
+        one the session's live VMs use."""
+        for _ in range(100):
             if name is None:
                 with self._lock:
                     self._counter += 1
@@ -378,7 +379,18 @@ class Session:
             except NameInUse:
                 if name is not None:
                     raise
+                self._skip_taken_counters()
         raise NameInUse(f"no free generated name for session {self.id}")
+
+    def _skip_taken_counters(self) -> None:
+        head = vm_name(self.name_prefix, self.id, 1, self.name_tag)[:-1]
+        used = [
+            int(tail)
+            for r in self.ledger.records(session_id=self.id)
+            if r.name.startswith(head) and (tail := r.name[len(head) :]).isdigit()
+        ]
+        with self._lock:
+            self._counter = max([self._counter, *used])
 
     def _abandon(self, vm_id: int, name: str, exc: BaseException, *, ours: bool) -> None:
         """A create failed: record why, remove whatever the backend made.
