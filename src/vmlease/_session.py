@@ -26,6 +26,7 @@ from ._cleanup import Backends, Outcome, delete_records, find_reapable
 from ._errors import (
     BackendError,
     ConfigError,
+    InvalidName,
     NameInUse,
     VMAlreadyExists,
     VMLeaseError,
@@ -36,7 +37,7 @@ from ._identity import Owner, current_owner
 from ._ledger import Ledger, Record, VMState
 from ._locks import Semaphore, Slot
 from ._metrics import Metrics, OpStats
-from ._naming import new_session_id, validate_name, vm_name
+from ._naming import NAME_RULE, new_session_id, validate_name, vm_name
 from ._paths import ensure_private_dir
 from ._paths import state_dir as default_state_dir
 from ._reaper import ReaperLink
@@ -130,7 +131,7 @@ class Session:
             raise ConfigError(f"retry must be a vmlease.RetryPolicy, not {retry!r}")
         self.retry_policy = retry or RetryPolicy()
         self._retrier = Retrier(self.retry_policy, sleep=sleep, clock=clock)
-        self.id = validate_name(session_id) if session_id is not None else new_session_id()
+        self.id = _session_id(session_id) if session_id is not None else new_session_id()
         self.state_dir = ensure_private_dir(
             Path(state_dir) if state_dir is not None else default_state_dir()
         )
@@ -505,6 +506,16 @@ class Session:
                 raise
         finally:
             self.ledger.close()
+
+
+def _session_id(given: object) -> str:
+    try:
+        return validate_name(given)
+    except InvalidName:
+        raise InvalidName(
+            f"invalid session id {given!r}: a session id is part of VM names, so it follows "
+            f"their rule ({NAME_RULE})"
+        ) from None
 
 
 class _CreateAttempts:

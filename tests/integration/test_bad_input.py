@@ -2,42 +2,158 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 import pytest
 
 import vmlease
+from tests.support.ledger import ledger_records
 from vmlease._proc import SubprocessRunner
 from vmlease.backends.qemu import QemuBackend
 from vmlease.backends.qemu._accel import probe_kvm
 
 from .conftest import assert_nothing_left
 
+# What each bad input raises, and the words in its message that say what to do.
+# ``session`` rows are keyword arguments for Session, ``create`` rows for
+# Session.create, ``env`` rows environment variables for a session that
+# then creates a VM.
+BAD_INPUT: list[tuple[str, str, dict[str, object], type[Exception], str]] = [
+    # specs
+    (
+        "unknown image",
+        "create",
+        {"image": "ubuntu-24.04"},
+        vmlease.ImageNotFound,
+        "vmlease image build tiny",
+    ),
+    ("no cpus", "create", {"cpus": 0}, vmlease.InvalidSpec, "cpus must be at least 1"),
+    ("half a cpu", "create", {"cpus": 2.5}, vmlease.InvalidSpec, "whole number"),
+    (
+        "negative memory",
+        "create",
+        {"memory_mb": -5},
+        vmlease.InvalidSpec,
+        "memory_mb must be at least 1",
+    ),
+    ("memory as text", "create", {"memory_mb": "1G"}, vmlease.InvalidSpec, "whole number"),
+    ("too little memory", "create", {"memory_mb": 32}, vmlease.InvalidSpec, "at least 96"),
+    (
+        "negative boot timeout",
+        "create",
+        {"boot_timeout_s": -1},
+        vmlease.ConfigError,
+        "positive number",
+    ),
+    # names
+    (
+        "name starts with a digit",
+        "create",
+        {"name": "9lives"},
+        vmlease.InvalidName,
+        "starting with a letter",
+    ),
+    (
+        "name with a space",
+        "create",
+        {"name": "has space"},
+        vmlease.InvalidName,
+        "letters, digits and hyphens",
+    ),
+    ("name too long", "create", {"name": "a" * 64}, vmlease.InvalidName, "1 to 63 characters"),
+    ("name not a string", "create", {"name": 42}, vmlease.InvalidName, "must be a string"),
+    ("prefix", "session", {"name_prefix": "-x"}, vmlease.InvalidName, "starting with a letter"),
+    ("session id", "session", {"session_id": "Bad Id"}, vmlease.InvalidName, "invalid session id"),
+    # options
+    (
+        "unknown backend",
+        "session",
+        {"backend": "vmware"},
+        vmlease.ConfigError,
+        "installed backends: qemu",
+    ),
+    (
+        "backend option",
+        "session",
+        {"backend_options": {"turbo": True}},
+        vmlease.ConfigError,
+        "does not take these options",
+    ),
+    (
+        "zero boot timeout",
+        "session",
+        {"boot_timeout_s": 0},
+        vmlease.ConfigError,
+        "positive number of seconds",
+    ),
+    (
+        "negative lease",
+        "session",
+        {"max_age_s": -1},
+        vmlease.ConfigError,
+        "positive number of seconds",
+    ),
+    ("no VMs allowed", "session", {"max_vms": 0}, vmlease.ConfigError, "at least 1"),
+    ("retry as text", "session", {"retry": "fast"}, vmlease.ConfigError, "vmlease.RetryPolicy"),
+    # environment
+    (
+        "accelerator",
+        "env",
+        {"VMLEASE_QEMU_ACCEL": "warp"},
+        vmlease.ConfigError,
+        "must be 'kvm' or 'tcg'",
+    ),
+    (
+        "qemu program",
+        "env",
+        {"VMLEASE_QEMU": "/nonexistent/qemu"},
+        vmlease.BackendUnavailable,
+        "apt-get install qemu-system-x86",
+    ),
+    (
+        "cpu model",
+        "env",
+        {"VMLEASE_QEMU_CPU": "bogus-cpu"},
+        vmlease.BackendError,
+        "-cpu help` lists",
+    ),
+    (
+        "image directory",
+        "env",
+        {"VMLEASE_IMAGE_DIR": "/nonexistent/images"},
+        vmlease.ImageNotFound,
+        "vmlease image build tiny",
+    ),
+]
+
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "says"),
-    [
-        ({"image": "ubuntu-24.04"}, vmlease.ImageNotFound, "images there: tiny"),
-        ({"cpus": 0}, vmlease.InvalidSpec, "cpus must be at least 1"),
-        ({"cpus": 2.5}, vmlease.InvalidSpec, "whole number"),
-        ({"memory_mb": -5}, vmlease.InvalidSpec, "memory_mb must be at least 1"),
-        ({"memory_mb": "1G"}, vmlease.InvalidSpec, "whole number"),
-        ({"memory_mb": 32}, vmlease.InvalidSpec, "at least 96"),
-        ({"name": "9lives"}, vmlease.InvalidName, "starting with a letter"),
-        ({"name": "has space"}, vmlease.InvalidName, "letters, digits and hyphens"),
-    ],
+    ("where", "given", "error", "says"),
+    [pytest.param(*row[1:], id=row[0]) for row in BAD_INPUT],
 )
-def test_bad_requests_create_nothing(
-    session: vmlease.Session,
+def test_bad_input_gets_a_clear_error_and_creates_nothing(
     state: Path,
-    kwargs: dict[str, object],
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    given: dict[str, object],
     error: type[Exception],
     says: str,
 ) -> None:
-    with pytest.raises(error, match=says):
-        session.create(**kwargs)  # type: ignore[arg-type]
-    assert session.ledger.records(include_gone=True) == []
+    if where == "env":
+        for key, value in given.items():
+            monkeypatch.setenv(key, str(value))
+
+    def attempt() -> None:
+        session_kwargs = given if where == "session" else {}
+        with vmlease.Session(state_dir=state, **session_kwargs) as session:  # type: ignore[arg-type]
+            session.create(**(given if where == "create" else {}))  # type: ignore[arg-type]
+
+    with pytest.raises(error, match=re.escape(says)) as info:
+        attempt()
+    assert isinstance(info.value, vmlease.VMLeaseError)
+    assert [r.state for r in ledger_records(state)] in ([], [vmlease.VMState.GONE])
     assert_nothing_left(state)
 
 

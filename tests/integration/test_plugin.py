@@ -27,7 +27,14 @@ def suite(
     monkeypatch.setenv("VMLEASE_STATE_DIR", str(state))
     # pytester gives the inner run a HOME of its own: point it at the real image cache.
     monkeypatch.setenv("VMLEASE_IMAGE_DIR", str(tiny_image.path.parent.parent))
-    for name in ("VMLEASE_KEEP", "VMLEASE_IMAGE", "VMLEASE_BACKEND", "VMLEASE_MAX"):
+    for name in (
+        "VMLEASE_KEEP",
+        "VMLEASE_IMAGE",
+        "VMLEASE_BACKEND",
+        "VMLEASE_MAX",
+        "VMLEASE_FAULTS",
+        "VMLEASE_RETRY",
+    ):
         monkeypatch.delenv(name, raising=False)
     return pytester
 
@@ -303,6 +310,10 @@ def test_settings_follow_command_line_then_environment_then_ini(
         (["--vm-max=two"], {}, "--vm-max (or VMLEASE_MAX) must be a number"),
         (["--vm-max=0"], {}, "at least 1"),
         (["--vm-max-age=-5"], {}, "more than 0 seconds"),
+        (["--vm-faults=rate=0.3"], {}, "KEY one of failure_rate"),
+        ([], {"VMLEASE_FAULTS": "failure_rate=2"}, "failure_rate must be a number from 0 to 1"),
+        (["--vm-retry=tries=3"], {}, "KEY one of attempts"),
+        ([], {"VMLEASE_RETRY": "create_s=soon"}, "create_s must be a number"),
     ],
 )
 def test_bad_settings_stop_the_run_with_a_clear_message(

@@ -42,4 +42,10 @@ def get(name: str, **options: Any) -> Backend:
     cls = found[0].load()
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise ConfigError(f"the entry point for backend {name!r} is not a vmlease Backend")
-    return cls(**options)
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise ConfigError(
+            f"the {name} backend does not take these options: {exc}; "
+            f"see the {name} backend's documentation for the ones it takes"
+        ) from exc

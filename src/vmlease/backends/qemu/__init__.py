@@ -237,8 +237,14 @@ class QemuBackend(Backend):
                 stderr=done.stderr,
             )
         if done.returncode != 0:
+            hint = ""
+            if "unable to find CPU model" in done.stderr:
+                hint = (
+                    f"; VMLEASE_QEMU_CPU names a CPU model {self._qemu} does not know: "
+                    f"`{self._qemu} -cpu help` lists those it does"
+                )
             raise BackendError(
-                f"qemu for VM {name} exited {done.returncode}: {done.stderr.strip()[-2000:]}",
+                f"qemu for VM {name} exited {done.returncode}: {done.stderr.strip()[-2000:]}{hint}",
                 command=argv,
                 exit_code=done.returncode,
                 stderr=done.stderr,
