@@ -198,28 +198,46 @@ class Ledger:
     def claim(
         self,
         *,
-        name: str,
+        name: str | Callable[[int], str],
         backend: str,
         owner: Owner,
         spec: str,
         expires_at: float | None = None,
+        first: int = 1,
     ) -> Record:
-        """Record the intent to create ``name``; raise NameInUse if a live row has it."""
+        """Record the intent to create ``name``; raise NameInUse if a live row has it.
+
+        ``name`` may instead be a function of a counter: then the first
+        counter from ``first`` whose name no live row has is taken, in the
+        same transaction, so processes that share a session never lose a
+        race for a generated name.
+        """
         now = self._clock()
         with self._write():
             self._db.execute("BEGIN IMMEDIATE")
-            taken = self._db.execute(
-                "SELECT session_id, state FROM vms"
-                " WHERE backend = ? AND name = ? AND state != 'gone'",
-                (backend, name),
-            ).fetchone()
-            if taken is not None:
-                self._db.execute("ROLLBACK")
-                raise NameInUse(
-                    f"a VM named {name!r} already exists on {backend} "
-                    f"(session {taken['session_id']}, {taken['state']}); "
-                    "choose another name or delete that VM first"
-                )
+
+            def holder(candidate: str) -> sqlite3.Row | None:
+                row: sqlite3.Row | None = self._db.execute(
+                    "SELECT session_id, state FROM vms"
+                    " WHERE backend = ? AND name = ? AND state != 'gone'",
+                    (backend, candidate),
+                ).fetchone()
+                return row
+
+            if callable(name):
+                counter = first
+                while holder(name(counter)) is not None:
+                    counter += 1
+                name = name(counter)
+            else:
+                taken = holder(name)
+                if taken is not None:
+                    self._db.execute("ROLLBACK")
+                    raise NameInUse(
+                        f"a VM named {name!r} already exists on {backend} "
+                        f"(session {taken['session_id']}, {taken['state']}); "
+                        "choose another name or delete that VM first"
+                    )
             cur = self._db.execute(
                 "INSERT INTO vms (name, backend, session_id, owner_pid, owner_start_time,"
                 " owner_boot_id, owner_host, spec, state, created_at, updated_at, expires_at)"

@@ -27,7 +27,6 @@ from ._errors import (
     BackendError,
     ConfigError,
     InvalidName,
-    NameInUse,
     VMAlreadyExists,
     VMLeaseError,
     VMNotFound,
@@ -40,6 +39,7 @@ from ._metrics import Metrics, OpStats
 from ._naming import NAME_RULE, new_session_id, validate_name, vm_name
 from ._paths import ensure_private_dir
 from ._paths import state_dir as default_state_dir
+from ._preflight import first_failure
 from ._reaper import ReaperLink
 from ._retry import Retrier, RetryPolicy
 from ._spec import VMSpec
@@ -141,6 +141,11 @@ class Session:
             self.backend = _backends.get(
                 backend, state_dir=self.state_dir, **dict(backend_options or {})
             )
+        # Fail fast, before anything is recorded: a missing program, a daemon down.
+        failure = first_failure(self.backend.preflight(cheap=True))
+        if failure is not None:
+            self.backend.close()
+            raise failure
         self.ledger = Ledger(self.state_dir / "ledger.sqlite3")
         self.owner: Owner = current_owner(self.id)
         self.name_prefix = name_prefix
@@ -358,40 +363,37 @@ class Session:
             place.release()
 
     def _claim(self, name: str | None, spec: VMSpec) -> Record:
-        """Write the ledger row for a new VM. A generated name that is taken
-        (processes sharing a session id) moves the counter past the highest
-        one the session's live VMs use."""
-        for _ in range(100):
-            if name is None:
-                with self._lock:
-                    self._counter += 1
-                    candidate = vm_name(self.name_prefix, self.id, self._counter, self.name_tag)
-                self.backend.validate_name(candidate)
-            else:
-                candidate = name
-            try:
-                return self.ledger.claim(
-                    name=candidate,
-                    backend=self.backend.name,
-                    owner=self.owner,
-                    spec=spec.to_json(),
-                    expires_at=time.time() + self.max_age_s,
-                )
-            except NameInUse:
-                if name is not None:
-                    raise
-                self._skip_taken_counters()
-        raise NameInUse(f"no free generated name for session {self.id}")
+        """Write the ledger row for a new VM. A generated name gets the next
+        counter no live VM's name uses (processes may share a session id)."""
+        if name is not None:
+            return self.ledger.claim(
+                name=name,
+                backend=self.backend.name,
+                owner=self.owner,
+                spec=spec.to_json(),
+                expires_at=time.time() + self.max_age_s,
+            )
+        asked: list[int] = []
 
-    def _skip_taken_counters(self) -> None:
-        head = vm_name(self.name_prefix, self.id, 1, self.name_tag)[:-1]
-        used = [
-            int(tail)
-            for r in self.ledger.records(session_id=self.id)
-            if r.name.startswith(head) and (tail := r.name[len(head) :]).isdigit()
-        ]
+        def generated(counter: int) -> str:
+            asked.append(counter)
+            candidate = vm_name(self.name_prefix, self.id, counter, self.name_tag)
+            self.backend.validate_name(candidate)
+            return candidate
+
         with self._lock:
-            self._counter = max([self._counter, *used])
+            first = self._counter + 1
+        record = self.ledger.claim(
+            name=generated,
+            backend=self.backend.name,
+            owner=self.owner,
+            spec=spec.to_json(),
+            expires_at=time.time() + self.max_age_s,
+            first=first,
+        )
+        with self._lock:
+            self._counter = max(self._counter, asked[-1])
+        return record
 
     def _abandon(self, vm_id: int, name: str, exc: BaseException, *, ours: bool) -> None:
         """A create failed: record why, remove whatever the backend made.

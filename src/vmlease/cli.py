@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from vmlease._inventory import inventory
 from vmlease._ledger import Record, VMState
 from vmlease._locks import Lock, run_holding
 from vmlease._paths import image_dir, state_dir
+from vmlease._preflight import Status, doctor
 from vmlease._version import __version__
 from vmlease.images import BUILDERS, build_tiny, list_images
 
@@ -130,6 +132,20 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    backend = args.backend or os.environ.get("VMLEASE_BACKEND") or "qemu"
+    checks = doctor(state_dir(), backend)
+    failed = any(c.status is Status.FAIL for c in checks)
+    if args.json:
+        print(json.dumps({"ok": not failed, "checks": [c.as_dict() for c in checks]}, indent=2))
+    else:
+        marks = {Status.OK: "ok", Status.WARN: "WARN", Status.FAIL: "FAIL"}
+        for c in checks:
+            print(f"{marks[c.status]:<5} {c.name}: {c.message}")
+        print("vmlease can make VMs here" if not failed else "vmlease cannot make VMs here yet")
+    return 1 if failed else 0
+
+
 def cmd_lock(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command[:1] == ["--"]:
@@ -232,6 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("name", help="the VM, as `vmlease ls` names it")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     run.set_defaults(func=cmd_exec)
+
+    doc = sub.add_parser(
+        "doctor",
+        help="check this machine is ready for VMs, and say what to do if not",
+        description="Checks the backend's programs and daemon, KVM, free disk, the image "
+        "cache, the state directory and VMs left by dead owners. Exit status 1 if any check "
+        "fails (warnings do not fail).",
+    )
+    doc.add_argument("--backend", help="the backend to check (default: $VMLEASE_BACKEND or qemu)")
+    doc.add_argument("--json", action="store_true", help="print JSON")
+    doc.set_defaults(func=cmd_doctor)
 
     lock = sub.add_parser(
         "lock",

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.fakes import FakeBackend
+from tests.support.ledger import dead_owner
 from vmlease import LedgerError
 from vmlease._cleanup import Status, cleanup, status
-from vmlease._identity import Owner, current_owner
+from vmlease._identity import current_owner
 from vmlease._ledger import Ledger, Record, VMState
-
-
-def _dead_owner() -> Owner:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return dataclasses.replace(current_owner("deadsess"), pid=child.pid, start_time=1)
 
 
 @pytest.fixture
@@ -28,7 +21,7 @@ def world(tmp_path: Path) -> tuple[Ledger, FakeBackend]:
     also has instances vmlease never recorded, named like ours."""
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     fake = FakeBackend()
-    dead = ledger.claim(name="vmlease-dead-1", backend="fake", owner=_dead_owner(), spec="{}")
+    dead = ledger.claim(name="vmlease-dead-1", backend="fake", owner=dead_owner(), spec="{}")
     ledger.transition(dead.id, VMState.READY)
     live = ledger.claim(
         name="vmlease-live-1", backend="fake", owner=current_owner("live"), spec="{}"
@@ -108,7 +101,7 @@ def test_status_classification(tmp_path: Path) -> None:
     live = ledger.claim(
         name="a", backend="fake", owner=current_owner("s"), spec="{}", expires_at=2000.0
     )
-    dead = ledger.claim(name="b", backend="fake", owner=_dead_owner(), spec="{}")
+    dead = ledger.claim(name="b", backend="fake", owner=dead_owner(), spec="{}")
     elsewhere = ledger.claim(
         name="c",
         backend="fake",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vmlease._errors import BackendError, UnsupportedOperation
 from vmlease._naming import validate_name
+from vmlease._preflight import Check
 from vmlease._spec import VMSpec
 
 __all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult", "Fault"]
@@ -77,6 +78,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def check_spec(self, spec: VMSpec) -> None:
         """Raise ImageNotFound or InvalidSpec if ``spec`` cannot be created here. Cheap."""
+
+    def preflight(self, *, cheap: bool = False) -> list[Check]:
+        """Whether this backend can work here: its program, its daemon, its
+        accelerator. ``cheap`` checks start no process and take milliseconds
+        (a session runs them when it starts); the others may probe."""
+        return []
 
     def classify(self, exc: BaseException) -> Fault:
         """Whether ``exc``, raised by one of this backend's operations, is worth

@@ -32,16 +32,18 @@ from vmlease._errors import (
     InvalidSpec,
     SnapshotNotFound,
     VMAlreadyExists,
+    VMLeaseError,
     VMNotFound,
 )
 from vmlease._paths import ensure_private_dir
 from vmlease._paths import image_dir as default_image_dir
 from vmlease._paths import state_dir as default_state_dir
+from vmlease._preflight import Check, Status, disk_check
 from vmlease._proc import Runner, SubprocessRunner
 from vmlease._spec import VMSpec
 from vmlease._unix import connect_unix
 from vmlease.backends._base import Backend, BackendVM, Capabilities, ExecResult
-from vmlease.images import find_image
+from vmlease.images import find_image, list_images
 
 from ._accel import choose_accel
 from ._agent import AgentChannel
@@ -123,6 +125,46 @@ class QemuBackend(Backend):
             hint = "" if program == default else f" (or correct the name {program!r} you gave)"
             raise BackendUnavailable(f"{program} not found: install it with `{how}`{hint}")
         return path
+
+    def preflight(self, *, cheap: bool = False) -> list[Check]:
+        checks = []
+        for program in (self._qemu, self._qemu_img):
+            try:
+                checks.append(Check(f"qemu: {program}", Status.OK, self._require(program)))
+            except BackendUnavailable as exc:
+                checks.append(Check(f"qemu: {program}", Status.FAIL, str(exc), BackendUnavailable))
+        if cheap or any(c.status is Status.FAIL for c in checks):
+            return checks
+        try:
+            config = self.launch_config()
+        except VMLeaseError as exc:
+            return [*checks, Check("qemu: accelerator", Status.FAIL, str(exc), type(exc))]
+        if config.accel == "kvm":
+            checks.append(Check("kvm", Status.OK, f"KVM works: {self.accel_reason}"))
+        else:
+            checks.append(
+                Check(
+                    "kvm",
+                    Status.WARN,
+                    f"KVM is not used ({self.accel_reason}); guests run under software "
+                    "emulation (TCG), which works but is slower",
+                )
+            )
+        checks.append(disk_check("images", self._image_dir))
+        images = list_images(self._image_dir)
+        if images:
+            names = ", ".join(sorted({i.name for i in images}))
+            checks.append(Check("image cache", Status.OK, f"{self._image_dir}: {names}"))
+        else:
+            checks.append(
+                Check(
+                    "image cache",
+                    Status.WARN,
+                    f"no images in {self._image_dir}; build the default one with "
+                    "`vmlease image build tiny` (a session would fail to create VMs)",
+                )
+            )
+        return checks
 
     def launch_config(self) -> LaunchConfig:
         """The emulator, accelerator and TSC frequency; probes KVM once per host boot."""
