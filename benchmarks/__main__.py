@@ -3,6 +3,8 @@
 python -m benchmarks            all of them
 python -m benchmarks spine      P1 (cold create) and P4 (command round trip)
 python -m benchmarks reap       SIGKILL trials: leaks and time to reap
+python -m benchmarks suite      a model suite in three modes: efficiency, restore, overhead
+python -m benchmarks faults     the example suite under injected faults: passes, retries, leaks
 """
 
 from __future__ import annotations
@@ -10,23 +12,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import reap, spine, suite
+from benchmarks import faults, reap, spine, suite
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("which", nargs="*", metavar="spine|reap|suite", help="default: all")
+    parser.add_argument("which", nargs="*", metavar="spine|reap|suite|faults", help="default: all")
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
     parser.add_argument("--round-trips", type=int, default=200, help="P4 samples")
     parser.add_argument("--trials", type=int, default=50, help="SIGKILL trials")
     parser.add_argument("--tests", type=int, default=200, help="model tests per suite mode")
+    parser.add_argument("--fault-runs", type=int, default=3, help="example runs with faults")
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5 (the figures are medians of at least 5)")
-    unknown = set(args.which) - {"spine", "reap", "suite"}
+    names = ["spine", "reap", "suite", "faults"]
+    unknown = set(args.which) - set(names)
     if unknown:
-        parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose spine, reap or suite")
-    which = args.which or ["spine", "reap", "suite"]
+        parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose {', '.join(names)}")
+    which = args.which or names
     code = 0
     if "spine" in which:
         code |= spine.main(runs=args.runs, round_trips=args.round_trips)
@@ -34,6 +38,8 @@ def main() -> int:
         code |= reap.main(trials=args.trials)
     if "suite" in which:
         code |= suite.main(tests=args.tests)
+    if "faults" in which:
+        code |= faults.main(runs=args.fault_runs)
     return code
 
 
