@@ -7,13 +7,15 @@ VM) and ``--vm-retry=attempts=10,total_s=60``, in a state directory of its
 own; a first run without faults is the baseline. Per run: tests passed and
 failed, faults injected, retries by operation, VMs adopted after hung
 creates, the longest any operation took with its retries (bound: 60 s), and
-leaks (qemu processes, VM directories, ledger rows not deleted).
+leaks (qemu processes, VM directories, ledger rows not deleted). It also
+times the pre-flight checks a session runs when it starts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,15 +81,32 @@ def run_suite(state: Path, faults: str | None) -> dict[str, Any]:
     }
 
 
+def preflight_ms(samples: int = 20) -> float:
+    """Median time of the checks a session runs when it starts, in ms."""
+    from vmlease.backends.qemu import QemuBackend
+
+    backend = QemuBackend()
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        backend.preflight(cheap=True)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
 def main(runs: int = 3) -> int:
     RESULTS.mkdir(exist_ok=True)
     results = []
+    preflight = preflight_ms()
     with tempfile.TemporaryDirectory(prefix="vmlease-faults-") as tmp:
         plan: list[str | None] = [None] + [f"{FAULTS},seed={seed}" for seed in range(1, runs + 1)]
         for i, faults in enumerate(plan):
             results.append(run_suite(Path(tmp) / f"run{i}", faults))
     (RESULTS / "faults.json").write_text(
-        json.dumps({"bound_s": BOUND_S, "runs": results}, indent=2) + "\n"
+        json.dumps(
+            {"bound_s": BOUND_S, "session_preflight_ms": preflight, "runs": results}, indent=2
+        )
+        + "\n"
     )
     print(f"\nexample suite under injected faults ({FAULTS}; retry bound {BOUND_S:g} s per op)")
     header = (
@@ -113,5 +132,6 @@ def main(runs: int = 3) -> int:
     bad = [r for r in results if r["exit_code"] != 0 or r["leaks"] or r["longest_op_s"] > BOUND_S]
     for r in bad:
         print(f"FAILED RUN ({r['faults']}): leaks {r['leaks']}\n{r['output_tail']}")
+    print(f"pre-flight checks at session start: {preflight:.2f} ms (median of 20)")
     print(f"results: {RESULTS / 'faults.json'}")
     return 1 if bad else 0
