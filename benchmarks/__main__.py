@@ -22,7 +22,7 @@ def main() -> int:
     parser.add_argument("--round-trips", type=int, default=200, help="P4 samples")
     parser.add_argument("--trials", type=int, default=50, help="SIGKILL trials")
     parser.add_argument("--tests", type=int, default=200, help="model tests per suite mode")
-    parser.add_argument("--fault-runs", type=int, default=3, help="example runs with faults")
+    parser.add_argument("--fault-runs", type=int, default=5, help="example runs with faults")
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5 (the figures are medians of at least 5)")

@@ -94,7 +94,7 @@ def preflight_ms(samples: int = 20) -> float:
     return statistics.median(times)
 
 
-def main(runs: int = 3) -> int:
+def main(runs: int = 5) -> int:
     RESULTS.mkdir(exist_ok=True)
     results = []
     preflight = preflight_ms()
