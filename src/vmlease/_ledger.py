@@ -226,9 +226,11 @@ class Ledger:
 
             if callable(name):
                 counter = first
-                while holder(name(counter)) is not None:
+                candidate = name(counter)
+                while holder(candidate) is not None:
                     counter += 1
-                name = name(counter)
+                    candidate = name(counter)
+                name = candidate
             else:
                 taken = holder(name)
                 if taken is not None:
