@@ -1,5 +1,7 @@
 """P1 (cold create to first reply vs a bare QEMU boot) and P4 (``true`` round trip).
 
+Also a create from a saved booted state (the default) against the same bare boot.
+
 P1 runs the two variants in pairs, in a random order within each pair, so
 a slow spell on the machine hits both alike. The bare boot is the very
 command vmlease builds for a VM (same kernel, initramfs, disk overlay,
@@ -87,26 +89,35 @@ def vmlease_create(session: vmlease.Session) -> float:
 def main(*, runs: int, round_trips: int) -> int:
     with tempfile.TemporaryDirectory(prefix="vmlease-bench-") as tmp:
         work = Path(tmp)
-        with vmlease.Session(state_dir=work / "state") as session:
+        # P1 is about booting: its session has starts from booted states off.
+        cold_backend = QemuBackend(state_dir=work / "state", warm_start=False)
+        with (
+            vmlease.Session(state_dir=work / "state") as session,
+            vmlease.Session(backend=cold_backend, state_dir=work / "state") as cold,
+        ):
             backend = session.backend
             assert isinstance(backend, QemuBackend)
             backend.launch_config()
-            vmlease_create(session)  # warm the page cache for both variants
+            vmlease_create(session)  # saves the booted state if there is none yet
+            vmlease_create(cold)  # warms the page cache for the boots
             bare: list[float] = []
             ours: list[float] = []
+            warm: list[float] = []
             order = random.Random(runs)
             for i in range(runs):
                 # Boot times on this kind of host swing by about 0.2 s from one
                 # boot to the next; a fixed order could hand one variant every
-                # slow turn. So each pair runs in a random order, after a pause.
-                pair = ["bare", "ours"]
-                order.shuffle(pair)
-                for variant in pair:
+                # slow turn. So each round runs in a random order, after a pause.
+                variants = ["bare", "ours", "warm"]
+                order.shuffle(variants)
+                for variant in variants:
                     time.sleep(SETTLE_S)
                     if variant == "bare":
                         bare.append(bare_boot(backend, work, i))
+                    elif variant == "ours":
+                        ours.append(vmlease_create(cold))
                     else:
-                        ours.append(vmlease_create(session))
+                        warm.append(vmlease_create(session))
 
             vm = session.create(image="tiny")
             for _ in range(20):
@@ -121,6 +132,7 @@ def main(*, runs: int, round_trips: int) -> int:
 
     p1_bare = statistics.median(bare)
     p1_ours = statistics.median(ours)
+    p1_warm = statistics.median(warm)
     p4 = statistics.median(trips)
     result: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "accel": accel},
@@ -130,6 +142,10 @@ def main(*, runs: int, round_trips: int) -> int:
             "vmlease_create_to_first_reply_s": {"median": p1_ours, "samples": ours},
             "ratio": p1_ours / p1_bare,
             "target_ratio": 1.1,
+            "vmlease_create_from_booted_state_to_first_reply_s": {
+                "median": p1_warm,
+                "samples": warm,
+            },
         },
         "P4": {
             "round_trips": round_trips,
@@ -149,6 +165,10 @@ def main(*, runs: int, round_trips: int) -> int:
     print(
         f"{'P1 cold create to first reply (s), n=' + str(runs):<48}"
         f"{p1_ours:>12.3f}{p1_bare:>12.3f}{p1_ours / p1_bare:>8.2f}{'<= 1.10x':>10}"
+    )
+    print(
+        f"{'create from a booted state to first reply (s)':<48}"
+        f"{p1_warm:>12.3f}{p1_bare:>12.3f}{p1_warm / p1_bare:>8.2f}{'':>10}"
     )
     p4_label = 'P4 run(["true"]) round trip (ms), n=' + str(round_trips)
     print(f"{p4_label:<48}{p4 * 1000:>12.2f}{'':>12}{'':>8}{'<= 5 ms':>10}")

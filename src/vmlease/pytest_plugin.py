@@ -324,7 +324,7 @@ def pytest_terminal_summary(
             + (f"; {summary['adopted']} VMs adopted" if summary.get("adopted") else "")
         )
     write(
-        f"time: {summary.get('boot_s', 0.0):.1f} s booting, "
+        f"time: {summary.get('boot_s', 0.0):.1f} s starting VMs, "
         f"{summary.get('restore_s', 0.0):.1f} s snapshotting and restoring, "
         f"{tests_s:.1f} s in tests"
     )

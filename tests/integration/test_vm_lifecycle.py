@@ -209,16 +209,17 @@ def test_a_given_name_is_used_and_cannot_be_taken_twice(session: vmlease.Session
     assert session.create(name="test-db").name == "test-db"
 
 
-def test_a_boot_that_does_not_answer_in_time_is_cleaned_up(
-    session: vmlease.Session, state: Path
-) -> None:
-    with pytest.raises(vmlease.BootError, match="console") as info:
-        session.create(boot_timeout_s=0.05)
-    assert "did not answer" in str(info.value)
-    [row] = session.ledger.records(include_gone=True)
-    assert row.state is VMState.GONE
-    assert row.error is not None
-    assert "BootError" in row.error
+def test_a_boot_that_does_not_answer_in_time_is_cleaned_up(state: Path) -> None:
+    # A VM started from a booted state answers before create returns: boot this one.
+    backend = QemuBackend(state_dir=state, warm_start=False)
+    with vmlease.Session(backend=backend, state_dir=state) as session:
+        with pytest.raises(vmlease.BootError, match="console") as info:
+            session.create(boot_timeout_s=0.05)
+        assert "did not answer" in str(info.value)
+        [row] = session.ledger.records(include_gone=True)
+        assert row.state is VMState.GONE
+        assert row.error is not None
+        assert "BootError" in row.error
     assert_nothing_left(state)
 
 

@@ -20,6 +20,13 @@
  *   GET    path                         ERR message (instead of DATA)
  *   SYNC                                OK
  *   SETTIME u64 seconds | u32 nanoseconds  OK / ERR message
+ *           [| seed bytes]
+ *
+ * SETTIME follows a snapshot restore or a start from a saved state: the
+ * guest's clock and its random generator are both where the snapshot left
+ * them. Seed bytes, when given, are credited to the kernel's entropy pool
+ * and the generator is reseeded at once, so /dev/urandom does not repeat
+ * what it gave after the snapshot.
  *
  * EXEC payload: u32 argc, argc x (u32 len, bytes), u32 envc,
  * envc x (u32 len, "KEY=VALUE"), u32 cwd length, cwd bytes.
@@ -43,6 +50,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/random.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -362,6 +371,23 @@ static void reset_all(void) {
     abort_put();
 }
 
+/* Credit seed bytes to the entropy pool and reseed the generator now. */
+static int reseed(const unsigned char *seed, size_t len) {
+    struct { int entropy_count; int buf_size; unsigned char buf[64]; } add;
+    if (len > sizeof add.buf) len = sizeof add.buf;
+    add.entropy_count = (int)(len * 8);
+    add.buf_size = (int)len;
+    memcpy(add.buf, seed, len);
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int rc = ioctl(fd, RNDADDENTROPY, &add);
+    if (rc == 0) rc = ioctl(fd, RNDRESEEDCRNG);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc;
+}
+
 static void handle_frame(int type, const unsigned char *p, size_t len) {
     switch (type) {
     case T_HELLO: {
@@ -399,8 +425,9 @@ static void handle_frame(int type, const unsigned char *p, size_t len) {
         struct timespec ts;
         ts.tv_sec = (time_t)(((uint64_t)get32(p) << 32) | get32(p + 4));
         ts.tv_nsec = (long)get32(p + 8);
-        if (clock_settime(CLOCK_REALTIME, &ts) != 0) send_error("%s: %s", "settime", errno);
-        else send_frame(T_OK, NULL, 0);
+        if (clock_settime(CLOCK_REALTIME, &ts) != 0) { send_error("%s: %s", "settime", errno); break; }
+        if (len > 12 && reseed(p + 12, len - 12) != 0) { send_error("%s: %s", "reseed", errno); break; }
+        send_frame(T_OK, NULL, 0);
         break;
     }
     default: {

@@ -6,6 +6,9 @@ its console log, its pidfile and ``vm.json`` (how to launch it again). QEMU
 runs daemonized, so a VM outlives the process that made it until it is
 deleted (by its session, the reaper, or ``vmlease cleanup``).
 
+A new VM starts from a saved booted state of its image and shape when there
+is one, and saves one after its boot when there is not (see ``_warm.py``).
+
 Primitives only: no retries, no ledger, no timing. See backends/_base.py.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import select
 import shutil
@@ -29,6 +33,7 @@ from vmlease._errors import (
     BackendUnavailable,
     BootError,
     ChannelError,
+    ConfigError,
     InvalidSpec,
     SnapshotNotFound,
     VMAlreadyExists,
@@ -43,7 +48,7 @@ from vmlease._proc import Runner, SubprocessRunner
 from vmlease._spec import VMSpec
 from vmlease._unix import connect_unix
 from vmlease.backends._base import Backend, BackendVM, Capabilities, ExecResult
-from vmlease.images import find_image, list_images
+from vmlease.images import Image, find_image, list_images
 
 from ._accel import choose_accel
 from ._agent import AgentChannel
@@ -58,6 +63,9 @@ from ._launch import (
     qemu_argv,
 )
 from ._qmp import QMP, try_quit
+from ._warm import CONSOLE as WARM_CONSOLE
+from ._warm import DISK as WARM_DISK
+from ._warm import STATE, WarmCache, WarmState, warm_key
 
 __all__ = ["QemuBackend"]
 
@@ -67,6 +75,10 @@ _INSTALL = {
 }
 _LAUNCH_TIMEOUT_S = 30.0
 _RECONNECT_TIMEOUT_S = 10.0
+_SAVE_TIMEOUT_S = 30.0
+_SEED_BYTES = 64
+
+log = logging.getLogger("vmlease.qemu")
 
 
 @dataclass
@@ -89,6 +101,8 @@ class QemuBackend(Backend):
         qemu_img: the disk tool.
         runner: runs host programs (injected for tests).
         env: environment to read settings from (default ``os.environ``).
+        warm_start: start VMs from saved booted states (default on;
+            ``VMLEASE_QEMU_WARM=off`` turns it off). Off, every VM boots.
     """
 
     name = "qemu"
@@ -103,6 +117,7 @@ class QemuBackend(Backend):
         qemu_img: str = "qemu-img",
         runner: Runner | None = None,
         env: Mapping[str, str] | None = None,
+        warm_start: bool | None = None,
     ) -> None:
         self._env = dict(os.environ if env is None else env)
         self.root = (state_dir or default_state_dir(self._env)) / "qemu"
@@ -114,6 +129,14 @@ class QemuBackend(Backend):
         self._live: dict[str, _Live] = {}
         self._config: LaunchConfig | None = None
         self.accel_reason = ""
+        if warm_start is None:
+            setting = self._env.get("VMLEASE_QEMU_WARM", "on").strip().lower()
+            if setting not in ("on", "off"):
+                raise ConfigError(f"VMLEASE_QEMU_WARM must be 'on' or 'off', not {setting!r}")
+            warm_start = setting == "on"
+        self.warm = WarmCache(self._image_dir / "_warm") if warm_start else None
+        # VMs booted by this process whose booted state is to be saved: name -> key.
+        self._save_after_boot: dict[str, tuple[str, Image]] = {}
 
     # -- set-up ----------------------------------------------------------
 
@@ -184,6 +207,7 @@ class QemuBackend(Backend):
                     accel=accel,
                     tsc_khz=host_tsc_khz(),
                     tcg_cpu=self._env.get("VMLEASE_QEMU_CPU") or None,
+                    version=version,
                 )
             return self._config
 
@@ -227,6 +251,7 @@ class QemuBackend(Backend):
     def _forget(self, name: str) -> None:
         with self._lock:
             live = self._live.pop(name, None)
+            self._save_after_boot.pop(name, None)
         if live is not None:
             if live.channel is not None:
                 live.channel.close()
@@ -308,39 +333,14 @@ class QemuBackend(Backend):
 
     def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
         config = self.launch_config()
-        qemu_img = self._require(self._qemu_img)
         image = find_image(self._image_dir, spec.image)
         vm_dir = self._dir(name)
         try:
             vm_dir.mkdir(mode=0o700)
         except FileExistsError as exc:
             raise VMAlreadyExists(f"the qemu backend already has a VM named {name!r}") from exc
+        deadline = time.monotonic() + timeout_s
         try:
-            argv = [
-                qemu_img,
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                str(image.disk),
-                "-F",
-                "qcow2",
-                str(vm_dir / DISK),
-            ]
-            done = self._run(argv, timeout_s=min(timeout_s, 60.0))
-            if done.returncode is None:
-                raise BackendTimeout(
-                    f"creating the disk of VM {name} took longer than {min(timeout_s, 60.0):g} s",
-                    command=argv,
-                )
-            if done.returncode != 0:
-                raise BackendError(
-                    f"cannot create the disk of VM {name}: {done.stderr.strip()}",
-                    command=argv,
-                    exit_code=done.returncode,
-                    stderr=done.stderr,
-                )
             launch = qemu_argv(config, vm_dir, name, spec, image)
             record = {
                 "name": name,
@@ -349,15 +349,201 @@ class QemuBackend(Backend):
                 "accel": config.accel,
                 "argv": launch,
             }
+            key = warm_key(config, spec, image) if self.warm is not None else None
+            found = self.warm.find(key) if self.warm is not None and key else None
+            if found is not None:
+                record["warm"] = found.key
+                (vm_dir / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
+                if self._start_warm(name, vm_dir, launch, found, deadline):
+                    return
+                del record["warm"]
+            self._make_disk(name, vm_dir, image, max(1.0, deadline - time.monotonic()))
             (vm_dir / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
-            self._launch(name, vm_dir, launch, timeout_s)
+            self._launch(name, vm_dir, launch, max(1.0, deadline - time.monotonic()))
+            if key is not None:
+                self._save_after_boot[name] = (key, image)
         except BaseException:
             # Leave nothing a retry could trip over: no directory, and no QEMU
             # that a launch which timed out may still have started.
+            self._save_after_boot.pop(name, None)
             self._forget(name)
             self._kill_all(vm_dir)
             shutil.rmtree(vm_dir, ignore_errors=True)
             raise
+
+    def _make_disk(self, name: str, vm_dir: Path, image: Image, timeout_s: float) -> None:
+        qemu_img = self._require(self._qemu_img)
+        argv = [
+            qemu_img,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            str(image.disk),
+            "-F",
+            "qcow2",
+            str(vm_dir / DISK),
+        ]
+        limit = min(timeout_s, 60.0)
+        done = self._run(argv, timeout_s=limit)
+        if done.returncode is None:
+            raise BackendTimeout(
+                f"creating the disk of VM {name} took longer than {limit:g} s", command=argv
+            )
+        if done.returncode != 0:
+            raise BackendError(
+                f"cannot create the disk of VM {name}: {done.stderr.strip()}",
+                command=argv,
+                exit_code=done.returncode,
+                stderr=done.stderr,
+            )
+
+    def _start_warm(
+        self, name: str, vm_dir: Path, launch: list[str], found: WarmState, deadline: float
+    ) -> bool:
+        """Start VM ``name`` from a booted state; False (state dropped, nothing left) if it fails.
+
+        A failure that is the host's rather than the state's (a launch timeout)
+        is raised instead, for the session to retry.
+        """
+        try:
+            shutil.copyfile(found.disk, vm_dir / DISK)
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copyfile(found.console, vm_dir / CONSOLE_LOG)
+            self._launch(
+                name,
+                vm_dir,
+                [*launch, "-incoming", "defer"],
+                max(1.0, deadline - time.monotonic()),
+            )
+            live = self._attach(name)
+            with live.lock:
+                self._load_state(name, found, deadline)
+                channel = self._channel(name, live, max(1.0, deadline - time.monotonic()))
+                self._refresh_guest(name, channel)
+                # The saved guest carries the name of the VM it was saved from.
+                script = (
+                    'hostname "$1" && echo "vmlease: guest $1 up, '
+                    'started from booted state $2" >/dev/console'
+                )
+                done = channel.exec(
+                    ["sh", "-c", script, "sh", name, found.key],
+                    stdin=None,
+                    env=None,
+                    cwd=None,
+                    timeout_s=10.0,
+                )
+                if done.exit_code != 0:
+                    raise ChannelError(f"naming the guest failed: {done.stderr!r}")
+            return True
+        except BackendTimeout:
+            raise
+        except (VMLeaseError, OSError) as exc:
+            log.warning(
+                "VM %s could not start from booted state %s (%s); booting it instead "
+                "and saving a new state",
+                name,
+                found.path,
+                exc,
+            )
+            if self.warm is not None:
+                self.warm.discard(found.key)
+            self._forget(name)
+            self._kill_all(vm_dir)
+            (vm_dir / DISK).unlink(missing_ok=True)
+            (vm_dir / CONSOLE_LOG).unlink(missing_ok=True)
+            self._clear_runtime(vm_dir)
+            return False
+
+    def _load_state(self, name: str, found: WarmState, deadline: float) -> None:
+        """Feed the saved memory to QEMU (started ``-incoming defer``); wait until it runs."""
+        limit = max(1.0, deadline - time.monotonic())
+        with QMP(self._dir(name) / QMP_SOCKET, timeout_s=limit) as qmp:
+            fd = os.open(found.state, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                qmp.pass_fd("warm", fd, timeout_s=limit)
+            finally:
+                os.close(fd)
+            qmp.execute("migrate-incoming", {"uri": "fd:warm"}, timeout_s=limit)
+            while True:
+                status = qmp.execute("query-status", timeout_s=limit).get("status")
+                if status == "running":
+                    return
+                if status not in ("inmigrate", "paused", "prelaunch"):
+                    raise BackendError(f"VM {name} did not load its booted state: {status}")
+                if time.monotonic() > deadline:
+                    raise BackendTimeout(f"VM {name} took too long to load its booted state")
+                time.sleep(0.005)
+
+    def _refresh_guest(self, name: str, channel: AgentChannel) -> None:
+        """After a restore or a start from a saved state: today's time and fresh randomness."""
+        channel.set_time(time.time(), _RECONNECT_TIMEOUT_S, seed=os.urandom(_SEED_BYTES))
+
+    def _save_booted(self, name: str, key: str, image: Image) -> None:
+        """Save VM ``name``, just booted, as the booted state for ``key`` (caller holds its lock).
+
+        The guest pauses while its memory is written and its disk copied,
+        then runs on. A failure to save costs the next VM a boot, nothing more.
+        """
+        if self.warm is None or self.warm.find(key) is not None:
+            return
+        vm_dir = self._dir(name)
+        started = time.monotonic()
+        try:
+            tmp = self.warm.begin(key)
+        except OSError as exc:
+            log.warning("cannot save a booted state in %s: %s", self.warm.root, exc)
+            return
+        saved = False
+        try:
+            with QMP(vm_dir / QMP_SOCKET, timeout_s=_SAVE_TIMEOUT_S) as qmp:
+                qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                fd = os.open(tmp / STATE, flags, 0o644)
+                try:
+                    qmp.pass_fd("warm", fd)
+                finally:
+                    os.close(fd)
+                qmp.execute("migrate", {"uri": "fd:warm"})
+                try:
+                    status = ""
+                    deadline = time.monotonic() + _SAVE_TIMEOUT_S
+                    while status not in ("completed", "failed", "cancelled"):
+                        if time.monotonic() > deadline:
+                            qmp.execute("migrate_cancel")
+                            raise BackendTimeout("saving took too long")
+                        time.sleep(0.002)
+                        status = qmp.execute("query-migrate").get("status", "")
+                    if status == "completed":
+                        # Paused, with the disk flushed and released: copy it as it is now.
+                        shutil.copyfile(vm_dir / DISK, tmp / WARM_DISK)
+                        shutil.copyfile(vm_dir / CONSOLE_LOG, tmp / WARM_CONSOLE)
+                        saved = True
+                    else:
+                        log.warning("saving the booted state of VM %s ended %s", name, status)
+                finally:
+                    if not qmp.execute("query-status").get("running"):
+                        qmp.execute("cont")
+        except (VMLeaseError, OSError) as exc:
+            log.warning("cannot save the booted state of VM %s: %s", name, exc)
+        if not saved:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        meta = {
+            "image": image.name,
+            "image_path": str(image.path),
+            "saved_from": name,
+            "saved_at": time.time(),
+        }
+        if self.warm.commit(tmp, key, meta):
+            log.info(
+                "saved the booted state of VM %s as %s in %.2f s",
+                name,
+                key,
+                time.monotonic() - started,
+            )
+            self.warm.prune()
 
     def wait_ready(self, name: str, timeout_s: float) -> None:
         live = self._attach(name)
@@ -367,6 +553,9 @@ class QemuBackend(Backend):
             except (BootError, ChannelError) as exc:
                 tail = self.console_tail(name, 20)
                 raise BootError(f"{exc}\n--- console (last lines) ---\n{tail}") from exc
+            pending = self._save_after_boot.pop(name, None)
+            if pending is not None:
+                self._save_booted(name, *pending)
 
     def start(self, name: str, *, timeout_s: float = 120.0) -> None:
         vm_dir = self._dir(name)
@@ -503,7 +692,7 @@ class QemuBackend(Backend):
             self._hmp(name, f"savevm {tag}", timeout_s)
 
     def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
-        """Bring memory and disk back to ``tag`` (``loadvm``), then set the guest clock."""
+        """Bring memory and disk back to ``tag`` (``loadvm``); then reset clock and randomness."""
         live = self._attach(name)
         with live.lock:
             self._hmp(name, f"loadvm {tag}", timeout_s)
@@ -511,7 +700,7 @@ class QemuBackend(Backend):
             # channel, and give it today's time instead of the snapshot's.
             channel = self._channel(name, live, _RECONNECT_TIMEOUT_S)
             channel.handshake(_RECONNECT_TIMEOUT_S)
-            channel.set_time(time.time(), _RECONNECT_TIMEOUT_S)
+            self._refresh_guest(name, channel)
 
     def console_tail(self, name: str, lines: int = 40) -> str:
         try:

@@ -275,11 +275,17 @@ class AgentChannel:
             raise GuestFileError(f"VM {self._name}: {error[0]}")
         tmp.replace(local)
 
-    def set_time(self, when_s: float, timeout_s: float) -> None:
-        """Set the guest's wall clock to ``when_s`` (seconds since the epoch)."""
+    def set_time(self, when_s: float, timeout_s: float, *, seed: bytes = b"") -> None:
+        """Set the guest's wall clock to ``when_s`` (seconds since the epoch).
+
+        With ``seed`` (up to 64 bytes), the guest also credits those bytes
+        to its entropy pool and reseeds its random generator, which is
+        otherwise where the snapshot left it. An agent older than the seed
+        ignores it and only sets the clock.
+        """
         seconds = int(when_s)
         nanos = int((when_s - seconds) * 1e9)
-        payload = struct.pack(">QI", seconds, nanos)
+        payload = struct.pack(">QI", seconds, nanos) + seed[:64]
         error: list[str] = []
 
         def handle(kind: int, body: bytes) -> bool:

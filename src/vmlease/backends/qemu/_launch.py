@@ -57,12 +57,14 @@ class LaunchConfig:
         tsc_khz: host TSC frequency for ``tsc_early_khz``, if known.
         tcg_cpu: a CPU model that overrides the image's choice under TCG
             (``$VMLEASE_QEMU_CPU``), or None.
+        version: the first line of ``qemu --version``.
     """
 
     qemu: str
     accel: str
     tsc_khz: int | None
     tcg_cpu: str | None = None
+    version: str = ""
 
 
 def qemu_argv(
@@ -99,7 +101,9 @@ def qemu_argv(
         "-append",
         cmdline,
         "-chardev",
-        f"file,id=console,path={vm_dir / CONSOLE_LOG}",
+        # Appended to: a restart keeps the earlier boots' messages, and a VM
+        # started from a booted state keeps the boot log it was saved with.
+        f"file,id=console,path={vm_dir / CONSOLE_LOG},append=on",
         "-serial",
         "chardev:console",
         # Disposable disks: a host crash loses nothing anyone needs, so skip flushes.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ class QMP:
             self._file.flush()
         except OSError as exc:
             raise BackendError(f"QMP write failed: {exc}") from exc
+        return self._reply(command, deadline)
+
+    def _reply(self, command: str, deadline: float) -> Any:
         while True:
             msg = self._read(deadline)
             if "event" in msg:
@@ -61,6 +65,17 @@ class QMP:
                 err = msg["error"]
                 raise BackendError(f"QMP {command} failed: {err.get('desc', err)}")
             return msg.get("return")
+
+    def pass_fd(self, fdname: str, fd: int, *, timeout_s: float = 10.0) -> None:
+        """Hand QEMU a file descriptor as ``fdname`` (``getfd``, the descriptor sent with it)."""
+        request = json.dumps({"execute": "getfd", "arguments": {"fdname": fdname}}).encode()
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._file.flush()
+            socket.send_fds(self._sock, [request + b"\r\n"], [fd])
+        except OSError as exc:
+            raise BackendError(f"QMP write failed: {exc}") from exc
+        self._reply("getfd", deadline)
 
     def __enter__(self) -> QMP:
         return self
