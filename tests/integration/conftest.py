@@ -11,6 +11,7 @@ import pytest
 
 import vmlease
 from tests.conftest import _qemu_processes_under
+from tests.integration.doubles import double, doubles_bin  # noqa: F401 - fixtures
 from vmlease._paths import image_dir
 from vmlease.images import Image, build_tiny
 

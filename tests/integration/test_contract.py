@@ -1,0 +1,222 @@
+"""The contract every backend keeps, run against each one.
+
+QEMU runs for real. OrbStack and Multipass run against command-line doubles
+of ``orbctl`` and ``multipass`` (tests/doubles/): these prove that the
+backends drive the documented commands, read the documented output and
+classify the documented messages, and that commands and copies really reach
+a guest (each double machine is a QEMU VM). They cannot prove that the real
+tools behave as documented.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import vmlease
+from tests.integration.doubles import TOOLS, Double
+from vmlease import backends
+from vmlease._cleanup import cleanup
+from vmlease._errors import BackendError, BackendTimeout, GuestFileError
+from vmlease._retry import RetryPolicy
+from vmlease._spec import VMSpec
+from vmlease.backends import Backend
+from vmlease.backends.multipass import MultipassBackend
+from vmlease.backends.qemu import QemuBackend
+
+pytestmark = pytest.mark.timeout(300)
+
+KINDS = ["qemu", "orbstack", "multipass"]
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    if request.param != "qemu":
+        request.getfixturevalue("double")
+    return str(request.param)
+
+
+@pytest.fixture
+def backend(kind: str, state: Path) -> Iterator[Backend]:
+    made = backends.get(kind, state_dir=state)
+    yield made
+    for vm in made.list():
+        if vm.name.startswith("contract-"):
+            made.delete(vm.name)
+    made.close()
+
+
+def states(backend: Backend) -> dict[str, str]:
+    return {vm.name: vm.state for vm in backend.list()}
+
+
+def run(backend: Backend, name: str, argv: list[str], **kw: object) -> backends.ExecResult:
+    options: dict[str, object] = {"stdin": None, "env": None, "cwd": None, "timeout_s": 60.0}
+    options.update(kw)
+    return backend.exec(name, argv, **options)  # type: ignore[arg-type]
+
+
+def test_lifecycle(backend: Backend) -> None:
+    name = "contract-life"
+    backend.check_spec(VMSpec())
+    backend.create(name, VMSpec())
+    backend.wait_ready(name, 60.0)
+    assert states(backend)[name] == "running"
+    with pytest.raises(vmlease.VMAlreadyExists):
+        backend.create(name, VMSpec())
+
+    run(backend, name, ["sh", "-c", "echo kept > /root/kept; sync"])
+    backend.stop(name, 60.0)
+    assert states(backend)[name] == "stopped"
+    backend.start(name)
+    backend.wait_ready(name, 60.0)
+    assert run(backend, name, ["cat", "/root/kept"]).stdout == b"kept\n"
+
+    backend.delete(name)
+    assert name not in states(backend)
+    with pytest.raises(vmlease.VMNotFound):
+        backend.delete(name)
+
+
+def test_exec_passes_exit_codes_output_stdin_env_and_cwd(backend: Backend) -> None:
+    name = "contract-exec"
+    backend.create(name, VMSpec())
+    backend.wait_ready(name, 60.0)
+
+    done = run(backend, name, ["sh", "-c", r"printf '\000\377'; echo err >&2; exit 3"])
+    assert (done.exit_code, done.stdout, done.stderr) == (3, b"\x00\xff", b"err\n")
+    data = bytes(range(256)) * 64
+    assert run(backend, name, ["cat"], stdin=data).stdout == data
+    done = run(
+        backend,
+        name,
+        ["sh", "-c", 'echo "$GREETING"; pwd'],
+        env={"GREETING": "hi there"},
+        cwd="/tmp",
+    )
+    assert done.stdout == b"hi there\n/tmp\n"
+    assert run(backend, name, ["no-such-command"]).exit_code == 127
+    # 255 is also what ssh exits with when the connection fails; a command's own 255 stays.
+    assert run(backend, name, ["sh", "-c", "exit 255"]).exit_code == 255
+
+
+def test_copies_are_binary_safe_and_keep_the_mode(backend: Backend, tmp_path: Path) -> None:
+    name = "contract-copy"
+    backend.create(name, VMSpec())
+    backend.wait_ready(name, 60.0)
+    blob = tmp_path / "blob"
+    blob.write_bytes(bytes(range(256)) * 1024 + os.urandom(100_000))
+    blob.chmod(0o640)
+    backend.put(name, blob, "/root/blob")
+    assert run(backend, name, ["stat", "-c", "%a", "/root/blob"]).stdout == b"640\n"
+    back = tmp_path / "back"
+    backend.get(name, "/root/blob", back)
+    assert back.read_bytes() == blob.read_bytes()
+    with pytest.raises(GuestFileError):
+        backend.get(name, "/root/missing", tmp_path / "missing")
+
+
+class HangOnce(QemuBackend):
+    """A QEMU backend whose first create makes the VM and then times out."""
+
+    hung = False
+
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
+        super().create(name, spec, timeout_s=timeout_s)
+        if not HangOnce.hung:
+            HangOnce.hung = True
+            raise BackendTimeout(f"creating {name} took too long (injected)")
+
+
+def test_a_create_that_hangs_after_making_the_vm_is_adopted(
+    kind: str, state: Path, request: pytest.FixtureRequest
+) -> None:
+    if kind == "qemu":
+        HangOnce.hung = False
+        made: Backend = HangOnce(state_dir=state)
+    else:
+        tool = TOOLS[kind]
+        command = "create" if kind == "orbstack" else "launch"
+        request.getfixturevalue("double").inject(tool, command, after=True, hang_s=120)
+        made = backends.get(kind, state_dir=state)
+    retry = RetryPolicy.parse("create_s=15,waits=off")
+    with vmlease.Session(backend=made, state_dir=state, retry=retry) as session:
+        vm = session.create()
+        assert vm.run(["echo", "adopted"]).stdout == "adopted\n"
+        assert session.stats().adopted == 1
+        name = vm.name
+    assert name not in states(made)
+
+
+def test_cleanup_never_touches_instances_that_are_not_in_the_ledger(
+    kind: str, backend: Backend, state: Path, request: pytest.FixtureRequest
+) -> None:
+    # Someone's own machine, and one whose name merely looks like ours.
+    foreign = ["contract-dev-box", "vmlease-zzzzzzzzzz-1"]
+    for name in foreign:
+        backend.create(name, VMSpec())
+    with vmlease.Session(backend=backend, state_dir=state) as session:
+        session.create().run(["true"])
+    cleanup(state, everything=True, confirm=lambda rows: True, known={kind: backend})
+    left = states(backend)
+    assert all(name in left for name in foreign)
+    for name in foreign:
+        backend.delete(name)
+    if kind == "orbstack":
+        stops = request.getfixturevalue("double").calls("orbctl")
+        assert all(call[1:] for call in stops if call[0] == "stop"), "a bare `orbctl stop`"
+
+
+def test_multipass_never_purges_the_users_deleted_instances(double: Double, state: Path) -> None:
+    backend = MultipassBackend(state_dir=state)
+    backend.create("old-work", VMSpec())
+    backend.call(["delete", "old-work"], timeout_s=60)  # recoverable, the user's
+    with vmlease.Session(backend=backend, state_dir=state) as session:
+        session.create().run(["true"])
+    cleanup(state, everything=True, confirm=lambda rows: True, known={"multipass": backend})
+    assert states(backend)["old-work"] == "deleted"
+    calls = double.calls("multipass")
+    assert not [c for c in calls if c[0] == "purge"]
+    assert all("--purge" in c for c in calls if c[0] == "delete" and "old-work" not in c)
+
+
+def test_an_ssh_failure_under_multipass_exec_is_a_transient_channel_error(
+    double: Double, state: Path
+) -> None:
+    backend = backends.get("multipass", state_dir=state)
+    backend.create("contract-ssh", VMSpec())
+    backend.wait_ready("contract-ssh", 60.0)
+    # The command and the probe that follows both fail the way ssh does.
+    double.inject(
+        "multipass", "exec", times=2, exit=255, stderr="ssh connection failed: 'No route to host'"
+    )
+    with pytest.raises(vmlease.ChannelError) as info:
+        run(backend, "contract-ssh", ["true"])
+    assert info.value.transient
+    backend.delete("contract-ssh")
+
+
+def _errors(kind: str) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = json.loads((DATA / kind / "errors.json").read_text())
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("kind_name", "case"),
+    [(k, c) for k in ("orbstack", "multipass") for c in _errors(k)],
+    ids=lambda v: v if isinstance(v, str) else str(v["source"])[:40],
+)
+def test_recorded_failures_are_classified_through_the_tool(
+    double: Double, state: Path, kind_name: str, case: dict[str, object]
+) -> None:
+    backend = backends.get(kind_name, state_dir=state)
+    double.inject(TOOLS[kind_name], "list", exit=case["exit"], stderr=case["stderr"])
+    with pytest.raises(BackendError) as info:
+        backend.list()
+    assert type(info.value).__name__ == case["error"]
+    assert backend.classify(info.value).value == ("transient" if case["transient"] else "permanent")
