@@ -22,11 +22,13 @@ from tests.integration.doubles import TOOLS, Double
 from vmlease import backends
 from vmlease._cleanup import cleanup
 from vmlease._errors import BackendError, BackendTimeout, GuestFileError
+from vmlease._preflight import Status, doctor
 from vmlease._retry import RetryPolicy
 from vmlease._spec import VMSpec
 from vmlease.backends import Backend
 from vmlease.backends.multipass import MultipassBackend
 from vmlease.backends.qemu import QemuBackend
+from vmlease.images import Image
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -220,3 +222,91 @@ def test_recorded_failures_are_classified_through_the_tool(
         backend.list()
     assert type(info.value).__name__ == case["error"]
     assert backend.classify(info.value).value == ("transient" if case["transient"] else "permanent")
+
+
+EVERY_FIXTURE = """
+import pytest
+
+
+def test_vm(vm):
+    vm.run(["sh", "-c", "echo x > /root/mark"], check=True)
+
+
+def test_vm_is_clean(vm):
+    assert vm.run(["test", "-e", "/root/mark"]).exit_code == 1
+
+
+def test_worker_vm(worker_vm):
+    worker_vm.run(["sh", "-c", "echo y > /root/shared"], check=True)
+
+
+def test_worker_vm_keeps_state(worker_vm):
+    assert worker_vm.run(["cat", "/root/shared"]).stdout == "y\\n"
+
+
+@pytest.mark.vm(fresh=True, memory_mb=384)
+def test_fresh(vm):
+    assert vm.run(["echo", "fresh"]).stdout == "fresh\\n"
+
+
+def test_factory(vm_factory):
+    assert vm_factory().run(["echo", "hi"]).stdout == "hi\\n"
+
+
+def test_pool(vm_pool):
+    assert len({v.name for v in vm_pool(2)}) == 2
+
+
+def test_session(vm_session):
+    assert vm_session.backend.name == "BACKEND"
+"""
+
+
+@pytest.mark.parametrize("kind_name", ["orbstack", "multipass"])
+def test_every_fixture_works_on_the_backend(
+    double: Double,
+    state: Path,
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_image: Image,
+    kind_name: str,
+) -> None:
+    monkeypatch.setenv("VMLEASE_STATE_DIR", str(state))
+    monkeypatch.setenv("VMLEASE_IMAGE_DIR", str(tiny_image.path.parent.parent))
+    for name in ("VMLEASE_KEEP", "VMLEASE_IMAGE", "VMLEASE_BACKEND", "VMLEASE_MAX"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makepyfile(EVERY_FIXTURE.replace("BACKEND", kind_name))
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--vm-backend={kind_name}", timeout=240
+    )
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines(["*nothing left behind*"])
+    assert double.machines() == {}
+
+
+@pytest.mark.parametrize("kind_name", ["orbstack", "multipass"])
+def test_doctor_checks_the_tool_and_its_daemon(
+    double: Double, state: Path, monkeypatch: pytest.MonkeyPatch, kind_name: str
+) -> None:
+    tool = TOOLS[kind_name]
+    by_name = {c.name: c for c in doctor(state, kind_name)}
+    assert by_name[f"{kind_name}: {tool}"].status is Status.OK
+    assert by_name[f"{kind_name}: daemon"].status is Status.OK
+
+    down = {
+        "orbstack": "OrbStack is not running; start it with orbctl start",
+        "multipass": "list failed: cannot connect to the multipass socket",
+    }[kind_name]
+    double.inject(tool, "list", times=10, stderr=down)
+    daemon = {c.name: c for c in doctor(state, kind_name)}[f"{kind_name}: daemon"]
+    assert daemon.status is Status.FAIL
+    start = "orbctl start" if kind_name == "orbstack" else "snap start multipass"
+    assert start in daemon.message
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    missing = {c.name: c for c in doctor(state, kind_name)}[f"{kind_name}: {tool}"]
+    assert missing.status is Status.FAIL
+    assert f"{tool} not found" in missing.message
+    assert ("orbstack.dev" if kind_name == "orbstack" else "snap install multipass") in (
+        missing.message
+    )
