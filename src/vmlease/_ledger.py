@@ -152,7 +152,7 @@ class Ledger:
             )
             self._db.row_factory = sqlite3.Row
             self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            self._db.execute("PRAGMA journal_mode = WAL")
+            self._set_wal(busy_timeout_s)
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.execute("PRAGMA foreign_keys = ON")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -168,12 +168,33 @@ class Ledger:
                         + _SCHEMA
                         + f"PRAGMA user_version = {_SCHEMA_VERSION};COMMIT;"
                     )
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise LedgerError(f"the ledger at {path} cannot be read ({exc})") from exc
+            raise LedgerError(
+                f"the ledger at {path} stayed locked for {busy_timeout_s:g} s ({exc}); "
+                "another process holds it: find it with `fuser` and let it finish"
+            ) from exc
         except sqlite3.DatabaseError as exc:
             raise LedgerError(
                 f"the ledger at {path} cannot be read ({exc}); it may be corrupt. "
                 "Move it aside to start a new one; VMs it recorded must then be "
                 "deleted by hand"
             ) from exc
+
+    def _set_wal(self, busy_timeout_s: float) -> None:
+        """Switch to WAL. Processes opening a new ledger at once can get "database
+        is locked" here without SQLite's busy handler being asked, so wait
+        for the switch like for any other lock."""
+        deadline = time.monotonic() + busy_timeout_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def close(self) -> None:
         with self._lock:

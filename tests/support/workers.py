@@ -46,3 +46,11 @@ def claim_vms(state: str, session_id: str, count: int) -> None:
     ) as session:
         for _ in range(count):
             session.create()
+
+
+def open_ledger(path: str, start_at: float) -> None:
+    """Open (and so create) the ledger at ``path`` at ``start_at``, with the other workers."""
+    from vmlease._ledger import Ledger
+
+    time.sleep(max(0.0, start_at - time.time()))
+    Ledger(Path(path)).close()

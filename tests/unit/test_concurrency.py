@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
@@ -67,4 +68,14 @@ def test_eight_processes_write_the_ledger_at_once_and_lose_nothing(tmp_path: Pat
         assert {r.state for r in records} == {VMState.GONE}
         assert all(len(ledger.events(r.id)) >= 4 for r in records[:50])
     finally:
+        ledger.close()
+
+
+def test_eight_processes_create_a_new_ledger_at_once(tmp_path: Path) -> None:
+    for round_ in range(5):
+        path = tmp_path / f"ledger{round_}.sqlite3"
+        start_at = time.time() + 1.0
+        run_all(workers.open_ledger, [(str(path), start_at) for _ in range(8)])
+        ledger = Ledger(path)
+        assert ledger.records() == []
         ledger.close()
