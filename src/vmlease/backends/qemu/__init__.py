@@ -421,7 +421,7 @@ class QemuBackend(Backend):
             with live.lock:
                 self._load_state(name, found, deadline)
                 channel = self._channel(name, live, max(1.0, deadline - time.monotonic()))
-                self._refresh_guest(name, channel)
+                self._refresh_guest(channel)
                 # The saved guest carries the name of the VM it was saved from.
                 script = (
                     'hostname "$1" && echo "vmlease: guest $1 up, '
@@ -476,7 +476,7 @@ class QemuBackend(Backend):
                     raise BackendTimeout(f"VM {name} took too long to load its booted state")
                 time.sleep(0.005)
 
-    def _refresh_guest(self, name: str, channel: AgentChannel) -> None:
+    def _refresh_guest(self, channel: AgentChannel) -> None:
         """After a restore or a start from a saved state: today's time and fresh randomness."""
         channel.set_time(time.time(), _RECONNECT_TIMEOUT_S, seed=os.urandom(_SEED_BYTES))
 
@@ -700,7 +700,7 @@ class QemuBackend(Backend):
             # channel, and give it today's time instead of the snapshot's.
             channel = self._channel(name, live, _RECONNECT_TIMEOUT_S)
             channel.handshake(_RECONNECT_TIMEOUT_S)
-            self._refresh_guest(name, channel)
+            self._refresh_guest(channel)
 
     def console_tail(self, name: str, lines: int = 40) -> str:
         try:
