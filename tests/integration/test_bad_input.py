@@ -10,6 +10,7 @@ import pytest
 
 import vmlease
 from tests.support.ledger import ledger_records
+from vmlease import backends
 from vmlease._proc import SubprocessRunner
 from vmlease.backends.qemu import QemuBackend
 from vmlease.backends.qemu._accel import probe_kvm
@@ -104,6 +105,13 @@ BAD_INPUT: list[tuple[str, str, dict[str, object], type[Exception], str]] = [
         {"VMLEASE_QEMU_ACCEL": "warp"},
         vmlease.ConfigError,
         "must be 'kvm' or 'tcg'",
+    ),
+    (
+        "warm start setting",
+        "env",
+        {"VMLEASE_QEMU_WARM": "sometimes"},
+        vmlease.ConfigError,
+        "VMLEASE_QEMU_WARM must be 'on' or 'off'",
     ),
     (
         "qemu program",
@@ -206,3 +214,20 @@ def test_the_kvm_probe_answers_quickly_whatever_kvm_does() -> None:
     _works, reason = probe_kvm("qemu-system-x86_64", SubprocessRunner())
     assert time.monotonic() - start < 10
     assert reason
+
+
+@pytest.mark.parametrize(
+    ("backend", "options", "says"),
+    [
+        ("orbstack", {"arch": "sparc"}, "arch must be 'arm64' or 'amd64'"),
+        ("multipass", {"disk_gb": 0}, "disk_gb must be at least 1"),
+        ("multipass", {"cloud_init": Path("/nonexistent/user-data")}, "is not a file"),
+        ("multipass", {"ram": "1G"}, "does not take these options"),
+    ],
+)
+def test_bad_backend_options_are_refused_before_anything_runs(
+    state: Path, backend: str, options: dict[str, object], says: str
+) -> None:
+    with pytest.raises(vmlease.ConfigError, match=re.escape(says)):
+        backends.get(backend, state_dir=state, **options)
+    assert not (state / "ledger.sqlite3").exists()
