@@ -120,3 +120,35 @@ class SnapshottingFake(FakeBackend):
         self._do("restore", name, tag)
         if tag not in self.snapshots.get(name, set()):
             raise SnapshotNotFound(f"{name} has no snapshot {tag}")
+
+
+@dataclass
+class SharedFake(FakeBackend):
+    """A FakeBackend whose VMs share a namespace with the user's, as OrbStack's do.
+
+    ``marks`` holds each VM's identity (a VM made outside vmlease has none);
+    names in ``unreadable`` cannot be asked for theirs (a stopped instance).
+    """
+
+    name = "shared"
+    capabilities = Capabilities(shared_namespace=True)
+    marks: dict[str, str] = field(default_factory=dict)
+    unreadable: set[str] = field(default_factory=set)
+
+    def mark(self, name: str, token: str, *, timeout_s: float = 60.0) -> str | None:
+        self._do("mark", name, token)
+        self.marks[name] = token
+        return token
+
+    def identity(self, name: str, *, timeout_s: float = 30.0) -> str | None:
+        self._do("identity", name)
+        if name not in self.vms:
+            raise VMNotFound(f"{name} does not exist")
+        if name in self.unreadable:
+            return None
+        return self.marks.get(name, "")
+
+    def replace(self, name: str) -> None:
+        """The user deletes the VM ``name`` and makes one of their own with that name."""
+        self.marks.pop(name, None)
+        self.vms[name] = "running"

@@ -1,10 +1,17 @@
 """Deleting what we own and nothing else: the policy shared by the reaper,
 the sweep at session start and ``vmlease cleanup``.
 
-Deletion is authorised by the ledger alone. A VM that is not in the ledger is
+Deletion is authorised by the ledger. A VM that is not in the ledger is
 never deleted, whatever its name; a VM in the ledger is deleted only when its
 owner is provably dead (pid, start time and boot id), its lease has expired,
 or a user asked for everything (``cleanup --all``).
+
+On backends whose VMs live among the user's own (OrbStack, Multipass), a
+name in the ledger is not proof enough: between the session that made a VM
+and the cleanup, the user may have deleted it and made their own of the
+same name. There a second check must agree (:func:`check_ownership`): the
+mark recorded when vmlease made the VM, or failing that a name vmlease
+generated for the row's session.
 """
 
 from __future__ import annotations
@@ -19,17 +26,76 @@ from vmlease import backends as _backends
 from vmlease._errors import VMLeaseError, VMNotFound
 from vmlease._identity import Liveness, liveness
 from vmlease._ledger import Ledger, Record, VMState
+from vmlease._naming import is_generated
 from vmlease.backends import Backend
 
 __all__ = [
     "Backends",
     "Outcome",
+    "Ownership",
     "Status",
+    "check_ownership",
     "cleanup",
     "delete_records",
     "find_reapable",
+    "mark_prefix",
     "status",
 ]
+
+
+class Ownership(enum.Enum):
+    """What the second check says of a ledger row's VM."""
+
+    OURS = "ours"
+    GONE = "gone"  # the backend has no VM of that name
+    NOT_OURS = "not ours"  # a VM of that name exists, but not the one vmlease made
+    UNCONFIRMED = "unconfirmed"  # neither its mark nor its name proves it ours
+
+
+def check_ownership(record: Record, backend: Backend) -> tuple[Ownership, str]:
+    """Whether the VM called ``record.name`` on ``backend`` is the one the row recorded.
+
+    On a backend with a namespace of vmlease's own, the ledger suffices. On a
+    shared one, the VM's current identity must equal the recorded mark; where
+    no mark was recorded or it cannot be read now, the name must be one
+    vmlease generated for the row's session. Returns the verdict and, unless
+    OURS or GONE, why, saying what to do.
+    """
+    if not backend.capabilities.shared_namespace:
+        return Ownership.OURS, ""
+    where = f"{record.name!r} on {record.backend}"
+    try:
+        now = backend.identity(record.name)
+    except VMNotFound:
+        return Ownership.GONE, ""
+    if record.instance_id and now is not None:
+        if now == record.instance_id:
+            return Ownership.OURS, ""
+        return Ownership.NOT_OURS, (
+            f"{where} is not the VM vmlease made ("
+            + (f"its mark is {now!r}" if now else "it carries no vmlease mark")
+            + f", vmlease recorded {record.instance_id!r}): left alone"
+        )
+    if now and now.startswith(mark_prefix(record)):
+        return Ownership.OURS, ""  # marked, but the owner died before recording it
+    if is_generated(record.name, record.owner.session_id):
+        return Ownership.OURS, ""
+    unread = (
+        "its mark cannot be read now (is it stopped?)"
+        if record.instance_id
+        else "no mark was recorded when it was made"
+    )
+    return Ownership.UNCONFIRMED, (
+        f"cannot confirm that {where} is the VM vmlease made: {unread}, and its name "
+        "was chosen, not generated. If it is yours, delete it with the backend's own "
+        "tool and `vmlease cleanup` will forget it; if it is stopped, start it and "
+        "run `vmlease cleanup` again"
+    )
+
+
+def mark_prefix(record: Record) -> str:
+    """How the token a session gives ``Backend.mark`` for ``record`` begins."""
+    return f"vmlease:{record.owner.session_id}:{record.id}:"
 
 
 class Status(enum.StrEnum):
@@ -85,8 +151,11 @@ class Outcome:
 
     Attributes:
         action: ``deleted``, ``already gone`` (the backend had no such VM),
-            ``failed``, ``busy`` (another process is deleting it) or
-            ``would delete`` (a dry run).
+            ``failed``, ``busy`` (another process is deleting it),
+            ``not ours`` (a VM of that name is someone else's: left, and the
+            row closed), ``unconfirmed`` (ownership cannot be proven: left,
+            and the row kept with the reason) or ``would delete`` (a dry run).
+        error: what went wrong, or why a VM was left.
     """
 
     name: str
@@ -119,29 +188,52 @@ def delete_records(
     """Delete the VMs of ``records`` (each with why it is deleted) through their backends.
 
     Each row is first taken in the ledger (``take_for_deletion``), so a VM
-    another process is deleting is left to it. A failed delete leaves the
-    row ``failed`` with the error, for a later cleanup.
+    another process is deleting is left to it. Then the second check
+    (:func:`check_ownership`) must agree. A failed delete, or a VM whose
+    ownership cannot be proven, leaves the row ``failed`` (or still ``kept``)
+    with the reason, for a later cleanup.
     """
     outcomes = []
     for record, why in records:
-        if dry_run:
-            outcomes.append(Outcome(record.name, record.backend, why, "would delete"))
-            continue
-        if not ledger.take_for_deletion(record.id, detail=f"{reason} ({why})"):
+        if not dry_run and not ledger.take_for_deletion(record.id, detail=f"{reason} ({why})"):
             outcomes.append(Outcome(record.name, record.backend, why, "busy"))
             continue
         try:
-            backend_for(record.backend).delete(record.name)
-            action = "deleted"
+            backend = backend_for(record.backend)
+            verdict, doubt = check_ownership(record, backend)
+            if verdict is Ownership.OURS and not dry_run:
+                backend.delete(record.name)
         except VMNotFound:
-            action = "already gone"
+            verdict, doubt = Ownership.GONE, ""
         except VMLeaseError as exc:
-            ledger.transition(record.id, VMState.FAILED, error=f"{reason}: {exc}")
+            if not dry_run:
+                ledger.transition(record.id, _left(record), error=f"{reason}: {exc}")
             outcomes.append(Outcome(record.name, record.backend, why, "failed", str(exc)))
             continue
-        ledger.transition(record.id, VMState.GONE, detail=f"{reason} ({why})")
-        outcomes.append(Outcome(record.name, record.backend, why, action))
+        action = _ACTIONS[verdict]
+        if dry_run:
+            action = "would delete" if verdict is Ownership.OURS else action
+        elif verdict is Ownership.UNCONFIRMED:
+            ledger.transition(record.id, _left(record), error=f"{reason}: {doubt}")
+        else:
+            detail = f"{reason} ({why})" + (f": {doubt}" if doubt else "")
+            ledger.transition(record.id, VMState.GONE, detail=detail)
+        outcomes.append(Outcome(record.name, record.backend, why, action, doubt or None))
     return outcomes
+
+
+def _left(record: Record) -> VMState:
+    """The state of a row whose VM was not deleted: a kept VM stays kept (so
+    cleanup still finds it while its owner lives), any other is failed."""
+    return VMState.KEPT if record.state is VMState.KEPT else VMState.FAILED
+
+
+_ACTIONS = {
+    Ownership.OURS: "deleted",
+    Ownership.GONE: "already gone",
+    Ownership.NOT_OURS: "not ours",
+    Ownership.UNCONFIRMED: "unconfirmed",
+}
 
 
 class Backends:

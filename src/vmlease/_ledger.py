@@ -29,7 +29,7 @@ from ._identity import Owner
 
 __all__ = ["Event", "Ledger", "Record", "VMState"]
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
     id INTEGER PRIMARY KEY,
@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS vms (
     error TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    expires_at REAL
+    expires_at REAL,
+    instance_id TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS vms_live_name ON vms(backend, name) WHERE state != 'gone';
 CREATE INDEX IF NOT EXISTS vms_session ON vms(session_id);
@@ -58,6 +59,10 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_vm ON events(vm_id);
 """
+#: What turns a ledger of each older schema into the next one.
+_UPGRADES = {
+    1: "ALTER TABLE vms ADD COLUMN instance_id TEXT",  # what Backend.mark returned
+}
 
 
 class VMState(enum.StrEnum):
@@ -89,6 +94,7 @@ class Record:
     created_at: float
     updated_at: float
     expires_at: float | None
+    instance_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +124,7 @@ def _record(row: sqlite3.Row) -> Record:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         expires_at=row["expires_at"],
+        instance_id=row["instance_id"],
     )
 
 
@@ -162,12 +169,7 @@ class Ledger:
                     f"(schema {version}); upgrade vmlease to use it"
                 )
             if version < _SCHEMA_VERSION:
-                with self._write():
-                    self._db.executescript(
-                        "BEGIN IMMEDIATE;"
-                        + _SCHEMA
-                        + f"PRAGMA user_version = {_SCHEMA_VERSION};COMMIT;"
-                    )
+                self._upgrade()
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc):
                 raise LedgerError(f"the ledger at {path} cannot be read ({exc})") from exc
@@ -181,6 +183,27 @@ class Ledger:
                 "Move it aside to start a new one; VMs it recorded must then be "
                 "deleted by hand"
             ) from exc
+
+    def _upgrade(self) -> None:
+        """Create the tables, or bring an older ledger's up to date, in one
+        transaction; the version is read again inside it, since another
+        process may have done the work meanwhile."""
+        with self._write():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                else:
+                    for step in range(version, _SCHEMA_VERSION):
+                        self._db.execute(_UPGRADES[step])
+                self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _set_wal(self, busy_timeout_s: float) -> None:
         """Switch to WAL. Processes opening a new ledger at once can get "database
@@ -321,6 +344,14 @@ class Ledger:
                 (vm_id, state.value, now, detail if detail is not None else error),
             )
             self._db.execute("COMMIT")
+
+    def set_instance_id(self, vm_id: int, instance_id: str) -> None:
+        """Keep what the backend's ``mark`` returned for ``vm_id``: cleanup compares it."""
+        with self._write():
+            self._db.execute(
+                "UPDATE vms SET instance_id = ?, updated_at = ? WHERE id = ?",
+                (instance_id, self._clock(), vm_id),
+            )
 
     def note(self, vm_id: int, state: VMState, detail: str) -> None:
         """Record an event that does not change the state (a snapshot, a restore)."""

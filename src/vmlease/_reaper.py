@@ -166,7 +166,10 @@ class _Server:
         rows = [(r, s.value) for r, s in find_reapable(self.ledger)]
         if rows:
             for o in delete_records(self.ledger, rows, self.backends, reason="swept by the reaper"):
-                _log(self.state_dir, f"{o.action} {o.name} ({o.why})")
+                _log(
+                    self.state_dir,
+                    f"{o.action} {o.name} ({o.why}){': ' + o.error if o.error else ''}",
+                )
 
 
 def serve(state_dir: Path, *, idle_exit_s: float = IDLE_EXIT_S, ready: int | None = None) -> int:

@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 
 from . import _signals
 from . import backends as _backends
-from ._cleanup import Backends, Outcome, delete_records, find_reapable
+from ._cleanup import Backends, Outcome, delete_records, find_reapable, mark_prefix
 from ._errors import (
     BackendError,
     ConfigError,
@@ -252,7 +253,7 @@ class Session:
         finally:
             backends.close()
         for o in outcomes:
-            level = logging.WARNING if o.action == "failed" else logging.INFO
+            level = logging.WARNING if o.action in ("failed", "unconfirmed") else logging.INFO
             log.log(
                 level,
                 "sweep: %s %s (%s)%s",
@@ -345,9 +346,36 @@ class Session:
         if attempt.adopted:
             self._adopted += 1
             self.ledger.note(record.id, VMState.CREATING, "adopted after a failed create")
+        self._mark(record.id, vm_name_)
         self.transition(record.id, VMState.READY)
         self._created += 1
         return vm
+
+    def _mark(self, vm_id: int, name: str) -> None:
+        """On a backend whose VMs live among the user's own, mark the new VM as
+        ours and record the mark, for cleanup to compare before deleting.
+
+        A VM that cannot be marked still serves; cleanup then knows it by its
+        generated name alone (an explicitly named one it leaves for the user).
+        """
+        if not self.backend.capabilities.shared_namespace:
+            return
+        record = self.ledger.get(vm_id)
+        if record is None:
+            return
+        token = mark_prefix(record) + secrets.token_hex(8)
+        try:
+            mark = self.call(
+                "mark",
+                lambda limit: self.backend.mark(name, token, timeout_s=limit),
+                timeout_s=60.0,
+                subject=name,
+            )
+        except VMLeaseError as exc:
+            log.warning("%s: could not mark %s as vmlease's (%s)", self.backend.name, name, exc)
+            return
+        if mark:
+            self.ledger.set_instance_id(vm_id, mark)
 
     def _take_place(self) -> Slot | None:
         """A place under ``max_vms``, waited for (and timed as ``wait``)."""

@@ -102,7 +102,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         max_age_s=args.max_age,
         confirm=None if args.yes else _ask,
     )
-    failed = any(o.action == "failed" for o in outcomes)
+    # A VM left because its ownership is unproven needs a person, like a failure.
+    failed = any(o.action in ("failed", "unconfirmed") for o in outcomes)
     if args.json:
         print(json.dumps({"results": [o.as_dict() for o in outcomes]}, indent=2))
     elif not outcomes:

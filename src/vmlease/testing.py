@@ -191,6 +191,12 @@ class FlakyBackend(Backend):
     def check_spec(self, spec: VMSpec) -> None:
         self.inner.check_spec(spec)
 
+    def mark(self, name: str, token: str, *, timeout_s: float = 60.0) -> str | None:
+        return self.inner.mark(name, token, timeout_s=timeout_s)
+
+    def identity(self, name: str, *, timeout_s: float = 30.0) -> str | None:
+        return self.inner.identity(name, timeout_s=timeout_s)
+
     def console_tail(self, name: str, lines: int = 40) -> str:
         return self.inner.console_tail(name, lines)
 

@@ -19,9 +19,11 @@ import pytest
 
 import vmlease
 from tests.integration.doubles import TOOLS, Double
+from tests.support.ledger import dead_owner
 from vmlease import backends
 from vmlease._cleanup import cleanup
 from vmlease._errors import BackendError, BackendTimeout, GuestFileError
+from vmlease._ledger import Ledger, VMState
 from vmlease._preflight import Status, doctor
 from vmlease._retry import RetryPolicy
 from vmlease._spec import VMSpec
@@ -172,6 +174,90 @@ def test_cleanup_never_touches_instances_that_are_not_in_the_ledger(
     if kind == "orbstack":
         stops = request.getfixturevalue("double").calls("orbctl")
         assert all(call[1:] for call in stops if call[0] == "stop"), "a bare `orbctl stop`"
+
+
+# -- ownership where the user's machines share the namespace -----------------
+
+SHARED = ["orbstack", "multipass"]  # QEMU's VMs live in vmlease's own directory
+
+
+@pytest.fixture(params=SHARED)
+def shared(request: pytest.FixtureRequest, state: Path) -> Iterator[Backend]:
+    request.getfixturevalue("double")
+    made = backends.get(request.param, state_dir=state)
+    yield made
+    made.close()
+
+
+def test_cleanup_leaves_machines_the_user_put_in_place_of_ours(
+    shared: Backend, state: Path
+) -> None:
+    with vmlease.Session(backend=shared, state_dir=state) as session:
+        named = session.create(name="contract-db")
+        generated = session.create()
+        untouched = session.create(name="contract-web")
+        for vm in (named, generated, untouched):
+            vm.keep("left for this test")
+    # The user deletes two of them and makes machines of their own with those names.
+    replaced = [named.name, generated.name]
+    for name in replaced:
+        shared.delete(name)
+        shared.create(name, VMSpec())
+    outcomes = {o.name: o for o in cleanup(state, known={shared.name: shared})}
+    assert {name: o.action for name, o in outcomes.items()} == {
+        named.name: "not ours",
+        generated.name: "not ours",
+        "contract-web": "deleted",
+    }
+    assert "is not the VM vmlease made" in (outcomes[named.name].error or "")
+    assert sorted(states(shared)) == sorted(replaced)
+    assert cleanup(state, known={shared.name: shared}) == []  # their rows are closed
+    for name in replaced:
+        shared.delete(name)
+
+
+def test_a_machine_whose_owner_died_before_marking_it_is_judged_by_its_name(
+    shared: Backend, state: Path
+) -> None:
+    # The owner wrote its rows and died while asking for the machines. The one
+    # with a chosen name may be the user's (which made the create fail): left.
+    # The one with a generated name cannot be anyone else's: deleted.
+    owner = dead_owner()
+    generated = f"vmlease-{owner.session_id}-1"
+    ledger = Ledger(state / "ledger.sqlite3")
+    for name in ("contract-db", generated):
+        shared.create(name, VMSpec())
+        row = ledger.claim(name=name, backend=shared.name, owner=owner, spec=VMSpec().to_json())
+        ledger.transition(row.id, VMState.CREATING)
+    ledger.close()
+    outcomes = {o.name: o for o in cleanup(state, known={shared.name: shared})}
+    assert outcomes[generated].action == "deleted"
+    assert outcomes["contract-db"].action == "unconfirmed"
+    assert "no mark was recorded" in (outcomes["contract-db"].error or "")
+    assert list(states(shared)) == ["contract-db"]
+    # The user decides: deleted by hand, the row is forgotten at the next cleanup.
+    shared.delete("contract-db")
+    [again] = cleanup(state, known={shared.name: shared})
+    assert (again.name, again.action) == ("contract-db", "already gone")
+
+
+def test_stopped_machines_are_judged_by_what_can_be_read(shared: Backend, state: Path) -> None:
+    with vmlease.Session(backend=shared, state_dir=state) as session:
+        named = session.create(name="contract-db")
+        generated = session.create()
+        for vm in (named, generated):
+            vm.stop()
+            vm.keep("left for this test")
+    outcomes = {o.name: o.action for o in cleanup(state, known={shared.name: shared})}
+    # OrbStack reports a stopped machine's id; a stopped Multipass instance
+    # cannot be asked for its mark, and a chosen name proves nothing.
+    named_action = "deleted" if shared.name == "orbstack" else "unconfirmed"
+    assert outcomes == {named.name: named_action, generated.name: "deleted"}
+    if named_action == "unconfirmed":
+        shared.start(named.name)
+        shared.wait_ready(named.name, 60.0)
+        assert [o.action for o in cleanup(state, known={shared.name: shared})] == ["deleted"]
+    assert states(shared) == {}
 
 
 def test_multipass_never_purges_the_users_deleted_instances(double: Double, state: Path) -> None:

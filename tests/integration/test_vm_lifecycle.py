@@ -184,6 +184,31 @@ def test_stop_start_keeps_the_disk(session: vmlease.Session, state: Path) -> Non
     assert vm.state is VMState.GONE
 
 
+def test_a_vm_stopped_by_another_process_keeps_what_its_guest_wrote(state: Path) -> None:
+    # `vmlease stop`, another xdist worker or a tool's daemon stops VMs it did
+    # not start: the guest must still flush its last writes to the disk.
+    maker = QemuBackend(state_dir=state)
+    maker.create("lifecycle-writes", vmlease.VMSpec())
+    maker.wait_ready("lifecycle-writes", 60.0)
+
+    def run(backend: QemuBackend, argv: list[str]) -> vmlease.backends.ExecResult:
+        return backend.exec(
+            "lifecycle-writes", argv, stdin=None, env=None, cwd=None, timeout_s=30.0
+        )
+
+    assert run(maker, ["sh", "-c", "echo kept > /root/marker"]).exit_code == 0
+    maker.close()
+    other = QemuBackend(state_dir=state)
+    try:
+        other.stop("lifecycle-writes", 30.0)
+        other.start("lifecycle-writes")
+        other.wait_ready("lifecycle-writes", 60.0)
+        assert run(other, ["cat", "/root/marker"]).stdout == b"kept\n"
+    finally:
+        other.delete("lifecycle-writes")
+        other.close()
+
+
 def test_leaving_the_block_deletes_every_vm_even_on_error(state: Path) -> None:
     made: list[vmlease.VM] = []
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import FakeBackend
+from tests.fakes import FakeBackend, SharedFake
 from tests.support.ledger import dead_owner
 from vmlease import LedgerError
-from vmlease._cleanup import Status, cleanup, status
+from vmlease._cleanup import Status, cleanup, mark_prefix, status
 from vmlease._identity import current_owner
 from vmlease._ledger import Ledger, Record, VMState
 
@@ -129,3 +129,140 @@ def test_cleanup_of_a_corrupt_ledger_is_an_error_and_deletes_nothing(tmp_path: P
     with pytest.raises(LedgerError, match="corrupt"):
         cleanup(tmp_path, everything=True, confirm=lambda _r: True, known={"fake": fake})
     assert fake.vms == {"vmlease-a-1": "running"}
+
+
+# -- backends that share a namespace with the user: the second check -----------
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> tuple[Ledger, SharedFake]:
+    """A ledger whose dead owner made four VMs on a shared-namespace backend:
+    two with generated names, two with chosen ones; each marked when made."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    fake = SharedFake()
+    owner = dead_owner()
+    for name in (f"vmlease-{owner.session_id}-1", f"vmlease-{owner.session_id}-2", "db", "web"):
+        row = ledger.claim(name=name, backend="shared", owner=owner, spec="{}")
+        fake.vms[name] = "running"
+        ledger.set_instance_id(row.id, fake.mark(name, f"vmlease:{name}") or "")
+        ledger.transition(row.id, VMState.READY)
+    return ledger, fake
+
+
+def _run(tmp_path: Path, fake: SharedFake, **options: object) -> dict[str, tuple[str, str]]:
+    outcomes = cleanup(tmp_path, known={"shared": fake}, **options)  # type: ignore[arg-type]
+    return {o.name: (o.action, o.error or "") for o in outcomes}
+
+
+def test_vms_whose_marks_match_are_deleted(
+    shared: tuple[Ledger, SharedFake], tmp_path: Path
+) -> None:
+    ledger, fake = shared
+    names = ("vmlease-deadsess-1", "vmlease-deadsess-2", "db", "web")
+    actions = {name: action for name, (action, _) in _run(tmp_path, fake).items()}
+    assert actions == dict.fromkeys(names, "deleted")
+    assert fake.vms == {}
+    assert ledger.records() == []
+
+
+def test_a_vm_the_user_replaced_is_left_alone_and_forgotten(
+    shared: tuple[Ledger, SharedFake], tmp_path: Path
+) -> None:
+    ledger, fake = shared
+    fake.replace("db")
+    fake.replace("vmlease-deadsess-2")  # a generated name does not outrank the mark
+    result = _run(tmp_path, fake)
+    assert result["db"][0] == "not ours"
+    assert "carries no vmlease mark" in result["db"][1]
+    assert result["vmlease-deadsess-2"][0] == "not ours"
+    assert sorted(fake.vms) == ["db", "vmlease-deadsess-2"]
+    assert [c.name for c in fake.calls if c.op == "delete"] == ["vmlease-deadsess-1", "web"]
+    assert ledger.records() == []  # closed: the VM of that name is the user's
+    [db] = [r for r in ledger.records(include_gone=True) if r.name == "db"]
+    assert "is not the VM vmlease made" in (ledger.events(db.id)[-1].detail or "")
+
+
+def test_another_machines_mark_is_not_ours_either(
+    shared: tuple[Ledger, SharedFake], tmp_path: Path
+) -> None:
+    _, fake = shared
+    fake.marks["web"] = "some-other-id"
+    assert _run(tmp_path, fake)["web"][0] == "not ours"
+    assert "web" in fake.vms
+
+
+def test_an_unreadable_mark_falls_back_to_the_generated_name(
+    shared: tuple[Ledger, SharedFake], tmp_path: Path
+) -> None:
+    ledger, fake = shared
+    fake.unreadable = {"vmlease-deadsess-1", "db"}
+    result = _run(tmp_path, fake)
+    assert result["vmlease-deadsess-1"][0] == "deleted"
+    assert result["db"][0] == "unconfirmed"
+    assert "start it and run `vmlease cleanup` again" in result["db"][1]
+    assert sorted(fake.vms) == ["db"]
+    [row] = ledger.records()
+    assert (row.name, row.state) == ("db", VMState.FAILED)
+    # Once the user starts it, the mark is read and the VM goes.
+    fake.unreadable.clear()
+    assert _run(tmp_path, fake) == {"db": ("deleted", "")}
+
+
+def test_a_chosen_name_without_a_recorded_mark_is_never_deleted(tmp_path: Path) -> None:
+    # The owner died between asking for the VM and marking it: the machine of
+    # that name may be the user's, which made the create fail.
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    fake = SharedFake(vms={"db": "running", "vmlease-deadsess-1": "running"})
+    owner = dead_owner()
+    for name in ("db", "vmlease-deadsess-1"):
+        ledger.transition(
+            ledger.claim(name=name, backend="shared", owner=owner, spec="{}").id,
+            VMState.CREATING,
+        )
+    result = _run(tmp_path, fake)
+    assert result["db"][0] == "unconfirmed"
+    assert "no mark was recorded" in result["db"][1]
+    assert result["vmlease-deadsess-1"][0] == "deleted"
+    assert sorted(fake.vms) == ["db"]
+    # The user deletes it (or it never existed): the next cleanup forgets the row.
+    del fake.vms["db"]
+    assert _run(tmp_path, fake) == {"db": ("already gone", "")}
+    assert ledger.records() == []
+
+
+def test_a_dry_run_says_what_the_check_would_decide(
+    shared: tuple[Ledger, SharedFake], tmp_path: Path
+) -> None:
+    ledger, fake = shared
+    fake.replace("db")
+    del fake.vms["web"]
+    result = _run(tmp_path, fake, dry_run=True)
+    assert {n: a for n, (a, _) in result.items()} == {
+        "vmlease-deadsess-1": "would delete",
+        "vmlease-deadsess-2": "would delete",
+        "db": "not ours",
+        "web": "already gone",
+    }
+    assert "delete" not in fake.ops()
+    assert len(ledger.records()) == 4
+
+
+def test_cleanup_all_keeps_the_second_check(
+    shared: tuple[Ledger, SharedFake], tmp_path: Path
+) -> None:
+    _, fake = shared
+    fake.replace("web")
+    result = _run(tmp_path, fake, everything=True, confirm=lambda _r: True)
+    assert result["web"][0] == "not ours"
+    assert list(fake.vms) == ["web"]
+
+
+def test_a_vm_marked_just_before_its_owner_died_is_known_by_its_mark(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    row = ledger.claim(name="db", backend="shared", owner=dead_owner(), spec="{}")
+    fake = SharedFake(vms={"db": "running"}, marks={"db": mark_prefix(row) + "f00d"})
+    assert _run(tmp_path, fake) == {"db": ("deleted", "")}
+    # The mark of another row (another session's VM of the same name) is not enough.
+    other = ledger.claim(name="db", backend="shared", owner=dead_owner(), spec="{}")
+    fake = SharedFake(vms={"db": "running"}, marks={"db": f"vmlease:deadsess:{other.id + 1}:ab"})
+    assert _run(tmp_path, fake)["db"][0] == "unconfirmed"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import SharedFake
+from vmlease import backends
 from vmlease._identity import current_owner
 from vmlease._ledger import Ledger
 from vmlease.cli import main
@@ -62,15 +64,20 @@ def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 2
 
 
+def _orphan(state: Path, name: str, backend: str) -> None:
+    """A ledger row for ``name`` whose owner ran before the last reboot."""
+    state.mkdir()
+    ledger = Ledger(state / "ledger.sqlite3")
+    owner = dataclasses.replace(current_owner("gone"), boot_id="an-earlier-boot")
+    ledger.claim(name=name, backend=backend, owner=owner, spec="{}")
+    ledger.close()
+
+
 def test_cleanup_exits_1_when_a_delete_fails(
     state: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A dead owner's VM on a backend that is no longer installed cannot be deleted.
-    state.mkdir()
-    ledger = Ledger(state / "ledger.sqlite3")
-    owner = dataclasses.replace(current_owner("gone"), boot_id="an-earlier-boot")
-    ledger.claim(name="vmlease-old-1", backend="retired", owner=owner, spec="{}")
-    ledger.close()
+    _orphan(state, "vmlease-old-1", "retired")
     assert main(["cleanup"]) == 1
     out = capsys.readouterr().out
     assert "vmlease-old-1" in out
@@ -79,6 +86,19 @@ def test_cleanup_exits_1_when_a_delete_fails(
     assert main(["cleanup", "--json"]) == 1
     [result] = json.loads(capsys.readouterr().out)["results"]
     assert (result["why"], result["action"]) == ("orphaned", "failed")
+
+
+def test_cleanup_exits_1_and_says_why_when_a_vm_cannot_be_proven_ours(
+    state: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _orphan(state, "db", "shared")
+    fake = SharedFake(vms={"db": "running"})
+    monkeypatch.setattr(backends, "get", lambda name, **_options: fake)
+    assert main(["cleanup"]) == 1
+    out = capsys.readouterr().out
+    assert "unconfirmed" in out
+    assert "cannot confirm that 'db' on shared is the VM vmlease made" in out
+    assert fake.vms == {"db": "running"}
 
 
 def test_cleanup_rejects_a_bad_max_age(capsys: pytest.CaptureFixture[str]) -> None:

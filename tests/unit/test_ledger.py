@@ -117,6 +117,67 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         Ledger(path)
 
 
+def test_a_first_schema_ledger_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            """
+            CREATE TABLE vms (
+                id INTEGER PRIMARY KEY, name TEXT NOT NULL, backend TEXT NOT NULL,
+                session_id TEXT NOT NULL, owner_pid INTEGER NOT NULL,
+                owner_start_time INTEGER NOT NULL, owner_boot_id TEXT NOT NULL,
+                owner_host TEXT NOT NULL, spec TEXT NOT NULL, state TEXT NOT NULL,
+                error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+                expires_at REAL
+            );
+            CREATE TABLE events (
+                id INTEGER PRIMARY KEY, vm_id INTEGER NOT NULL REFERENCES vms(id),
+                state TEXT NOT NULL, at REAL NOT NULL, detail TEXT
+            );
+            INSERT INTO vms VALUES (1, 'old-1', 'multipass', 's0', 1, 2, 'b', 'h', '{}',
+                                    'ready', NULL, 1.0, 1.0, NULL);
+            PRAGMA user_version = 1;
+            """
+        )
+    ledger = Ledger(path)
+    [old] = ledger.records()
+    assert (old.name, old.state, old.instance_id) == ("old-1", VMState.READY, None)
+    ledger.set_instance_id(old.id, "vmlease:s0:1:ab")
+    new = ledger.claim(name="new-1", backend="multipass", owner=OWNER, spec="{}")
+    ledger.set_instance_id(new.id, "machine-id")
+    ledger.close()
+    again = Ledger(path)  # opening an upgraded ledger changes nothing
+    assert [(r.name, r.instance_id) for r in again.records()] == [
+        ("old-1", "vmlease:s0:1:ab"),
+        ("new-1", "machine-id"),
+    ]
+    again.close()
+
+
+def _upgrade_once(path: str) -> int:
+    Ledger(Path(path)).close()
+    return 0
+
+
+def test_processes_upgrading_one_ledger_at_once_all_succeed(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE vms (id INTEGER PRIMARY KEY, name TEXT NOT NULL, backend TEXT NOT NULL,"
+            " session_id TEXT NOT NULL, owner_pid INTEGER NOT NULL,"
+            " owner_start_time INTEGER NOT NULL, owner_boot_id TEXT NOT NULL,"
+            " owner_host TEXT NOT NULL, spec TEXT NOT NULL, state TEXT NOT NULL, error TEXT,"
+            " created_at REAL NOT NULL, updated_at REAL NOT NULL, expires_at REAL);"
+            "PRAGMA user_version = 1;"
+        )
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        assert pool.map(_upgrade_once, [str(path)] * 6) == [0] * 6
+    with sqlite3.connect(path) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(vms)")]
+        assert columns.count("instance_id") == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
 def _claim_many(args: tuple[str, int, int]) -> int:
     path, worker, count = args
     ledger = Ledger(Path(path))

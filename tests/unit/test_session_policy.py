@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import vmlease
-from tests.fakes import FakeBackend
+from tests.fakes import FakeBackend, SharedFake
 from vmlease import (
     BootError,
     CommandFailed,
@@ -23,6 +23,7 @@ from vmlease import (
     VMState,
     VMStateError,
 )
+from vmlease._cleanup import mark_prefix
 from vmlease._ledger import Ledger
 
 
@@ -313,3 +314,34 @@ def test_max_vms_bounds_a_sessions_vms_and_frees_places(fake: FakeBackend, tmp_p
         a.delete()
         session.create()
         assert session.stats().ops["wait"].count == 4
+
+
+def test_on_a_shared_namespace_a_new_vm_is_marked_and_the_mark_recorded(tmp_path: Path) -> None:
+    shared = SharedFake()
+    with Session(backend=shared, state_dir=tmp_path, reaper=False) as s:
+        vm = s.create(name="db")
+        assert shared.ops()[-1] == "mark"
+        record = s.ledger.find("shared", "db")
+        assert record is not None
+        assert record.instance_id == shared.marks["db"]
+        assert record.instance_id.startswith(mark_prefix(record))
+        assert vm.state is VMState.READY
+    # Where the namespace is vmlease's own, nothing is marked.
+    plain = FakeBackend()
+    with Session(backend=plain, state_dir=tmp_path / "plain", reaper=False) as s:
+        s.create()
+        assert "mark" not in plain.ops()
+
+
+def test_a_vm_that_cannot_be_marked_still_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared = SharedFake(fail={"mark": vmlease.GuestFileError("read-only file system")})
+    with Session(backend=shared, state_dir=tmp_path, reaper=False) as s:
+        vm = s.create()
+        assert vm.run(["true"]).exit_code == 0
+        record = s.ledger.find("shared", vm.name)
+        assert record is not None
+        assert record.instance_id is None
+    assert "could not mark" in caplog.text
+    assert "read-only file system" in caplog.text

@@ -38,6 +38,10 @@ class Capabilities:
     snapshots: bool = False
     labels: bool = False
     stop_start: bool = True
+    #: The backend's VMs live among the user's own (OrbStack, Multipass), so a
+    #: VM that has a name the ledger recorded may still not be ours: before
+    #: deleting it, cleanup checks its ``identity`` (see :meth:`Backend.mark`).
+    shared_namespace: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,25 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def get(self, name: str, remote: str, local: Path) -> None:
         """Copy ``remote`` from the guest to the local file ``local`` (binary-safe)."""
+
+    def mark(self, name: str, token: str, *, timeout_s: float = 60.0) -> str | None:
+        """Make the new VM ``name`` recognisable as vmlease's, once it answers.
+
+        Returns what :meth:`identity` will report for this VM while it
+        exists (a backend's instance id, or ``token`` kept in the guest), for
+        the ledger to keep; None when the backend has nothing to offer
+        (its namespace is vmlease's alone).
+        """
+        return None
+
+    def identity(self, name: str, *, timeout_s: float = 30.0) -> str | None:
+        """What :meth:`mark` returned for the VM now called ``name``.
+
+        ``""`` when that VM carries no mark (it is not one vmlease made), None
+        when the backend cannot tell just now (a stopped instance, an
+        unreachable guest); VMNotFound when there is no such VM.
+        """
+        return None
 
     def console_tail(self, name: str, lines: int = 40) -> str:
         """The last lines the VM wrote to its console, for diagnosis ("" if none)."""

@@ -25,13 +25,18 @@ from vmlease._errors import (
     BootError,
     ChannelError,
     GuestFileError,
+    VMNotFound,
 )
 from vmlease._preflight import Check, Status
 from vmlease._proc import Completed, Runner, SubprocessRunner
 
 from ._base import Backend, ExecResult
 
-__all__ = ["BinaryRunner", "CliBackend", "Rule", "run_binary"]
+__all__ = ["MARK_PATH", "BinaryRunner", "CliBackend", "Rule", "run_binary"]
+
+#: Where a VM made by vmlease on a backend without labels keeps its mark.
+MARK_PATH = "/var/lib/vmlease/instance"
+_NO_MARK = "-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +245,39 @@ class CliBackend(Backend):
             raise GuestFileError(
                 f"VM {name}: {what} failed: {done.stderr.decode(errors='replace').strip()}"
             )
+
+    # -- ownership -----------------------------------------------------------
+
+    def mark(self, name: str, token: str, *, timeout_s: float = 60.0) -> str | None:
+        """Write ``token`` to :data:`MARK_PATH` in the guest (atomically) and return it."""
+        script = 'mkdir -p "${1%/*}" && printf "%s\\n" "$2" > "$1.part" && mv -f "$1.part" "$1"'
+        done = self._script(name, script, token, timeout_s=timeout_s)
+        if done.exit_code != 0:
+            raise GuestFileError(
+                f"VM {name}: writing {MARK_PATH} failed: "
+                f"{done.stderr.decode(errors='replace').strip()}"
+            )
+        return token
+
+    def identity(self, name: str, *, timeout_s: float = 30.0) -> str | None:
+        """The token in the guest's :data:`MARK_PATH`; "" if it has none, None if
+        the guest cannot be asked (stopped, unreachable)."""
+        script = 'if [ -f "$1" ]; then cat "$1"; else echo "$2"; fi'
+        try:
+            done = self._script(name, script, _NO_MARK, timeout_s=timeout_s)
+        except VMNotFound:
+            raise
+        except BackendError:
+            return None
+        if done.exit_code != 0 or done.timed_out:
+            return None
+        text = done.stdout.decode(errors="replace").strip()
+        return "" if text == _NO_MARK else text
+
+    def _script(self, name: str, script: str, arg: str, *, timeout_s: float) -> ExecResult:
+        """``script`` run by sh in the guest as root, with $1 the mark's path, $2 ``arg``."""
+        argv = ["sh", "-c", script, "sh", MARK_PATH, arg]
+        return self.exec(name, argv, stdin=None, env=None, cwd=None, timeout_s=timeout_s)
 
     def copy_in(self, name: str, local: Path, staged: str) -> None:
         """Copy ``local`` to the staging path ``staged`` in the guest (as the tool's user)."""

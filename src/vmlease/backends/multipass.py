@@ -4,8 +4,11 @@ Verified against a command-line double built from Multipass's documented
 commands and messages (``tests/doubles``), not against a real installation:
 see docs/backends/multipass.md for what that leaves open.
 
-Multipass instances have no labels, so what is ours is what the ledger says
-(the session checks the name prefix as well). Deleting is always
+Multipass instances have no labels or ids and share one namespace with the
+user's own: what is ours is what the ledger says, and before deleting an
+instance cleanup also checks the mark vmlease wrote into it
+(``/var/lib/vmlease/instance``) or, when it cannot be read, that the name is
+one vmlease generated. Deleting is always
 ``multipass delete --purge NAME``: a bare ``multipass purge`` would also
 wipe the user's own deleted-but-recoverable instances.
 """
@@ -73,7 +76,9 @@ class MultipassBackend(CliBackend):
     start_hint = _START
     rules = _RULES
     ready_poll_s = 0.5
-    capabilities = Capabilities(snapshots=False, labels=False, stop_start=True)
+    capabilities = Capabilities(
+        snapshots=False, labels=False, stop_start=True, shared_namespace=True
+    )
 
     def __init__(
         self, *, cloud_init: Path | None = None, disk_gb: int | None = None, **options: Any

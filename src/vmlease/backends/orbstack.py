@@ -4,9 +4,11 @@ Verified against a command-line double built from OrbStack's documented
 commands and messages (``tests/doubles``), not against a real installation:
 see docs/backends/orbstack.md for what that leaves open.
 
-OrbStack machines have no labels, so what is ours is what the ledger says
-(the session checks the name prefix as well). Machines share OrbStack's CPUs
-and memory: a spec's ``cpus`` and ``memory_mb`` are not per machine here.
+OrbStack machines have no labels and share one namespace with the user's
+own: what is ours is what the ledger says, and before deleting a machine
+cleanup also checks that its id is the one recorded when vmlease made it.
+Machines share OrbStack's CPUs and memory: a spec's ``cpus`` and
+``memory_mb`` are not per machine here.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ class OrbStackBackend(CliBackend):
     install_hint = "install OrbStack from https://orbstack.dev (it provides orbctl)"
     start_hint = _START
     rules = _RULES
-    capabilities = Capabilities(snapshots=False, labels=False, stop_start=True)
+    capabilities = Capabilities(
+        snapshots=False, labels=False, stop_start=True, shared_namespace=True
+    )
 
     def __init__(self, *, arch: str | None = None, user: str | None = None, **options: Any) -> None:
         super().__init__(**options)
@@ -125,6 +129,16 @@ class OrbStackBackend(CliBackend):
     def info(self, name: str, *, timeout_s: float = 30.0) -> BackendVM:
         done = self.call(["info", name, "--format", "json"], timeout_s=timeout_s, subject=name)
         return parse_info(done.stdout)
+
+    # -- ownership -----------------------------------------------------------
+
+    def mark(self, name: str, token: str, *, timeout_s: float = 60.0) -> str | None:
+        """OrbStack gives every machine its own id: that is the mark (``token`` is unused)."""
+        return self.identity(name, timeout_s=timeout_s) or None
+
+    def identity(self, name: str, *, timeout_s: float = 30.0) -> str | None:
+        """The machine's id (a new machine of the same name has another)."""
+        return self.info(name, timeout_s=timeout_s).detail.get("id") or None
 
     # -- commands and files --------------------------------------------------
 

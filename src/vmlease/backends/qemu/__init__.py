@@ -576,10 +576,11 @@ class QemuBackend(Backend):
             return
         live = self._attach(name)
         with live.lock:
-            if live.channel is not None and not live.channel.broken:
-                # If the sync fails the disk may miss the last writes; stop anyway.
-                with contextlib.suppress(ChannelError):
-                    live.channel.sync(min(timeout_s, 10.0))
+            # The guest's last writes reach the disk only if it syncs, also when
+            # this process has not talked to the VM yet (it was made by another).
+            # If that fails the disk may miss them; stop anyway.
+            with contextlib.suppress(ChannelError):
+                self._channel(name, live, min(timeout_s, 5.0)).sync(min(timeout_s, 10.0))
             try_quit(vm_dir / QMP_SOCKET, timeout_s=min(timeout_s, 5.0))
             if not self._wait_exit(live, timeout_s):
                 self._kill(live)
