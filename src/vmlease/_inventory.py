@@ -51,6 +51,7 @@ class InventoryRow:
             "created_at": r.created_at,
             "expires_at": r.expires_at,
             "error": r.error,
+            "mark": r.instance_id,
         }
 
 

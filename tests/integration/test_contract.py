@@ -23,6 +23,7 @@ from tests.support.ledger import dead_owner
 from vmlease import backends
 from vmlease._cleanup import cleanup
 from vmlease._errors import BackendError, BackendTimeout, GuestFileError
+from vmlease._inventory import inventory
 from vmlease._ledger import Ledger, VMState
 from vmlease._preflight import Status, doctor
 from vmlease._retry import RetryPolicy
@@ -198,6 +199,9 @@ def test_cleanup_leaves_machines_the_user_put_in_place_of_ours(
         untouched = session.create(name="contract-web")
         for vm in (named, generated, untouched):
             vm.keep("left for this test")
+    marks = [row.as_dict()["mark"] for row in inventory(state)]
+    assert len(marks) == 3
+    assert all(marks), "every VM on a shared namespace is marked when made"
     # The user deletes two of them and makes machines of their own with those names.
     replaced = [named.name, generated.name]
     for name in replaced:
