@@ -346,12 +346,12 @@ class Session:
         if attempt.adopted:
             self._adopted += 1
             self.ledger.note(record.id, VMState.CREATING, "adopted after a failed create")
-        self._mark(record.id, vm_name_)
+        self._mark(record)
         self.transition(record.id, VMState.READY)
         self._created += 1
         return vm
 
-    def _mark(self, vm_id: int, name: str) -> None:
+    def _mark(self, record: Record) -> None:
         """On a backend whose VMs live among the user's own, mark the new VM as
         ours and record the mark, for cleanup to compare before deleting.
 
@@ -360,9 +360,7 @@ class Session:
         """
         if not self.backend.capabilities.shared_namespace:
             return
-        record = self.ledger.get(vm_id)
-        if record is None:
-            return
+        name = record.name
         token = mark_prefix(record) + secrets.token_hex(8)
         try:
             mark = self.call(
@@ -375,7 +373,7 @@ class Session:
             log.warning("%s: could not mark %s as vmlease's (%s)", self.backend.name, name, exc)
             return
         if mark:
-            self.ledger.set_instance_id(vm_id, mark)
+            self.ledger.set_instance_id(record.id, mark)
 
     def _take_place(self) -> Slot | None:
         """A place under ``max_vms``, waited for (and timed as ``wait``)."""

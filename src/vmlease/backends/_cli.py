@@ -29,10 +29,11 @@ from vmlease._errors import (
 )
 from vmlease._preflight import Check, Status
 from vmlease._proc import Completed, Runner, SubprocessRunner
+from vmlease._spec import VMSpec
 
 from ._base import Backend, ExecResult
 
-__all__ = ["MARK_PATH", "BinaryRunner", "CliBackend", "Rule", "run_binary"]
+__all__ = ["MARK_PATH", "BinaryRunner", "CliBackend", "Rule", "env_argv", "run_binary"]
 
 #: Where a VM made by vmlease on a backend without labels keeps its mark.
 MARK_PATH = "/var/lib/vmlease/instance"
@@ -58,6 +59,11 @@ class Rule:
     transient: bool | None = None
     hint: str = ""
     exit_code: int | None = None
+
+
+def env_argv(env: Mapping[str, str] | None) -> list[str]:
+    """``env NAME=VALUE ...`` to put before a guest command, or nothing."""
+    return ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
 
 
 class BinaryRunner:
@@ -92,7 +98,8 @@ class CliBackend(Backend):
     """Base for backends that drive a command-line tool.
 
     Subclasses set ``program`` (the default tool name), ``install_hint``,
-    ``rules`` and ``start_hint`` (how to start the tool's daemon).
+    ``rules``, ``start_hint`` (how to start the tool's daemon) and
+    ``default_image``.
 
     Args:
         program: the tool to run (default the subclass's; also ``$VMLEASE_<NAME>_BIN``).
@@ -107,6 +114,8 @@ class CliBackend(Backend):
     start_hint = ""
     rules: tuple[Rule, ...] = ()
     ready_poll_s = 0.2
+    #: What the image ``tiny`` (the QEMU backend's default) means for this tool.
+    default_image = "?"
 
     def __init__(
         self,
@@ -124,6 +133,10 @@ class CliBackend(Backend):
         )
         self._run = runner or SubprocessRunner()
         self._run_binary = binary_runner or BinaryRunner()
+
+    def image_ref(self, spec: VMSpec) -> str:
+        """The tool's name for ``spec``'s image."""
+        return self.default_image if spec.image == "tiny" else spec.image
 
     # -- the tool ----------------------------------------------------------
 

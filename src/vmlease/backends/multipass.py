@@ -32,7 +32,7 @@ from vmlease._errors import (
 from vmlease._spec import VMSpec
 
 from ._base import BackendVM, Capabilities, ExecResult
-from ._cli import CliBackend, Rule
+from ._cli import CliBackend, Rule, env_argv
 
 __all__ = ["MultipassBackend"]
 
@@ -75,6 +75,7 @@ class MultipassBackend(CliBackend):
     install_hint = "install it with `sudo snap install multipass` (see https://multipass.run)"
     start_hint = _START
     rules = _RULES
+    default_image = DEFAULT_IMAGE
     ready_poll_s = 0.5
     capabilities = Capabilities(
         snapshots=False, labels=False, stop_start=True, shared_namespace=True
@@ -92,9 +93,6 @@ class MultipassBackend(CliBackend):
         self._disk_gb = disk_gb
 
     # -- set-up ----------------------------------------------------------
-
-    def image_ref(self, spec: VMSpec) -> str:
-        return DEFAULT_IMAGE if spec.image == "tiny" else spec.image
 
     def check_spec(self, spec: VMSpec) -> None:
         if spec.memory_mb < _MIN_MEMORY_MB:
@@ -166,9 +164,7 @@ class MultipassBackend(CliBackend):
             args += ["--working-directory", cwd]
         # Commands run as the instance's user (ubuntu); vmlease's run as root.
         args += ["--", "sudo", "--non-interactive", "--"]
-        if env:
-            args += ["env", *(f"{k}={v}" for k, v in env.items())]
-        return [*args, *argv]
+        return [*args, *env_argv(env), *argv]
 
     def exec(
         self,

@@ -29,7 +29,7 @@ from vmlease._errors import (
 from vmlease._spec import VMSpec
 
 from ._base import BackendVM, Capabilities, ExecResult
-from ._cli import CliBackend, Rule
+from ._cli import CliBackend, Rule, env_argv
 
 __all__ = ["OrbStackBackend"]
 
@@ -72,6 +72,7 @@ class OrbStackBackend(CliBackend):
     install_hint = "install OrbStack from https://orbstack.dev (it provides orbctl)"
     start_hint = _START
     rules = _RULES
+    default_image = DEFAULT_IMAGE
     capabilities = Capabilities(
         snapshots=False, labels=False, stop_start=True, shared_namespace=True
     )
@@ -84,9 +85,6 @@ class OrbStackBackend(CliBackend):
         self._user = user
 
     # -- set-up ----------------------------------------------------------
-
-    def image_ref(self, spec: VMSpec) -> str:
-        return DEFAULT_IMAGE if spec.image == "tiny" else spec.image
 
     def check_spec(self, spec: VMSpec) -> None:
         ref = self.image_ref(spec)
@@ -148,9 +146,7 @@ class OrbStackBackend(CliBackend):
         args = ["run", "--machine", name, "--user", "root"]
         if cwd:
             args += ["--workdir", cwd]
-        if env:
-            args += ["env", *(f"{k}={v}" for k, v in env.items())]
-        return [*args, *argv]
+        return [*args, *env_argv(env), *argv]
 
     def exec(
         self,
