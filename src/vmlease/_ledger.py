@@ -6,7 +6,8 @@ create the VM, so a create that times out but later succeeds still has an
 owner on record. Every state change is a row in ``events`` as well.
 
 A name is unique among the rows that are not ``gone``: the name of a deleted
-VM may be used again, and its history stays.
+VM may be chosen again, and its history stays. A generated name is never
+handed out twice, so a name in a log or an event always means one VM.
 
 Writes that read first (claiming a name) use ``BEGIN IMMEDIATE`` so two
 processes cannot both see a name free. Waiting for another writer is bounded
@@ -29,7 +30,7 @@ from ._identity import Owner
 
 __all__ = ["Event", "Ledger", "Record", "VMState"]
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
     id INTEGER PRIMARY KEY,
@@ -50,6 +51,7 @@ CREATE TABLE IF NOT EXISTS vms (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS vms_live_name ON vms(backend, name) WHERE state != 'gone';
 CREATE INDEX IF NOT EXISTS vms_session ON vms(session_id);
+CREATE INDEX IF NOT EXISTS vms_name ON vms(backend, name);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     vm_id INTEGER NOT NULL REFERENCES vms(id),
@@ -62,6 +64,7 @@ CREATE INDEX IF NOT EXISTS events_vm ON events(vm_id);
 #: What turns a ledger of each older schema into the next one.
 _UPGRADES = {
     1: "ALTER TABLE vms ADD COLUMN instance_id TEXT",  # what Backend.mark returned
+    2: "CREATE INDEX IF NOT EXISTS vms_name ON vms(backend, name)",  # every name ever used
 }
 
 
@@ -252,9 +255,10 @@ class Ledger:
         """Record the intent to create ``name``; raise NameInUse if a live row has it.
 
         ``name`` may instead be a function of a counter: then the first
-        counter from ``first`` whose name no live row has is taken, in the
-        same transaction, so processes that share a session never lose a
-        race for a generated name.
+        counter from ``first`` whose name no row has ever had is taken, in
+        the same transaction, so processes that share a session never lose
+        a race for a generated name, and none is given out again after its
+        VM is deleted by another of them.
         """
         now = self._clock()
         with self._write():
@@ -268,10 +272,17 @@ class Ledger:
                 ).fetchone()
                 return row
 
+            def used(candidate: str) -> bool:
+                row = self._db.execute(
+                    "SELECT 1 FROM vms WHERE backend = ? AND name = ? LIMIT 1",
+                    (backend, candidate),
+                ).fetchone()
+                return row is not None
+
             if callable(name):
                 counter = first
                 candidate = name(counter)
-                while holder(candidate) is not None:
+                while used(candidate):
                     counter += 1
                     candidate = name(counter)
                 name = candidate

@@ -8,7 +8,7 @@ import pytest
 
 from vmlease import LedgerError, NameInUse
 from vmlease._identity import Owner
-from vmlease._ledger import Ledger, VMState
+from vmlease._ledger import _SCHEMA_VERSION, Ledger, VMState
 
 OWNER = Owner(session_id="s1", pid=123, start_time=456, boot_id="b", host="h")
 
@@ -77,6 +77,23 @@ def test_a_gone_name_can_be_used_again_and_history_stays(ledger: Ledger) -> None
     assert [r.id for r in ledger.records()] == [second.id]
     assert [r.id for r in ledger.records(include_gone=True)] == [first.id, second.id]
     assert ledger.find("qemu", "vm1") == ledger.get(second.id)
+
+
+def test_a_generated_name_is_never_given_out_twice(ledger: Ledger) -> None:
+    def name(counter: int) -> str:
+        return f"vmlease-s1-{counter}"
+
+    one = ledger.claim(name=name, backend="qemu", owner=OWNER, spec="{}")
+    two = ledger.claim(name=name, backend="qemu", owner=OWNER, spec="{}")
+    assert (one.name, two.name) == ("vmlease-s1-1", "vmlease-s1-2")
+    # Another process of the session deletes its VM; a claim that starts
+    # from a lower counter steps over the deleted VM's name as well.
+    ledger.transition(one.id, VMState.GONE)
+    three = ledger.claim(name=name, backend="qemu", owner=OWNER, spec="{}", first=1)
+    assert three.name == "vmlease-s1-3"
+    # A chosen name is still free once its VM is gone.
+    again = ledger.claim(name="vmlease-s1-1", backend="qemu", owner=OWNER, spec="{}")
+    assert again.name == "vmlease-s1-1"
 
 
 def test_records_filter_by_session_and_state(ledger: Ledger) -> None:
@@ -175,7 +192,9 @@ def test_processes_upgrading_one_ledger_at_once_all_succeed(tmp_path: Path) -> N
     with sqlite3.connect(path) as db:
         columns = [row[1] for row in db.execute("PRAGMA table_info(vms)")]
         assert columns.count("instance_id") == 1
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == _SCHEMA_VERSION
+        indexes = [row[1] for row in db.execute("PRAGMA index_list(vms)")]
+        assert "vms_name" in indexes
 
 
 def _claim_many(args: tuple[str, int, int]) -> int:
