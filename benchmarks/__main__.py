@@ -5,28 +5,39 @@ python -m benchmarks spine      P1 (cold create) and P4 (command round trip)
 python -m benchmarks reap       SIGKILL trials: leaks and time to reap
 python -m benchmarks suite      a model suite in three modes: efficiency, restore, overhead
 python -m benchmarks faults     the example suite under injected faults: passes, retries, leaks
+python -m benchmarks startup    the plugin's import cost and the command's start-up time
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from benchmarks import faults, reap, spine, suite
+from benchmarks import faults, reap, spine, startup, suite
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("which", nargs="*", metavar="spine|reap|suite|faults", help="default: all")
+    parser.add_argument(
+        "which", nargs="*", metavar="spine|reap|suite|faults|startup", help="default: all"
+    )
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
     parser.add_argument("--round-trips", type=int, default=200, help="P4 samples")
     parser.add_argument("--trials", type=int, default=50, help="SIGKILL trials")
     parser.add_argument("--tests", type=int, default=200, help="model tests per suite mode")
     parser.add_argument("--fault-runs", type=int, default=5, help="example runs with faults")
+    parser.add_argument("--startup-runs", type=int, default=15, help="start-up samples per tree")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="SRC",
+        help="startup: another checkout's src directory, measured side by side",
+    )
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5 (the figures are medians of at least 5)")
-    names = ["spine", "reap", "suite", "faults"]
+    names = ["spine", "reap", "suite", "faults", "startup"]
     unknown = set(args.which) - set(names)
     if unknown:
         parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose {', '.join(names)}")
@@ -40,6 +51,8 @@ def main() -> int:
         code |= suite.main(tests=args.tests)
     if "faults" in which:
         code |= faults.main(runs=args.fault_runs)
+    if "startup" in which:
+        code |= startup.main(runs=args.startup_runs, baseline=args.baseline)
     return code
 
 

@@ -28,7 +28,7 @@ from vmlease._paths import image_dir
 from vmlease._spec import VMSpec
 from vmlease.backends.qemu import QemuBackend
 from vmlease.backends.qemu._launch import qemu_argv
-from vmlease.images import find_image
+from vmlease.backends.qemu.images import find_image
 
 RESULTS = Path(__file__).parent / "results"
 MARKER = b"vmlease: guest "

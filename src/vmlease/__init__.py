@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._errors import (
+from vmlease._errors import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
@@ -42,29 +42,29 @@ from ._errors import (
     VMNotFound,
     VMStateError,
 )
-from ._version import __version__
+from vmlease._version import __version__
 
 if TYPE_CHECKING:
-    from ._ledger import VMState
-    from ._locks import Lock
-    from ._retry import RetryPolicy, Timeouts
-    from ._session import Session, SessionStats
-    from ._spec import VMSpec
-    from ._vm import VM, CommandResult, TranscriptEntry
+    from vmlease._ledger import VMState
+    from vmlease._locks import Lock
+    from vmlease._retry import RetryPolicy, Timeouts
+    from vmlease._session import Session, SessionStats
+    from vmlease._spec import VMSpec
+    from vmlease._vm import VM, CommandResult, TranscriptEntry
 
 # The session and its machinery load on first use, so importing vmlease (as
 # pytest does for the plugin in every run, VMs or not) stays cheap.
 _LAZY = {
-    "VM": "._vm",
-    "CommandResult": "._vm",
-    "TranscriptEntry": "._vm",
-    "Session": "._session",
-    "SessionStats": "._session",
-    "RetryPolicy": "._retry",
-    "Lock": "._locks",
-    "Timeouts": "._retry",
-    "VMSpec": "._spec",
-    "VMState": "._ledger",
+    "VM": "vmlease._vm",
+    "CommandResult": "vmlease._vm",
+    "TranscriptEntry": "vmlease._vm",
+    "Session": "vmlease._session",
+    "SessionStats": "vmlease._session",
+    "RetryPolicy": "vmlease._retry",
+    "Lock": "vmlease._locks",
+    "Timeouts": "vmlease._retry",
+    "VMSpec": "vmlease._spec",
+    "VMState": "vmlease._ledger",
 }
 
 
@@ -72,7 +72,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'vmlease' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

@@ -22,18 +22,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmlease import backends as _backends
 from vmlease._errors import VMLeaseError, VMNotFound
 from vmlease._identity import Liveness, liveness
 from vmlease._ledger import Ledger, Record, VMState
 from vmlease._naming import is_generated
-from vmlease.backends import Backend
+from vmlease.backends import Backend, Backends
 
 __all__ = [
-    "Backends",
     "Outcome",
     "Ownership",
-    "Status",
+    "Standing",
     "check_ownership",
     "cleanup",
     "delete_records",
@@ -98,7 +96,7 @@ def mark_prefix(record: Record) -> str:
     return f"vmlease:{record.owner.session_id}:{record.id}:"
 
 
-class Status(enum.StrEnum):
+class Standing(enum.StrEnum):
     """Whose VM this is, as far as deletion is concerned."""
 
     ALIVE = "alive"  # its owner runs: hands off
@@ -108,7 +106,7 @@ class Status(enum.StrEnum):
     UNKNOWN = "unknown"  # owned from another host: we cannot tell
 
 
-def status(record: Record, now: float, *, max_age_s: float | None = None) -> Status:
+def status(record: Record, now: float, *, max_age_s: float | None = None) -> Standing:
     """Classify ``record`` at time ``now`` (seconds since the epoch).
 
     ``max_age_s`` overrides the lease recorded with the VM.
@@ -116,14 +114,14 @@ def status(record: Record, now: float, *, max_age_s: float | None = None) -> Sta
     expires = record.expires_at if max_age_s is None else record.created_at + max_age_s
     expired = expires is not None and now >= expires
     if record.state is VMState.KEPT:
-        return Status.EXPIRED if expired else Status.KEPT
+        return Standing.EXPIRED if expired else Standing.KEPT
     if liveness(record.owner) is Liveness.DEAD:
-        return Status.ORPHANED
+        return Standing.ORPHANED
     if expired:
-        return Status.EXPIRED
+        return Standing.EXPIRED
     if liveness(record.owner) is Liveness.UNKNOWN:
-        return Status.UNKNOWN
-    return Status.ALIVE
+        return Standing.UNKNOWN
+    return Standing.ALIVE
 
 
 def find_reapable(
@@ -132,12 +130,12 @@ def find_reapable(
     now: float | None = None,
     max_age_s: float | None = None,
     include_kept: bool = False,
-) -> list[tuple[Record, Status]]:
+) -> list[tuple[Record, Standing]]:
     """Rows whose VMs may be deleted without asking: orphaned or expired, and
     with ``include_kept`` (``vmlease cleanup``) those kept for inspection."""
     at = time.time() if now is None else now
-    wanted = {Status.ORPHANED, Status.EXPIRED} | ({Status.KEPT} if include_kept else set())
-    found: list[tuple[Record, Status]] = []
+    wanted = {Standing.ORPHANED, Standing.EXPIRED} | ({Standing.KEPT} if include_kept else set())
+    found: list[tuple[Record, Standing]] = []
     for record in ledger.records():
         why = status(record, at, max_age_s=max_age_s)
         if why in wanted:
@@ -234,31 +232,6 @@ _ACTIONS = {
     Ownership.NOT_OURS: "not ours",
     Ownership.UNCONFIRMED: "unconfirmed",
 }
-
-
-class Backends:
-    """Backend instances by name, made on first use for a state directory.
-
-    ``known`` supplies instances already at hand (a session's own backend),
-    so a backend built with special options is used as it is.
-    """
-
-    def __init__(self, state_dir: Path, known: Mapping[str, Backend] | None = None) -> None:
-        self._state_dir = state_dir
-        self._known = dict(known or {})
-        self._made: dict[str, Backend] = {}
-
-    def __call__(self, name: str) -> Backend:
-        if name in self._known:
-            return self._known[name]
-        if name not in self._made:
-            self._made[name] = _backends.get(name, state_dir=self._state_dir)
-        return self._made[name]
-
-    def close(self) -> None:
-        for backend in self._made.values():
-            backend.close()
-        self._made.clear()
 
 
 Confirm = Callable[[list[Record]], bool]

@@ -43,7 +43,9 @@ the boundary with ``raise ... from exc``; the original stays on
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "BackendError",
@@ -76,6 +78,21 @@ __all__ = [
 
 class VMLeaseError(Exception):
     """Root of every error vmlease raises."""
+
+
+class _Rebuilt:
+    """For errors built from keyword arguments: pickled as those arguments.
+
+    Exceptions pickle as ``cls(*args)`` by default, which a keyword-only
+    constructor refuses; pytest-xdist sends errors between processes.
+    """
+
+    _fields: tuple[str, ...] = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        kwargs = {f: getattr(self, f) for f in self._fields}
+        state = {k: v for k, v in vars(self).items() if k not in self._fields}
+        return (functools.partial(type(self), **kwargs), (), state)
 
 
 class ConfigError(VMLeaseError, ValueError):
@@ -170,7 +187,7 @@ class VMStateError(VMLeaseError):
     """The VM is not in a state that allows the operation (deleted, stopped ...)."""
 
 
-class CommandFailed(VMLeaseError):
+class CommandFailed(_Rebuilt, VMLeaseError):
     """A command run with ``check=True`` exited non-zero.
 
     Attributes:
@@ -179,6 +196,8 @@ class CommandFailed(VMLeaseError):
         stdout, stderr: its output, decoded.
         vm: the name of the VM it ran in.
     """
+
+    _fields = ("vm", "argv", "exit_code", "stdout", "stderr")
 
     def __init__(
         self, *, vm: str, argv: Sequence[str], exit_code: int, stdout: str, stderr: str
@@ -193,14 +212,17 @@ class CommandFailed(VMLeaseError):
         self.stderr = stderr
 
 
-class CommandTimeout(VMLeaseError, TimeoutError):
+class CommandTimeout(_Rebuilt, VMLeaseError, TimeoutError):
     """A command did not finish within its timeout and was killed.
 
     Attributes:
         argv: the command.
         timeout_s: the limit it exceeded, in seconds.
         stdout, stderr: what it had written by then.
+        vm: the name of the VM it ran in.
     """
+
+    _fields = ("vm", "argv", "timeout_s", "stdout", "stderr")
 
     def __init__(
         self, *, vm: str, argv: Sequence[str], timeout_s: float, stdout: str, stderr: str

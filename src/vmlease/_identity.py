@@ -12,11 +12,10 @@ import enum
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
-__all__ = ["Liveness", "Owner", "boot_id", "current_owner", "liveness", "process_start_time"]
+from vmlease._procfs import boot_id, process_start_time
 
-_PROC = Path("/proc")
+__all__ = ["Liveness", "Owner", "current_owner", "liveness"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,27 +44,6 @@ class Liveness(enum.Enum):
     ALIVE = "alive"
     DEAD = "dead"
     UNKNOWN = "unknown"  # another host: we cannot look
-
-
-def boot_id() -> str:
-    """The current boot id, or "" where the kernel does not tell."""
-    try:
-        return (_PROC / "sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, or None if there is no such process."""
-    try:
-        raw = (_PROC / str(pid) / "stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return int(fields[19])
 
 
 def current_owner(session_id: str) -> Owner:

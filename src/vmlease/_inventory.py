@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmlease import backends as _backends
-from vmlease._cleanup import Status, status
+from vmlease._cleanup import Standing, status
 from vmlease._errors import VMLeaseError
 from vmlease._identity import Liveness, liveness
 from vmlease._ledger import Ledger, Record
@@ -32,7 +32,7 @@ class InventoryRow:
     record: Record
     actual: str
     owner: Liveness
-    status: Status
+    status: Standing
     age_s: float
 
     def as_dict(self) -> dict[str, object]:

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._errors import LedgerError, NameInUse
-from ._identity import Owner
+from vmlease._errors import LedgerError, NameInUse
+from vmlease._identity import Owner
 
 __all__ = ["Event", "Ledger", "Record", "VMState"]
 

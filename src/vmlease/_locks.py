@@ -25,6 +25,7 @@ from pathlib import Path
 from vmlease._errors import ConfigError, LockTimeout
 from vmlease._paths import ensure_private_dir
 from vmlease._paths import state_dir as default_state_dir
+from vmlease._procfs import own_command
 
 __all__ = ["Holder", "Lock", "Semaphore", "Slot", "run_holding"]
 
@@ -45,17 +46,9 @@ class Holder:
         return f"pid {self.pid} ({self.command or 'unknown command'}), since {stamp}"
 
 
-def _own_command() -> str:
-    try:
-        raw = Path("/proc/self/cmdline").read_bytes()
-    except OSError:
-        return ""
-    return " ".join(a.decode(errors="replace") for a in raw.split(b"\0") if a)[:300]
-
-
 def _claim_file(fd: int) -> None:
     """Write this process into the lock file it now holds."""
-    record = json.dumps({"pid": os.getpid(), "command": _own_command(), "since": time.time()})
+    record = json.dumps({"pid": os.getpid(), "command": own_command(), "since": time.time()})
     os.ftruncate(fd, 0)
     os.pwrite(fd, record.encode(), 0)
 

@@ -11,7 +11,7 @@ import re
 import secrets
 import string
 
-from ._errors import InvalidName
+from vmlease._errors import InvalidName
 
 __all__ = [
     "MAX_NAME_LENGTH",

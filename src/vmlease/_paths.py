@@ -15,7 +15,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from ._errors import ConfigError
+from vmlease._errors import ConfigError
 
 __all__ = ["ensure_private_dir", "image_dir", "state_dir"]
 

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import selectors
 import socket
@@ -35,12 +36,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-import vmlease
-from vmlease._cleanup import Backends, delete_records, find_reapable
+from vmlease._cleanup import Outcome, delete_records, find_reapable
 from vmlease._errors import ReaperUnavailable, VMLeaseError
 from vmlease._identity import Liveness, Owner, liveness
 from vmlease._ledger import Ledger, VMState
 from vmlease._unix import connect_unix
+from vmlease.backends import Backends
 
 __all__ = ["ReaperLink", "serve", "spawn_reaper"]
 
@@ -53,10 +54,23 @@ SWEEP_EVERY_S = 30.0
 REGISTER_TIMEOUT_S = 15.0
 
 
-def _log(state_dir: Path, message: str) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    with contextlib.suppress(OSError), (state_dir / LOG).open("a") as f:
-        f.write(f"{stamp} reaper[{os.getpid()}] {message}\n")
+log = logging.getLogger("vmlease.reaper")
+
+
+def _log_to_file(state_dir: Path) -> None:
+    """In the reaper's own process: its records go to ``<state>/reaper.log``."""
+    handler = logging.FileHandler(state_dir / LOG)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s reaper[%(process)d] %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _log_outcomes(outcomes: list[Outcome]) -> None:
+    for o in outcomes:
+        log.info("%s %s (%s)%s", o.action, o.name, o.why, f": {o.error}" if o.error else "")
 
 
 # -- the server --------------------------------------------------------------
@@ -83,13 +97,11 @@ class _Server:
         ]
         if not rows:
             return
-        outcomes = delete_records(
-            self.ledger, rows, self.backends, reason=f"reaped: owner pid {owner.pid} {why}"
-        )
-        for o in outcomes:
-            _log(
-                self.state_dir, f"{o.action} {o.name} ({o.why}){': ' + o.error if o.error else ''}"
+        _log_outcomes(
+            delete_records(
+                self.ledger, rows, self.backends, reason=f"reaped: owner pid {owner.pid} {why}"
             )
+        )
 
     def drop(self, conn: socket.socket, why: str) -> None:
         owner = self.owners.pop(conn, None)
@@ -165,11 +177,9 @@ class _Server:
     def sweep(self) -> None:
         rows = [(r, s.value) for r, s in find_reapable(self.ledger)]
         if rows:
-            for o in delete_records(self.ledger, rows, self.backends, reason="swept by the reaper"):
-                _log(
-                    self.state_dir,
-                    f"{o.action} {o.name} ({o.why}){': ' + o.error if o.error else ''}",
-                )
+            _log_outcomes(
+                delete_records(self.ledger, rows, self.backends, reason="swept by the reaper")
+            )
 
 
 def serve(state_dir: Path, *, idle_exit_s: float = IDLE_EXIT_S, ready: int | None = None) -> int:
@@ -199,7 +209,7 @@ def serve(state_dir: Path, *, idle_exit_s: float = IDLE_EXIT_S, ready: int | Non
         Path(SOCKET).chmod(0o600)
         listener.listen(128)
         tell("listening")
-        _log(state_dir, "started")
+        log.info("started")
         server = _Server(state_dir, idle_exit_s)
         try:
             server.run(listener)
@@ -214,7 +224,7 @@ def serve(state_dir: Path, *, idle_exit_s: float = IDLE_EXIT_S, ready: int | Non
                 conn.close()
             server.backends.close()
             server.ledger.close()
-            _log(state_dir, "idle, exiting")
+            log.info("idle, exiting")
     finally:
         listener.close()
         os.close(lock)
@@ -227,7 +237,7 @@ def serve(state_dir: Path, *, idle_exit_s: float = IDLE_EXIT_S, ready: int | Non
 def _reaper_env() -> dict[str, str]:
     """The environment for the reaper: this process's, with vmlease importable."""
     env = dict(os.environ)
-    src = str(Path(vmlease.__file__).resolve().parent.parent)
+    src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     return env
 
@@ -258,16 +268,17 @@ def _detach_and_serve(state_dir: Path, idle_exit_s: float) -> int:
         os.close(r)
         os.setsid()
         null = os.open(os.devnull, os.O_RDWR)
-        log = os.open(state_dir / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        log_fd = os.open(state_dir / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.dup2(null, 0)
         os.dup2(null, 1)
-        os.dup2(log, 2)
+        os.dup2(log_fd, 2)
         os.closerange(3, w)
         os.closerange(w + 1, 1 << 16)
         try:
+            _log_to_file(state_dir)
             code = serve(state_dir, idle_exit_s=idle_exit_s, ready=w)
-        except BaseException as exc:  # the reaper's last word goes to its log
-            _log(state_dir, f"crashed: {exc!r}")
+        except BaseException:  # the reaper's last word goes to its log
+            log.exception("crashed")
             code = 1
         os._exit(code)
     os.close(w)
@@ -390,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             args.idle_exit = IDLE_EXIT_S
     if args.detach:
         return _detach_and_serve(args.state_dir, args.idle_exit)
+    _log_to_file(args.state_dir)
     return serve(args.state_dir, idle_exit_s=args.idle_exit)
 
 

@@ -21,31 +21,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import _signals
-from . import backends as _backends
-from ._cleanup import Backends, Outcome, delete_records, find_reapable, mark_prefix
-from ._errors import (
+from vmlease import _signals
+from vmlease import backends as _backends
+from vmlease._checks import first_failure
+from vmlease._cleanup import Outcome, delete_records, find_reapable, mark_prefix
+from vmlease._errors import (
     BackendError,
     ConfigError,
     InvalidName,
+    UnsupportedOperation,
     VMAlreadyExists,
     VMLeaseError,
     VMNotFound,
     VMStateError,
 )
-from ._identity import Owner, current_owner
-from ._ledger import Ledger, Record, VMState
-from ._locks import Semaphore, Slot
-from ._metrics import Metrics, OpStats
-from ._naming import NAME_RULE, new_session_id, validate_name, vm_name
-from ._paths import ensure_private_dir
-from ._paths import state_dir as default_state_dir
-from ._preflight import first_failure
-from ._reaper import ReaperLink
-from ._retry import Retrier, RetryPolicy
-from ._spec import VMSpec
-from ._vm import VM
-from .backends import Backend, Fault
+from vmlease._identity import Owner, current_owner
+from vmlease._ledger import Ledger, Record, VMState
+from vmlease._locks import Semaphore, Slot
+from vmlease._metrics import Metrics, OpStats
+from vmlease._naming import NAME_RULE, new_session_id, validate_name, vm_name
+from vmlease._paths import ensure_private_dir
+from vmlease._paths import state_dir as default_state_dir
+from vmlease._reaper import ReaperLink
+from vmlease._retry import Retrier, RetryPolicy
+from vmlease._spec import VMSpec
+from vmlease._vm import VM
+from vmlease.backends import Backend, Backends, Fault
 
 __all__ = ["Session", "SessionStats"]
 
@@ -53,6 +54,10 @@ T = TypeVar("T")
 log = logging.getLogger("vmlease")
 
 DEFAULT_BOOT_TIMEOUT_S = 120.0
+_UNSUPPORTED = {
+    "snapshots": "cannot take or restore snapshots; use a fresh VM per test instead",
+    "stop_start": "cannot stop and start a VM; delete it and create another instead",
+}
 DEFAULT_MAX_AGE_S = 6 * 3600.0
 
 
@@ -137,17 +142,17 @@ class Session:
             Path(state_dir) if state_dir is not None else default_state_dir()
         )
         if isinstance(backend, Backend):
-            self.backend = backend
+            self._backend = backend
         else:
-            self.backend = _backends.get(
+            self._backend = _backends.get(
                 backend, state_dir=self.state_dir, **dict(backend_options or {})
             )
         # Fail fast, before anything is recorded: a missing program, a daemon down.
-        failure = first_failure(self.backend.preflight(cheap=True))
+        failure = first_failure(self._backend.preflight(cheap=True))
         if failure is not None:
-            self.backend.close()
+            self._backend.close()
             raise failure
-        self.ledger = Ledger(self.state_dir / "ledger.sqlite3")
+        self._ledger = Ledger(self.state_dir / "ledger.sqlite3")
         self.owner: Owner = current_owner(self.id)
         self.name_prefix = name_prefix
         if name_tag:
@@ -155,7 +160,7 @@ class Session:
         self.name_tag = name_tag
         self.boot_timeout_s = float(boot_timeout_s)
         self.max_age_s = float(max_age_s)
-        self.metrics = Metrics()
+        self._metrics = Metrics()
         self._clock = clock
         self._lock = threading.Lock()
         self._protect_lock = threading.Lock()
@@ -177,32 +182,37 @@ class Session:
         self.swept: list[Outcome] = self._sweep() if sweep else []
 
     def __repr__(self) -> str:
-        return f"<Session {self.id} {self.backend.name} vms={len(self._vms)}>"
+        return f"<Session {self.id} {self._backend.name} vms={len(self._vms)}>"
 
-    # -- policy helpers used by VM handles -----------------------------
+    @property
+    def backend(self) -> Backend:
+        """The backend this session's VMs live on."""
+        return self._backend
 
-    def timed(self, op: str, fn: Callable[[], T]) -> T:
+    # -- policy: timing, retries, the ledger -----------------------------
+
+    def _timed(self, op: str, fn: Callable[[], T]) -> T:
         """Run a backend operation and record how long it took."""
         start = self._clock()
         try:
             value = fn()
         except BaseException:
-            self.metrics.record(op, self._clock() - start, ok=False)
+            self._metrics.record(op, self._clock() - start, ok=False)
             raise
-        self.metrics.record(op, self._clock() - start, ok=True)
+        self._metrics.record(op, self._clock() - start, ok=True)
         return value
 
-    def transition(self, vm_id: int, state: VMState, *, error: str | None = None) -> None:
-        self.ledger.transition(vm_id, state, error=error)
+    def _transition(self, vm_id: int, state: VMState, *, error: str | None = None) -> None:
+        self._ledger.transition(vm_id, state, error=error)
         vm = self._vms.get(vm_id)
         if vm is not None:
             vm.last_state = state
 
-    def transient(self, exc: BaseException) -> bool:
+    def _transient(self, exc: BaseException) -> bool:
         """Whether the backend judges ``exc`` worth retrying."""
-        return self.backend.classify(exc) is Fault.TRANSIENT
+        return self._backend.classify(exc) is Fault.TRANSIENT
 
-    def call(
+    def _call(
         self,
         op: str,
         fn: Callable[[float], T],
@@ -216,39 +226,80 @@ class Session:
         ``fn`` gets the time limit for its attempt: ``timeout_s``, or less
         near the end of the policy's total time.
         """
-        return self.timed(
+        return self._timed(
             op,
             lambda: self._retrier.call(
                 op,
                 fn,
                 timeout_s=timeout_s,
-                transient=self.transient,
+                transient=self._transient,
                 subject=subject,
                 before_retry=before_retry,
             ),
         )
 
-    def guard(self, vm_id: int, op: str, fn: Callable[[float], T], *, timeout_s: float) -> T:
-        """A backend operation (as ``call``) whose failure is recorded as the VM's failure."""
-        vm = self._vms.get(vm_id)
+    # -- what VM handles ask of their session (VMHost) ----------------------
+
+    def _vm_state(self, vm: VM) -> VMState | None:
+        if self._ledger.closed:
+            return None
+        record = self._ledger.get(vm.ledger_id)
+        return record.state if record else VMState.GONE
+
+    def _vm_op(
+        self,
+        vm: VM,
+        op: str,
+        fn: Callable[[Backend, float], T],
+        *,
+        timeout_s: float,
+        fails_vm: bool = False,
+    ) -> T:
+        backend = self._backend
         try:
-            return self.call(op, fn, timeout_s=timeout_s, subject=vm.name if vm else "")
+            return self._call(
+                op, lambda limit: fn(backend, limit), timeout_s=timeout_s, subject=vm.name
+            )
         except BaseException as exc:
-            self.transition(vm_id, VMState.FAILED, error=f"{op}: {exc}")
+            if fails_vm:
+                self._transition(vm.ledger_id, VMState.FAILED, error=f"{op}: {exc}")
             raise
 
+    def _vm_supports(self, capability: str) -> None:
+        if not getattr(self._backend.capabilities, capability):
+            raise UnsupportedOperation(
+                f"the {self._backend.name} backend {_UNSUPPORTED[capability]}"
+            )
+
+    def _vm_transition(self, vm: VM, state: VMState) -> None:
+        self._transition(vm.ledger_id, state)
+
+    def _vm_note(self, vm: VM, detail: str) -> None:
+        self._ledger.note(vm.ledger_id, VMState.READY, detail)
+
+    def _vm_delete(self, vm: VM) -> None:
+        self._delete_vm(vm.ledger_id, vm.name)
+
+    def _vm_keep(self, vm: VM, why: str) -> None:
+        self._release(vm.ledger_id, why)
+
+    def _vm_console(self, vm: VM, lines: int) -> str:
+        return self._backend.console_tail(vm.name, lines)
+
+    # -- sweeping and protection ------------------------------------------------
+
     def _backends(self) -> Backends:
-        return Backends(self.state_dir, known={self.backend.name: self.backend})
+        return Backends(self.state_dir, known={self._backend.name: self._backend})
 
     def _sweep(self) -> list[Outcome]:
         """Delete VMs of owners that are provably dead, and VMs past their lease."""
-        rows = [(r, why.value) for r, why in find_reapable(self.ledger)]
+        rows = [(r, why.value) for r, why in find_reapable(self._ledger)]
         if not rows:
             return []
         backends = self._backends()
         try:
             outcomes = delete_records(
-                self.ledger, rows, backends, reason=f"swept by session {self.id}"
+                self._ledger, rows, backends, reason=f"swept by session {self.id}"
             )
         finally:
             backends.close()
@@ -308,8 +359,8 @@ class Session:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             raise ConfigError(f"boot_timeout_s must be a positive number, not {timeout!r}")
         if name is not None:
-            self.backend.validate_name(validate_name(name))
-        self.timed("check", lambda: self.backend.check_spec(spec))
+            self._backend.validate_name(validate_name(name))
+        self._timed("check", lambda: self._backend.check_spec(spec))
         self._protect()
         place = self._take_place()
         try:
@@ -326,16 +377,16 @@ class Session:
                 self._held[record.id] = place
         attempt = _CreateAttempts(self, vm_name_, spec)
         try:
-            self.transition(record.id, VMState.CREATING)
-            self.call(
+            self._transition(record.id, VMState.CREATING)
+            self._call(
                 "create",
                 attempt,
                 timeout_s=self.retry_policy.timeouts.create_s,
                 subject=vm_name_,
             )
-            self.call(
+            self._call(
                 "boot",
-                lambda limit: self.backend.wait_ready(vm_name_, limit),
+                lambda limit: self._backend.wait_ready(vm_name_, limit),
                 timeout_s=timeout,
                 subject=vm_name_,
             )
@@ -345,9 +396,9 @@ class Session:
             raise
         if attempt.adopted:
             self._adopted += 1
-            self.ledger.note(record.id, VMState.CREATING, "adopted after a failed create")
+            self._ledger.note(record.id, VMState.CREATING, "adopted after a failed create")
         self._mark(record)
-        self.transition(record.id, VMState.READY)
+        self._transition(record.id, VMState.READY)
         self._created += 1
         return vm
 
@@ -358,29 +409,29 @@ class Session:
         A VM that cannot be marked still serves; cleanup then knows it by its
         generated name alone (an explicitly named one it leaves for the user).
         """
-        if not self.backend.capabilities.shared_namespace:
+        if not self._backend.capabilities.shared_namespace:
             return
         name = record.name
         token = mark_prefix(record) + secrets.token_hex(8)
         try:
-            mark = self.call(
+            mark = self._call(
                 "mark",
-                lambda limit: self.backend.mark(name, token, timeout_s=limit),
+                lambda limit: self._backend.mark(name, token, timeout_s=limit),
                 timeout_s=60.0,
                 subject=name,
             )
         except VMLeaseError as exc:
-            log.warning("%s: could not mark %s as vmlease's (%s)", self.backend.name, name, exc)
+            log.warning("%s: could not mark %s as vmlease's (%s)", self._backend.name, name, exc)
             return
         if mark:
-            self.ledger.set_instance_id(record.id, mark)
+            self._ledger.set_instance_id(record.id, mark)
 
     def _take_place(self) -> Slot | None:
         """A place under ``max_vms``, waited for (and timed as ``wait``)."""
         if self._places is None:
             return None
         places = self._places
-        return self.timed("wait", lambda: places.acquire(self._place_timeout_s))
+        return self._timed("wait", lambda: places.acquire(self._place_timeout_s))
 
     def _give_back_place(self, vm_id: int) -> None:
         with self._lock:
@@ -392,9 +443,9 @@ class Session:
         """Write the ledger row for a new VM. A generated name gets the next
         counter no live VM's name uses (processes may share a session id)."""
         if name is not None:
-            return self.ledger.claim(
+            return self._ledger.claim(
                 name=name,
-                backend=self.backend.name,
+                backend=self._backend.name,
                 owner=self.owner,
                 spec=spec.to_json(),
                 expires_at=time.time() + self.max_age_s,
@@ -404,14 +455,14 @@ class Session:
         def generated(counter: int) -> str:
             asked.append(counter)
             candidate = vm_name(self.name_prefix, self.id, counter, self.name_tag)
-            self.backend.validate_name(candidate)
+            self._backend.validate_name(candidate)
             return candidate
 
         with self._lock:
             first = self._counter + 1
-        record = self.ledger.claim(
+        record = self._ledger.claim(
             name=generated,
-            backend=self.backend.name,
+            backend=self._backend.name,
             owner=self.owner,
             spec=spec.to_json(),
             expires_at=time.time() + self.max_age_s,
@@ -427,7 +478,7 @@ class Session:
         ``ours`` is False when no attempt can have made a VM (the backend
         said at once that the name was taken): that VM is someone else's.
         """
-        self.transition(vm_id, VMState.FAILED, error=f"{type(exc).__name__}: {exc}")
+        self._transition(vm_id, VMState.FAILED, error=f"{type(exc).__name__}: {exc}")
         if ours:
             try:
                 self._backend_delete(name)
@@ -435,17 +486,17 @@ class Session:
                 pass
             except VMLeaseError:
                 return  # stays failed: the reaper or a later cleanup retries the delete
-        self.transition(vm_id, VMState.GONE, error=f"{type(exc).__name__}: {exc}")
+        self._transition(vm_id, VMState.GONE, error=f"{type(exc).__name__}: {exc}")
         self._give_back_place(vm_id)
         with self._lock:
             self._vms.pop(vm_id, None)
 
-    def delete_vm(self, vm_id: int, name: str) -> None:
-        record = self.ledger.get(vm_id)
+    def _delete_vm(self, vm_id: int, name: str) -> None:
+        record = self._ledger.get(vm_id)
         if record is None or record.state is VMState.GONE:
             return
         with _signals.shielded(f"deleting VM {name}"):
-            if not self.ledger.take_for_deletion(vm_id, detail=f"deleted by session {self.id}"):
+            if not self._ledger.take_for_deletion(vm_id, detail=f"deleted by session {self.id}"):
                 return  # another process (reaper, cleanup) is deleting it
             vm = self._vms.get(vm_id)
             if vm is not None:
@@ -455,25 +506,25 @@ class Session:
             except VMNotFound:
                 pass
             except BaseException as exc:
-                self.transition(vm_id, VMState.FAILED, error=f"delete: {exc}")
+                self._transition(vm_id, VMState.FAILED, error=f"delete: {exc}")
                 raise
-            self.transition(vm_id, VMState.GONE)
+            self._transition(vm_id, VMState.GONE)
         self._give_back_place(vm_id)
         self._deleted += 1
         with self._lock:
             self._vms.pop(vm_id, None)
 
     def _backend_delete(self, name: str) -> None:
-        self.call(
+        self._call(
             "delete",
-            lambda limit: self.backend.delete(name, timeout_s=limit),
+            lambda limit: self._backend.delete(name, timeout_s=limit),
             timeout_s=self.retry_policy.timeouts.delete_s,
             subject=name,
         )
 
-    def release(self, vm_id: int, why: str) -> None:
+    def _release(self, vm_id: int, why: str) -> None:
         """Hand a VM over to the ledger as kept: this session no longer deletes it."""
-        self.ledger.transition(vm_id, VMState.KEPT, detail=why)
+        self._ledger.transition(vm_id, VMState.KEPT, detail=why)
         self._give_back_place(vm_id)
         with self._lock:
             vm = self._vms.pop(vm_id, None)
@@ -492,7 +543,7 @@ class Session:
             created=self._created,
             deleted=self._deleted,
             failed=self._failed,
-            ops=self.metrics.summary(),
+            ops=self._metrics.summary(),
             retries=dict(self._retrier.stats.retries),
             longest_s=dict(self._retrier.stats.longest_s),
             adopted=self._adopted,
@@ -513,7 +564,7 @@ class Session:
                     vm.delete()
                 except VMLeaseError as exc:
                     failures.append(f"{vm.name}: {exc}")
-            self.backend.close()
+            self._backend.close()
             if self._reaper is not None:
                 self._reaper.close()
             if self._opened:
@@ -533,7 +584,7 @@ class Session:
             if exc_type is None:
                 raise
         finally:
-            self.ledger.close()
+            self._ledger.close()
 
 
 def _session_id(given: object) -> str:
@@ -566,7 +617,7 @@ class _CreateAttempts:
     def __call__(self, limit_s: float) -> None:
         session, name = self._session, self._name
         try:
-            session.backend.create(name, self._spec, timeout_s=limit_s)
+            session._backend.create(name, self._spec, timeout_s=limit_s)
         except VMAlreadyExists:
             if not self.may_exist:
                 raise
@@ -580,11 +631,11 @@ class _CreateAttempts:
     def _adopt_or_clear(self, limit_s: float) -> None:
         session, name = self._session, self._name
         try:
-            session.backend.wait_ready(name, min(limit_s, session.boot_timeout_s))
+            session._backend.wait_ready(name, min(limit_s, session.boot_timeout_s))
         except VMLeaseError as exc:
             log.warning("VM %s, made by a create that failed, does not answer: %s", name, exc)
             with contextlib.suppress(VMNotFound):
-                session.backend.delete(name, timeout_s=session.retry_policy.timeouts.delete_s)
+                session._backend.delete(name, timeout_s=session.retry_policy.timeouts.delete_s)
             raise BackendError(
                 f"VM {name} was made by a create that failed, and did not answer; "
                 "it was deleted, to be made again",

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ._errors import InvalidSpec
+from vmlease._errors import InvalidSpec
 
 __all__ = ["MAX_CPUS", "MAX_MEMORY_MB", "VMSpec"]
 

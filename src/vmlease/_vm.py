@@ -1,8 +1,10 @@
 """VM handles: what a test does with one VM of a session.
 
-Every backend operation goes through the session (``Session.call``), which
-times it, retries it under the session's policy when the backend calls the
-failure transient, and records state changes in the ledger.
+A handle checks its arguments and the VM's state, then hands every backend
+operation to the session that made it, which times it, retries it under the
+session's policy when the backend calls the failure transient, and records
+state changes in the ledger. What a handle needs of its session is the
+:class:`VMHost` protocol, and nothing more.
 """
 
 from __future__ import annotations
@@ -11,27 +13,27 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
-from ._errors import (
+from vmlease._errors import (
     CommandFailed,
     CommandTimeout,
     ConfigError,
     GuestFileError,
-    UnsupportedOperation,
     VMLeaseError,
     VMStateError,
 )
-from ._ledger import VMState
-from ._spec import VMSpec
+from vmlease._ledger import VMState
+from vmlease._retry import RetryPolicy
+from vmlease._spec import VMSpec
+from vmlease.backends import Backend, ExecResult
 
-if TYPE_CHECKING:
-    from ._session import Session
+__all__ = ["VM", "CommandResult", "TranscriptEntry", "VMHost"]
 
-__all__ = ["VM", "CommandResult", "TranscriptEntry"]
+T = TypeVar("T")
 
 DEFAULT_STOP_TIMEOUT_S = 30.0
 TRANSCRIPT_LIMIT = 200
@@ -107,12 +109,56 @@ def _argv(argv: object) -> tuple[str, ...]:
     return tuple(argv)
 
 
+class VMHost(Protocol):
+    """What a VM handle needs of the session that made it (``Session`` is one).
+
+    The methods are the session's private side: a handle calls them, nothing
+    else should.
+    """
+
+    boot_timeout_s: float
+    retry_policy: RetryPolicy
+
+    def _vm_state(self, vm: VM) -> VMState | None:
+        """The VM's state in the ledger; None once the session has ended."""
+
+    def _vm_op(
+        self,
+        vm: VM,
+        op: str,
+        fn: Callable[[Backend, float], T],
+        *,
+        timeout_s: float,
+        fails_vm: bool = False,
+    ) -> T:
+        """Run ``fn(backend, limit)`` for ``vm``, timed and retried under the session's
+        policy; with ``fails_vm`` a failure leaves the VM ``failed``."""
+
+    def _vm_supports(self, capability: str) -> None:
+        """Raise UnsupportedOperation unless the backend declares ``capability``."""
+
+    def _vm_transition(self, vm: VM, state: VMState) -> None:
+        """Record that ``vm`` is now in ``state``."""
+
+    def _vm_note(self, vm: VM, detail: str) -> None:
+        """Record an event of ``vm`` that does not change its state (a snapshot)."""
+
+    def _vm_delete(self, vm: VM) -> None:
+        """Delete ``vm`` and record it."""
+
+    def _vm_keep(self, vm: VM, why: str) -> None:
+        """Hand ``vm`` over to the ledger as kept: the session no longer deletes it."""
+
+    def _vm_console(self, vm: VM, lines: int) -> str:
+        """The last ``lines`` of ``vm``'s console."""
+
+
 class VM:
     """A handle on one VM of a session. Get one from :meth:`Session.create`."""
 
-    def __init__(self, session: Session, vm_id: int, name: str, spec: VMSpec) -> None:
-        self._session = session
-        self._id = vm_id
+    def __init__(self, host: VMHost, ledger_id: int, name: str, spec: VMSpec) -> None:
+        self._host = host
+        self._ledger_id = ledger_id
         self.name = name
         self.spec = spec
         self.transcript: list[TranscriptEntry] = []
@@ -122,12 +168,15 @@ class VM:
         return f"<VM {self.name} {self.state.value}>"
 
     @property
+    def ledger_id(self) -> int:
+        """The VM's row in the ledger."""
+        return self._ledger_id
+
+    @property
     def state(self) -> VMState:
         """The VM's state as the ledger records it (the last one seen once the session ended)."""
-        if self._session.ledger.closed:
-            return self.last_state
-        record = self._session.ledger.get(self._id)
-        return record.state if record else VMState.GONE
+        state = self._host._vm_state(self)
+        return self.last_state if state is None else state
 
     def _require(self, *states: VMState) -> None:
         state = self.state
@@ -168,13 +217,13 @@ class VM:
         try:
             # Only a failure the backend calls transient is retried, and for
             # exec that means the command never started: it is not run twice.
-            raw = self._session.call(
+            raw: ExecResult = self._host._vm_op(
+                self,
                 "exec",
-                lambda _limit: self._session.backend.exec(
+                lambda backend, _limit: backend.exec(
                     self.name, args, stdin=data, env=env, cwd=cwd, timeout_s=timeout_s
                 ),
                 timeout_s=math.inf,
-                subject=self.name,
             )
         except VMLeaseError:
             self._note(TranscriptEntry(args, None, time.monotonic() - start, "", "(channel error)"))
@@ -224,11 +273,11 @@ class VM:
         if not isinstance(remote, str) or not remote:
             raise ConfigError(f"remote must be a path in the guest, not {remote!r}")
         self._require(VMState.READY)
-        self._session.call(
+        self._host._vm_op(
+            self,
             "put",
-            lambda _limit: self._session.backend.put(self.name, path, remote),
+            lambda backend, _limit: backend.put(self.name, path, remote),
             timeout_s=math.inf,
-            subject=self.name,
         )
 
     def get(self, remote: str, local: str | os.PathLike[str]) -> None:
@@ -244,52 +293,57 @@ class VM:
         if not isinstance(remote, str) or not remote:
             raise ConfigError(f"remote must be a path in the guest, not {remote!r}")
         self._require(VMState.READY)
-        self._session.call(
+        self._host._vm_op(
+            self,
             "get",
-            lambda _limit: self._session.backend.get(self.name, remote, path),
+            lambda backend, _limit: backend.get(self.name, remote, path),
             timeout_s=math.inf,
-            subject=self.name,
         )
 
     def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Shut the VM down; its disk is kept for :meth:`start`."""
+        self._host._vm_supports("stop_start")
         self._require(VMState.READY, VMState.STOPPED)
         if self.state is VMState.STOPPED:
             return
-        self._session.transition(self._id, VMState.STOPPING)
-        self._session.guard(
-            self._id,
+        self._host._vm_transition(self, VMState.STOPPING)
+        self._host._vm_op(
+            self,
             "stop",
-            lambda limit: self._session.backend.stop(self.name, limit),
+            lambda backend, limit: backend.stop(self.name, limit),
             timeout_s=timeout_s,
+            fails_vm=True,
         )
-        self._session.transition(self._id, VMState.STOPPED)
+        self._host._vm_transition(self, VMState.STOPPED)
 
     def start(self, boot_timeout_s: float | None = None) -> None:
         """Boot a stopped VM again; returns when it answers commands."""
+        self._host._vm_supports("stop_start")
         self._require(VMState.READY, VMState.STOPPED)
         if self.state is VMState.READY:
             return
-        timeout = boot_timeout_s or self._session.boot_timeout_s
-        self._session.transition(self._id, VMState.STARTING)
-        session = self._session
-        session.guard(
-            self._id,
+        host = self._host
+        timeout = boot_timeout_s or host.boot_timeout_s
+        host._vm_transition(self, VMState.STARTING)
+        host._vm_op(
+            self,
             "start",
-            lambda limit: session.backend.start(self.name, timeout_s=limit),
-            timeout_s=session.retry_policy.timeouts.start_s,
+            lambda backend, limit: backend.start(self.name, timeout_s=limit),
+            timeout_s=host.retry_policy.timeouts.start_s,
+            fails_vm=True,
         )
-        session.guard(
-            self._id,
+        host._vm_op(
+            self,
             "boot",
-            lambda limit: session.backend.wait_ready(self.name, limit),
+            lambda backend, limit: backend.wait_ready(self.name, limit),
             timeout_s=timeout,
+            fails_vm=True,
         )
-        self._session.transition(self._id, VMState.READY)
+        host._vm_transition(self, VMState.READY)
 
     def delete(self) -> None:
         """Destroy the VM. Deleting a deleted VM does nothing."""
-        self._session.delete_vm(self._id, self.name)
+        self._host._vm_delete(self)
 
     def keep(self, why: str = "kept for inspection") -> None:
         """Leave the VM running after the session ends, for a person to inspect.
@@ -298,7 +352,7 @@ class VM:
         ``vmlease cleanup`` (or its lease running out) deletes it.
         """
         self._require(VMState.READY, VMState.STOPPED)
-        self._session.release(self._id, why)
+        self._host._vm_keep(self, why)
 
     def snapshot(self, tag: str) -> None:
         """Save the VM's memory and disk state as ``tag`` (replacing a snapshot of that name).
@@ -306,15 +360,15 @@ class VM:
         UnsupportedOperation if the backend cannot (see its capabilities).
         """
         _check_tag(tag)
-        self._require_snapshots()
+        self._host._vm_supports("snapshots")
         self._require(VMState.READY)
-        self._session.call(
+        self._host._vm_op(
+            self,
             "snapshot",
-            lambda limit: self._session.backend.snapshot(self.name, tag, timeout_s=limit),
-            timeout_s=self._session.retry_policy.timeouts.snapshot_s,
-            subject=self.name,
+            lambda backend, limit: backend.snapshot(self.name, tag, timeout_s=limit),
+            timeout_s=self._host.retry_policy.timeouts.snapshot_s,
         )
-        self._session.ledger.note(self._id, VMState.READY, f"snapshot {tag}")
+        self._host._vm_note(self, f"snapshot {tag}")
 
     def restore(self, tag: str) -> None:
         """Bring memory and disk back to snapshot ``tag``: what happened since is gone.
@@ -322,27 +376,19 @@ class VM:
         The guest clock is set to the current time afterwards.
         """
         _check_tag(tag)
-        self._require_snapshots()
+        self._host._vm_supports("snapshots")
         self._require(VMState.READY)
-        self._session.call(
+        self._host._vm_op(
+            self,
             "restore",
-            lambda limit: self._session.backend.restore(self.name, tag, timeout_s=limit),
-            timeout_s=self._session.retry_policy.timeouts.snapshot_s,
-            subject=self.name,
+            lambda backend, limit: backend.restore(self.name, tag, timeout_s=limit),
+            timeout_s=self._host.retry_policy.timeouts.snapshot_s,
         )
-        self._session.ledger.note(self._id, VMState.READY, f"restored {tag}")
-
-    def _require_snapshots(self) -> None:
-        backend = self._session.backend
-        if not backend.capabilities.snapshots:
-            raise UnsupportedOperation(
-                f"the {backend.name} backend cannot take or restore snapshots; "
-                "use a fresh VM per test instead"
-            )
+        self._host._vm_note(self, f"restored {tag}")
 
     def console_tail(self, lines: int = 40) -> str:
         """The last lines of the VM's console, for diagnosis."""
-        return self._session.backend.console_tail(self.name, lines)
+        return self._host._vm_console(self, lines)
 
     def __enter__(self) -> VM:
         return self

@@ -13,15 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vmlease._attach import exec_in
+from vmlease._checks import Severity
 from vmlease._cleanup import cleanup
+from vmlease._doctor import doctor
 from vmlease._errors import ConfigError, VMLeaseError
 from vmlease._inventory import inventory
 from vmlease._ledger import Record, VMState
 from vmlease._locks import Lock, run_holding
 from vmlease._paths import image_dir, state_dir
-from vmlease._preflight import Status, doctor
 from vmlease._version import __version__
-from vmlease.images import BUILDERS, build_tiny, list_images
+from vmlease.backends.qemu.images import BUILDERS, build_tiny, list_images
 
 __all__ = ["main"]
 
@@ -136,11 +137,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     backend = args.backend or os.environ.get("VMLEASE_BACKEND") or "qemu"
     checks = doctor(state_dir(), backend)
-    failed = any(c.status is Status.FAIL for c in checks)
+    failed = any(c.status is Severity.FAIL for c in checks)
     if args.json:
         print(json.dumps({"ok": not failed, "checks": [c.as_dict() for c in checks]}, indent=2))
     else:
-        marks = {Status.OK: "ok", Status.WARN: "WARN", Status.FAIL: "FAIL"}
+        marks = {Severity.OK: "ok", Severity.WARN: "WARN", Severity.FAIL: "FAIL"}
         for c in checks:
             print(f"{marks[c.status]:<5} {c.name}: {c.message}")
         print("vmlease can make VMs here" if not failed else "vmlease cannot make VMs here yet")

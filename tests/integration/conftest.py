@@ -11,9 +11,9 @@ import pytest
 
 import vmlease
 from tests.conftest import _qemu_processes_under
-from tests.integration.doubles import double, doubles_bin  # noqa: F401 - fixtures
+from tests.doubles.tools import double, doubles_bin  # noqa: F401 - fixtures
 from vmlease._paths import image_dir
-from vmlease.images import Image, build_tiny
+from vmlease.backends.qemu.images import Image, build_tiny
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 import vmlease
-from tests.support.ledger import ledger_records
+from tests.integration.conftest import assert_nothing_left
+from tests.support.ledger import ledger_of, ledger_records
 from vmlease import backends
-from vmlease._proc import SubprocessRunner
+from vmlease._runner import SubprocessRunner
 from vmlease.backends.qemu import QemuBackend
 from vmlease.backends.qemu._accel import probe_kvm
-
-from .conftest import assert_nothing_left
 
 # What each bad input raises, and the words in its message that say what to do.
 # ``session`` rows are keyword arguments for Session, ``create`` rows for
@@ -202,7 +201,7 @@ def test_qemu_failing_to_start_is_recorded_and_cleaned(state: Path, tmp_path: Pa
     with vmlease.Session(backend=backend, state_dir=state) as session:
         with pytest.raises(vmlease.BackendError, match="cannot start: no memory"):
             session.create()
-        [row] = session.ledger.records(include_gone=True)
+        [row] = ledger_of(session).records(include_gone=True)
         assert row.state is vmlease.VMState.GONE
         assert row.error is not None
         assert "no memory" in row.error

@@ -18,20 +18,21 @@ from pathlib import Path
 import pytest
 
 import vmlease
-from tests.integration.doubles import TOOLS, Double
+from tests.doubles.tools import TOOLS, Double
 from tests.support.ledger import dead_owner
 from vmlease import backends
+from vmlease._checks import Severity
 from vmlease._cleanup import cleanup
+from vmlease._doctor import doctor
 from vmlease._errors import BackendError, BackendTimeout, GuestFileError
 from vmlease._inventory import inventory
 from vmlease._ledger import Ledger, VMState
-from vmlease._preflight import Status, doctor
 from vmlease._retry import RetryPolicy
 from vmlease._spec import VMSpec
 from vmlease.backends import Backend
 from vmlease.backends.multipass import MultipassBackend
 from vmlease.backends.qemu import QemuBackend
-from vmlease.images import Image
+from vmlease.backends.qemu.images import Image
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -380,8 +381,8 @@ def test_doctor_checks_the_tool_and_its_daemon(
 ) -> None:
     tool = TOOLS[kind_name]
     by_name = {c.name: c for c in doctor(state, kind_name)}
-    assert by_name[f"{kind_name}: {tool}"].status is Status.OK
-    assert by_name[f"{kind_name}: daemon"].status is Status.OK
+    assert by_name[f"{kind_name}: {tool}"].status is Severity.OK
+    assert by_name[f"{kind_name}: daemon"].status is Severity.OK
 
     down = {
         "orbstack": "OrbStack is not running; start it with orbctl start",
@@ -389,13 +390,13 @@ def test_doctor_checks_the_tool_and_its_daemon(
     }[kind_name]
     double.inject(tool, "list", times=10, stderr=down)
     daemon = {c.name: c for c in doctor(state, kind_name)}[f"{kind_name}: daemon"]
-    assert daemon.status is Status.FAIL
+    assert daemon.status is Severity.FAIL
     start = "orbctl start" if kind_name == "orbstack" else "snap start multipass"
     assert start in daemon.message
 
     monkeypatch.setenv("PATH", "/nonexistent")
     missing = {c.name: c for c in doctor(state, kind_name)}[f"{kind_name}: {tool}"]
-    assert missing.status is Status.FAIL
+    assert missing.status is Severity.FAIL
     assert f"{tool} not found" in missing.message
     assert ("orbstack.dev" if kind_name == "orbstack" else "snap install multipass") in (
         missing.message

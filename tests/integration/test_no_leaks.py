@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 import vmlease
+from tests.integration.conftest import assert_nothing_left
 from tests.support.killing import gone_events, kill_trial, leftovers, start_owner
+from tests.support.ledger import ledger_of
 from vmlease._identity import current_owner
 from vmlease._reaper import ReaperLink
 from vmlease._spec import VMSpec
 from vmlease.backends.qemu import QemuBackend
-
-from .conftest import assert_nothing_left
 
 
 def cli(state: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -204,7 +204,7 @@ def test_a_reaper_that_cannot_start_means_no_vm(state: Path) -> None:
     with vmlease.Session(state_dir=state, reaper=link) as session:
         with pytest.raises(vmlease.ReaperUnavailable, match="creates no VM"):
             session.create()
-        assert session.ledger.records(include_gone=True) == []
+        assert ledger_of(session).records(include_gone=True) == []
     assert_nothing_left(state)
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 import vmlease
+from tests.integration.conftest import assert_nothing_left
+from tests.support.ledger import ledger_of
 from vmlease import VMState
 from vmlease._naming import validate_name
 from vmlease.backends.qemu import QemuBackend
-from vmlease.images import Image
-
-from .conftest import assert_nothing_left
+from vmlease.backends.qemu.images import Image
 
 
 def test_create_run_delete(session: vmlease.Session, state: Path) -> None:
@@ -35,9 +35,8 @@ def test_create_run_delete(session: vmlease.Session, state: Path) -> None:
     assert vm.state is VMState.GONE
     assert session.vms() == []
     assert_nothing_left(state)
-    states = [
-        e.state for e in session.ledger.events(session.ledger.records(include_gone=True)[0].id)
-    ]
+    ledger = ledger_of(session)
+    states = [e.state for e in ledger.events(ledger.records(include_gone=True)[0].id)]
     assert states == [
         VMState.INTENDED,
         VMState.CREATING,
@@ -241,7 +240,7 @@ def test_a_boot_that_does_not_answer_in_time_is_cleaned_up(state: Path) -> None:
         with pytest.raises(vmlease.BootError, match="console") as info:
             session.create(boot_timeout_s=0.05)
         assert "did not answer" in str(info.value)
-        [row] = session.ledger.records(include_gone=True)
+        [row] = ledger_of(session).records(include_gone=True)
         assert row.state is VMState.GONE
         assert row.error is not None
         assert "BootError" in row.error

@@ -17,7 +17,7 @@ import pytest
 import vmlease
 from tests.integration.conftest import assert_nothing_left
 from vmlease.backends.qemu import QemuBackend
-from vmlease.images import Image
+from vmlease.backends.qemu.images import Image
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from tests.fakes import FakeBackend
+from tests.doubles.fakes import FakeBackend
 from vmlease import Session
 from vmlease._naming import new_session_id, vm_name
 

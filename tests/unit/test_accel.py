@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vmlease import ConfigError
-from vmlease._proc import Completed
+from vmlease._runner import Completed
 from vmlease.backends.qemu._accel import choose_accel
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import FakeBackend, SharedFake
+from tests.doubles.fakes import FakeBackend, SharedFake
 from tests.support.ledger import dead_owner
 from vmlease import LedgerError
-from vmlease._cleanup import Status, cleanup, mark_prefix, status
+from vmlease._cleanup import Standing, cleanup, mark_prefix, status
 from vmlease._identity import current_owner
 from vmlease._ledger import Ledger, Record, VMState
 
@@ -109,11 +109,11 @@ def test_status_classification(tmp_path: Path) -> None:
         spec="{}",
     )
     rows = {r.name: r for r in ledger.records()}
-    assert status(rows["a"], now=1000.0) is Status.ALIVE
-    assert status(rows["a"], now=2000.0) is Status.EXPIRED
-    assert status(rows["a"], now=rows["a"].created_at + 11, max_age_s=10) is Status.EXPIRED
-    assert status(rows["b"], now=1000.0) is Status.ORPHANED
-    assert status(rows["c"], now=1000.0) is Status.UNKNOWN
+    assert status(rows["a"], now=1000.0) is Standing.ALIVE
+    assert status(rows["a"], now=2000.0) is Standing.EXPIRED
+    assert status(rows["a"], now=rows["a"].created_at + 11, max_age_s=10) is Standing.EXPIRED
+    assert status(rows["b"], now=1000.0) is Standing.ORPHANED
+    assert status(rows["c"], now=1000.0) is Standing.UNKNOWN
     del live, dead, elsewhere
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import SharedFake
-from vmlease import backends
+from tests.doubles.fakes import SharedFake
 from vmlease._identity import current_owner
 from vmlease._ledger import Ledger
+from vmlease.backends import _registry
 from vmlease.cli import main
 
 
@@ -93,7 +93,7 @@ def test_cleanup_exits_1_and_says_why_when_a_vm_cannot_be_proven_ours(
 ) -> None:
     _orphan(state, "db", "shared")
     fake = SharedFake(vms={"db": "running"})
-    monkeypatch.setattr(backends, "get", lambda name, **_options: fake)
+    monkeypatch.setattr(_registry, "get", lambda name, **_options: fake)
     assert main(["cleanup"]) == 1
     out = capsys.readouterr().out
     assert "unconfirmed" in out

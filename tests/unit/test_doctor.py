@@ -10,8 +10,9 @@ import pytest
 
 from tests.support.ledger import dead_owner
 from vmlease import BackendUnavailable, Session, VMState
+from vmlease._checks import Severity, disk_check
+from vmlease._doctor import doctor
 from vmlease._ledger import Ledger
-from vmlease._preflight import Status, disk_check, doctor
 from vmlease.cli import main
 
 needs_qemu = pytest.mark.skipif(
@@ -69,7 +70,7 @@ def test_an_unknown_backend_fails(state: Path, capsys: pytest.CaptureFixture[str
 def test_a_state_directory_that_is_a_file_fails(state: Path) -> None:
     state.write_text("not a directory")
     checks = {c.name: c for c in doctor(state, "vmlease-no-such-backend")}
-    assert checks["state directory"].status is Status.FAIL
+    assert checks["state directory"].status is Severity.FAIL
     assert "VMLEASE_STATE_DIR" in checks["state directory"].message
 
 
@@ -77,7 +78,7 @@ def test_a_state_directory_open_to_others_warns(state: Path) -> None:
     state.mkdir(mode=0o755)
     state.chmod(0o755)
     [check] = [c for c in doctor(state, "qemu") if c.name == "state directory"]
-    assert check.status is Status.WARN
+    assert check.status is Severity.WARN
     assert f"chmod 700 {state}" in check.message
 
 
@@ -88,16 +89,16 @@ def test_vms_of_dead_owners_are_named_with_what_to_do(state: Path) -> None:
     ledger.transition(row.id, VMState.READY)
     ledger.close()
     [check] = [c for c in doctor(state, "qemu") if c.name == "orphaned VMs"]
-    assert check.status is Status.WARN
+    assert check.status is Severity.WARN
     assert "vmlease-dead-1 (orphaned)" in check.message
     assert "`vmlease cleanup`" in check.message
 
 
 def test_low_disk_warns(tmp_path: Path) -> None:
     check = disk_check("state", tmp_path / "not" / "made" / "yet", low_bytes=2**62)
-    assert check.status is Status.WARN
+    assert check.status is Severity.WARN
     assert "vmlease cleanup" in check.message
-    assert disk_check("state", tmp_path).status is Status.OK
+    assert disk_check("state", tmp_path).status is Severity.OK
 
 
 def test_a_session_fails_fast_before_recording_anything(state: Path) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import FakeBackend
+from tests.doubles.fakes import FakeBackend
+from tests.support.ledger import ledger_of
 from vmlease import (
     BackendError,
     BackendTimeout,
@@ -39,9 +40,9 @@ def session(fake: FakeBackend, tmp_path: Path) -> Iterator[Session]:
 
 
 def events(session: Session, name: str) -> list[str]:
-    record = session.ledger.find("fake", name)
+    record = ledger_of(session).find("fake", name)
     assert record is not None
-    return [f"{e.state.value}:{e.detail}" for e in session.ledger.events(record.id)]
+    return [f"{e.state.value}:{e.detail}" for e in ledger_of(session).events(record.id)]
 
 
 def fail_before_effect(fake: FakeBackend) -> None:
@@ -121,7 +122,7 @@ def test_a_create_that_keeps_failing_leaves_nothing(fake: FakeBackend, session: 
     assert fake.vms == {}
     assert fake.ops().count("create") == 5
     assert any("gave up on create after 5 attempt(s)" in n for n in info.value.__notes__)
-    [record] = session.ledger.records(include_gone=True)
+    [record] = ledger_of(session).records(include_gone=True)
     assert record.state is VMState.GONE
 
 
@@ -134,7 +135,7 @@ def test_hung_creates_of_vms_that_never_answer_leave_nothing(
     with pytest.raises(VMLeaseError):
         session.create()
     assert fake.vms == {}
-    [record] = session.ledger.records(include_gone=True)
+    [record] = ledger_of(session).records(include_gone=True)
     assert record.state is VMState.GONE
 
 

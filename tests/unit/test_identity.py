@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-from vmlease._identity import Liveness, current_owner, liveness, process_start_time
+from vmlease._identity import Liveness, current_owner, liveness
+from vmlease._procfs import process_start_time
 
 
 def test_this_process_is_alive() -> None:

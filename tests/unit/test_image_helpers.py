@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from vmlease import ImageBuildError, ImageNotFound
-from vmlease.images import _tiny
-from vmlease.images._catalog import find_image, list_images
+from vmlease.backends.qemu.images import _tiny
+from vmlease.backends.qemu.images._catalog import find_image, list_images
 
 
 def _parse_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import vmlease
-from tests.fakes import FakeBackend, SharedFake
+from tests.doubles.fakes import FakeBackend, SharedFake
+from tests.support.ledger import ledger_of
 from vmlease import (
     BootError,
     CommandFailed,
@@ -44,7 +45,7 @@ def test_the_ledger_row_exists_before_the_backend_creates(
     seen: list[VMState] = []
 
     def look(name: str) -> None:
-        record = session.ledger.find("fake", name)
+        record = ledger_of(session).find("fake", name)
         assert record is not None, "create was called before the ledger had the VM"
         assert record.owner == session.owner
         seen.append(record.state)
@@ -98,11 +99,11 @@ def test_a_failed_boot_is_recorded_and_the_vm_removed(fake: FakeBackend, session
     with pytest.raises(BootError):
         session.create(name="broken")
     assert fake.vms == {}
-    [row] = session.ledger.records(include_gone=True)
+    [row] = ledger_of(session).records(include_gone=True)
     assert row.state is VMState.GONE
     assert row.error is not None
     assert "BootError: no answer" in row.error
-    states = [e.state for e in session.ledger.events(row.id)]
+    states = [e.state for e in ledger_of(session).events(row.id)]
     assert states == [
         VMState.INTENDED,
         VMState.CREATING,
@@ -123,7 +124,7 @@ def test_a_failed_create_whose_cleanup_fails_stays_failed(
     fake.fail["delete"] = vmlease.BackendError("backend down")
     with pytest.raises(BootError):
         session.create(name="stuck")
-    [row] = session.ledger.records()
+    [row] = ledger_of(session).records()
     assert row.state is VMState.FAILED
     with pytest.raises(NameInUse):
         session.create(name="stuck")
@@ -131,7 +132,7 @@ def test_a_failed_create_whose_cleanup_fails_stays_failed(
     fake.fail.clear()
     session.close()
     assert "stuck" not in fake.vms
-    assert session.ledger.records() == []
+    assert ledger_of(session).records() == []
 
 
 @pytest.mark.parametrize(
@@ -154,7 +155,7 @@ def test_bad_input_creates_nothing(
     with pytest.raises(error):
         session.create(**kwargs)  # type: ignore[arg-type]
     assert "create" not in fake.ops()
-    assert session.ledger.records(include_gone=True) == []
+    assert ledger_of(session).records(include_gone=True) == []
 
 
 def test_a_taken_name_creates_nothing(fake: FakeBackend, session: Session) -> None:
@@ -310,7 +311,7 @@ def test_max_vms_bounds_a_sessions_vms_and_frees_places(fake: FakeBackend, tmp_p
         session.create()
         with pytest.raises(vmlease.LockTimeout):
             session.create()
-        assert len(session.ledger.records()) == 2  # the refused create wrote nothing
+        assert len(ledger_of(session).records()) == 2  # the refused create wrote nothing
         a.delete()
         session.create()
         assert session.stats().ops["wait"].count == 4
@@ -321,7 +322,7 @@ def test_on_a_shared_namespace_a_new_vm_is_marked_and_the_mark_recorded(tmp_path
     with Session(backend=shared, state_dir=tmp_path, reaper=False) as s:
         vm = s.create(name="db")
         assert shared.ops()[-1] == "mark"
-        record = s.ledger.find("shared", "db")
+        record = ledger_of(s).find("shared", "db")
         assert record is not None
         assert record.instance_id == shared.marks["db"]
         assert record.instance_id.startswith(mark_prefix(record))
@@ -340,7 +341,7 @@ def test_a_vm_that_cannot_be_marked_still_serves(
     with Session(backend=shared, state_dir=tmp_path, reaper=False) as s:
         vm = s.create()
         assert vm.run(["true"]).exit_code == 0
-        record = s.ledger.find("shared", vm.name)
+        record = ledger_of(s).find("shared", vm.name)
         assert record is not None
         assert record.instance_id is None
     assert "could not mark" in caplog.text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import FakeBackend, SnapshottingFake
+from tests.doubles.fakes import FakeBackend, SnapshottingFake
 from vmlease import BackendError, ConfigError, Session, VMState
 from vmlease._testrun import CLEAN_TAG, RunOptions, TestRun
 

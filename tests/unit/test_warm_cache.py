@@ -13,8 +13,8 @@ from vmlease import ConfigError
 from vmlease._spec import VMSpec
 from vmlease.backends.qemu import QemuBackend
 from vmlease.backends.qemu._launch import LaunchConfig
-from vmlease.backends.qemu._warm import WarmCache, warm_key
-from vmlease.images import Image
+from vmlease.backends.qemu._states import WarmCache, warm_key
+from vmlease.backends.qemu.images import Image
 
 
 def _image(tmp_path: Path, build_id: str = "b1") -> Image:

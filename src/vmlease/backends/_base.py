@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmlease._checks import Check
 from vmlease._errors import BackendError, UnsupportedOperation
 from vmlease._naming import validate_name
-from vmlease._preflight import Check
 from vmlease._spec import VMSpec
 
 __all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult", "Fault"]
@@ -35,8 +35,10 @@ class Fault(enum.Enum):
 class Capabilities:
     """What a backend offers beyond the required primitives."""
 
+    #: ``snapshot`` and ``restore`` work; without them the ``vm`` fixture
+    #: gives each test a fresh VM instead of restoring one.
     snapshots: bool = False
-    labels: bool = False
+    #: ``stop`` and ``start`` work (a VM keeps its disk in between).
     stop_start: bool = True
     #: The backend's VMs live among the user's own (OrbStack, Multipass), so a
     #: VM that has a name the ledger recorded may still not be ours: before

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmlease._checks import Check, Severity
 from vmlease._errors import (
     BackendError,
     BackendTimeout,
@@ -27,11 +28,9 @@ from vmlease._errors import (
     GuestFileError,
     VMNotFound,
 )
-from vmlease._preflight import Check, Status
-from vmlease._proc import Completed, Runner, SubprocessRunner
+from vmlease._runner import Completed, Runner, SubprocessRunner
 from vmlease._spec import VMSpec
-
-from ._base import Backend, ExecResult
+from vmlease.backends._base import Backend, ExecResult
 
 __all__ = ["MARK_PATH", "BinaryRunner", "CliBackend", "Rule", "env_argv", "run_binary"]
 
@@ -187,20 +186,20 @@ class CliBackend(Backend):
         try:
             probe()
         except BackendUnavailable as exc:
-            return Check(label, Status.FAIL, str(exc), BackendUnavailable)
+            return Check(label, Severity.FAIL, str(exc), BackendUnavailable)
         except BackendError as exc:
             return Check(
                 label,
-                Status.FAIL,
+                Severity.FAIL,
                 f"{self.program} does not answer ({exc}); start it with `{self.start_hint}`",
                 BackendUnavailable,
             )
-        return Check(label, Status.OK, f"{self.program} answers")
+        return Check(label, Severity.OK, f"{self.program} answers")
 
     def preflight(self, *, cheap: bool = False) -> list[Check]:
         """The tool is installed; unless ``cheap``, its daemon answers ``list``."""
         checks = [self.program_check()]
-        if cheap or checks[0].status is Status.FAIL:
+        if cheap or checks[0].status is Severity.FAIL:
             return checks
         checks.append(self.daemon_check(lambda: self.list(timeout_s=15.0)))
         return checks
@@ -224,9 +223,9 @@ class CliBackend(Backend):
     def program_check(self) -> Check:
         label = f"{self.name}: {self._program}"
         try:
-            return Check(label, Status.OK, self.tool())
+            return Check(label, Severity.OK, self.tool())
         except BackendUnavailable as exc:
-            return Check(label, Status.FAIL, str(exc), BackendUnavailable)
+            return Check(label, Severity.FAIL, str(exc), BackendUnavailable)
 
     # -- commands and files --------------------------------------------------
 

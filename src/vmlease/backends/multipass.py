@@ -30,9 +30,8 @@ from vmlease._errors import (
     VMNotFound,
 )
 from vmlease._spec import VMSpec
-
-from ._base import BackendVM, Capabilities, ExecResult
-from ._cli import CliBackend, Rule, env_argv
+from vmlease.backends._base import BackendVM, Capabilities, ExecResult
+from vmlease.backends._cli import CliBackend, Rule, env_argv
 
 __all__ = ["MultipassBackend"]
 
@@ -77,9 +76,7 @@ class MultipassBackend(CliBackend):
     rules = _RULES
     default_image = DEFAULT_IMAGE
     ready_poll_s = 0.5
-    capabilities = Capabilities(
-        snapshots=False, labels=False, stop_start=True, shared_namespace=True
-    )
+    capabilities = Capabilities(snapshots=False, stop_start=True, shared_namespace=True)
 
     def __init__(
         self, *, cloud_init: Path | None = None, disk_gb: int | None = None, **options: Any

@@ -27,9 +27,8 @@ from vmlease._errors import (
     VMNotFound,
 )
 from vmlease._spec import VMSpec
-
-from ._base import BackendVM, Capabilities, ExecResult
-from ._cli import CliBackend, Rule, env_argv
+from vmlease.backends._base import BackendVM, Capabilities, ExecResult
+from vmlease.backends._cli import CliBackend, Rule, env_argv
 
 __all__ = ["OrbStackBackend"]
 
@@ -73,9 +72,7 @@ class OrbStackBackend(CliBackend):
     start_hint = _START
     rules = _RULES
     default_image = DEFAULT_IMAGE
-    capabilities = Capabilities(
-        snapshots=False, labels=False, stop_start=True, shared_namespace=True
-    )
+    capabilities = Capabilities(snapshots=False, stop_start=True, shared_namespace=True)
 
     def __init__(self, *, arch: str | None = None, user: str | None = None, **options: Any) -> None:
         super().__init__(**options)

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmlease._checks import Check, Severity, disk_check
 from vmlease._errors import (
     BackendError,
     BackendTimeout,
@@ -43,29 +44,27 @@ from vmlease._errors import (
 from vmlease._paths import ensure_private_dir
 from vmlease._paths import image_dir as default_image_dir
 from vmlease._paths import state_dir as default_state_dir
-from vmlease._preflight import Check, Status, disk_check
-from vmlease._proc import Runner, SubprocessRunner
+from vmlease._procfs import host_tsc_khz
+from vmlease._runner import Runner, SubprocessRunner
 from vmlease._spec import VMSpec
 from vmlease._unix import connect_unix
 from vmlease.backends._base import Backend, BackendVM, Capabilities, ExecResult
-from vmlease.images import Image, find_image, list_images
-
-from ._accel import choose_accel
-from ._agent import AgentChannel
-from ._launch import (
+from vmlease.backends.qemu._accel import choose_accel
+from vmlease.backends.qemu._agent import AgentChannel
+from vmlease.backends.qemu._launch import (
     AGENT_SOCKET,
     CONSOLE_LOG,
     DISK,
     PIDFILE,
     QMP_SOCKET,
     LaunchConfig,
-    host_tsc_khz,
     qemu_argv,
 )
-from ._qmp import QMP, try_quit
-from ._warm import CONSOLE as WARM_CONSOLE
-from ._warm import DISK as WARM_DISK
-from ._warm import STATE, WarmCache, WarmState, warm_key
+from vmlease.backends.qemu._qmp import QMP, try_quit
+from vmlease.backends.qemu._states import CONSOLE as WARM_CONSOLE
+from vmlease.backends.qemu._states import DISK as WARM_DISK
+from vmlease.backends.qemu._states import STATE, WarmCache, WarmState, warm_key
+from vmlease.backends.qemu.images import Image, find_image, list_images
 
 __all__ = ["QemuBackend"]
 
@@ -106,7 +105,7 @@ class QemuBackend(Backend):
     """
 
     name = "qemu"
-    capabilities = Capabilities(snapshots=True, labels=False, stop_start=True)
+    capabilities = Capabilities(snapshots=True, stop_start=True)
 
     def __init__(
         self,
@@ -153,22 +152,24 @@ class QemuBackend(Backend):
         checks = []
         for program in (self._qemu, self._qemu_img):
             try:
-                checks.append(Check(f"qemu: {program}", Status.OK, self._require(program)))
+                checks.append(Check(f"qemu: {program}", Severity.OK, self._require(program)))
             except BackendUnavailable as exc:
-                checks.append(Check(f"qemu: {program}", Status.FAIL, str(exc), BackendUnavailable))
-        if cheap or any(c.status is Status.FAIL for c in checks):
+                checks.append(
+                    Check(f"qemu: {program}", Severity.FAIL, str(exc), BackendUnavailable)
+                )
+        if cheap or any(c.status is Severity.FAIL for c in checks):
             return checks
         try:
             config = self.launch_config()
         except VMLeaseError as exc:
-            return [*checks, Check("qemu: accelerator", Status.FAIL, str(exc), type(exc))]
+            return [*checks, Check("qemu: accelerator", Severity.FAIL, str(exc), type(exc))]
         if config.accel == "kvm":
-            checks.append(Check("kvm", Status.OK, f"KVM works: {self.accel_reason}"))
+            checks.append(Check("kvm", Severity.OK, f"KVM works: {self.accel_reason}"))
         else:
             checks.append(
                 Check(
                     "kvm",
-                    Status.WARN,
+                    Severity.WARN,
                     f"KVM is not used ({self.accel_reason}); guests run under software "
                     "emulation (TCG), which works but is slower",
                 )
@@ -177,12 +178,12 @@ class QemuBackend(Backend):
         images = list_images(self._image_dir)
         if images:
             names = ", ".join(sorted({i.name for i in images}))
-            checks.append(Check("image cache", Status.OK, f"{self._image_dir}: {names}"))
+            checks.append(Check("image cache", Severity.OK, f"{self._image_dir}: {names}"))
         else:
             checks.append(
                 Check(
                     "image cache",
-                    Status.WARN,
+                    Severity.WARN,
                     f"no images in {self._image_dir}; build the default one with "
                     "`vmlease image build tiny` (a session would fail to create VMs)",
                 )

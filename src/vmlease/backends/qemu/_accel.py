@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vmlease._errors import ConfigError
-from vmlease._identity import boot_id
-from vmlease._proc import Runner
+from vmlease._procfs import boot_id
+from vmlease._runner import Runner
 
 __all__ = ["choose_accel", "probe_kvm"]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmlease._spec import VMSpec
-from vmlease.images import Image
+from vmlease.backends.qemu.images import Image
 
 __all__ = [
     "AGENT_SOCKET",
@@ -24,7 +24,6 @@ __all__ = [
     "DISK",
     "PIDFILE",
     "QMP_SOCKET",
-    "host_tsc_khz",
     "qemu_argv",
 ]
 
@@ -34,17 +33,6 @@ QMP_SOCKET = "qmp.sock"
 AGENT_SOCKET = "agent.sock"
 CONSOLE_LOG = "console.log"
 PIDFILE = "qemu.pid"
-
-
-def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
-    """The host TSC frequency in kHz as /proc/cpuinfo states it, if it does."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return int(float(line.split(":", 1)[1]) * 1000)
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._catalog import BUILDERS, Image, find_image, list_images
-from ._tiny import build_tiny
+from vmlease.backends.qemu.images._catalog import BUILDERS, Image, find_image, list_images
+from vmlease.backends.qemu.images._tiny import build_tiny
 
 __all__ = ["BUILDERS", "Image", "build_tiny", "find_image", "list_images"]

@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmlease._spec import VMSpec
-from vmlease.images import Image
-
-from ._launch import LaunchConfig, qemu_argv
+from vmlease.backends.qemu._launch import LaunchConfig, qemu_argv
+from vmlease.backends.qemu.images import Image
 
 __all__ = ["WarmCache", "WarmState", "warm_key"]
 

@@ -30,9 +30,8 @@ from importlib import resources
 from pathlib import Path
 
 from vmlease._errors import ImageBuildError
-from vmlease._proc import Completed, Runner, SubprocessRunner
-
-from ._catalog import Image, find_image
+from vmlease._runner import Completed, Runner, SubprocessRunner
+from vmlease.backends.qemu.images._catalog import Image, find_image
 
 __all__ = ["TINY_MODULES", "build_tiny"]
 
@@ -58,7 +57,7 @@ _BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
 
 
 def _guest_file(name: str) -> bytes:
-    return (resources.files("vmlease.images") / name).read_bytes()
+    return (resources.files("vmlease.backends.qemu.images") / name).read_bytes()
 
 
 def _is_static_elf(path: Path) -> bool:

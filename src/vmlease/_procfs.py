@@ -1,0 +1,93 @@
+"""Reading ``/proc``: process start times, command lines, the boot id, the host CPU.
+
+Every look at ``/proc`` goes through here, so the few facts vmlease takes
+from it (is this pid still the process we knew, which processes belong to a
+VM, which boot is this) are read one way. A process that vanishes while it
+is being read is simply not there: no function here raises for that.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = [
+    "boot_id",
+    "cmdline",
+    "host_tsc_khz",
+    "own_command",
+    "pids",
+    "pids_with_arg",
+    "process_start_time",
+]
+
+PROC = Path("/proc")
+
+
+def boot_id() -> str:
+    """The current boot id, or "" where the kernel does not tell."""
+    try:
+        return (PROC / "sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot, or None if there is no such process."""
+    try:
+        raw = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return int(fields[19])
+
+
+def cmdline(pid: int | str) -> list[bytes] | None:
+    """The arguments ``pid`` was started with, or None if it is gone (or a kernel thread)."""
+    try:
+        raw = (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.split(b"\0")[:-1] if raw else None
+
+
+def own_command(limit: int = 300) -> str:
+    """This process's command line as text, for saying who holds something."""
+    args = cmdline("self") or []
+    return " ".join(a.decode(errors="replace") for a in args if a)[:limit]
+
+
+def pids(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """Pids of the live processes whose command line ``match`` accepts (never this one)."""
+    found = []
+    me = os.getpid()
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        args = cmdline(entry.name)
+        if args is not None and match(args):
+            found.append(int(entry.name))
+    return found
+
+
+def pids_with_arg(arg: str | bytes) -> list[int]:
+    """Pids of the live processes that have ``arg`` as one whole argument.
+
+    A VM's QEMU is known this way by its pidfile path, which no other
+    process names as an argument: a pid alone may have been reused.
+    """
+    want = arg.encode() if isinstance(arg, str) else arg
+    return pids(lambda args: want in args)
+
+
+def host_tsc_khz(cpuinfo: Path = PROC / "cpuinfo") -> int | None:
+    """The host CPU's clock in kHz as ``/proc/cpuinfo`` states it (its TSC rate), if it does."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":", 1)[1]) * 1000)
+    except (OSError, ValueError):
+        return None
+    return None
