@@ -22,7 +22,7 @@ from vmlease._ledger import Record, VMState
 from vmlease._locks import Lock, run_holding
 from vmlease._paths import image_dir, state_dir
 from vmlease._version import __version__
-from vmlease.backends.qemu.images import BUILDERS, build_tiny, list_images
+from vmlease.backends.qemu.images import RECIPES, list_images, recipe
 
 __all__ = ["main"]
 
@@ -156,16 +156,14 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
-    if args.name != "tiny":
-        raise ConfigError(
-            f"vmlease cannot build an image called {args.name!r}; it builds: "
-            + ", ".join(sorted(BUILDERS))
-        )
-    image = build_tiny(
+    build = recipe(args.name)
+    options: dict[str, object] = {"force": args.force}
+    if args.kernel_deb:
+        options["kernel_deb"] = Path(args.kernel_deb)
+    image = build(
         image_dir(),
-        force=args.force,
-        kernel_deb=Path(args.kernel_deb) if args.kernel_deb else None,
         progress=lambda line: print(f"vmlease: {line}", file=sys.stderr, flush=True),
+        **options,
     )
     print(image.path)
     return 0
@@ -279,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     image = sub.add_parser("image", help="build and list images")
     isub = image.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
     build = isub.add_parser("build", help="build an image (idempotent)")
-    build.add_argument("name", help="the image to build: " + ", ".join(sorted(BUILDERS)))
+    build.add_argument(
+        "name",
+        help="the image to build: "
+        + "; ".join(f"{r.name} ({r.summary})" for r in RECIPES.values()),
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
     build.add_argument("--kernel-deb", metavar="FILE", help="use this Debian kernel package")
     build.set_defaults(func=cmd_image_build)

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from vmlease import ImageBuildError, ImageNotFound
-from vmlease.backends.qemu.images import _tiny
-from vmlease.backends.qemu.images._catalog import find_image, list_images
+from vmlease.backends.qemu.images import _steps, _tiny, find_image, list_images
 
 
 def _parse_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
@@ -32,7 +31,7 @@ def _parse_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
 
 def test_cpio_round_trip() -> None:
     entries = [("bin", 0o040755, b""), ("bin/x", 0o100755, b"abcde"), ("init", 0o100755, b"#!")]
-    parsed = _parse_cpio(_tiny._cpio_newc(entries))
+    parsed = _parse_cpio(_steps.cpio_newc(entries))
     assert parsed == {name: (mode, data) for name, mode, data in entries}
 
 
@@ -46,14 +45,14 @@ def test_modules_load_after_their_dependencies(tmp_path: Path) -> None:
     _ko(tmp_path / "drivers/virtio/virtio.ko", "virtio_ring")
     _ko(tmp_path / "drivers/block/virtio_blk.ko", "virtio,virtio_ring")
     _ko(tmp_path / "drivers/char/hw_random/virtio-rng.ko", "virtio,virtio_ring")
-    order = [p.stem for p in _tiny._load_order(tmp_path, ("virtio_blk", "virtio_rng"))]
+    order = [p.stem for p in _steps.load_order(tmp_path, ("virtio_blk", "virtio_rng"))]
     assert order == ["virtio_ring", "virtio", "virtio_blk", "virtio-rng"]
 
 
 def test_a_missing_module_is_named(tmp_path: Path) -> None:
     _ko(tmp_path / "a.ko", "nothere")
     with pytest.raises(ImageBuildError, match="nothere"):
-        _tiny._load_order(tmp_path, ("a",))
+        _steps.load_order(tmp_path, ("a",))
 
 
 def _elf(tmp_path: Path, interp: bool, note: tuple[bytes, int] | None) -> Path:
@@ -81,16 +80,16 @@ def _elf(tmp_path: Path, interp: bool, note: tuple[bytes, int] | None) -> Path:
 
 
 def test_static_elf_detection(tmp_path: Path) -> None:
-    assert _tiny._is_static_elf(_elf(tmp_path, interp=False, note=None))
-    assert not _tiny._is_static_elf(_elf(tmp_path, interp=True, note=None))
+    assert _steps.is_static_elf(_elf(tmp_path, interp=False, note=None))
+    assert not _steps.is_static_elf(_elf(tmp_path, interp=True, note=None))
     (tmp_path / "script").write_bytes(b"#!/bin/sh\n")
-    assert not _tiny._is_static_elf(tmp_path / "script")
+    assert not _steps.is_static_elf(tmp_path / "script")
 
 
 def test_pvh_note_detection(tmp_path: Path) -> None:
-    assert _tiny._has_pvh_note(_elf(tmp_path, interp=False, note=(b"Xen", 18)))
-    assert not _tiny._has_pvh_note(_elf(tmp_path, interp=False, note=(b"Xen", 6)))
-    assert not _tiny._has_pvh_note(_elf(tmp_path, interp=False, note=(b"GNU", 18)))
+    assert _steps.has_pvh_note(_elf(tmp_path, interp=False, note=(b"Xen", 18)))
+    assert not _steps.has_pvh_note(_elf(tmp_path, interp=False, note=(b"Xen", 6)))
+    assert not _steps.has_pvh_note(_elf(tmp_path, interp=False, note=(b"GNU", 18)))
 
 
 def test_missing_tools_are_all_named_with_one_install_command(

@@ -34,11 +34,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmlease._errors import BackendError, BackendTimeout, VMLeaseError
 from vmlease._spec import VMSpec
-from vmlease.backends.qemu._launch import LaunchConfig, qemu_argv
+from vmlease.backends.qemu._launch import CONSOLE_LOG, QMP_SOCKET, LaunchConfig, qemu_argv
+from vmlease.backends.qemu._qmp import QMP
 from vmlease.backends.qemu.images import Image
 
-__all__ = ["WarmCache", "WarmState", "warm_key"]
+__all__ = ["WarmCache", "WarmState", "load_state", "warm_key"]
 
 log = logging.getLogger("vmlease.qemu")
 
@@ -49,6 +51,8 @@ DISK = "disk.qcow2"
 CONSOLE = "console.log"
 META = "meta.json"
 _STALE_TMP_S = 3600.0
+#: The longest saving a booted state may take before it is given up.
+SAVE_TIMEOUT_S = 30.0
 
 
 def warm_key(config: LaunchConfig, spec: VMSpec, image: Image) -> str:
@@ -129,6 +133,72 @@ class WarmCache:
             return
         shutil.rmtree(doomed, ignore_errors=True)
 
+    def save(self, vm_dir: Path, name: str, key: str, image: Image) -> None:
+        """Save VM ``name`` in ``vm_dir``, just booted, as the state for ``key``.
+
+        The caller holds the VM's lock.
+
+        The guest pauses while its memory is written and its disk copied,
+        then runs on. A failure to save costs the next VM a boot, nothing more.
+        """
+        if self.find(key) is not None:
+            return
+        started = time.monotonic()
+        try:
+            tmp = self.begin(key)
+        except OSError as exc:
+            log.warning("cannot save a booted state in %s: %s", self.root, exc)
+            return
+        saved = False
+        try:
+            with QMP(vm_dir / QMP_SOCKET, timeout_s=SAVE_TIMEOUT_S) as qmp:
+                qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                fd = os.open(tmp / STATE, flags, 0o644)
+                try:
+                    qmp.pass_fd("warm", fd)
+                finally:
+                    os.close(fd)
+                qmp.execute("migrate", {"uri": "fd:warm"})
+                try:
+                    status = ""
+                    deadline = time.monotonic() + SAVE_TIMEOUT_S
+                    while status not in ("completed", "failed", "cancelled"):
+                        if time.monotonic() > deadline:
+                            qmp.execute("migrate_cancel")
+                            raise BackendTimeout("saving took too long")
+                        time.sleep(0.002)
+                        status = qmp.execute("query-migrate").get("status", "")
+                    if status == "completed":
+                        # Paused, with the disk flushed and released: copy it as it is now.
+                        shutil.copyfile(vm_dir / DISK, tmp / DISK)
+                        shutil.copyfile(vm_dir / CONSOLE_LOG, tmp / CONSOLE)
+                        saved = True
+                    else:
+                        log.warning("saving the booted state of VM %s ended %s", name, status)
+                finally:
+                    if not qmp.execute("query-status").get("running"):
+                        qmp.execute("cont")
+        except (VMLeaseError, OSError) as exc:
+            log.warning("cannot save the booted state of VM %s: %s", name, exc)
+        if not saved:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        meta = {
+            "image": image.name,
+            "image_path": str(image.path),
+            "saved_from": name,
+            "saved_at": time.time(),
+        }
+        if self.commit(tmp, key, meta):
+            log.info(
+                "saved the booted state of VM %s as %s in %.2f s",
+                name,
+                key,
+                time.monotonic() - started,
+            )
+            self.prune()
+
     def prune(self, now: float | None = None) -> list[str]:
         """Remove states whose image build is gone and half-written leftovers; returns what went."""
         if not self.root.is_dir():
@@ -151,3 +221,24 @@ class WarmCache:
         if removed:
             log.info("removed %d stale booted state(s) from %s", len(removed), self.root)
         return removed
+
+
+def load_state(vm_dir: Path, name: str, found: WarmState, deadline: float) -> None:
+    """Feed the saved memory to QEMU (started ``-incoming defer``); wait until it runs."""
+    limit = max(1.0, deadline - time.monotonic())
+    with QMP(vm_dir / QMP_SOCKET, timeout_s=limit) as qmp:
+        fd = os.open(found.state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            qmp.pass_fd("warm", fd, timeout_s=limit)
+        finally:
+            os.close(fd)
+        qmp.execute("migrate-incoming", {"uri": "fd:warm"}, timeout_s=limit)
+        while True:
+            status = qmp.execute("query-status", timeout_s=limit).get("status")
+            if status == "running":
+                return
+            if status not in ("inmigrate", "paused", "prelaunch"):
+                raise BackendError(f"VM {name} did not load its booted state: {status}")
+            if time.monotonic() > deadline:
+                raise BackendTimeout(f"VM {name} took too long to load its booted state")
+            time.sleep(0.005)

@@ -1,8 +1,26 @@
-"""Images: the built-in ``tiny`` image builder and the image cache."""
+"""QEMU's images: the recipes vmlease builds locally, and the image cache.
+
+- ``_catalog.py``: the cache (``<name>/<build-id>/``, ``<name>/current``);
+- ``_recipes.py``: the recipes by name, and finding an image with advice;
+- ``_steps.py``: build steps recipes share (tools, the agent, root disks);
+- ``_tiny.py``: the ``tiny`` recipe; each further recipe is a module beside it;
+- ``agent.c``: the guest agent (the other end of ``backends/qemu/_agent.py``);
+- ``guest/``: boot scripts for the tiny image.
+"""
 
 from __future__ import annotations
 
-from vmlease.backends.qemu.images._catalog import BUILDERS, Image, find_image, list_images
+from vmlease.backends.qemu.images._catalog import Image, Recipe, list_images, load_current
+from vmlease.backends.qemu.images._recipes import RECIPES, find_image, recipe
 from vmlease.backends.qemu.images._tiny import build_tiny
 
-__all__ = ["BUILDERS", "Image", "build_tiny", "find_image", "list_images"]
+__all__ = [
+    "RECIPES",
+    "Image",
+    "Recipe",
+    "build_tiny",
+    "find_image",
+    "list_images",
+    "load_current",
+    "recipe",
+]

@@ -12,15 +12,14 @@ whose disks are overlays on an older build keep working.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmlease._errors import ImageNotFound
 
-__all__ = ["BUILDERS", "Image", "find_image", "list_images"]
-
-#: Images vmlease can build itself, with the command that builds them.
-BUILDERS = {"tiny": "vmlease image build tiny"}
+__all__ = ["Image", "Recipe", "list_images", "load_current"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,24 +72,12 @@ def _load(build: Path) -> Image:
     )
 
 
-def find_image(image_dir: Path, name: str) -> Image:
-    """The current build of ``name``; ImageNotFound saying what exists and how to build."""
-    current = image_dir / name / "current"
+def load_current(image_dir: Path, name: str) -> Image:
+    """The current build of ``name``; ImageNotFound (without advice) if there is none."""
     try:
-        return _load(current.resolve(strict=True))
+        return _load((image_dir / name / "current").resolve(strict=True))
     except (OSError, ValueError, KeyError) as exc:
-        have = [i.name for i in list_images(image_dir)]
-        have_text = ", ".join(have) if have else "none"
-        build = BUILDERS.get(name)
-        how = (
-            f"build it with `{build}`"
-            if build
-            else "vmlease can build "
-            + ", ".join(f"{n} (`{cmd}`)" for n, cmd in sorted(BUILDERS.items()))
-        )
-        raise ImageNotFound(
-            f"no image {name!r} in {image_dir} (images there: {have_text}); {how}"
-        ) from exc
+        raise ImageNotFound(f"no image {name!r} in {image_dir}") from exc
 
 
 def list_images(image_dir: Path) -> list[Image]:
@@ -104,3 +91,26 @@ def list_images(image_dir: Path) -> list[Image]:
             except (OSError, ValueError, KeyError):
                 continue
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """An image vmlease can build itself (``vmlease image build NAME``).
+
+    Attributes:
+        name: the image's name.
+        summary: one line saying what it is.
+        build: ``build(image_dir, *, force=False, progress=None, runner=None)``
+            builds it (or finds it up to date) and returns it.
+    """
+
+    name: str
+    summary: str
+    build: Callable[..., Image]
+
+    @property
+    def command(self) -> str:
+        return f"vmlease image build {self.name}"
+
+    def __call__(self, image_dir: Path, **options: Any) -> Image:
+        return self.build(image_dir, **options)

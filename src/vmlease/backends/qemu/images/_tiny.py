@@ -22,18 +22,25 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 import time
-from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 from vmlease._errors import ImageBuildError
-from vmlease._runner import Completed, Runner, SubprocessRunner
-from vmlease.backends.qemu.images._catalog import Image, find_image
+from vmlease._runner import Runner, SubprocessRunner
+from vmlease.backends.qemu.images._catalog import Image, Recipe, load_current
+from vmlease.backends.qemu.images._steps import (
+    Progress,
+    Steps,
+    cpio_newc,
+    guest_file,
+    is_static_elf,
+    load_order,
+    missing_tools,
+    point_current,
+)
 
-__all__ = ["TINY_MODULES", "build_tiny"]
+__all__ = ["RECIPE", "TINY_MODULES", "build_tiny"]
 
 RECIPE_VERSION = "3"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
@@ -41,8 +48,6 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 TINY_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng")
 DISK_SIZE = "1G"
 MIN_MEMORY_MB = 96
-
-Progress = Callable[[str], None]
 
 # What each tool is for, and the Debian package that has it.
 _TOOLS = {
@@ -56,128 +61,23 @@ _TOOLS = {
 _BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
 
 
-def _guest_file(name: str) -> bytes:
-    return (resources.files("vmlease.backends.qemu.images") / name).read_bytes()
-
-
-def _is_static_elf(path: Path) -> bool:
-    """True if ``path`` is a 64-bit ELF without an interpreter (statically linked)."""
-    data = path.read_bytes()
-    if data[:5] != b"\x7fELF\x02":
-        return False
-    (phoff,) = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    for i in range(phnum):
-        (p_type,) = struct.unpack_from("<I", data, phoff + i * phentsize)
-        if p_type == 3:  # PT_INTERP
-            return False
-    return True
-
-
-def _has_pvh_note(vmlinux: Path) -> bool:
-    """True if the ELF kernel carries XEN_ELFNOTE_PHYS32_ENTRY (PVH boot entry)."""
-    with vmlinux.open("rb") as f:
-        head = f.read(64)
-        if head[:5] != b"\x7fELF\x02":
-            return False
-        (phoff,) = struct.unpack_from("<Q", head, 0x20)
-        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
-        f.seek(phoff)
-        table = f.read(phentsize * phnum)
-        for i in range(phnum):
-            p_type, _flags, offset, _va, _pa, filesz = struct.unpack_from(
-                "<IIQQQQ", table, i * phentsize
-            )
-            if p_type != 4:  # PT_NOTE
-                continue
-            f.seek(offset)
-            notes = f.read(filesz)
-            pos = 0
-            while pos + 12 <= len(notes):
-                namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
-                name = notes[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
-                if name == b"Xen" and ntype == 18:
-                    return True
-                pos += 12 + ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
-    return False
-
-
-def _module_depends(ko: Path) -> list[str]:
-    """The ``depends=`` list from a module's .modinfo section."""
-    m = re.search(rb"(?:^|\0)depends=([^\0]*)\0", ko.read_bytes())
-    if not m:
-        return []
-    return [d.replace("-", "_") for d in m.group(1).decode().split(",") if d]
-
-
-def _load_order(modules_root: Path, wanted: tuple[str, ...]) -> list[Path]:
-    """``wanted`` and their dependencies, each after what it needs."""
-    index = {p.stem.replace("-", "_"): p for p in modules_root.rglob("*.ko")}
-    order: list[Path] = []
-    seen: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in seen:
-            return
-        if name not in index:
-            raise ImageBuildError(f"kernel module {name} is not in the kernel package")
-        seen.add(name)
-        for dep in _module_depends(index[name]):
-            visit(dep)
-        order.append(index[name])
-
-    for name in wanted:
-        visit(name)
-    return order
-
-
-def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
-    """An uncompressed ``newc`` cpio archive of (path, mode, data) entries."""
-    out = bytearray()
-
-    def add(name: str, mode: int, data: bytes, ino: int) -> None:
-        nameb = name.encode() + b"\0"
-        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nameb), 0)
-        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + nameb)
-        out.extend(b"\0" * (-len(out) % 4))
-        out.extend(data)
-        out.extend(b"\0" * (-len(out) % 4))
-
-    for ino, (name, mode, data) in enumerate(entries, start=1):
-        add(name, mode, data, ino)
-    add("TRAILER!!!", 0, b"", 0)
-    return bytes(out)
-
-
-class _Builder:
+class _Builder(Steps):
     def __init__(
         self, image_dir: Path, runner: Runner, progress: Progress, kernel_deb: Path | None
     ) -> None:
+        super().__init__(runner, progress)
         self.image_dir = image_dir
-        self.run = runner
-        self.say = progress
         self.kernel_deb = kernel_deb
         self.downloads = image_dir / "_downloads"
-
-    def check(
-        self, argv: list[str], what: str, timeout_s: float = 300.0, **kw: object
-    ) -> Completed:
-        done = self.run(argv, timeout_s=timeout_s, **kw)  # type: ignore[arg-type]
-        if done.returncode != 0:
-            why = "timed out" if done.returncode is None else f"exited {done.returncode}"
-            raise ImageBuildError(
-                f"{what} failed: `{' '.join(argv)}` {why}: {done.stderr.strip()[-2000:]}"
-            )
-        return done
 
     def preflight(self) -> Path:
         """Check every tool first, so a missing one is reported with all the others."""
         need = dict(_TOOLS)
         if self.kernel_deb is not None:
             need.pop("apt-get")
-        missing = {tool: pkg for tool, pkg in need.items() if shutil.which(tool) is None}
+        missing = missing_tools(need)
         busybox = next(
-            (Path(p) for p in _BUSYBOX_PATHS if Path(p).is_file() and _is_static_elf(Path(p))),
+            (Path(p) for p in _BUSYBOX_PATHS if Path(p).is_file() and is_static_elf(Path(p))),
             None,
         )
         packages = sorted(
@@ -223,31 +123,11 @@ class _Builder:
             raise ImageBuildError(f"apt-get download {package} left no package file")
         return cached[-1]
 
-    def vmlinux(self, bzimage: Path, out: Path) -> None:
-        data = bzimage.read_bytes()
-        pos = data.find(b"\x02\x21\x4c\x18")  # LZ4 legacy frame magic
-        if pos < 0:
-            raise ImageBuildError(
-                f"{bzimage.name} is not an LZ4-compressed kernel; "
-                "pass a Debian cloud kernel package (--kernel-deb)"
-            )
-        payload = out.with_suffix(".lz4")
-        payload.write_bytes(data[pos:])
-        # lz4 complains about the bytes after the last block (the bzImage trailer)
-        # but has written the whole kernel by then; the ELF check below decides.
-        self.run(["lz4", "-d", "-f", str(payload), str(out)], timeout_s=120)
-        payload.unlink()
-        if not out.exists() or not _has_pvh_note(out):
-            raise ImageBuildError(
-                f"the kernel in {bzimage.name} has no PVH entry point (CONFIG_PVH); "
-                "use a Debian cloud kernel package"
-            )
-
     def build(self, force: bool) -> Image:
         busybox = self.preflight()
         deb = self.kernel_package()
-        agent_src = _guest_file("agent.c")
-        guest = {n: _guest_file(f"guest/{n}") for n in ("stage1-init", "rcS", "inittab")}
+        agent_src = guest_file("agent.c")
+        guest = {n: guest_file(f"guest/{n}") for n in ("stage1-init", "rcS", "inittab")}
         digest = hashlib.sha256()
         for part in (
             RECIPE_VERSION.encode(),
@@ -262,9 +142,9 @@ class _Builder:
         if (final / "manifest.json").exists() and not force:
             current = self.image_dir / "tiny" / "current"
             if not current.exists() or current.resolve() != final.resolve():
-                self._point_current(final)
+                point_current(final)
             self.say(f"tiny image up to date ({build_id})")
-            return find_image(self.image_dir, "tiny")
+            return load_current(self.image_dir, "tiny")
 
         (self.image_dir / "tiny").mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".build-", dir=self.image_dir / "tiny") as tmp:
@@ -282,14 +162,10 @@ class _Builder:
             self.vmlinux(vmlinuz, out / "vmlinux")
 
             self.say("compiling the guest agent")
-            (work / "agent.c").write_bytes(agent_src)
-            self.check(
-                ["gcc", "-static", "-Os", "-s", "-o", str(work / "agent"), str(work / "agent.c")],
-                "compiling the guest agent (needs gcc and libc6-dev)",
-            )
+            agent = self.compile_agent(work)
 
             self.say("assembling the initramfs")
-            modules = _load_order(pkg / "lib/modules" / kver / "kernel", TINY_MODULES)
+            modules = load_order(pkg / "lib/modules" / kver / "kernel", TINY_MODULES)
             entries: list[tuple[str, int, bytes]] = [
                 (d, 0o040755, b"") for d in ("bin", "dev", "proc", "newroot", "lib", "lib/modules")
             ]
@@ -298,41 +174,13 @@ class _Builder:
             entries.extend((f"lib/modules/{m.name}", 0o100644, m.read_bytes()) for m in modules)
             order = "\n".join(m.stem for m in modules) + "\n"
             entries.append(("lib/modules/load-order", 0o100644, order.encode()))
-            (out / "initrd.cpio").write_bytes(_cpio_newc(entries))
+            (out / "initrd.cpio").write_bytes(cpio_newc(entries))
 
             self.say("making the root disk")
             root = work / "root"
-            self._root_tree(root, busybox, work / "agent", guest)
-            raw = work / "root.ext4"
-            self.check(
-                [
-                    "mke2fs",
-                    "-q",
-                    "-t",
-                    "ext4",
-                    "-L",
-                    "vmlease-root",
-                    "-E",
-                    "root_owner=0:0",
-                    "-d",
-                    str(root),
-                    str(raw),
-                    DISK_SIZE,
-                ],
-                "making the root file system",
-            )
-            self.check(
-                [
-                    "qemu-img",
-                    "convert",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "qcow2",
-                    str(raw),
-                    str(out / "disk.qcow2"),
-                ],
-                "converting the root disk to qcow2",
+            self._root_tree(root, busybox, agent, guest)
+            self.root_disk(
+                root, work / "root.ext4", out / "disk.qcow2", size=DISK_SIZE, label="vmlease-root"
             )
             manifest = {
                 "name": "tiny",
@@ -358,9 +206,9 @@ class _Builder:
             if final.exists():
                 shutil.rmtree(final)
             out.rename(final)
-        self._point_current(final)
+        point_current(final)
         self.say(f"tiny image built ({build_id}) in {final}")
-        return find_image(self.image_dir, "tiny")
+        return load_current(self.image_dir, "tiny")
 
     def _root_tree(self, root: Path, busybox: Path, agent: Path, guest: dict[str, bytes]) -> None:
         # The usual Linux layout, so tests can install software where it normally goes.
@@ -414,13 +262,6 @@ class _Builder:
         (root / "etc/group").write_text("root:x:0:\n")
         (root / "etc/hostname").write_text("vmlease\n")
 
-    def _point_current(self, build: Path) -> None:
-        link = build.parent / "current"
-        tmp = build.parent / f".current-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(build.name)
-        tmp.replace(link)
-
 
 def build_tiny(
     image_dir: Path,
@@ -443,3 +284,10 @@ def build_tiny(
         image_dir, runner or SubprocessRunner(), progress or (lambda _line: None), kernel_deb
     )
     return builder.build(force)
+
+
+RECIPE = Recipe(
+    name="tiny",
+    summary="busybox and the vmlease agent on a Debian cloud kernel; boots in about 2 s",
+    build=build_tiny,
+)

@@ -1,0 +1,492 @@
+"""The QEMU backend's primitives: create, start, stop, delete, exec, copy, snapshots.
+
+Each VM is a directory ``<state>/qemu/<name>/`` holding its disk (a qcow2
+overlay on the image's base disk), its sockets (QMP and the agent channel),
+its console log, its pidfile and ``vm.json`` (how to launch it again). QEMU
+runs daemonized, so a VM outlives the process that made it until it is
+deleted (by its session, the reaper, or ``vmlease cleanup``).
+
+A new VM starts from a saved booted state of its image and shape when there
+is one, and saves one after its boot when there is not (``_states.py``).
+Processes, pids and the agent channel are ``_processes.py``'s.
+
+Primitives only: no retries, no ledger, no timing. See backends/_base.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from vmlease._checks import Check, Severity, disk_check
+from vmlease._errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    BootError,
+    ChannelError,
+    ConfigError,
+    InvalidSpec,
+    SnapshotNotFound,
+    VMAlreadyExists,
+    VMLeaseError,
+    VMNotFound,
+)
+from vmlease._paths import ensure_private_dir
+from vmlease._paths import image_dir as default_image_dir
+from vmlease._paths import state_dir as default_state_dir
+from vmlease._procfs import host_tsc_khz
+from vmlease._runner import Runner, SubprocessRunner
+from vmlease._spec import VMSpec
+from vmlease.backends._base import Backend, BackendVM, Capabilities, ExecResult
+from vmlease.backends.qemu._accel import choose_accel
+from vmlease.backends.qemu._agent import AgentChannel
+from vmlease.backends.qemu._launch import CONSOLE_LOG, DISK, QMP_SOCKET, LaunchConfig, qemu_argv
+from vmlease.backends.qemu._processes import (
+    Processes,
+    clear_runtime,
+    kill,
+    kill_all,
+    running_pid,
+    wait_exit,
+)
+from vmlease.backends.qemu._qmp import QMP, try_quit
+from vmlease.backends.qemu._states import WarmCache, WarmState, load_state, warm_key
+from vmlease.backends.qemu.images import Image, find_image, list_images
+
+__all__ = ["QemuBackend"]
+
+_INSTALL = {
+    "qemu-system-x86_64": "apt-get install qemu-system-x86",
+    "qemu-img": "apt-get install qemu-utils",
+}
+_RECONNECT_TIMEOUT_S = 10.0
+_SEED_BYTES = 64
+
+log = logging.getLogger("vmlease.qemu")
+
+
+class QemuBackend(Backend):
+    """VMs as local QEMU processes.
+
+    Args:
+        state_dir: where VM directories go (``<state_dir>/qemu``); default the vmlease state dir.
+        image_dir: the image cache; default the vmlease image dir.
+        qemu_binary: the system emulator (``$VMLEASE_QEMU`` or ``qemu-system-x86_64``).
+        qemu_img: the disk tool.
+        runner: runs host programs (injected for tests).
+        env: environment to read settings from (default ``os.environ``).
+        warm_start: start VMs from saved booted states (default on;
+            ``VMLEASE_QEMU_WARM=off`` turns it off). Off, every VM boots.
+    """
+
+    name = "qemu"
+    capabilities = Capabilities(snapshots=True, stop_start=True)
+
+    def __init__(
+        self,
+        *,
+        state_dir: Path | None = None,
+        image_dir: Path | None = None,
+        qemu_binary: str | None = None,
+        qemu_img: str = "qemu-img",
+        runner: Runner | None = None,
+        env: Mapping[str, str] | None = None,
+        warm_start: bool | None = None,
+    ) -> None:
+        self._env = dict(os.environ if env is None else env)
+        self.root = (state_dir or default_state_dir(self._env)) / "qemu"
+        self._image_dir = image_dir or default_image_dir(self._env)
+        self._qemu = qemu_binary or self._env.get("VMLEASE_QEMU", "qemu-system-x86_64")
+        self._qemu_img = qemu_img
+        self._run = runner or SubprocessRunner()
+        self._lock = threading.Lock()
+        self._procs = Processes(self.root, self._run)
+        self._config: LaunchConfig | None = None
+        self.accel_reason = ""
+        if warm_start is None:
+            setting = self._env.get("VMLEASE_QEMU_WARM", "on").strip().lower()
+            if setting not in ("on", "off"):
+                raise ConfigError(f"VMLEASE_QEMU_WARM must be 'on' or 'off', not {setting!r}")
+            warm_start = setting == "on"
+        self.warm = WarmCache(self._image_dir / "_warm") if warm_start else None
+        # VMs booted by this process whose booted state is to be saved: name -> key.
+        self._save_after_boot: dict[str, tuple[str, Image]] = {}
+
+    # -- set-up ----------------------------------------------------------
+
+    def _require(self, program: str) -> str:
+        path = shutil.which(program, path=self._env.get("PATH", os.defpath))
+        if path is None:
+            default = "qemu-img" if "img" in Path(program).name else "qemu-system-x86_64"
+            how = _INSTALL[default]
+            hint = "" if program == default else f" (or correct the name {program!r} you gave)"
+            raise BackendUnavailable(f"{program} not found: install it with `{how}`{hint}")
+        return path
+
+    def preflight(self, *, cheap: bool = False) -> list[Check]:
+        checks = []
+        for program in (self._qemu, self._qemu_img):
+            try:
+                checks.append(Check(f"qemu: {program}", Severity.OK, self._require(program)))
+            except BackendUnavailable as exc:
+                checks.append(
+                    Check(f"qemu: {program}", Severity.FAIL, str(exc), BackendUnavailable)
+                )
+        if cheap or any(c.status is Severity.FAIL for c in checks):
+            return checks
+        try:
+            config = self.launch_config()
+        except VMLeaseError as exc:
+            return [*checks, Check("qemu: accelerator", Severity.FAIL, str(exc), type(exc))]
+        if config.accel == "kvm":
+            checks.append(Check("kvm", Severity.OK, f"KVM works: {self.accel_reason}"))
+        else:
+            checks.append(
+                Check(
+                    "kvm",
+                    Severity.WARN,
+                    f"KVM is not used ({self.accel_reason}); guests run under software "
+                    "emulation (TCG), which works but is slower",
+                )
+            )
+        checks.append(disk_check("images", self._image_dir))
+        images = list_images(self._image_dir)
+        if images:
+            names = ", ".join(sorted({i.name for i in images}))
+            checks.append(Check("image cache", Severity.OK, f"{self._image_dir}: {names}"))
+        else:
+            checks.append(
+                Check(
+                    "image cache",
+                    Severity.WARN,
+                    f"no images in {self._image_dir}; build the default one with "
+                    "`vmlease image build tiny` (a session would fail to create VMs)",
+                )
+            )
+        return checks
+
+    def launch_config(self) -> LaunchConfig:
+        """The emulator, accelerator and TSC frequency; probes KVM once per host boot."""
+        with self._lock:
+            if self._config is None:
+                qemu = self._require(self._qemu)
+                done = self._run([qemu, "--version"], timeout_s=10)
+                if done.returncode != 0:
+                    raise BackendUnavailable(f"{qemu} --version failed: {done.stderr.strip()}")
+                version = done.stdout.splitlines()[0] if done.stdout else "?"
+                ensure_private_dir(self.root)
+                accel, self.accel_reason = choose_accel(
+                    qemu, version, self._run, self.root, self._env
+                )
+                self._config = LaunchConfig(
+                    qemu=qemu,
+                    accel=accel,
+                    tsc_khz=host_tsc_khz(),
+                    tcg_cpu=self._env.get("VMLEASE_QEMU_CPU") or None,
+                    version=version,
+                )
+            return self._config
+
+    def _dir(self, name: str) -> Path:
+        return self._procs.dir(name)
+
+    def _forget(self, name: str) -> None:
+        self._save_after_boot.pop(name, None)
+        self._procs.forget(name)
+
+    # -- the Backend primitives ------------------------------------------
+
+    def check_spec(self, spec: VMSpec) -> None:
+        self.launch_config()
+        self._require(self._qemu_img)
+        image = find_image(self._image_dir, spec.image)
+        if spec.memory_mb < image.min_memory_mb:
+            raise InvalidSpec(
+                f"memory_mb={spec.memory_mb} is too little for image {spec.image!r}: "
+                f"it needs at least {image.min_memory_mb}"
+            )
+
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
+        config = self.launch_config()
+        image = find_image(self._image_dir, spec.image)
+        vm_dir = self._dir(name)
+        try:
+            vm_dir.mkdir(mode=0o700)
+        except FileExistsError as exc:
+            raise VMAlreadyExists(f"the qemu backend already has a VM named {name!r}") from exc
+        deadline = time.monotonic() + timeout_s
+        try:
+            launch = qemu_argv(config, vm_dir, name, spec, image)
+            record = {
+                "name": name,
+                "spec": json.loads(spec.to_json()),
+                "image": str(image.path),
+                "accel": config.accel,
+                "argv": launch,
+            }
+            key = warm_key(config, spec, image) if self.warm is not None else None
+            found = self.warm.find(key) if self.warm is not None and key else None
+            if found is not None:
+                record["warm"] = found.key
+                (vm_dir / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
+                if self._start_warm(name, vm_dir, launch, found, deadline):
+                    return
+                del record["warm"]
+            self._make_disk(name, vm_dir, image, max(1.0, deadline - time.monotonic()))
+            (vm_dir / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
+            self._procs.launch(name, launch, max(1.0, deadline - time.monotonic()), qemu=self._qemu)
+            if key is not None:
+                self._save_after_boot[name] = (key, image)
+        except BaseException:
+            # Leave nothing a retry could trip over: no directory, and no QEMU
+            # that a launch which timed out may still have started.
+            self._save_after_boot.pop(name, None)
+            self._forget(name)
+            kill_all(vm_dir)
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            raise
+
+    def _make_disk(self, name: str, vm_dir: Path, image: Image, timeout_s: float) -> None:
+        qemu_img = self._require(self._qemu_img)
+        argv = [
+            qemu_img,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            str(image.disk),
+            "-F",
+            "qcow2",
+            str(vm_dir / DISK),
+        ]
+        limit = min(timeout_s, 60.0)
+        done = self._run(argv, timeout_s=limit)
+        if done.returncode is None:
+            raise BackendTimeout(
+                f"creating the disk of VM {name} took longer than {limit:g} s", command=argv
+            )
+        if done.returncode != 0:
+            raise BackendError(
+                f"cannot create the disk of VM {name}: {done.stderr.strip()}",
+                command=argv,
+                exit_code=done.returncode,
+                stderr=done.stderr,
+            )
+
+    def _start_warm(
+        self, name: str, vm_dir: Path, launch: list[str], found: WarmState, deadline: float
+    ) -> bool:
+        """Start VM ``name`` from a booted state; False (state dropped, nothing left) if it fails.
+
+        A failure that is the host's rather than the state's (a launch timeout)
+        is raised instead, for the session to retry.
+        """
+        try:
+            shutil.copyfile(found.disk, vm_dir / DISK)
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copyfile(found.console, vm_dir / CONSOLE_LOG)
+            self._procs.launch(
+                name,
+                [*launch, "-incoming", "defer"],
+                max(1.0, deadline - time.monotonic()),
+                qemu=self._qemu,
+            )
+            live = self._procs.attach(name)
+            with live.lock:
+                load_state(self._dir(name), name, found, deadline)
+                channel = self._procs.channel(name, live, max(1.0, deadline - time.monotonic()))
+                self._refresh_guest(channel)
+                # The saved guest carries the name of the VM it was saved from.
+                script = (
+                    'hostname "$1" && echo "vmlease: guest $1 up, '
+                    'started from booted state $2" >/dev/console'
+                )
+                done = channel.exec(
+                    ["sh", "-c", script, "sh", name, found.key],
+                    stdin=None,
+                    env=None,
+                    cwd=None,
+                    timeout_s=10.0,
+                )
+                if done.exit_code != 0:
+                    raise ChannelError(f"naming the guest failed: {done.stderr!r}")
+            return True
+        except BackendTimeout:
+            raise
+        except (VMLeaseError, OSError) as exc:
+            log.warning(
+                "VM %s could not start from booted state %s (%s); booting it instead "
+                "and saving a new state",
+                name,
+                found.path,
+                exc,
+            )
+            if self.warm is not None:
+                self.warm.discard(found.key)
+            self._forget(name)
+            kill_all(vm_dir)
+            (vm_dir / DISK).unlink(missing_ok=True)
+            (vm_dir / CONSOLE_LOG).unlink(missing_ok=True)
+            clear_runtime(vm_dir)
+            return False
+
+    def _refresh_guest(self, channel: AgentChannel) -> None:
+        """After a restore or a start from a saved state: today's time and fresh randomness."""
+        channel.set_time(time.time(), _RECONNECT_TIMEOUT_S, seed=os.urandom(_SEED_BYTES))
+
+    def wait_ready(self, name: str, timeout_s: float) -> None:
+        live = self._procs.attach(name)
+        with live.lock:
+            try:
+                self._procs.channel(name, live, timeout_s)
+            except (BootError, ChannelError) as exc:
+                tail = self.console_tail(name, 20)
+                raise BootError(f"{exc}\n--- console (last lines) ---\n{tail}") from exc
+            pending = self._save_after_boot.pop(name, None)
+            if pending is not None and self.warm is not None:
+                self.warm.save(self._dir(name), name, *pending)
+
+    def start(self, name: str, *, timeout_s: float = 120.0) -> None:
+        vm_dir = self._dir(name)
+        try:
+            record = json.loads((vm_dir / "vm.json").read_text())
+        except FileNotFoundError as exc:
+            raise VMNotFound(f"the qemu backend has no VM named {name!r}") from exc
+        if running_pid(vm_dir) is not None:
+            return
+        self._procs.launch(name, list(record["argv"]), timeout_s, qemu=self._qemu)
+
+    def stop(self, name: str, timeout_s: float) -> None:
+        vm_dir = self._dir(name)
+        if not (vm_dir / "vm.json").exists():
+            raise VMNotFound(f"the qemu backend has no VM named {name!r}")
+        if running_pid(vm_dir) is None:
+            self._forget(name)
+            return
+        live = self._procs.attach(name)
+        with live.lock:
+            # The guest's last writes reach the disk only if it syncs, also when
+            # this process has not talked to the VM yet (it was made by another).
+            # If that fails the disk may miss them; stop anyway.
+            with contextlib.suppress(ChannelError):
+                self._procs.channel(name, live, min(timeout_s, 5.0)).sync(min(timeout_s, 10.0))
+            try_quit(vm_dir / QMP_SOCKET, timeout_s=min(timeout_s, 5.0))
+            if not wait_exit(live, timeout_s):
+                kill(live)
+        self._forget(name)
+        clear_runtime(vm_dir)
+
+    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
+        """Kill the VM's QEMU and remove its directory.
+
+        The owner may have died while QEMU was starting, with no pidfile
+        yet, so every QEMU whose command line names this VM's pidfile is
+        killed, before and after the directory goes: one that started in
+        between cannot open its files any more.
+        """
+        vm_dir = self._dir(name)
+        existed = vm_dir.is_dir()
+        self._forget(name)
+        killed = kill_all(vm_dir)
+        shutil.rmtree(vm_dir, ignore_errors=True)
+        killed += kill_all(vm_dir)
+        if vm_dir.exists():
+            raise BackendError(f"could not remove {vm_dir}")
+        if not existed and not killed:
+            raise VMNotFound(f"the qemu backend has no VM named {name!r}")
+
+    def list(self, *, timeout_s: float = 30.0) -> list[BackendVM]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for vm_dir in sorted(self.root.iterdir()):
+            if not (vm_dir / "vm.json").is_file():
+                continue
+            pid = running_pid(vm_dir)
+            detail = {"dir": str(vm_dir)}
+            if pid is not None:
+                detail["pid"] = str(pid)
+            found.append(BackendVM(vm_dir.name, "running" if pid else "stopped", detail))
+        return found
+
+    def exec(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        timeout_s: float | None,
+    ) -> ExecResult:
+        live = self._procs.attach(name)
+        with live.lock:
+            channel = self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
+            return channel.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout_s=timeout_s)
+
+    def put(self, name: str, local: Path, remote: str) -> None:
+        live = self._procs.attach(name)
+        with live.lock:
+            channel = self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
+            channel.put(local, remote, local.stat().st_mode & 0o7777)
+
+    def get(self, name: str, remote: str, local: Path) -> None:
+        live = self._procs.attach(name)
+        with live.lock:
+            channel = self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
+            channel.get(remote, local)
+
+    def _hmp(self, name: str, command: str, timeout_s: float) -> None:
+        """Run a human-monitor command; its output is empty on success, the error otherwise.
+
+        ``loadvm`` stops the guest before it looks for the snapshot and does
+        not start it again when that fails, so after a failure a stopped
+        guest is resumed.
+        """
+        with QMP(self._dir(name) / QMP_SOCKET, timeout_s=timeout_s) as qmp:
+            said = qmp.execute(
+                "human-monitor-command", {"command-line": command}, timeout_s=timeout_s
+            )
+            text = str(said or "").strip()
+            if text and not qmp.execute("query-status", timeout_s=timeout_s).get("running"):
+                qmp.execute("cont", timeout_s=timeout_s)
+        if text:
+            if "does not exist" in text or "not found" in text.lower():
+                raise SnapshotNotFound(f"VM {name}: {text}")
+            raise BackendError(f"VM {name}: {command} failed: {text}")
+
+    def snapshot(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+        """Save memory and disk as ``tag`` inside the VM's qcow2 disk (``savevm``)."""
+        live = self._procs.attach(name)
+        with live.lock:
+            self._hmp(name, f"savevm {tag}", timeout_s)
+
+    def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+        """Bring memory and disk back to ``tag`` (``loadvm``); then reset clock and randomness."""
+        live = self._procs.attach(name)
+        with live.lock:
+            self._hmp(name, f"loadvm {tag}", timeout_s)
+            # The guest is back where it was at the snapshot: resynchronise the
+            # channel, and give it today's time instead of the snapshot's.
+            channel = self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
+            channel.handshake(_RECONNECT_TIMEOUT_S)
+            self._refresh_guest(channel)
+
+    def console_tail(self, name: str, lines: int = 40) -> str:
+        try:
+            text = (self._dir(name) / CONSOLE_LOG).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def close(self) -> None:
+        self._procs.close()

@@ -1,0 +1,200 @@
+"""QEMU processes: starting them, knowing them, watching them end, killing them.
+
+A VM is a directory ``<state>/qemu/<name>/``; its QEMU runs daemonized and
+writes its pid to ``qemu.pid`` there. A pid counts as the VM's only if that
+process's command line names this VM's pidfile (pids are reused). Exits are
+watched with a pidfd, so a VM that dies while booting or mid-command fails
+a wait at once instead of at a timeout.
+
+This process keeps one :class:`Live` handle per running VM it has talked to:
+the pidfd, a lock that serialises use of the VM, and the agent channel.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmlease._errors import BackendError, BackendTimeout, ChannelError, VMNotFound
+from vmlease._procfs import cmdline, pids_with_arg
+from vmlease._runner import Runner
+from vmlease._unix import connect_unix
+from vmlease.backends.qemu._agent import AgentChannel
+from vmlease.backends.qemu._launch import AGENT_SOCKET, CONSOLE_LOG, PIDFILE, QMP_SOCKET
+
+__all__ = ["Live", "Processes"]
+
+#: The longest ``qemu -daemonize`` may take to return (it has opened its sockets by then).
+LAUNCH_TIMEOUT_S = 30.0
+RECORD = "vm.json"
+
+
+@dataclass
+class Live:
+    """This process's handles on a running VM."""
+
+    pid: int
+    pidfd: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    channel: AgentChannel | None = None
+
+
+def running_pid(vm_dir: Path) -> int | None:
+    """The pid of the QEMU of ``vm_dir`` if it runs; a reused pid does not count."""
+    try:
+        pid = int((vm_dir / PIDFILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    args = cmdline(pid)
+    return pid if args is not None and str(vm_dir / PIDFILE).encode() in args else None
+
+
+def wait_exit(live: Live, timeout_s: float) -> bool:
+    """Whether the process ended within ``timeout_s``."""
+    r, _, _ = select.select([live.pidfd], [], [], timeout_s)
+    return bool(r)
+
+
+def kill(live: Live) -> None:
+    """SIGKILL the process and wait (up to 10 s) until it is gone."""
+    try:
+        signal.pidfd_send_signal(live.pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    wait_exit(live, 10.0)
+
+
+def kill_all(vm_dir: Path) -> int:
+    """SIGKILL every QEMU of ``vm_dir`` and wait for each to end; returns how many.
+
+    The owner may have died while QEMU was starting, with no pidfile yet, so
+    every process whose command line names this VM's pidfile counts.
+    """
+    count = 0
+    for pid in pids_with_arg(str(vm_dir / PIDFILE)):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            kill(Live(pid=pid, pidfd=pidfd))
+            count += 1
+        finally:
+            os.close(pidfd)
+    return count
+
+
+def clear_runtime(vm_dir: Path) -> None:
+    """Remove what a QEMU that ran leaves behind: its sockets and pidfile."""
+    for leftover in (QMP_SOCKET, AGENT_SOCKET, PIDFILE):
+        (vm_dir / leftover).unlink(missing_ok=True)
+
+
+class Processes:
+    """The running VMs under ``root`` as this process sees them.
+
+    Args:
+        root: the directory of VM directories.
+        runner: runs ``qemu -daemonize`` (injected for tests).
+    """
+
+    def __init__(self, root: Path, runner: Runner) -> None:
+        self.root = root
+        self._run = runner
+        self._lock = threading.Lock()
+        self._live: dict[str, Live] = {}
+
+    def dir(self, name: str) -> Path:
+        return self.root / name
+
+    def attach(self, name: str) -> Live:
+        """This process's handle on running VM ``name`` (opened on first use)."""
+        with self._lock:
+            live = self._live.get(name)
+            if live is not None:
+                return live
+            vm_dir = self.dir(name)
+            if not (vm_dir / RECORD).exists():
+                raise VMNotFound(f"the qemu backend has no VM named {name!r}")
+            pid = running_pid(vm_dir)
+            if pid is None:
+                raise BackendError(
+                    f"VM {name} is not running; if it was not stopped, its console "
+                    f"({vm_dir / CONSOLE_LOG}) says why it ended"
+                )
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError as exc:
+                raise BackendError(f"VM {name} is not running") from exc
+            live = Live(pid=pid, pidfd=pidfd)
+            self._live[name] = live
+            return live
+
+    def forget(self, name: str) -> None:
+        """Drop this process's handle on ``name`` (the VM runs on)."""
+        with self._lock:
+            live = self._live.pop(name, None)
+        if live is not None:
+            if live.channel is not None:
+                live.channel.close()
+            os.close(live.pidfd)
+
+    def channel(self, name: str, live: Live, timeout_s: float) -> AgentChannel:
+        """The agent channel of a running VM, connected and greeted; caller holds ``live.lock``."""
+        if live.channel is not None and not live.channel.broken:
+            return live.channel
+        if live.channel is not None:
+            live.channel.close()
+            live.channel = None
+        try:
+            sock = connect_unix(self.dir(name) / AGENT_SOCKET, timeout_s)
+        except OSError as exc:
+            raise ChannelError(
+                f"cannot connect to the command channel of VM {name}: {exc}"
+            ) from exc
+        channel = AgentChannel(sock, name=name, abort_fd=live.pidfd)
+        try:
+            channel.handshake(timeout_s)
+        except BaseException:
+            channel.close()
+            raise
+        live.channel = channel
+        return channel
+
+    def launch(self, name: str, argv: list[str], timeout_s: float, *, qemu: str) -> None:
+        """Start the QEMU of ``name`` (``-daemonize``: it returns once its sockets are open).
+
+        ``qemu`` is the emulator as the user named it, for the error's advice.
+        """
+        vm_dir = self.dir(name)
+        clear_runtime(vm_dir)
+        done = self._run(argv, timeout_s=min(timeout_s, LAUNCH_TIMEOUT_S), cwd=vm_dir)
+        if done.returncode is None:
+            raise BackendTimeout(
+                f"qemu for VM {name} did not start in time: {done.stderr.strip()[-2000:]}",
+                command=argv,
+                stderr=done.stderr,
+            )
+        if done.returncode != 0:
+            hint = ""
+            if "unable to find CPU model" in done.stderr:
+                hint = (
+                    f"; VMLEASE_QEMU_CPU names a CPU model {qemu} does not know: "
+                    f"`{qemu} -cpu help` lists those it does"
+                )
+            raise BackendError(
+                f"qemu for VM {name} exited {done.returncode}: {done.stderr.strip()[-2000:]}{hint}",
+                command=argv,
+                exit_code=done.returncode,
+                stderr=done.stderr,
+            )
+        self.forget(name)
+        self.attach(name)
+
+    def close(self) -> None:
+        for name in list(self._live):
+            self.forget(name)
