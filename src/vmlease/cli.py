@@ -104,7 +104,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         confirm=None if args.yes else _ask,
     )
     # A VM left because its ownership is unproven needs a person, like a failure.
-    failed = any(o.action in ("failed", "unconfirmed") for o in outcomes)
+    failed = any(o.action.needs_a_person for o in outcomes)
     if args.json:
         print(json.dumps({"results": [o.as_dict() for o in outcomes]}, indent=2))
     elif not outcomes:
@@ -120,11 +120,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    command = list(args.command)
-    if command[:1] == ["--"]:
-        command = command[1:]
     stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    result = exec_in(state_dir(), args.name, command, stdin=stdin, timeout_s=args.timeout)
+    result = exec_in(state_dir(), args.name, args.program, stdin=stdin, timeout_s=args.timeout)
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(result.stderr)
@@ -149,10 +146,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
-    command = list(args.command)
-    if command[:1] == ["--"]:
-        command = command[1:]
-    return run_holding(Lock(args.name, state_dir=state_dir()), command, timeout_s=args.timeout)
+    return run_holding(Lock(args.name, state_dir=state_dir()), args.program, timeout_s=args.timeout)
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -210,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vmlease", description="Disposable virtual machines for test suites."
     )
     parser.add_argument("--version", action="version", version=f"vmlease {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
     ls = sub.add_parser("ls", help="list the VMs vmlease owns")
     ls.add_argument("--json", action="store_true", help="print JSON")
@@ -246,7 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, metavar="S", help="kill the command after S seconds"
     )
     run.add_argument("name", help="the VM, as `vmlease ls` names it")
-    run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     run.set_defaults(func=cmd_exec)
 
     doc = sub.add_parser(
@@ -271,7 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, metavar="S", help="give up after waiting S seconds (exit 1)"
     )
     lock.add_argument("name", help="the lock's name: letters, digits, '_', '.', '-'")
-    lock.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     lock.set_defaults(func=cmd_lock)
 
     image = sub.add_parser("image", help="build and list images")
@@ -291,8 +283,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Sub-commands that run a program: ``vmlease VERB [OPTIONS] NAME [--] PROGRAM [ARG...]``.
+_RUNNERS = ("exec", "lock")
+#: Their options that take a value as the next word.
+_VALUED = ("--timeout",)
+
+
+def _split_program(words: list[str]) -> tuple[list[str], list[str]]:
+    """Split the words of a program-running sub-command into its own and the program's.
+
+    Options may stand before or after NAME, up to ``--``; everything after
+    ``--`` is the program. Without ``--``, the program starts at the first
+    word after NAME that is not an option. Either way an option vmlease does
+    not know is left for argparse to refuse by name: it never runs.
+    """
+    if "--" in words:
+        at = words.index("--")
+        return words[:at], words[at + 1 :]
+    positionals = 0
+    at = 0
+    while at < len(words):
+        word = words[at]
+        if word.startswith("-") and word != "-":
+            at += 2 if word in _VALUED else 1
+            continue
+        positionals += 1  # the verb, then NAME, then the program
+        if positionals == 3:
+            return words[:at], words[at:]
+        at += 1
+    return words, []
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    verb = next((w for w in words if not w.startswith("-")), None)
+    if verb not in _RUNNERS:
+        return parser.parse_args(words)
+    own, program = _split_program(words)
+    usage = f"usage: vmlease {verb} [--timeout S] NAME -- COMMAND [ARG...]"
+    args, extra = parser.parse_known_args(own)
+    unknown = [w for w in extra if w.startswith("-")]
+    if unknown:
+        parser.exit(2, f"vmlease {verb}: unknown option {unknown[0]}; {usage}\n")
+    if extra:
+        parser.exit(2, f"vmlease {verb}: unexpected {extra[0]!r} before --; {usage}\n")
+    if not program:
+        parser.exit(2, f"vmlease {verb}: no command given; {usage}\n")
+    args.program = program
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         code: int = args.func(args)
     except ConfigError as exc:

@@ -131,3 +131,59 @@ def test_a_bad_lock_name_is_refused_and_nothing_runs(env: dict[str, str], tmp_pa
     assert done.returncode == 2
     assert "invalid lock name" in done.stderr
     assert not marker.exists()
+
+
+def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["--timeout", "5", "L", "--"],
+        ["L", "--timeout", "5", "--"],
+        ["L", "--timeout=5", "--"],
+        ["L", "--timeout", "5"],  # without --: the program starts after NAME
+    ],
+)
+def test_options_go_before_or_after_the_name(
+    env: dict[str, str], tmp_path: Path, words: list[str]
+) -> None:
+    marker = tmp_path / "ran"
+    done = _run(lock_argv(*words, "touch", str(marker)), env)
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()
+
+
+def test_after_the_double_dash_every_word_is_the_programs(env: dict[str, str]) -> None:
+    done = _run(lock_argv("L", "--", "echo", "--timeout", "5"), env)
+    assert (done.returncode, done.stdout) == (0, "--timeout 5\n")
+
+
+@pytest.mark.parametrize("verb", ["lock", "exec"])
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["L", "--bogus", "--"],
+        ["L", "--timeout", "5", "--bogus"],
+        ["--bogus", "L", "--"],
+    ],
+)
+def test_an_unknown_option_is_an_error_that_names_it_and_runs_nothing(
+    env: dict[str, str], tmp_path: Path, verb: str, words: list[str]
+) -> None:
+    marker = tmp_path / "ran"
+    argv = [sys.executable, "-m", "vmlease", verb, *words, "touch", str(marker)]
+    done = _run(argv, env)
+    assert done.returncode == 2
+    assert f"vmlease {verb}: unknown option --bogus" in done.stderr
+    assert "command not found" not in done.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("verb", ["lock", "exec"])
+def test_no_program_is_an_error_with_the_usage(env: dict[str, str], verb: str) -> None:
+    done = _run([sys.executable, "-m", "vmlease", verb, "L", "--"], env)
+    assert done.returncode == 2
+    assert f"vmlease {verb}: no command given" in done.stderr
+    assert f"usage: vmlease {verb} [--timeout S] NAME -- COMMAND" in done.stderr
