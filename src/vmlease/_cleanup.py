@@ -29,6 +29,7 @@ from vmlease._naming import is_generated
 from vmlease.backends import Backend, Backends
 
 __all__ = [
+    "Action",
     "Outcome",
     "Ownership",
     "Standing",
@@ -143,23 +144,37 @@ def find_reapable(
     return found
 
 
+class Action(enum.StrEnum):
+    """What a cleanup did with one VM."""
+
+    DELETED = "deleted"
+    ALREADY_GONE = "already gone"  # the backend had no such VM
+    FAILED = "failed"
+    BUSY = "busy"  # another process is deleting it
+    NOT_OURS = "not ours"  # a VM of that name is someone else's: left, the row closed
+    UNCONFIRMED = "unconfirmed"  # ownership cannot be proven: left, the row kept
+    WOULD_DELETE = "would delete"  # a dry run
+
+    @property
+    def needs_a_person(self) -> bool:
+        """A failed delete, or a VM left because it cannot be proven ours."""
+        return self in (Action.FAILED, Action.UNCONFIRMED)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What happened to one VM.
 
     Attributes:
-        action: ``deleted``, ``already gone`` (the backend had no such VM),
-            ``failed``, ``busy`` (another process is deleting it),
-            ``not ours`` (a VM of that name is someone else's: left, and the
-            row closed), ``unconfirmed`` (ownership cannot be proven: left,
-            and the row kept with the reason) or ``would delete`` (a dry run).
+        why: why it was a candidate (its standing, or what happened to its owner).
+        action: what was done (:class:`Action`).
         error: what went wrong, or why a VM was left.
     """
 
     name: str
     backend: str
     why: str
-    action: str
+    action: Action
     error: str | None = None
 
     def as_dict(self) -> dict[str, str | None]:
@@ -194,7 +209,7 @@ def delete_records(
     outcomes = []
     for record, why in records:
         if not dry_run and not ledger.take_for_deletion(record.id, detail=f"{reason} ({why})"):
-            outcomes.append(Outcome(record.name, record.backend, why, "busy"))
+            outcomes.append(Outcome(record.name, record.backend, why, Action.BUSY))
             continue
         try:
             backend = backend_for(record.backend)
@@ -206,11 +221,11 @@ def delete_records(
         except VMLeaseError as exc:
             if not dry_run:
                 ledger.transition(record.id, _left(record), error=f"{reason}: {exc}")
-            outcomes.append(Outcome(record.name, record.backend, why, "failed", str(exc)))
+            outcomes.append(Outcome(record.name, record.backend, why, Action.FAILED, str(exc)))
             continue
         action = _ACTIONS[verdict]
         if dry_run:
-            action = "would delete" if verdict is Ownership.OURS else action
+            action = Action.WOULD_DELETE if verdict is Ownership.OURS else action
         elif verdict is Ownership.UNCONFIRMED:
             ledger.transition(record.id, _left(record), error=f"{reason}: {doubt}")
         else:
@@ -227,10 +242,10 @@ def _left(record: Record) -> VMState:
 
 
 _ACTIONS = {
-    Ownership.OURS: "deleted",
-    Ownership.GONE: "already gone",
-    Ownership.NOT_OURS: "not ours",
-    Ownership.UNCONFIRMED: "unconfirmed",
+    Ownership.OURS: Action.DELETED,
+    Ownership.GONE: Action.ALREADY_GONE,
+    Ownership.NOT_OURS: Action.NOT_OURS,
+    Ownership.UNCONFIRMED: Action.UNCONFIRMED,
 }
 
 

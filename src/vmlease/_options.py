@@ -6,14 +6,32 @@ importing the machinery that makes VMs.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmlease._errors import ConfigError
 
-__all__ = ["KEEP_CHOICES", "RunOptions"]
+__all__ = ["KEEP_CHOICES", "Keep", "RunOptions"]
 
-KEEP_CHOICES = ("never", "failed", "always")
+
+class Keep(enum.StrEnum):
+    """Which VMs a test run leaves running for inspection."""
+
+    NEVER = "never"
+    FAILED = "failed"  # those of failed tests
+    ALWAYS = "always"
+
+    @classmethod
+    def parse(cls, text: object) -> Keep:
+        """``text`` as a Keep; ConfigError naming the choices."""
+        if text not in KEEP_CHOICES:
+            raise ConfigError(f"keep must be one of {', '.join(KEEP_CHOICES)}, not {text!r}")
+        return cls(text)
+
+
+#: The words ``--vm-keep`` takes.
+KEEP_CHOICES = tuple(k.value for k in Keep)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +55,7 @@ class RunOptions:
 
     backend: str = "qemu"
     image: str = "tiny"
-    keep: str = "never"
+    keep: Keep = Keep.NEVER
     max_vms: int | None = None
     max_age_s: float | None = None
     session_id: str | None = None
@@ -47,8 +65,7 @@ class RunOptions:
     retry: str | None = None
 
     def __post_init__(self) -> None:
-        if self.keep not in KEEP_CHOICES:
-            raise ConfigError(f"keep must be one of {', '.join(KEEP_CHOICES)}, not {self.keep!r}")
+        object.__setattr__(self, "keep", Keep.parse(self.keep))
         if self.max_vms is not None and (
             isinstance(self.max_vms, bool) or not isinstance(self.max_vms, int) or self.max_vms < 1
         ):

@@ -304,7 +304,7 @@ class Session:
         finally:
             backends.close()
         for o in outcomes:
-            level = logging.WARNING if o.action in ("failed", "unconfirmed") else logging.INFO
+            level = logging.WARNING if o.action.needs_a_person else logging.INFO
             log.log(
                 level,
                 "sweep: %s %s (%s)%s",

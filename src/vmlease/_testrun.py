@@ -19,6 +19,7 @@ The kinds of VM a test can get:
 from __future__ import annotations
 
 import contextlib
+import enum
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from vmlease import backends
 from vmlease._errors import ConfigError, VMLeaseError
 from vmlease._inventory import inventory
 from vmlease._ledger import VMState
-from vmlease._options import KEEP_CHOICES, RunOptions
+from vmlease._options import KEEP_CHOICES, Keep, RunOptions
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._retry import RetryPolicy
 from vmlease._session import Session
@@ -38,10 +39,27 @@ from vmlease._spec import VMSpec
 from vmlease._vm import VM
 from vmlease.backends import Backend
 
-__all__ = ["CLEAN_TAG", "KEEP_CHOICES", "RunOptions", "TestRun", "Use", "left_behind"]
+__all__ = [
+    "CLEAN_TAG",
+    "KEEP_CHOICES",
+    "Keep",
+    "RunOptions",
+    "TestRun",
+    "Use",
+    "UseKind",
+    "left_behind",
+]
 
 CLEAN_TAG = "vmlease-clean"
 _OUTPUT_SHOWN = 600
+
+
+class UseKind(enum.StrEnum):
+    """How a test got its VM (see the module's docstring)."""
+
+    CLEAN = "clean"
+    FRESH = "fresh"
+    WORKER = "worker"
 
 
 @dataclass
@@ -49,7 +67,7 @@ class Use:
     """One VM as one test used it."""
 
     vm: VM
-    kind: str  # "clean", "fresh" or "worker"
+    kind: UseKind
     transcript_from: int
     kept: bool = False
 
@@ -116,7 +134,7 @@ class TestRun:
         self._count("created", 1)
         return vm
 
-    def _use(self, vm: VM, kind: str) -> Use:
+    def _use(self, vm: VM, kind: UseKind) -> Use:
         """Hand ``vm`` to a test; a VM handed out before counts as reused."""
         if vm.name in self._handed:
             self._count("reused", 1)
@@ -147,7 +165,7 @@ class TestRun:
             except VMLeaseError:
                 vm = self._new_clean(spec)  # a reset failed: that VM is gone or broken
         self._clean_specs[vm.name] = spec
-        return self._use(vm, "clean")
+        return self._use(vm, UseKind.CLEAN)
 
     def settle(self) -> None:
         """Wait until the background resets and boots queued so far are done."""
@@ -172,7 +190,7 @@ class TestRun:
 
     def fresh_vm(self, spec: VMSpec) -> Use:
         """A new VM for one test."""
-        return self._use(self._create(spec), "fresh")
+        return self._use(self._create(spec), UseKind.FRESH)
 
     def worker_vm(self, spec: VMSpec) -> Use:
         """The worker's long-lived VM of ``spec``; state carries over between tests."""
@@ -180,7 +198,7 @@ class TestRun:
         if vm is None:
             vm = self._create(spec)
             self._workers[spec] = vm
-        return self._use(vm, "worker")
+        return self._use(vm, UseKind.WORKER)
 
     def pool(self, count: int, spec: VMSpec) -> list[Use]:
         """``count`` new VMs, created at once; if any fails, the others are deleted."""
@@ -196,19 +214,26 @@ class TestRun:
                 vm.delete()
                 self._count("deleted", 1)
             raise errors[0]  # type: ignore[misc]
-        return [self._use(vm, "fresh") for vm in made]
+        return [self._use(vm, UseKind.FRESH) for vm in made]
 
     # -- the end of a test ---------------------------------------------------------
 
+    def mark_kept_on_failure(self, uses: list[Use]) -> None:
+        """A test failed: decide now which of its VMs will be kept, so that its
+        report can say how to reach them (a worker's VM is kept at the end)."""
+        keep = self.should_keep(failed=True)
+        for use in uses:
+            use.kept = keep and use.kind is not UseKind.WORKER
+
     def should_keep(self, failed: bool) -> bool:
-        return self.options.keep == "always" or (self.options.keep == "failed" and failed)
+        return self.options.keep is Keep.ALWAYS or (self.options.keep is Keep.FAILED and failed)
 
     def finish(self, uses: list[Use], failed: bool) -> None:
         """A test ended: delete or keep its fresh VMs, reset or keep its clean VM."""
         keep = self.should_keep(failed)
         for use in uses:
             vm = use.vm
-            if use.kind == "worker":
+            if use.kind is UseKind.WORKER:
                 if keep:
                     self._keep_at_end.add(vm.name)
                 continue
@@ -217,10 +242,10 @@ class TestRun:
                 use.kept = True
                 self._clean_specs.pop(vm.name, None)
                 continue
-            if use.kind == "clean":
+            if use.kind is UseKind.CLEAN:
                 spec = self._clean_specs[vm.name]
                 self._clean[spec].append(self._background.submit(self._reset, vm))
-            elif use.kind == "fresh":
+            elif use.kind is UseKind.FRESH:
                 vm.delete()
                 self._count("deleted", 1)
 
@@ -247,7 +272,7 @@ class TestRun:
             except VMLeaseError:
                 console = ""
             sections.append((f"vmlease: console of {vm.name} (last lines)", console or "(empty)"))
-            if use.kept or (use.kind == "worker" and vm.name in self._keep_at_end):
+            if use.kept or (use.kind is UseKind.WORKER and vm.name in self._keep_at_end):
                 when = "is" if use.kept else "will be, after the run,"
                 sections.append(
                     (
@@ -274,7 +299,7 @@ class TestRun:
                     clean.append(turn.result())
         self._background.shutdown(wait=True)
         if self._session is not None:
-            keep_all = self.options.keep == "always"
+            keep_all = self.options.keep is Keep.ALWAYS
             for vm in [*clean, *self._workers.values()]:
                 if vm.name in self._keep_at_end or (keep_all and vm.state.value == "ready"):
                     self._keep(vm, "kept after the run")

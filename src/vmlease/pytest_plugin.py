@@ -21,7 +21,7 @@ import pytest
 
 from vmlease._errors import ConfigError
 from vmlease._naming import new_session_id
-from vmlease._options import RunOptions
+from vmlease._options import Keep, RunOptions
 
 if TYPE_CHECKING:
     # The machinery that makes VMs loads when a test first asks for one, so a
@@ -111,7 +111,7 @@ def _options(config: pytest.Config) -> RunOptions:
         return RunOptions(
             backend=_setting(config, "vm_backend") or "qemu",
             image=_setting(config, "vm_image") or "tiny",
-            keep=_setting(config, "vm_keep") or "never",
+            keep=Keep.parse(_setting(config, "vm_keep") or "never"),
             max_vms=_number(config, "vm_max", int),
             max_age_s=_number(config, "vm_max_age", float),
             faults=_setting(config, "vm_faults"),
@@ -248,10 +248,7 @@ def pytest_runtest_makereport(
         uses = item.stash.get(_USES, [])
         if uses:
             run = item.config.stash[_RUN]
-            # Decide now what the fixtures will keep, so the report can say how to reach it.
-            keep = run.should_keep(failed=True)
-            for use in uses:
-                use.kept = keep and use.kind != "worker"
+            run.mark_kept_on_failure(uses)
             for title, text in run.report(uses):
                 report.sections.append((title, text))
     return report

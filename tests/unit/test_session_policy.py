@@ -26,6 +26,7 @@ from vmlease import (
 )
 from vmlease._cleanup import mark_prefix
 from vmlease._ledger import Ledger
+from vmlease.backends import Capabilities
 
 
 @pytest.fixture
@@ -282,6 +283,20 @@ def test_a_backend_without_snapshots_says_what_to_do_instead(session: Session) -
         vm.snapshot("clean")
     with pytest.raises(vmlease.UnsupportedOperation):
         vm.restore("clean")
+
+
+def test_a_backend_that_cannot_stop_and_start_says_so_and_is_not_asked(tmp_path: Path) -> None:
+    fake = FakeBackend()
+    fake.capabilities = Capabilities(stop_start=False)
+    with Session(backend=fake, state_dir=tmp_path, reaper=False) as session:
+        vm = session.create()
+        with pytest.raises(vmlease.UnsupportedOperation, match="cannot stop and start"):
+            vm.stop()
+        with pytest.raises(vmlease.UnsupportedOperation, match="cannot stop and start"):
+            vm.start()
+        assert "stop" not in fake.ops()
+        assert "start" not in fake.ops()
+        assert vm.state is VMState.READY
 
 
 def test_a_kept_vm_outlives_its_session_and_cleanup_removes_it(

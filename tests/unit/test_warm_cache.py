@@ -12,7 +12,7 @@ import pytest
 from vmlease import ConfigError
 from vmlease._spec import VMSpec
 from vmlease.backends.qemu import QemuBackend
-from vmlease.backends.qemu._launch import LaunchConfig
+from vmlease.backends.qemu._launch import Accel, LaunchConfig
 from vmlease.backends.qemu._states import WarmCache, warm_key
 from vmlease.backends.qemu.images import Image
 
@@ -35,7 +35,7 @@ def _image(tmp_path: Path, build_id: str = "b1") -> Image:
     )
 
 
-CONFIG = LaunchConfig(qemu="/usr/bin/qemu", accel="tcg", tsc_khz=2000000, version="7.2")
+CONFIG = LaunchConfig(qemu="/usr/bin/qemu", accel=Accel.TCG, tsc_khz=2000000, version="7.2")
 
 
 def test_the_key_changes_with_everything_the_saved_guest_depends_on(tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_the_key_changes_with_everything_the_saved_guest_depends_on(tmp_path: Pa
     variants = [
         warm_key(CONFIG, VMSpec(cpus=2), image),
         warm_key(CONFIG, VMSpec(memory_mb=512), image),
-        warm_key(dataclasses.replace(CONFIG, accel="kvm"), spec, image),
+        warm_key(dataclasses.replace(CONFIG, accel=Accel.KVM), spec, image),
         warm_key(dataclasses.replace(CONFIG, version="8.0"), spec, image),
         warm_key(dataclasses.replace(CONFIG, tsc_khz=2100000), spec, image),
         warm_key(dataclasses.replace(CONFIG, tcg_cpu="max"), spec, image),

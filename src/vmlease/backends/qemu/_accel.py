@@ -19,6 +19,7 @@ from pathlib import Path
 from vmlease._errors import ConfigError
 from vmlease._procfs import boot_id
 from vmlease._runner import Runner
+from vmlease.backends.qemu._launch import Accel
 
 __all__ = ["choose_accel", "probe_kvm"]
 
@@ -67,23 +68,23 @@ def probe_kvm(qemu: str, runner: Runner, timeout_s: float = PROBE_TIMEOUT_S) -> 
 
 def choose_accel(
     qemu: str, qemu_version: str, runner: Runner, cache_dir: Path, env: Mapping[str, str]
-) -> tuple[str, str]:
-    """The accelerator to use and why: ("kvm" | "tcg", reason)."""
+) -> tuple[Accel, str]:
+    """The accelerator to use and why."""
     forced = env.get("VMLEASE_QEMU_ACCEL", "").strip().lower()
     if forced:
-        if forced not in ("kvm", "tcg"):
+        if forced not in tuple(Accel):
             raise ConfigError(f"VMLEASE_QEMU_ACCEL must be 'kvm' or 'tcg', not {forced!r}")
-        return forced, "set by VMLEASE_QEMU_ACCEL"
+        return Accel(forced), "set by VMLEASE_QEMU_ACCEL"
     cache = cache_dir / "accel.json"
     key = f"{boot_id()}|{qemu_version}"
     try:
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
-            return str(cached["accel"]), str(cached["reason"]) + " (probed earlier this boot)"
+            return Accel(cached["accel"]), str(cached["reason"]) + " (probed earlier this boot)"
     except (OSError, ValueError, KeyError):
         pass
     works, reason = probe_kvm(qemu, runner)
-    accel = "kvm" if works else "tcg"
+    accel = Accel.KVM if works else Accel.TCG
     try:
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"key": key, "accel": accel, "reason": reason}))

@@ -48,7 +48,14 @@ from vmlease._spec import VMSpec
 from vmlease.backends._base import Backend, BackendVM, Capabilities, ExecResult
 from vmlease.backends.qemu._accel import choose_accel
 from vmlease.backends.qemu._agent import AgentChannel
-from vmlease.backends.qemu._launch import CONSOLE_LOG, DISK, QMP_SOCKET, LaunchConfig, qemu_argv
+from vmlease.backends.qemu._launch import (
+    CONSOLE_LOG,
+    DISK,
+    QMP_SOCKET,
+    Accel,
+    LaunchConfig,
+    qemu_argv,
+)
 from vmlease.backends.qemu._processes import (
     Processes,
     clear_runtime,
@@ -146,7 +153,7 @@ class QemuBackend(Backend):
             config = self.launch_config()
         except VMLeaseError as exc:
             return [*checks, Check("qemu: accelerator", Severity.FAIL, str(exc), type(exc))]
-        if config.accel == "kvm":
+        if config.accel is Accel.KVM:
             checks.append(Check("kvm", Severity.OK, f"KVM works: {self.accel_reason}"))
         else:
             checks.append(

@@ -12,6 +12,7 @@ absolute, because ``-daemonize`` moves QEMU to ``/`` once it is up.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ __all__ = [
     "DISK",
     "PIDFILE",
     "QMP_SOCKET",
+    "Accel",
     "qemu_argv",
 ]
 
@@ -33,6 +35,13 @@ QMP_SOCKET = "qmp.sock"
 AGENT_SOCKET = "agent.sock"
 CONSOLE_LOG = "console.log"
 PIDFILE = "qemu.pid"
+
+
+class Accel(enum.StrEnum):
+    """How QEMU runs guest code."""
+
+    KVM = "kvm"  # hardware virtualisation
+    TCG = "tcg"  # software emulation
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +58,13 @@ class LaunchConfig:
     """
 
     qemu: str
-    accel: str
+    accel: Accel
     tsc_khz: int | None
     tcg_cpu: str | None = None
     version: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "accel", Accel(self.accel))  # "kvm" or "tcg" given as text
 
 
 def qemu_argv(
@@ -62,7 +74,7 @@ def qemu_argv(
     cmdline = f"{image.cmdline} vmlease.name={name}"
     if config.tsc_khz:
         cmdline += f" tsc_early_khz={config.tsc_khz}"
-    if config.accel == "kvm":
+    if config.accel is Accel.KVM:
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
         accel = ["-accel", "tcg,thread=multi", "-cpu", config.tcg_cpu or image.tcg_cpu]
