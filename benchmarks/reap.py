@@ -10,40 +10,13 @@ it is left. Target: 0 leaks, every trial clean within 10 s (aim 5 s).
 from __future__ import annotations
 
 import json
-import os
-import random
 import statistics
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.killing import POINTS, Trial, kill_trial, reapers_under
+from tests.support.killing import POINTS, run_trials
 
 RESULTS = Path(__file__).parent / "results"
-DELAYS = {
-    "creating": (0.0, 0.0),
-    "launching": (0.0, 0.3),
-    "booting": (0.0, 1.5),
-    "ready": (0.0, 0.0),
-}
-
-
-def run_trials(trials: int, seed: int = 0) -> list[Trial]:
-    rng = random.Random(seed)
-    points = list(POINTS)
-    done = []
-    # Each trial has its own state directory, so its own reaper: let them go soon.
-    os.environ.setdefault("VMLEASE_REAPER_IDLE_S", "1")
-    with tempfile.TemporaryDirectory(prefix="vmlease-reap-") as tmp:
-        for i in range(trials):
-            point = points[i % len(points)]
-            low, high = DELAYS[point]
-            done.append(kill_trial(Path(tmp) / f"t{i}", point, rng.uniform(low, high)))
-        deadline = time.monotonic() + 15
-        while reapers_under(Path(tmp)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    return done
 
 
 def main(*, trials: int) -> int:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from benchmarks.reap import run_trials
+
+from tests.support.killing import run_trials
 
 
 @pytest.mark.slow

@@ -7,9 +7,11 @@ Used by the integration tests (a few trials) and ``python -m benchmarks reap``
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import IO
 
 from tests.support.procs import processes_under
 from vmlease._ledger import Ledger, VMState
+from vmlease._procfs import pids
 
 OWNER = Path(__file__).with_name("owner.py")
 #: Where a kill lands: the marker to wait for, and what it means.
@@ -72,21 +75,18 @@ def leftovers(state_dir: Path, ignore: frozenset[str] = frozenset()) -> list[str
 
     ``ignore`` names VMs in the state directory that are not the owner's.
     """
-    found = []
     needle = str(state_dir).encode()
     spared = [str(state_dir / "qemu" / name / "qemu.pid").encode() for name in ignore]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if (
+    found = [
+        f"qemu pid {pid}"
+        for pid in pids(
+            lambda args: (
                 any(b"qemu-system" in a for a in args)
                 and any(needle in a for a in args)
                 and not any(s in args for s in spared)
-            ):
-                found.append(f"qemu pid {entry.name}")
+            )
+        )
+    ]
     qemu_dir = state_dir / "qemu"
     if qemu_dir.is_dir():
         found += [
@@ -148,3 +148,30 @@ def gone_events(state_dir: Path) -> list[str]:
         return details
     finally:
         ledger.close()
+
+
+#: Random delays after each point before the kill, in seconds (low, high).
+DELAYS = {
+    "creating": (0.0, 0.0),
+    "launching": (0.0, 0.3),
+    "booting": (0.0, 1.5),
+    "ready": (0.0, 0.0),
+}
+
+
+def run_trials(trials: int, seed: int = 0) -> list[Trial]:
+    """``trials`` SIGKILL trials at the points in turn, each with its own state directory."""
+    rng = random.Random(seed)
+    points = list(POINTS)
+    done = []
+    # Each trial has its own state directory, so its own reaper: let them go soon.
+    os.environ.setdefault("VMLEASE_REAPER_IDLE_S", "1")
+    with tempfile.TemporaryDirectory(prefix="vmlease-reap-") as tmp:
+        for i in range(trials):
+            point = points[i % len(points)]
+            low, high = DELAYS[point]
+            done.append(kill_trial(Path(tmp) / f"t{i}", point, rng.uniform(low, high)))
+        deadline = time.monotonic() + 15
+        while reapers_under(Path(tmp)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return done

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vmlease._procfs import pids
+
 
 def processes_under(root: Path, program: bytes) -> list[int]:
     """Pids of live processes running ``program`` whose command line mentions ``root``."""
-    found = []
     needle = str(root).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if program in cmdline and needle in cmdline:
-            found.append(int(entry.name))
-    return found
+    return pids(lambda args: any(program in a for a in args) and any(needle in a for a in args))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 import vmlease
@@ -53,3 +55,29 @@ def test_the_tree_in_the_docstring_names_every_error() -> None:
 def test_backend_error_keeps_command_exit_code_and_stderr() -> None:
     exc = vmlease.BackendError("failed", command=["qemu-img", "x"], exit_code=1, stderr="boom")
     assert (exc.command, exc.exit_code, exc.stderr) == (["qemu-img", "x"], 1, "boom")
+
+
+def _example(error: type[BaseException]) -> BaseException:
+    """An instance of ``error`` with every attribute set, as vmlease raises it."""
+    if error is vmlease.CommandFailed:
+        return error(vm="vm-1", argv=["sh", "-c", "exit 3"], exit_code=3, stdout="o", stderr="e")
+    if error is vmlease.CommandTimeout:
+        return error(vm="vm-1", argv=["sleep", "9"], timeout_s=1.5, stdout="o", stderr="e")
+    if issubclass(error, vmlease.BackendError):
+        return error(
+            "failed", command=["qemu-img", "x"], exit_code=1, stderr="boom", transient=True
+        )
+    return error("it went wrong; do this instead")
+
+
+@pytest.mark.parametrize("error", _exported_errors(), ids=lambda e: e.__name__)
+def test_every_public_error_survives_pickling(error: type[BaseException]) -> None:
+    # pytest-xdist sends errors from workers to the controller by pickling them.
+    original = _example(error)
+    original.add_note("attempt 3 of 5")
+    copy = pickle.loads(pickle.dumps(original))  # noqa: S301 - our own bytes
+    assert type(copy) is error
+    assert str(copy) == str(original)
+    assert copy.__notes__ == ["attempt 3 of 5"]
+    attributes = {k: v for k, v in vars(original).items() if k != "__notes__"}
+    assert {k: getattr(copy, k) for k in attributes} == attributes
