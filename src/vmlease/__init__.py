@@ -42,7 +42,9 @@ from vmlease._errors import (
     VMNotFound,
     VMStateError,
 )
-from vmlease._version import __version__
+
+#: The version (read by the build from this line).
+__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from vmlease._ledger import VMState

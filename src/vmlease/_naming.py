@@ -7,8 +7,8 @@ digits and hyphens, starting with a letter and ending with a letter or digit.
 
 from __future__ import annotations
 
+import random
 import re
-import secrets
 import string
 
 from vmlease._errors import InvalidName
@@ -29,6 +29,9 @@ NAME_RULE = (
 )
 _NAME_RE = re.compile(r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _ALPHABET = string.ascii_lowercase + string.digits
+# The OS's randomness, as the secrets module uses it; random is loaded in every
+# pytest run already and secrets is not, and the plugin imports this module.
+_RANDOM = random.SystemRandom()
 
 
 def validate_name(name: object) -> str:
@@ -46,8 +49,8 @@ def new_session_id() -> str:
     About 52 bits of randomness: two live sessions sharing an id is
     negligible, and the ledger's unique names catch it if it ever happens.
     """
-    return secrets.choice(string.ascii_lowercase) + "".join(
-        secrets.choice(_ALPHABET) for _ in range(9)
+    return _RANDOM.choice(string.ascii_lowercase) + "".join(
+        _RANDOM.choice(_ALPHABET) for _ in range(9)
     )
 
 

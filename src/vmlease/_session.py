@@ -45,7 +45,7 @@ from vmlease._paths import state_dir as default_state_dir
 from vmlease._reaper import ReaperLink
 from vmlease._retry import Retrier, RetryPolicy
 from vmlease._spec import VMSpec
-from vmlease._vm import VM
+from vmlease._vm import VM, Capability
 from vmlease.backends import Backend, Backends, Fault
 
 __all__ = ["Session", "SessionStats"]
@@ -54,7 +54,7 @@ T = TypeVar("T")
 log = logging.getLogger("vmlease")
 
 DEFAULT_BOOT_TIMEOUT_S = 120.0
-_UNSUPPORTED = {
+_UNSUPPORTED: dict[Capability, str] = {
     "snapshots": "cannot take or restore snapshots; use a fresh VM per test instead",
     "stop_start": "cannot stop and start a VM; delete it and create another instead",
 }
@@ -265,7 +265,7 @@ class Session:
                 self._transition(vm.ledger_id, VMState.FAILED, error=f"{op}: {exc}")
             raise
 
-    def _vm_supports(self, capability: str) -> None:
+    def _vm_supports(self, capability: Capability) -> None:
         if not getattr(self._backend.capabilities, capability):
             raise UnsupportedOperation(
                 f"the {self._backend.name} backend {_UNSUPPORTED[capability]}"
@@ -276,12 +276,6 @@ class Session:
 
     def _vm_note(self, vm: VM, detail: str) -> None:
         self._ledger.note(vm.ledger_id, VMState.READY, detail)
-
-    def _vm_delete(self, vm: VM) -> None:
-        self._delete_vm(vm.ledger_id, vm.name)
-
-    def _vm_keep(self, vm: VM, why: str) -> None:
-        self._release(vm.ledger_id, why)
 
     def _vm_console(self, vm: VM, lines: int) -> str:
         return self._backend.console_tail(vm.name, lines)
@@ -491,24 +485,25 @@ class Session:
         with self._lock:
             self._vms.pop(vm_id, None)
 
-    def _delete_vm(self, vm_id: int, name: str) -> None:
+    def _vm_delete(self, vm: VM) -> None:
+        vm_id, name = vm.ledger_id, vm.name
         record = self._ledger.get(vm_id)
         if record is None or record.state is VMState.GONE:
             return
         with _signals.shielded(f"deleting VM {name}"):
             if not self._ledger.take_for_deletion(vm_id, detail=f"deleted by session {self.id}"):
                 return  # another process (reaper, cleanup) is deleting it
-            vm = self._vms.get(vm_id)
-            if vm is not None:
-                vm.last_state = VMState.DELETING
+            vm.last_state = VMState.DELETING
             try:
                 self._backend_delete(name)
             except VMNotFound:
                 pass
             except BaseException as exc:
                 self._transition(vm_id, VMState.FAILED, error=f"delete: {exc}")
+                vm.last_state = VMState.FAILED
                 raise
             self._transition(vm_id, VMState.GONE)
+            vm.last_state = VMState.GONE
         self._give_back_place(vm_id)
         self._deleted += 1
         with self._lock:
@@ -522,14 +517,12 @@ class Session:
             subject=name,
         )
 
-    def _release(self, vm_id: int, why: str) -> None:
-        """Hand a VM over to the ledger as kept: this session no longer deletes it."""
-        self._ledger.transition(vm_id, VMState.KEPT, detail=why)
-        self._give_back_place(vm_id)
+    def _vm_keep(self, vm: VM, why: str) -> None:
+        self._ledger.transition(vm.ledger_id, VMState.KEPT, detail=why)
+        self._give_back_place(vm.ledger_id)
         with self._lock:
-            vm = self._vms.pop(vm_id, None)
-        if vm is not None:
-            vm.last_state = VMState.KEPT
+            self._vms.pop(vm.ledger_id, None)
+        vm.last_state = VMState.KEPT
 
     def vms(self) -> list[VM]:
         """This session's VMs that still exist, oldest first."""

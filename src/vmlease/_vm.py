@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from vmlease._errors import (
     CommandFailed,
@@ -31,9 +31,11 @@ from vmlease._retry import RetryPolicy
 from vmlease._spec import VMSpec
 from vmlease.backends import Backend, ExecResult
 
-__all__ = ["VM", "CommandResult", "TranscriptEntry", "VMHost"]
+__all__ = ["VM", "Capability", "CommandResult", "TranscriptEntry", "VMHost"]
 
 T = TypeVar("T")
+#: The optional operations a handle may ask about (fields of ``Capabilities``).
+Capability = Literal["snapshots", "stop_start"]
 
 DEFAULT_STOP_TIMEOUT_S = 30.0
 TRANSCRIPT_LIMIT = 200
@@ -134,7 +136,7 @@ class VMHost(Protocol):
         """Run ``fn(backend, limit)`` for ``vm``, timed and retried under the session's
         policy; with ``fails_vm`` a failure leaves the VM ``failed``."""
 
-    def _vm_supports(self, capability: str) -> None:
+    def _vm_supports(self, capability: Capability) -> None:
         """Raise UnsupportedOperation unless the backend declares ``capability``."""
 
     def _vm_transition(self, vm: VM, state: VMState) -> None:

@@ -1,6 +1,8 @@
 """The ``vmlease`` command: parses arguments, calls the library, prints.
 
-No logic lives here that the library does not offer too.
+No logic lives here that the library does not offer too. Each command
+imports the parts of the library it uses when it runs, so ``vmlease`` starts
+without loading what the command at hand does not need.
 """
 
 from __future__ import annotations
@@ -11,18 +13,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vmlease._attach import exec_in
-from vmlease._checks import Severity
-from vmlease._cleanup import cleanup
-from vmlease._doctor import doctor
+from vmlease import __version__
 from vmlease._errors import ConfigError, VMLeaseError
-from vmlease._inventory import inventory
-from vmlease._ledger import Record, VMState
-from vmlease._locks import Lock, run_holding
 from vmlease._paths import image_dir, state_dir
-from vmlease._version import __version__
-from vmlease.backends.qemu.images import RECIPES, list_images, recipe
+
+if TYPE_CHECKING:
+    from vmlease._ledger import Record
 
 __all__ = ["main"]
 
@@ -56,6 +54,9 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from vmlease._inventory import inventory
+    from vmlease._ledger import VMState
+
     rows = inventory(state_dir(), include_gone=args.all)
     if args.json:
         print(json.dumps({"vms": [r.as_dict() for r in rows]}, indent=2))
@@ -96,6 +97,8 @@ def _ask(records: list[Record]) -> bool:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    from vmlease._cleanup import cleanup
+
     outcomes = cleanup(
         state_dir(),
         everything=args.all,
@@ -120,6 +123,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    from vmlease._attach import exec_in
+
     stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     result = exec_in(state_dir(), args.name, args.program, stdin=stdin, timeout_s=args.timeout)
     sys.stdout.buffer.write(result.stdout)
@@ -132,6 +137,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from vmlease._checks import Severity
+    from vmlease._doctor import doctor
+
     backend = args.backend or os.environ.get("VMLEASE_BACKEND") or "qemu"
     checks = doctor(state_dir(), backend)
     failed = any(c.status is Severity.FAIL for c in checks)
@@ -146,10 +154,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
+    from vmlease._locks import Lock, run_holding
+
     return run_holding(Lock(args.name, state_dir=state_dir()), args.program, timeout_s=args.timeout)
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
+    from vmlease.backends.qemu.images import recipe
+
     build = recipe(args.name)
     options: dict[str, object] = {"force": args.force}
     if args.kernel_deb:
@@ -164,6 +176,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def cmd_image_ls(args: argparse.Namespace) -> int:
+    from vmlease.backends.qemu.images import list_images
+
     images = list_images(image_dir())
     if args.json:
         data = [
@@ -199,7 +213,15 @@ def cmd_image_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _recipes_help() -> str:
+    from vmlease.backends.qemu.images import RECIPES
+
+    return "; ".join(f"{r.name} ({r.summary})" for r in RECIPES.values())
+
+
+def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
+    """The parser. ``for_images=False`` leaves the image recipes out of the help
+    (loading them costs more than the other commands' whole start)."""
     parser = argparse.ArgumentParser(
         prog="vmlease", description="Disposable virtual machines for test suites."
     )
@@ -272,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "name",
         help="the image to build: "
-        + "; ".join(f"{r.name} ({r.summary})" for r in RECIPES.values()),
+        + (_recipes_help() if for_images else "see `vmlease image build --help`"),
     )
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
     build.add_argument("--kernel-deb", metavar="FILE", help="use this Debian kernel package")
@@ -316,8 +338,8 @@ def _split_program(words: list[str]) -> tuple[list[str], list[str]]:
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     words = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     verb = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(for_images=verb == "image")
     if verb not in _RUNNERS:
         return parser.parse_args(words)
     own, program = _split_program(words)

@@ -34,3 +34,8 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
 
     with pytest.raises(AttributeError, match="NoSuchThing"):
         vmlease.NoSuchThing  # noqa: B018
+
+
+def test_the_command_loads_what_its_subcommand_needs_when_it_runs() -> None:
+    loaded = _loaded_after("import vmlease.cli\nvmlease.cli.build_parser(for_images=False)")
+    assert not loaded & (HEAVY | {"vmlease.backends", "vmlease._cleanup", "vmlease._inventory"})

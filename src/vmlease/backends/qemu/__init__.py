@@ -8,10 +8,25 @@ One room with its parts:
 - ``_launch.py``: the command line; ``_accel.py``: KVM or TCG;
 - ``_qmp.py``: the QMP client; ``_agent.py``: the host side of the guest agent;
 - ``images/``: the image recipes, the image cache, the agent's source.
+
+``QemuBackend`` loads on first use, so the command line can list and build
+images without loading the backend.
 """
 
 from __future__ import annotations
 
-from vmlease.backends.qemu._backend import QemuBackend
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vmlease.backends.qemu._backend import QemuBackend
 
 __all__ = ["QemuBackend"]
+
+
+def __getattr__(name: str) -> Any:
+    if name != "QemuBackend":
+        raise AttributeError(f"module 'vmlease.backends.qemu' has no attribute {name!r}")
+    from vmlease.backends.qemu._backend import QemuBackend
+
+    globals()[name] = QemuBackend
+    return QemuBackend
