@@ -17,16 +17,19 @@ generated for the row's session.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmlease._errors import VMLeaseError, VMNotFound
+from vmlease._errors import LedgerError, VMLeaseError, VMNotFound
 from vmlease._identity import Liveness, liveness
 from vmlease._ledger import Ledger, Record, VMState
 from vmlease._naming import is_generated
 from vmlease.backends import Backend, Backends
+
+log = logging.getLogger("vmlease.cleanup")
 
 __all__ = [
     "Action",
@@ -36,6 +39,7 @@ __all__ = [
     "check_ownership",
     "cleanup",
     "delete_records",
+    "find_missing",
     "find_reapable",
     "mark_prefix",
     "status",
@@ -205,12 +209,22 @@ def delete_records(
     (:func:`check_ownership`) must agree. A failed delete, or a VM whose
     ownership cannot be proven, leaves the row ``failed`` (or still ``kept``)
     with the reason, for a later cleanup.
+
+    Deleting never waits on the ledger: when it cannot be written (a full
+    disk), the VM is deleted all the same and its row stays as it was, so the
+    next cleanup finds it, meets no VM, and settles it.
     """
     outcomes = []
     for record, why in records:
-        if not dry_run and not ledger.take_for_deletion(record.id, detail=f"{reason} ({why})"):
-            outcomes.append(Outcome(record.name, record.backend, why, Action.BUSY))
-            continue
+        unrecorded = ""
+        if not dry_run:
+            try:
+                taken = ledger.take_for_deletion(record.id, detail=f"{reason} ({why})")
+            except LedgerError as exc:
+                taken, unrecorded = True, str(exc)
+            if not taken:
+                outcomes.append(Outcome(record.name, record.backend, why, Action.BUSY))
+                continue
         try:
             backend = backend_for(record.backend)
             verdict, doubt = check_ownership(record, backend)
@@ -220,19 +234,43 @@ def delete_records(
             verdict, doubt = Ownership.GONE, ""
         except VMLeaseError as exc:
             if not dry_run:
-                ledger.transition(record.id, _left(record), error=f"{reason}: {exc}")
+                failed = _write(ledger, record.id, _left(record), error=f"{reason}: {exc}")
+                unrecorded = unrecorded or failed
             outcomes.append(Outcome(record.name, record.backend, why, Action.FAILED, str(exc)))
             continue
         action = _ACTIONS[verdict]
         if dry_run:
             action = Action.WOULD_DELETE if verdict is Ownership.OURS else action
         elif verdict is Ownership.UNCONFIRMED:
-            ledger.transition(record.id, _left(record), error=f"{reason}: {doubt}")
+            failed = _write(ledger, record.id, _left(record), error=f"{reason}: {doubt}")
+            unrecorded = unrecorded or failed
         else:
             detail = f"{reason} ({why})" + (f": {doubt}" if doubt else "")
-            ledger.transition(record.id, VMState.GONE, detail=detail)
+            unrecorded = unrecorded or _write(ledger, record.id, VMState.GONE, detail=detail)
+        if unrecorded:
+            doubt = (doubt + "; " if doubt else "") + (
+                f"not recorded in the ledger ({unrecorded}); "
+                "the next `vmlease cleanup` settles the row"
+            )
         outcomes.append(Outcome(record.name, record.backend, why, action, doubt or None))
     return outcomes
+
+
+def _write(
+    ledger: Ledger,
+    vm_id: int,
+    state: VMState,
+    *,
+    error: str | None = None,
+    detail: str | None = None,
+) -> str:
+    """Record a row's new state; "" if that worked, else why not (logged, not raised)."""
+    try:
+        ledger.transition(vm_id, state, error=error, detail=detail)
+    except LedgerError as exc:
+        log.warning("%s; the row stays as it was until a later cleanup settles it", exc)
+        return str(exc)
+    return ""
 
 
 def _left(record: Record) -> VMState:
@@ -251,6 +289,27 @@ _ACTIONS = {
 
 Confirm = Callable[[list[Record]], bool]
 
+#: States in which a row's VM must exist: none of them is on its way in or out.
+_SETTLED = (VMState.READY, VMState.STOPPED, VMState.FAILED, VMState.KEPT)
+
+
+def find_missing(ledger: Ledger, backend_for: BackendFactory) -> list[Record]:
+    """Rows in a settled state whose VM their backend no longer has, whoever owns them.
+
+    Such a row is left when a VM was deleted while the ledger could not be
+    written (a full disk), or by hand; cleaning it up only records the truth.
+    A backend that cannot list its VMs right now is left out.
+    """
+    records = ledger.records(states=_SETTLED)
+    found: list[Record] = []
+    for name in sorted({r.backend for r in records}):
+        try:
+            have = {vm.name for vm in backend_for(name).list()}
+        except VMLeaseError:
+            continue
+        found += [r for r in records if r.backend == name and r.name not in have]
+    return found
+
 
 def cleanup(
     state_dir: Path,
@@ -262,7 +321,8 @@ def cleanup(
     known: Mapping[str, Backend] | None = None,
 ) -> list[Outcome]:
     """What ``vmlease cleanup`` does: delete orphaned, expired and kept VMs, or
-    with ``everything`` every VM in the ledger once ``confirm`` agrees.
+    with ``everything`` every VM in the ledger once ``confirm`` agrees; and
+    settle the rows of VMs that no longer exist (:func:`find_missing`).
 
     Only VMs in the ledger are considered: whatever a backend has beyond
     them is not ours. A missing or unreadable ledger is a LedgerError and
@@ -281,6 +341,8 @@ def cleanup(
                 (r, s.value)
                 for r, s in find_reapable(ledger, max_age_s=max_age_s, include_kept=True)
             ]
+            taken = {r.id for r, _ in rows}
+            rows += [(r, "missing") for r in find_missing(ledger, backends) if r.id not in taken]
         return delete_records(ledger, rows, backends, reason="vmlease cleanup", dry_run=dry_run)
     finally:
         backends.close()

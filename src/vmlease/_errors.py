@@ -26,6 +26,8 @@ or ``except LookupError`` keep working. Messages say what to do next.
     ├── CommandFailed                       a command exited non-zero (``check=True``)
     ├── CommandTimeout (TimeoutError)       a command ran out of time and was killed
     ├── GuestFileError (OSError)            a file in the guest could not be read or written
+    ├── DiskFull (OSError)                  a host disk vmlease writes to is full, or too
+    │                                       full for what was asked
     ├── LedgerError                         the ownership ledger cannot be used
     ├── LockTimeout (TimeoutError)          a lock or VM place stayed taken too long
     ├── ReaperUnavailable                   no reaper protects the session: nothing is created
@@ -56,6 +58,7 @@ __all__ = [
     "CommandFailed",
     "CommandTimeout",
     "ConfigError",
+    "DiskFull",
     "GuestFileError",
     "ImageBuildError",
     "ImageError",
@@ -240,6 +243,32 @@ class CommandTimeout(_Rebuilt, VMLeaseError, TimeoutError):
 
 class GuestFileError(VMLeaseError, OSError):
     """A file could not be copied into or out of the guest."""
+
+
+class DiskFull(VMLeaseError, OSError):
+    """A host disk vmlease writes to is full, or has too little room for what was asked.
+
+    Attributes:
+        path: the file or directory that needs the room.
+        free_bytes: free bytes there when it was found, if known.
+        needed_bytes: what was needed, if known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str = "",
+        free_bytes: int | None = None,
+        needed_bytes: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.free_bytes = free_bytes
+        self.needed_bytes = needed_bytes
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class LedgerError(VMLeaseError):

@@ -16,6 +16,7 @@ by ``busy_timeout_s``; "database is locked" never reaches a user as such.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sqlite3
 import threading
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from vmlease._errors import LedgerError, NameInUse
 from vmlease._identity import Owner
+from vmlease._paths import free_space
 
 __all__ = ["Event", "Ledger", "Record", "VMState"]
 
@@ -239,8 +241,15 @@ class Ledger:
                 yield
             except sqlite3.DatabaseError as exc:
                 if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise LedgerError(f"ledger write failed at {self.path}: {exc}") from exc
+                    with contextlib.suppress(sqlite3.DatabaseError):
+                        self._db.execute("ROLLBACK")
+                hint = ""
+                if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                    hint = (
+                        f" ({free_space(self.path.parent)} free there); free some space "
+                        "(`vmlease image prune` removes unused images and saved states)"
+                    )
+                raise LedgerError(f"ledger write failed at {self.path}: {exc}{hint}") from exc
 
     def claim(
         self,

@@ -17,7 +17,14 @@ from pathlib import Path
 
 from vmlease._errors import ConfigError
 
-__all__ = ["ensure_private_dir", "image_dir", "state_dir"]
+__all__ = [
+    "ensure_private_dir",
+    "free_bytes",
+    "free_space",
+    "image_dir",
+    "megabytes",
+    "state_dir",
+]
 
 
 def _base(env: Mapping[str, str], own: str, xdg: str, fallback: str) -> Path:
@@ -67,3 +74,27 @@ def ensure_private_dir(path: Path) -> Path:
     if st.st_mode & 0o077:
         path.chmod(0o700)
     return path
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the file system that holds ``path`` (or would: its nearest
+    existing parent), for this user; None if that cannot be told."""
+    where = path
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def free_space(path: Path) -> str:
+    """Free space where ``path`` lives, for messages: ``"12 MiB"``."""
+    free = free_bytes(path)
+    return "an unknown amount" if free is None else megabytes(free)
+
+
+def megabytes(n: int) -> str:
+    """``n`` bytes for a person to read."""
+    return f"{n / 2**30:.1f} GiB" if n >= 10 * 2**30 else f"{n / 2**20:.0f} MiB"

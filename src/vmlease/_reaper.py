@@ -27,10 +27,12 @@ import fcntl
 import json
 import logging
 import os
+import select
 import selectors
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -128,6 +130,7 @@ class _Server:
                 return
             self.owners[conn] = owner
             conn.sendall(json.dumps({"ok": True, "pid": os.getpid()}).encode() + b"\n")
+            log.info("registered pid %d (session %s)", owner.pid, owner.session_id)
         elif op == "bye":
             self.drop(conn, "closed its session")
 
@@ -294,6 +297,13 @@ def _detach_and_serve(state_dir: Path, idle_exit_s: float) -> int:
 class ReaperLink:
     """A session's registration with the reaper of its state directory.
 
+    Once registered, a watcher thread waits on the connection. The reaper
+    never speaks after its acknowledgement, so the connection ending means
+    the reaper is gone (killed, say, by the OOM killer): the watcher at once
+    registers the owner with a new reaper, which it starts. If none can be
+    had, :attr:`registered` turns False, the session's next create is
+    refused, and its live VMs are still deleted when it ends.
+
     Args:
         state_dir: the state directory.
         spawn: starts a reaper (injected for tests); default spawn_reaper.
@@ -310,31 +320,28 @@ class ReaperLink:
         self.state_dir = state_dir
         self._spawn = spawn
         self._timeout_s = timeout_s
+        self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._owner: Owner | None = None
+        self._watcher: threading.Thread | None = None
+        self._stop_r, self._stop_w = -1, -1
         self.reaper_pid: int | None = None
+        #: How many times the reaper went away under this session, and how many
+        #: times a new one took the registration over.
+        self.lost = 0
+        self.replaced = 0
 
     @property
     def registered(self) -> bool:
-        """True while the reaper holds our registration (its end is still open)."""
-        if self._sock is None:
-            return False
-        try:
-            self._sock.setblocking(False)
-            data = self._sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        finally:
-            with contextlib.suppress(OSError):
-                self._sock.setblocking(True)
-        return bool(data)
+        """True while a reaper holds our registration."""
+        with self._lock:
+            return self._sock is not None
 
-    def _try_register(self, owner: Owner) -> bool:
+    def _try_register(self, owner: Owner) -> socket.socket | None:
         try:
             sock = connect_unix(self.state_dir / SOCKET, 2.0)
         except OSError:
-            return False
+            return None
         try:
             sock.settimeout(5.0)
             sock.sendall(json.dumps({"op": "register", "owner": asdict(owner)}).encode() + b"\n")
@@ -349,24 +356,19 @@ class ReaperLink:
                 raise OSError(f"the reaper refused: {answer}")
         except (OSError, ValueError):
             sock.close()
-            return False
-        self._sock = sock
+            return None
+        sock.settimeout(None)
         self.reaper_pid = int(answer.get("pid", 0))
-        return True
+        return sock
 
-    def register(self, owner: Owner) -> None:
-        """Register ``owner`` and wait for the acknowledgement; start a reaper if none runs.
-
-        Raises ReaperUnavailable if no reaper acknowledges within the timeout.
-        """
-        if self.registered:
-            return
-        self.close()
+    def _connect(self, owner: Owner) -> socket.socket:
+        """A registered connection to a reaper, starting one if none runs."""
         deadline = time.monotonic() + self._timeout_s
         last_error = "no reaper answered"
         while time.monotonic() < deadline:
-            if self._try_register(owner):
-                return
+            sock = self._try_register(owner)
+            if sock is not None:
+                return sock
             try:
                 self._spawn(self.state_dir)
             except (VMLeaseError, OSError, subprocess.SubprocessError) as exc:
@@ -378,14 +380,81 @@ class ReaperLink:
             f"See {self.state_dir / LOG}"
         )
 
+    def register(self, owner: Owner) -> None:
+        """Register ``owner`` and wait for the acknowledgement; start a reaper if none runs.
+
+        Raises ReaperUnavailable if no reaper acknowledges within the timeout.
+        """
+        with self._lock:
+            self._owner = owner
+            if self._sock is not None:
+                return
+            self._sock = self._connect(owner)
+            if self._watcher is None or not self._watcher.is_alive():
+                self._stop_r, self._stop_w = os.pipe()
+                self._watcher = threading.Thread(
+                    target=self._watch, name="vmlease-reaper-watch", daemon=True
+                )
+                self._watcher.start()
+
+    def _watch(self) -> None:
+        """Wait for the connection to end; then hand the registration to a new reaper."""
+        stop = self._stop_r
+        while True:
+            with self._lock:
+                sock = self._sock
+            if sock is None:
+                return
+            try:
+                readable, _, _ = select.select([sock.fileno(), stop], [], [])
+            except (OSError, ValueError):
+                return  # closed under us: close() is under way
+            if stop in readable:
+                return
+            try:
+                data = sock.recv(4096)
+            except OSError:
+                data = b""
+            if data:
+                continue  # nothing is expected; ignore it
+            with self._lock:
+                if self._sock is not sock:
+                    return
+                sock.close()
+                self._sock = None
+                self.lost += 1
+                owner = self._owner
+                log.warning(
+                    "the reaper (pid %s) went away; registering with a new one", self.reaper_pid
+                )
+                if owner is None:
+                    return
+                try:
+                    self._sock = self._connect(owner)
+                except ReaperUnavailable as exc:
+                    log.error("%s; this session's next create will be refused", exc)
+                    return
+                self.replaced += 1
+                log.warning("a new reaper (pid %s) holds this session", self.reaper_pid)
+
     def close(self) -> None:
         """Say goodbye (the session deleted its VMs) and disconnect."""
-        if self._sock is None:
-            return
-        with contextlib.suppress(OSError):
-            self._sock.sendall(b'{"op": "bye"}\n')
-        self._sock.close()
-        self._sock = None
+        with self._lock:
+            sock, self._sock = self._sock, None
+            watcher, self._watcher = self._watcher, None
+            if watcher is not None:
+                with contextlib.suppress(OSError):
+                    os.write(self._stop_w, b"x")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b'{"op": "bye"}\n')
+                sock.close()
+        if watcher is not None:
+            watcher.join(timeout=5.0)
+            for fd in (self._stop_r, self._stop_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._stop_r, self._stop_w = -1, -1
 
 
 def main(argv: list[str] | None = None) -> int:

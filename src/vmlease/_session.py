@@ -29,6 +29,7 @@ from vmlease._errors import (
     BackendError,
     ConfigError,
     InvalidName,
+    LedgerError,
     UnsupportedOperation,
     VMAlreadyExists,
     VMLeaseError,
@@ -179,6 +180,8 @@ class Session:
         self._places = Semaphore(self.state_dir, "vm", max_vms) if max_vms is not None else None
         self._place_timeout_s = place_timeout_s
         self._held: dict[int, Slot] = {}
+        # Ledger writes that failed on a path that had to go on: vm id -> (state, error).
+        self._unrecorded: dict[int, tuple[VMState, str | None]] = {}
         self.swept: list[Outcome] = self._sweep() if sweep else []
 
     def __repr__(self) -> str:
@@ -207,6 +210,28 @@ class Session:
         vm = self._vms.get(vm_id)
         if vm is not None:
             vm.last_state = state
+
+    def _record(self, vm_id: int, state: VMState, *, error: str | None = None) -> None:
+        """``_transition`` on a path that must go on when the ledger cannot be
+        written (deleting, recording a failure): the write is kept and tried
+        again when the session closes; a row still unsettled then is settled by
+        the next cleanup, which finds it and meets no VM."""
+        vm = self._vms.get(vm_id)
+        if vm is not None:
+            vm.last_state = state
+        try:
+            self._ledger.transition(vm_id, state, error=error)
+        except LedgerError as exc:
+            log.warning("VM %s is %s, but %s", vm.name if vm else vm_id, state.value, exc)
+            self._unrecorded[vm_id] = (state, error)
+
+    def _record_later_writes(self) -> None:
+        for vm_id, (state, error) in list(self._unrecorded.items()):
+            try:
+                self._ledger.transition(vm_id, state, error=error)
+            except LedgerError:
+                return  # still full: the next cleanup settles these rows
+            del self._unrecorded[vm_id]
 
     def _transient(self, exc: BaseException) -> bool:
         """Whether the backend judges ``exc`` worth retrying."""
@@ -262,7 +287,7 @@ class Session:
             )
         except BaseException as exc:
             if fails_vm:
-                self._transition(vm.ledger_id, VMState.FAILED, error=f"{op}: {exc}")
+                self._record(vm.ledger_id, VMState.FAILED, error=f"{op}: {exc}")
             raise
 
     def _vm_supports(self, capability: Capability) -> None:
@@ -472,7 +497,7 @@ class Session:
         ``ours`` is False when no attempt can have made a VM (the backend
         said at once that the name was taken): that VM is someone else's.
         """
-        self._transition(vm_id, VMState.FAILED, error=f"{type(exc).__name__}: {exc}")
+        self._record(vm_id, VMState.FAILED, error=f"{type(exc).__name__}: {exc}")
         if ours:
             try:
                 self._backend_delete(name)
@@ -480,7 +505,7 @@ class Session:
                 pass
             except VMLeaseError:
                 return  # stays failed: the reaper or a later cleanup retries the delete
-        self._transition(vm_id, VMState.GONE, error=f"{type(exc).__name__}: {exc}")
+        self._record(vm_id, VMState.GONE, error=f"{type(exc).__name__}: {exc}")
         self._give_back_place(vm_id)
         with self._lock:
             self._vms.pop(vm_id, None)
@@ -491,7 +516,15 @@ class Session:
         if record is None or record.state is VMState.GONE:
             return
         with _signals.shielded(f"deleting VM {name}"):
-            if not self._ledger.take_for_deletion(vm_id, detail=f"deleted by session {self.id}"):
+            try:
+                taken = self._ledger.take_for_deletion(
+                    vm_id, detail=f"deleted by session {self.id}"
+                )
+            except LedgerError as exc:
+                # Deleting never waits on the ledger (a full disk): delete, record later.
+                log.warning("deleting VM %s although %s", name, exc)
+                taken = True
+            if not taken:
                 return  # another process (reaper, cleanup) is deleting it
             vm.last_state = VMState.DELETING
             try:
@@ -499,10 +532,10 @@ class Session:
             except VMNotFound:
                 pass
             except BaseException as exc:
-                self._transition(vm_id, VMState.FAILED, error=f"delete: {exc}")
+                self._record(vm_id, VMState.FAILED, error=f"delete: {exc}")
                 vm.last_state = VMState.FAILED
                 raise
-            self._transition(vm_id, VMState.GONE)
+            self._record(vm_id, VMState.GONE)
             vm.last_state = VMState.GONE
         self._give_back_place(vm_id)
         self._deleted += 1
@@ -557,6 +590,7 @@ class Session:
                     vm.delete()
                 except VMLeaseError as exc:
                     failures.append(f"{vm.name}: {exc}")
+            self._record_later_writes()
             self._backend.close()
             if self._reaper is not None:
                 self._reaper.close()

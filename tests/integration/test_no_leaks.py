@@ -16,10 +16,18 @@ import pytest
 
 import vmlease
 from tests.integration.conftest import assert_nothing_left
-from tests.support.killing import gone_events, kill_trial, leftovers, start_owner
+from tests.support.killing import (
+    gone_events,
+    kill_reaper_then_owner,
+    kill_trial,
+    leftovers,
+    reapers_under,
+    start_owner,
+    wait_until,
+)
 from tests.support.ledger import ledger_of
 from vmlease._identity import current_owner
-from vmlease._reaper import ReaperLink
+from vmlease._reaper import ReaperLink, spawn_reaper
 from vmlease._spec import VMSpec
 from vmlease.backends.qemu import QemuBackend
 
@@ -222,3 +230,38 @@ def test_many_sessions_starting_at_once_share_one_reaper(state: Path) -> None:
         pids = pool.map(_register, [str(state)] * 8)
     assert len(set(pids)) == 1
     assert pids[0] > 0
+
+
+def test_a_killed_reaper_is_replaced_and_a_later_sigkill_still_leaves_nothing(
+    state: Path,
+) -> None:
+    trial = kill_reaper_then_owner(state)
+    assert trial.replaced_s is not None, "no new reaper took the session over"
+    assert trial.leaked == []
+    assert trial.reap_s is not None
+    assert trial.reap_s <= 10.0
+    assert all(d.startswith("reaped: owner pid") for d in gone_events(state))
+
+
+def test_a_session_whose_reaper_cannot_be_replaced_refuses_to_create_and_still_cleans_up(
+    state: Path,
+) -> None:
+    spawns: list[Path] = []
+
+    def spawn_once(state_dir: Path) -> None:
+        if spawns:
+            raise vmlease.ReaperUnavailable("no more reapers")
+        spawns.append(state_dir)
+        spawn_reaper(state_dir)
+
+    link = ReaperLink(state, spawn=spawn_once, timeout_s=2.0)
+    with vmlease.Session(state_dir=state, reaper=link) as session:
+        vm = session.create()
+        [reaper] = reapers_under(state)
+        os.kill(reaper, signal.SIGKILL)
+        assert wait_until(lambda: link.lost == 1 and not link.registered, 10.0)
+        with pytest.raises(vmlease.ReaperUnavailable, match="creates no VM"):
+            session.create()
+        assert vm.run(["true"]).ok
+    assert vm.state is vmlease.VMState.GONE
+    assert_nothing_left(state)

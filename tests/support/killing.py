@@ -13,14 +13,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from tests.support.procs import processes_under
 from vmlease._ledger import Ledger, VMState
 from vmlease._procfs import pids
 
+T = TypeVar("T")
 OWNER = Path(__file__).with_name("owner.py")
 #: Where a kill lands: the marker to wait for, and what it means.
 POINTS = {
@@ -175,3 +177,51 @@ def run_trials(trials: int, seed: int = 0) -> list[Trial]:
         while reapers_under(Path(tmp)) and time.monotonic() < deadline:
             time.sleep(0.1)
     return done
+
+
+@dataclass(frozen=True)
+class ReaperTrial:
+    """A reaper killed under a live owner, then the owner killed."""
+
+    replaced_s: float | None  # SIGKILL of the reaper to a new reaper serving; None: none came
+    reap_s: float | None  # SIGKILL of the owner to nothing left; None: not within the timeout
+    leaked: list[str]
+
+
+def wait_until(check: Callable[[], T | None], timeout_s: float, every_s: float = 0.02) -> T | None:
+    """The first true value ``check`` returns within ``timeout_s``, or None."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() >= deadline:
+            return value or None
+        time.sleep(every_s)
+
+
+def kill_reaper_then_owner(state_dir: Path, timeout_s: float = 10.0) -> ReaperTrial:
+    """SIGKILL the reaper of a live owner with one VM; once another reaper
+    serves, SIGKILL the owner; wait until nothing of it is left."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    owner = start_owner(state_dir)
+    owner.wait_for("READY")
+    [first] = reapers_under(state_dir)
+    os.kill(first, signal.SIGKILL)
+    killed = time.monotonic()
+    # The owner's watcher starts a new reaper and registers with it, which its log says.
+    said = f"] registered pid {owner.proc.pid} "
+
+    def new_reaper() -> int | None:
+        log = (state_dir / "reaper.log").read_text(errors="replace")
+        return next(
+            (p for p in reapers_under(state_dir) if p != first and f"reaper[{p}{said}" in log),
+            None,
+        )
+
+    new = wait_until(new_reaper, timeout_s)
+    replaced_s = time.monotonic() - killed if new else None
+    os.kill(owner.proc.pid, signal.SIGKILL)
+    owner.finish()
+    killed = time.monotonic()
+    clean = wait_until(lambda: not leftovers(state_dir), timeout_s, every_s=0.05)
+    reap_s = time.monotonic() - killed if clean else None
+    return ReaperTrial(replaced_s, reap_s, [] if clean else leftovers(state_dir))

@@ -26,6 +26,8 @@ HELLO, EXEC, STDIN, STDOUT, STDERR, EXIT, KILL, PUT, DATA, GET, OK, ERR, SYNC, S
 _HEADER = struct.Struct(">BI")
 _CHUNK = 256 * 1024
 _KILL_GRACE_S = 10.0
+#: How long a conversation may be silent before ``watch`` is asked why.
+WATCH_EVERY_S = 1.0
 
 
 def _frame(kind: int, payload: bytes = b"") -> bytes:
@@ -48,13 +50,24 @@ class AgentChannel:
         name: the VM name, for messages.
         abort_fd: a file descriptor that becomes readable when the VM's
             process ends (a pidfd), so a dead VM fails every wait at once.
+        watch: called when a conversation has been silent for
+            ``WATCH_EVERY_S``; it raises if the VM cannot answer (QEMU paused it
+            on a host I/O error, say). The channel is then broken.
     """
 
-    def __init__(self, sock: socket.socket, *, name: str, abort_fd: int | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        name: str,
+        abort_fd: int | None = None,
+        watch: Callable[[], None] | None = None,
+    ) -> None:
         self._sock = sock
         self._sock.setblocking(False)
         self._name = name
         self._abort_fd = abort_fd
+        self._watch = watch
         self._buf = bytearray()
         self._broken: str | None = None
 
@@ -78,6 +91,8 @@ class AgentChannel:
             rlist.append(self._abort_fd)
         wlist = [self._sock] if want_write else []
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if self._watch is not None:
+            timeout = WATCH_EVERY_S if timeout is None else min(timeout, WATCH_EVERY_S)
         r, w, _ = select.select(rlist, wlist, [], timeout)
         if self._abort_fd is not None and self._abort_fd in r:
             raise self._fail("the VM's qemu process has exited")
@@ -122,10 +137,20 @@ class AgentChannel:
         source = iter(outgoing)
         pending = bytearray()
         expired = False
+        quiet_since = time.monotonic()
         while True:
             if not pending:
                 pending += next(source, b"")
             readable, writable = self._wait(deadline, want_write=bool(pending))
+            if readable or writable:
+                quiet_since = time.monotonic()
+            elif self._watch is not None and time.monotonic() - quiet_since >= WATCH_EVERY_S:
+                quiet_since = time.monotonic()
+                try:
+                    self._watch()
+                except BaseException as exc:
+                    self._broken = f"{exc}"
+                    raise
             if writable and pending:
                 try:
                     sent = self._sock.send(pending)

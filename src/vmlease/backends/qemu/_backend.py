@@ -33,13 +33,14 @@ from vmlease._errors import (
     BootError,
     ChannelError,
     ConfigError,
+    DiskFull,
     InvalidSpec,
     SnapshotNotFound,
     VMAlreadyExists,
     VMLeaseError,
     VMNotFound,
 )
-from vmlease._paths import ensure_private_dir
+from vmlease._paths import ensure_private_dir, free_bytes, free_space, megabytes
 from vmlease._paths import image_dir as default_image_dir
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._procfs import host_tsc_khz
@@ -75,6 +76,10 @@ _INSTALL = {
     "qemu-img": "apt-get install qemu-utils",
 }
 _RECONNECT_TIMEOUT_S = 10.0
+#: Free room under which a paused guest's disk is taken to have filled its file system.
+_LOW_ROOM = 1 << 20
+#: Room a new VM's disk overlay must have to grow into, in bytes.
+DISK_HEADROOM_BYTES = 32 * 2**20
 _SEED_BYTES = 64
 
 log = logging.getLogger("vmlease.qemu")
@@ -115,7 +120,7 @@ class QemuBackend(Backend):
         self._qemu_img = qemu_img
         self._run = runner or SubprocessRunner()
         self._lock = threading.Lock()
-        self._procs = Processes(self.root, self._run)
+        self._procs = Processes(self.root, self._run, on_silence=self._explain_silence)
         self._config: LaunchConfig | None = None
         self.accel_reason = ""
         if warm_start is None:
@@ -212,7 +217,7 @@ class QemuBackend(Backend):
     # -- the Backend primitives ------------------------------------------
 
     def check_spec(self, spec: VMSpec) -> None:
-        self.launch_config()
+        config = self.launch_config()
         self._require(self._qemu_img)
         image = find_image(self._image_dir, spec.image)
         if spec.memory_mb < image.min_memory_mb:
@@ -220,6 +225,42 @@ class QemuBackend(Backend):
                 f"memory_mb={spec.memory_mb} is too little for image {spec.image!r}: "
                 f"it needs at least {image.min_memory_mb}"
             )
+        self._check_room(config, spec, image)
+
+    def _check_room(self, config: LaunchConfig, spec: VMSpec, image: Image) -> None:
+        """DiskFull, before anything starts, if the VM cannot have the room it needs:
+        headroom for its disk overlay to grow (plus the copy of a booted state's
+        disk), and room for the booted state its boot will save, if any."""
+        found = None
+        needs: list[tuple[Path, int, str]] = []
+        if self.warm is not None:
+            found = self.warm.find(warm_key(config, spec, image))
+            if found is None:
+                state = spec.memory_mb * 2**20 + DISK_HEADROOM_BYTES
+                needs.append((self.warm.root, state, "for the booted state it saves"))
+        copied = found.disk.stat().st_size if found is not None else 0
+        needs.append((self.root, DISK_HEADROOM_BYTES + copied, "for its disk"))
+        by_fs: dict[int, tuple[Path, int, list[str]]] = {}
+        for path, need, why in needs:
+            where = path
+            while not where.exists() and where != where.parent:
+                where = where.parent
+            dev = where.stat().st_dev
+            _, total, whys = by_fs.get(dev, (path, 0, []))
+            by_fs[dev] = (path, total + need, [*whys, f"{megabytes(need)} {why}"])
+        for path, need, whys in by_fs.values():
+            free = free_bytes(path)
+            if free is not None and free < need:
+                raise DiskFull(
+                    f"not enough room for a VM of image {spec.image!r}: {megabytes(free)} free "
+                    f"at {path}, {megabytes(need)} needed ({', '.join(whys)}). Free space "
+                    "(`vmlease image prune` removes unused images and saved states), or "
+                    "point VMLEASE_STATE_DIR (VMs) or VMLEASE_IMAGE_DIR (images) at a "
+                    "larger disk",
+                    path=str(path),
+                    free_bytes=free,
+                    needed_bytes=need,
+                )
 
     def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
         config = self.launch_config()
@@ -349,6 +390,37 @@ class QemuBackend(Backend):
     def _refresh_guest(self, channel: AgentChannel) -> None:
         """After a restore or a start from a saved state: today's time and fresh randomness."""
         channel.set_time(time.time(), _RECONNECT_TIMEOUT_S, seed=os.urandom(_SEED_BYTES))
+
+    def _explain_silence(self, name: str) -> None:
+        """A command in VM ``name`` has said nothing for a while. If QEMU paused the
+        guest on a host I/O error (its disk image could not grow), it will never
+        answer: raise DiskFull (or BackendError for another I/O error) now."""
+        vm_dir = self._dir(name)
+        try:
+            with QMP(vm_dir / QMP_SOCKET, timeout_s=2.0) as qmp:
+                if qmp.execute("query-status", timeout_s=2.0).get("status") != "io-error":
+                    return
+                devices = qmp.execute("query-block", timeout_s=2.0) or []
+        except VMLeaseError:
+            return  # cannot tell from here: keep waiting
+        errors = {
+            str(d.get("io-status")) for d in devices if d.get("io-status") not in (None, "ok")
+        }
+        disk = vm_dir / DISK
+        free = free_bytes(vm_dir)
+        if "nospace" in errors or (free is not None and free < _LOW_ROOM):
+            raise DiskFull(
+                f"VM {name} is paused: its disk {disk} could not grow, the file system "
+                f"holding it is full ({free_space(vm_dir)} free). Free space there "
+                "(`vmlease image prune`, or delete files), or point VMLEASE_STATE_DIR at "
+                "a larger disk; this VM cannot go on and is deleted with its session",
+                path=str(disk),
+                free_bytes=free,
+            )
+        raise BackendError(
+            f"VM {name} is paused: QEMU met a host I/O error on its disk {disk} "
+            f"({', '.join(sorted(errors)) or 'io-error'}); check that file system"
+        )
 
     def wait_ready(self, name: str, timeout_s: float) -> None:
         live = self._procs.attach(name)

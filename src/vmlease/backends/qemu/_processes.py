@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,11 +101,21 @@ class Processes:
     Args:
         root: the directory of VM directories.
         runner: runs ``qemu -daemonize`` (injected for tests).
+        on_silence: ``on_silence(name)`` is called while a conversation with
+            VM ``name``'s agent has been silent for a second, to raise if the
+            VM cannot answer (see ``AgentChannel``).
     """
 
-    def __init__(self, root: Path, runner: Runner) -> None:
+    def __init__(
+        self,
+        root: Path,
+        runner: Runner,
+        *,
+        on_silence: Callable[[str], None] | None = None,
+    ) -> None:
         self.root = root
         self._run = runner
+        self._on_silence = on_silence
         self._lock = threading.Lock()
         self._live: dict[str, Live] = {}
 
@@ -156,7 +167,13 @@ class Processes:
             raise ChannelError(
                 f"cannot connect to the command channel of VM {name}: {exc}"
             ) from exc
-        channel = AgentChannel(sock, name=name, abort_fd=live.pidfd)
+        on_silence = self._on_silence
+        channel = AgentChannel(
+            sock,
+            name=name,
+            abort_fd=live.pidfd,
+            watch=(lambda: on_silence(name)) if on_silence is not None else None,
+        )
         try:
             channel.handshake(timeout_s)
         except BaseException:
