@@ -5,8 +5,9 @@ connects to ``<state>/reaper.sock``, registers its owner identity and waits
 for the acknowledgement before it creates anything. When that connection
 closes, or the owner's pid (with its start time) is no longer alive, the
 reaper deletes the owner's VMs through their backends and records it in the
-ledger. It exits once nobody has been registered for ``idle_exit_s`` (5 s, or
-``$VMLEASE_REAPER_IDLE_S``).
+ledger. It also sweeps, at start and every 30 s (``$VMLEASE_REAPER_SWEEP_S``),
+for VMs past their lease, such as those of a hung owner. It exits once nobody
+has been registered for ``idle_exit_s`` (5 s, or ``$VMLEASE_REAPER_IDLE_S``).
 
 Starting is race-free: ``<state>/reaper.lock`` is held (``flock``) by the one
 serving reaper for as long as it runs, so of several reapers started at once
@@ -75,6 +76,15 @@ def _log_outcomes(outcomes: list[Outcome]) -> None:
         log.info("%s %s (%s)%s", o.action, o.name, o.why, f": {o.error}" if o.error else "")
 
 
+def _seconds_setting(variable: str, default: float) -> float:
+    """A positive number of seconds from the environment, else ``default``."""
+    try:
+        value = float(os.environ.get(variable, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
 # -- the server --------------------------------------------------------------
 
 
@@ -82,6 +92,7 @@ class _Server:
     def __init__(self, state_dir: Path, idle_exit_s: float) -> None:
         self.state_dir = state_dir
         self.idle_exit_s = idle_exit_s
+        self.sweep_every_s = _seconds_setting("VMLEASE_REAPER_SWEEP_S", SWEEP_EVERY_S)
         self.ledger = Ledger(state_dir / "ledger.sqlite3")
         self.backends = Backends(state_dir)
         self.sel = selectors.DefaultSelector()
@@ -159,7 +170,7 @@ class _Server:
         self.sel.register(listener, selectors.EVENT_READ)
         # Owners that died while no reaper ran are handled right away.
         self.sweep()
-        next_sweep = time.monotonic() + SWEEP_EVERY_S
+        next_sweep = time.monotonic() + self.sweep_every_s
         while True:
             for key, _ in self.sel.select(TICK_S):
                 if key.fileobj is listener:
@@ -173,7 +184,7 @@ class _Server:
             self.check_owners()
             if time.monotonic() >= next_sweep:
                 self.sweep()  # leases that expired under a hung but living owner
-                next_sweep = time.monotonic() + SWEEP_EVERY_S
+                next_sweep = time.monotonic() + self.sweep_every_s
             if not self.owners and time.monotonic() - self.idle_since >= self.idle_exit_s:
                 return
 
@@ -464,10 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-exit", type=float, default=None)
     args = parser.parse_args(argv)
     if args.idle_exit is None:
-        try:
-            args.idle_exit = float(os.environ.get("VMLEASE_REAPER_IDLE_S", IDLE_EXIT_S))
-        except ValueError:
-            args.idle_exit = IDLE_EXIT_S
+        args.idle_exit = _seconds_setting("VMLEASE_REAPER_IDLE_S", IDLE_EXIT_S)
     if args.detach:
         return _detach_and_serve(args.state_dir, args.idle_exit)
     _log_to_file(args.state_dir)

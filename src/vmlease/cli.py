@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from vmlease import __version__
 from vmlease._errors import ConfigError, VMLeaseError
-from vmlease._paths import image_dir, state_dir
+from vmlease._paths import image_dir, megabytes, state_dir
 
 if TYPE_CHECKING:
     from vmlease._ledger import Record
@@ -176,40 +176,53 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def cmd_image_ls(args: argparse.Namespace) -> int:
-    from vmlease.backends.qemu.images import list_images
+    from vmlease.backends.qemu._housekeeping import usage
 
-    images = list_images(image_dir())
+    images = usage(image_dir())
     if args.json:
-        data = [
-            {
-                "name": i.name,
-                "build_id": i.build_id,
-                "path": str(i.path),
-                "size_bytes": i.size_bytes,
-                **i.info,
-            }
-            for i in images
-        ]
-        print(json.dumps({"images": data}, indent=2))
+        print(json.dumps({"images": [i.as_dict() for i in images]}, indent=2))
         return 0
     if not images:
         print(f"no images in {image_dir()}; build one with `vmlease image build tiny`")
         return 0
+    rows = []
+    for i in images:
+        current = i.current
+        older = [b for b in i.builds if not b.current]
+        rows.append(
+            [
+                i.name,
+                current.image.build_id if current else "-",
+                megabytes(current.image.size_bytes) if current else "-",
+                f"{len(older)} ({megabytes(sum(b.image.size_bytes for b in older))})",
+                f"{len(i.states)} ({megabytes(i.states_bytes)})",
+                str(sum(len(b.users) for b in i.builds)),
+                megabytes(i.size_bytes),
+            ]
+        )
+    print(_table(["NAME", "BUILD", "SIZE", "OLDER BUILDS", "SAVED STATES", "VMS", "TOTAL"], rows))
+    print(f"in {image_dir()}; `vmlease image prune` removes what no VM can use")
+    return 0
+
+
+def cmd_image_prune(args: argparse.Namespace) -> int:
+    from vmlease.backends.qemu._housekeeping import prune
+
+    removed = prune(image_dir(), dry_run=args.dry_run, everything=args.all)
+    freed = megabytes(sum(r.size_bytes for r in removed))
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "removed": [r.as_dict() for r in removed]}))
+        return 0
+    if not removed:
+        print("nothing to prune")
+        return 0
     print(
         _table(
-            ["NAME", "BUILD", "SIZE", "KERNEL", "PATH"],
-            [
-                [
-                    i.name,
-                    i.build_id,
-                    f"{i.size_bytes / 2**20:.0f} MiB",
-                    i.info.get("kernel_release", "?"),
-                    str(i.path),
-                ]
-                for i in images
-            ],
+            ["WHAT", "NAME", "SIZE", "WHY"],
+            [[r.what, r.name, megabytes(r.size_bytes), r.why] for r in removed],
         )
     )
+    print(f"{'would free' if args.dry_run else 'freed'} {freed}")
     return 0
 
 
@@ -299,9 +312,22 @@ def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
     build.add_argument("--kernel-deb", metavar="FILE", help="use this Debian kernel package")
     build.set_defaults(func=cmd_image_build)
-    ils = isub.add_parser("ls", help="list cached images")
+    ils = isub.add_parser("ls", help="list cached images, their saved states and their sizes")
     ils.add_argument("--json", action="store_true", help="print JSON")
     ils.set_defaults(func=cmd_image_ls)
+    prune = isub.add_parser(
+        "prune",
+        help="remove image builds, saved states and downloads that no VM can use",
+        description="Removes builds that new VMs do not use and no VM's disk lies on, "
+        "saved booted states of such builds (and beyond the cap per image), unused "
+        "downloads, and leftovers of interrupted builds. Current builds stay unless --all.",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed")
+    prune.add_argument(
+        "--all", action="store_true", help="also remove current builds that no VM uses"
+    )
+    prune.add_argument("--json", action="store_true", help="print JSON")
+    prune.set_defaults(func=cmd_image_prune)
     return parser
 
 

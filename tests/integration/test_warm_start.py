@@ -148,3 +148,19 @@ def test_the_shape_of_a_vm_is_part_of_its_state(
         assert total_kb > 300_000
         again = session.create(memory_mb=384)
         assert "warm" in record(state, again)
+
+
+def test_a_vm_is_recorded_under_its_build_and_its_saved_state_is_private(
+    backend: QemuBackend, state: Path, images: Path
+) -> None:
+    with vmlease.Session(backend=backend, state_dir=state) as session:
+        vm = session.create()
+        build = Path(str(record(state, vm)["image"]))
+        users = [link.readlink() for link in (build / ".users").iterdir()]
+        assert state / "qemu" / vm.name in users
+        [saved] = [p for p in (images / "_warm").iterdir() if not p.name.startswith(".")]
+        assert saved.stat().st_mode & 0o777 == 0o700
+        assert (saved / "state").stat().st_mode & 0o777 == 0o600
+        vm.delete()
+        users = [link.readlink() for link in (build / ".users").iterdir()]
+        assert state / "qemu" / vm.name not in users

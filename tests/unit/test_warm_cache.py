@@ -90,7 +90,7 @@ def test_prune_drops_states_of_removed_builds_and_old_leftovers(tmp_path: Path) 
     os.utime(old_tmp, (0, 0))
 
     removed = cache.prune()
-    assert sorted(removed) == sorted(["gone", old_tmp.name])
+    assert sorted(r.name for r in removed) == sorted(["gone", old_tmp.name])
     assert sorted(p.name for p in cache.root.iterdir()) == sorted(["kept", fresh_tmp.name])
     assert json.loads((cache.root / "kept" / "meta.json").read_text())["key"] == "kept"
 

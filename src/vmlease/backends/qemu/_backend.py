@@ -22,7 +22,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from vmlease._checks import Check, Severity, disk_check
@@ -66,8 +66,20 @@ from vmlease.backends.qemu._processes import (
     wait_exit,
 )
 from vmlease.backends.qemu._qmp import QMP, try_quit
-from vmlease.backends.qemu._states import WarmCache, WarmState, load_state, warm_key
-from vmlease.backends.qemu.images import Image, find_image, list_images
+from vmlease.backends.qemu._states import (
+    WarmCache,
+    WarmState,
+    load_state,
+    states_per_image_setting,
+    warm_key,
+)
+from vmlease.backends.qemu.images import (
+    Image,
+    add_user,
+    find_image,
+    list_images,
+    remove_user,
+)
 
 __all__ = ["QemuBackend"]
 
@@ -76,6 +88,8 @@ _INSTALL = {
     "qemu-img": "apt-get install qemu-utils",
 }
 _RECONNECT_TIMEOUT_S = 10.0
+#: How long a broken channel waits to see whether QEMU is ending (a guest panic).
+_EXIT_GRACE_S = 1.0
 #: Free room under which a paused guest's disk is taken to have filled its file system.
 _LOW_ROOM = 1 << 20
 #: Room a new VM's disk overlay must have to grow into, in bytes.
@@ -97,6 +111,8 @@ class QemuBackend(Backend):
         env: environment to read settings from (default ``os.environ``).
         warm_start: start VMs from saved booted states (default on;
             ``VMLEASE_QEMU_WARM=off`` turns it off). Off, every VM boots.
+        states_per_image: keep at most this many saved booted states per image,
+            the least recently used going first (``VMLEASE_QEMU_STATES``, default 6).
     """
 
     name = "qemu"
@@ -112,6 +128,7 @@ class QemuBackend(Backend):
         runner: Runner | None = None,
         env: Mapping[str, str] | None = None,
         warm_start: bool | None = None,
+        states_per_image: int | None = None,
     ) -> None:
         self._env = dict(os.environ if env is None else env)
         self.root = (state_dir or default_state_dir(self._env)) / "qemu"
@@ -128,7 +145,18 @@ class QemuBackend(Backend):
             if setting not in ("on", "off"):
                 raise ConfigError(f"VMLEASE_QEMU_WARM must be 'on' or 'off', not {setting!r}")
             warm_start = setting == "on"
-        self.warm = WarmCache(self._image_dir / "_warm") if warm_start else None
+        keep = (
+            states_per_image
+            if states_per_image is not None
+            else states_per_image_setting(self._env)
+        )
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ConfigError(
+                f"states_per_image must be a whole number of at least 1, not {keep!r}"
+            )
+        self.warm = (
+            WarmCache(self._image_dir / "_warm", keep_per_image=keep) if warm_start else None
+        )
         # VMs booted by this process whose booted state is to be saved: name -> key.
         self._save_after_boot: dict[str, tuple[str, Image]] = {}
 
@@ -272,6 +300,7 @@ class QemuBackend(Backend):
             raise VMAlreadyExists(f"the qemu backend already has a VM named {name!r}") from exc
         deadline = time.monotonic() + timeout_s
         try:
+            add_user(image.path, vm_dir)  # no prune removes the build under this VM
             launch = qemu_argv(config, vm_dir, name, spec, image)
             record = {
                 "name": name,
@@ -300,6 +329,7 @@ class QemuBackend(Backend):
             self._forget(name)
             kill_all(vm_dir)
             shutil.rmtree(vm_dir, ignore_errors=True)
+            remove_user(image.path, vm_dir)
             raise
 
     def _make_disk(self, name: str, vm_dir: Path, image: Image, timeout_s: float) -> None:
@@ -367,6 +397,8 @@ class QemuBackend(Backend):
                 )
                 if done.exit_code != 0:
                     raise ChannelError(f"naming the guest failed: {done.stderr!r}")
+            if self.warm is not None:
+                self.warm.touch(found.key)  # the least recently used states go first
             return True
         except BackendTimeout:
             raise
@@ -474,12 +506,18 @@ class QemuBackend(Backend):
         """
         vm_dir = self._dir(name)
         existed = vm_dir.is_dir()
+        try:
+            build = Path(json.loads((vm_dir / "vm.json").read_text())["image"])
+        except (OSError, ValueError, KeyError):
+            build = None
         self._forget(name)
         killed = kill_all(vm_dir)
         shutil.rmtree(vm_dir, ignore_errors=True)
         killed += kill_all(vm_dir)
         if vm_dir.exists():
             raise BackendError(f"could not remove {vm_dir}")
+        if build is not None:
+            remove_user(build, vm_dir)
         if not existed and not killed:
             raise VMNotFound(f"the qemu backend has no VM named {name!r}")
 
@@ -507,22 +545,42 @@ class QemuBackend(Backend):
         cwd: str | None,
         timeout_s: float | None,
     ) -> ExecResult:
-        live = self._procs.attach(name)
-        with live.lock:
-            channel = self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
+        with self._agent(name) as channel:
             return channel.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout_s=timeout_s)
 
     def put(self, name: str, local: Path, remote: str) -> None:
-        live = self._procs.attach(name)
-        with live.lock:
-            channel = self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
+        with self._agent(name) as channel:
             channel.put(local, remote, local.stat().st_mode & 0o7777)
 
     def get(self, name: str, remote: str, local: Path) -> None:
+        with self._agent(name) as channel:
+            channel.get(remote, local)
+
+    @contextlib.contextmanager
+    def _agent(self, name: str) -> Iterator[AgentChannel]:
+        """The agent channel of running VM ``name``, held for one operation.
+
+        If the channel breaks because the VM ended (its QEMU was killed from
+        outside, or the guest panicked and QEMU exited), the error says the
+        VM is gone and shows the console's last lines.
+        """
         live = self._procs.attach(name)
         with live.lock:
-            channel = self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
-            channel.get(remote, local)
+            try:
+                yield self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
+            except ChannelError as exc:
+                if not wait_exit(live, _EXIT_GRACE_S):
+                    raise
+                raise ChannelError(
+                    f"VM {name} is gone: its QEMU process ended ({exc}); its console "
+                    f"said:\n{self._last_words(name)}"
+                ) from exc
+
+    def _last_words(self, name: str, lines: int = 25) -> str:
+        """The console's last lines, from the kernel's panic line when it panicked."""
+        tail = self.console_tail(name, 200).splitlines()
+        at = max((i for i, line in enumerate(tail) if "Kernel panic" in line), default=-1)
+        return "\n".join(tail[at : at + lines] if at >= 0 else tail[-lines:])
 
     def _hmp(self, name: str, command: str, timeout_s: float) -> None:
         """Run a human-monitor command; its output is empty on success, the error otherwise.

@@ -24,6 +24,7 @@ is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,16 +32,25 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmlease._errors import BackendError, BackendTimeout, VMLeaseError
+from vmlease._errors import BackendError, BackendTimeout, ConfigError, VMLeaseError
 from vmlease._spec import VMSpec
 from vmlease.backends.qemu._launch import CONSOLE_LOG, QMP_SOCKET, LaunchConfig, qemu_argv
 from vmlease.backends.qemu._qmp import QMP
 from vmlease.backends.qemu.images import Image
 
-__all__ = ["WarmCache", "WarmState", "load_state", "warm_key"]
+__all__ = [
+    "Pruned",
+    "StateInfo",
+    "WarmCache",
+    "WarmState",
+    "load_state",
+    "states_per_image_setting",
+    "warm_key",
+]
 
 log = logging.getLogger("vmlease.qemu")
 
@@ -51,8 +61,21 @@ DISK = "disk.qcow2"
 CONSOLE = "console.log"
 META = "meta.json"
 _STALE_TMP_S = 3600.0
+#: Saved booted states kept per image unless VMLEASE_QEMU_STATES says otherwise.
+DEFAULT_STATES_PER_IMAGE = 6
 #: The longest saving a booted state may take before it is given up.
 SAVE_TIMEOUT_S = 30.0
+
+
+def states_per_image_setting(env: Mapping[str, str]) -> int:
+    """How many saved states to keep per image: ``$VMLEASE_QEMU_STATES``, or the default."""
+    text = env.get("VMLEASE_QEMU_STATES", "").strip() or str(DEFAULT_STATES_PER_IMAGE)
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(
+            f"VMLEASE_QEMU_STATES must be a whole number of at least 1, not {text!r}"
+        ) from None
 
 
 def warm_key(config: LaunchConfig, spec: VMSpec, image: Image) -> str:
@@ -98,8 +121,10 @@ class WarmState:
 class WarmCache:
     """The booted states under ``root`` (``<image dir>/_warm``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, keep_per_image: int | None = None) -> None:
         self.root = root
+        #: At most this many states per image are kept (least recently used go first).
+        self.keep_per_image = keep_per_image
 
     def find(self, key: str) -> WarmState | None:
         found = WarmState(key, self.root / key)
@@ -109,9 +134,9 @@ class WarmCache:
 
     def begin(self, key: str) -> Path:
         """A private directory to write a state for ``key`` into, before ``commit``."""
-        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.root / f".{key}.{os.getpid()}.{secrets.token_hex(4)}"
-        tmp.mkdir(mode=0o755)
+        tmp.mkdir(mode=0o700)  # a state holds guest memory: its user's alone
         return tmp
 
     def commit(self, tmp: Path, key: str, meta: dict[str, object]) -> bool:
@@ -154,7 +179,7 @@ class WarmCache:
             with QMP(vm_dir / QMP_SOCKET, timeout_s=SAVE_TIMEOUT_S) as qmp:
                 qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                fd = os.open(tmp / STATE, flags, 0o644)
+                fd = os.open(tmp / STATE, flags, 0o600)
                 try:
                     qmp.pass_fd("warm", fd)
                 finally:
@@ -197,30 +222,122 @@ class WarmCache:
                 key,
                 time.monotonic() - started,
             )
-            self.prune()
+            self.prune(keep_per_image=self.keep_per_image)
 
-    def prune(self, now: float | None = None) -> list[str]:
-        """Remove states whose image build is gone and half-written leftovers; returns what went."""
+    def touch(self, key: str) -> None:
+        """Note that a VM just started from the state for ``key`` (for least-recently-used)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.root / key)
+
+    def states(self) -> list[StateInfo]:
+        """Every complete state, most recently used first."""
+        found = []
+        for entry in self.root.iterdir() if self.root.is_dir() else []:
+            if entry.name.startswith("."):
+                continue
+            try:
+                meta = json.loads((entry / META).read_text())
+                size = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
+                used = entry.stat().st_mtime
+            except (OSError, ValueError):
+                continue
+            found.append(
+                StateInfo(
+                    key=entry.name,
+                    path=entry,
+                    image=str(meta.get("image", "?")),
+                    image_path=str(meta.get("image_path", "")),
+                    size_bytes=size,
+                    last_used=used,
+                )
+            )
+        return sorted(found, key=lambda s: s.last_used, reverse=True)
+
+    def prune(
+        self,
+        now: float | None = None,
+        *,
+        keep_per_image: int | None = None,
+        builds: set[str] | None = None,
+        dry_run: bool = False,
+    ) -> list[Pruned]:
+        """Remove states that will not be used, and half-written leftovers.
+
+        Goes: a state whose image build is gone (or, given ``builds``, is not
+        one of those build directories); beyond ``keep_per_image`` states of
+        one image, the least recently used; a leftover of a save older than
+        an hour. Returns what went (or, with ``dry_run``, would go).
+        """
         if not self.root.is_dir():
             return []
         now = time.time() if now is None else now
-        removed = []
+        removed: list[Pruned] = []
         for entry in self.root.iterdir():
             try:
-                if entry.name.startswith("."):
-                    if now - entry.stat().st_mtime > _STALE_TMP_S:
-                        shutil.rmtree(entry, ignore_errors=True)
-                        removed.append(entry.name)
+                if not entry.name.startswith(".") or now - entry.stat().st_mtime <= _STALE_TMP_S:
                     continue
-                image_path = json.loads((entry / META).read_text()).get("image_path", "")
-            except (OSError, ValueError):
+                size = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
+            except OSError:
                 continue
-            if image_path and not Path(image_path).is_dir():
-                self.discard(entry.name)
-                removed.append(entry.name)
-        if removed:
-            log.info("removed %d stale booted state(s) from %s", len(removed), self.root)
+            removed.append(Pruned(entry.name, entry, size, "left by a save that did not finish"))
+        kept: dict[str, int] = {}
+        for state in self.states():
+            if not state.image_path or not Path(state.image_path).is_dir():
+                removed.append(state.pruned("its image build is gone"))
+            elif builds is not None and state.image_path not in builds:
+                removed.append(state.pruned("its image build is not one new VMs use"))
+            else:
+                kept[state.image] = kept.get(state.image, 0) + 1
+                if keep_per_image is not None and kept[state.image] > keep_per_image:
+                    removed.append(
+                        state.pruned(
+                            f"more than {keep_per_image} states of {state.image}: "
+                            "the least recently used go"
+                        )
+                    )
+        if not dry_run:
+            for gone in removed:
+                if gone.name.startswith("."):
+                    shutil.rmtree(gone.path, ignore_errors=True)
+                else:
+                    self.discard(gone.name)
+            if removed:
+                log.info("removed %d booted state(s) from %s", len(removed), self.root)
         return removed
+
+
+@dataclass(frozen=True, slots=True)
+class StateInfo:
+    """A saved booted state in the cache.
+
+    Attributes:
+        key: its key.
+        path: its directory.
+        image: the image it was saved from, by name.
+        image_path: that image's build directory.
+        size_bytes: what it takes on disk.
+        last_used: when a VM last started from it (or it was saved), seconds since the epoch.
+    """
+
+    key: str
+    path: Path
+    image: str
+    image_path: str
+    size_bytes: int
+    last_used: float
+
+    def pruned(self, why: str) -> Pruned:
+        return Pruned(self.key, self.path, self.size_bytes, why)
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """A state (or a leftover of one) that a prune removed, or would."""
+
+    name: str
+    path: Path
+    size_bytes: int
+    why: str
 
 
 def load_state(vm_dir: Path, name: str, found: WarmState, deadline: float) -> None:

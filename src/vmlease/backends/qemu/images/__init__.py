@@ -10,17 +10,30 @@
 
 from __future__ import annotations
 
-from vmlease.backends.qemu.images._catalog import Image, Recipe, list_images, load_current
+from vmlease.backends.qemu.images._catalog import (
+    Build,
+    Image,
+    Recipe,
+    add_user,
+    all_builds,
+    list_images,
+    load_current,
+    remove_user,
+)
 from vmlease.backends.qemu.images._recipes import RECIPES, find_image, recipe
 from vmlease.backends.qemu.images._tiny import build_tiny
 
 __all__ = [
     "RECIPES",
+    "Build",
     "Image",
     "Recipe",
+    "add_user",
+    "all_builds",
     "build_tiny",
     "find_image",
     "list_images",
     "load_current",
     "recipe",
+    "remove_user",
 ]

@@ -3,6 +3,8 @@
 Layout under the image directory::
 
     <name>/<build-id>/manifest.json   one build, never changed once complete
+    <name>/<build-id>/.users/<id>     a link to each VM directory whose disk
+                                      is an overlay on this build
     <name>/current -> <build-id>      the build new VMs use
 
 A rebuild writes a new build directory and then swings ``current``, so VMs
@@ -11,6 +13,7 @@ whose disks are overlays on an older build keep working.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +22,18 @@ from typing import Any
 
 from vmlease._errors import ImageNotFound
 
-__all__ = ["Image", "Recipe", "list_images", "load_current"]
+__all__ = [
+    "Build",
+    "Image",
+    "Recipe",
+    "add_user",
+    "all_builds",
+    "list_images",
+    "load_current",
+    "remove_user",
+]
+
+_USERS = ".users"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +84,71 @@ def _load(build: Path) -> Image:
         size_bytes=size,
         info={str(k): str(v) for k, v in data.get("info", {}).items()},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Build:
+    """One build of an image in the cache, current or not.
+
+    Attributes:
+        image: the image it is a build of.
+        current: whether new VMs use it.
+        users: VM directories whose disks are overlays on it (they still exist).
+    """
+
+    image: Image
+    current: bool
+    users: tuple[Path, ...]
+
+
+def _user_link(build: Path, vm_dir: Path) -> Path:
+    digest = hashlib.sha256(str(vm_dir).encode()).hexdigest()[:20]
+    return build / _USERS / digest
+
+
+def add_user(build: Path, vm_dir: Path) -> None:
+    """Record that the VM in ``vm_dir`` has a disk on ``build`` (so no prune removes it)."""
+    link = _user_link(build, vm_dir)
+    link.parent.mkdir(mode=0o700, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(vm_dir)
+
+
+def remove_user(build: Path, vm_dir: Path) -> None:
+    """The VM in ``vm_dir`` is gone: ``build`` no longer serves it."""
+    _user_link(build, vm_dir).unlink(missing_ok=True)
+
+
+def _users(build: Path) -> tuple[Path, ...]:
+    """VM directories that use ``build`` and still exist (a link to a gone one is ignored)."""
+    folder = build / _USERS
+    links = sorted(folder.iterdir()) if folder.is_dir() else []
+    return tuple(t for t in (link.readlink() for link in links) if (t / "vm.json").is_file())
+
+
+def all_builds(image_dir: Path) -> list[Build]:
+    """Every complete build in the cache, by image name and age (newest first)."""
+    found = []
+    for entry in sorted(image_dir.iterdir()) if image_dir.is_dir() else []:
+        if entry.name.startswith((".", "_")) or not entry.is_dir():
+            continue
+        try:
+            current = (entry / "current").resolve(strict=True)
+        except OSError:
+            current = None
+        builds = []
+        for build in entry.iterdir():
+            if not (build / "manifest.json").is_file() or build.is_symlink():
+                continue
+            try:
+                image = _load(build)
+            except (OSError, ValueError, KeyError):
+                continue
+            builds.append(Build(image, build == current, _users(build)))
+        # Newest first, by when the build was finished (its manifest is written last).
+        builds.sort(key=lambda b: (b.image.path / "manifest.json").stat().st_mtime, reverse=True)
+        found += builds
+    return found
 
 
 def load_current(image_dir: Path, name: str) -> Image:
