@@ -6,6 +6,7 @@ python -m benchmarks reap       SIGKILL trials: leaks and time to reap
 python -m benchmarks suite      a model suite in three modes: efficiency, restore, overhead
 python -m benchmarks faults     the example suite under injected faults: passes, retries, leaks
 python -m benchmarks startup    the plugin's import cost and the command's start-up time
+python -m benchmarks chaos      faults of the machinery and the host: leaks, time to clean, errors
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import faults, reap, spine, startup, suite
+from benchmarks import chaos, faults, reap, spine, startup, suite
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument(
-        "which", nargs="*", metavar="spine|reap|suite|faults|startup", help="default: all"
+        "which", nargs="*", metavar="spine|reap|suite|faults|startup|chaos", help="default: all"
     )
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
     parser.add_argument("--round-trips", type=int, default=200, help="P4 samples")
@@ -28,6 +29,7 @@ def main() -> int:
     parser.add_argument("--tests", type=int, default=200, help="model tests per suite mode")
     parser.add_argument("--fault-runs", type=int, default=5, help="example runs with faults")
     parser.add_argument("--startup-runs", type=int, default=15, help="start-up samples per tree")
+    parser.add_argument("--chaos-trials", type=int, default=5, help="trials of each fault")
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -37,7 +39,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5 (the figures are medians of at least 5)")
-    names = ["spine", "reap", "suite", "faults", "startup"]
+    names = ["spine", "reap", "suite", "faults", "startup", "chaos"]
     unknown = set(args.which) - set(names)
     if unknown:
         parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose {', '.join(names)}")
@@ -51,6 +53,8 @@ def main() -> int:
         code |= suite.main(tests=args.tests)
     if "faults" in which:
         code |= faults.main(runs=args.fault_runs)
+    if "chaos" in which:
+        code |= chaos.main(trials=args.chaos_trials)
     if "startup" in which:
         code |= startup.main(runs=args.startup_runs, baseline=args.baseline)
     return code

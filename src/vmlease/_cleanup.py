@@ -201,11 +201,14 @@ def delete_records(
     *,
     reason: str,
     dry_run: bool = False,
+    take_over: bool = False,
 ) -> list[Outcome]:
     """Delete the VMs of ``records`` (each with why it is deleted) through their backends.
 
     Each row is first taken in the ledger (``take_for_deletion``), so a VM
-    another process is deleting is left to it. Then the second check
+    another process is deleting is left to it; with ``take_over`` (the
+    reaper, for an owner that just died, perhaps while deleting) such a
+    claim is taken over at once: deleting twice is harmless, waiting leaks. Then the second check
     (:func:`check_ownership`) must agree. A failed delete, or a VM whose
     ownership cannot be proven, leaves the row ``failed`` (or still ``kept``)
     with the reason, for a later cleanup.
@@ -219,7 +222,9 @@ def delete_records(
         unrecorded = ""
         if not dry_run:
             try:
-                taken = ledger.take_for_deletion(record.id, detail=f"{reason} ({why})")
+                taken = ledger.take_for_deletion(
+                    record.id, detail=f"{reason} ({why})", stale_after_s=0.0 if take_over else 60.0
+                )
             except LedgerError as exc:
                 taken, unrecorded = True, str(exc)
             if not taken:

@@ -112,7 +112,11 @@ class _Server:
             return
         _log_outcomes(
             delete_records(
-                self.ledger, rows, self.backends, reason=f"reaped: owner pid {owner.pid} {why}"
+                self.ledger,
+                rows,
+                self.backends,
+                reason=f"reaped: owner pid {owner.pid} {why}",
+                take_over=True,  # the owner may have died halfway through deleting
             )
         )
 

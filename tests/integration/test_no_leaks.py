@@ -265,3 +265,13 @@ def test_a_session_whose_reaper_cannot_be_replaced_refuses_to_create_and_still_c
         assert vm.run(["true"]).ok
     assert vm.state is vmlease.VMState.GONE
     assert_nothing_left(state)
+
+
+def test_an_owner_killed_while_it_deletes_leaves_nothing(state: Path) -> None:
+    owner = start_owner(state, "--count", "1", "--delete-pause", "0.5")
+    owner.wait_for("READY")
+    owner.proc.send_signal(signal.SIGTERM)  # the session starts deleting its VM ...
+    owner.wait_for("DELETING")
+    os.kill(owner.proc.pid, signal.SIGKILL)  # ... and dies halfway
+    owner.finish()
+    assert wait_until(lambda: not leftovers(state), 10.0), leftovers(state)

@@ -11,17 +11,19 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.support.killing import wait_until
 from tests.support.procs import processes_under
+
+
+class CannotMount(RuntimeError):
+    """This process may not mount a file system here (it is not root, say)."""
 
 
 @contextlib.contextmanager
 def small_filesystem(size_mb: int) -> Iterator[Path]:
     """A fresh tmpfs of ``size_mb`` MiB (mode 0700), unmounted and removed afterwards.
 
-    Skips the test, saying why, where this process may not mount one.
+    Raises CannotMount, saying why, where this process may not mount one.
     """
     mount = Path(tempfile.mkdtemp(prefix="vmlease-small-"))
     done = subprocess.run(
@@ -33,7 +35,7 @@ def small_filesystem(size_mb: int) -> Iterator[Path]:
     )
     if done.returncode != 0:
         mount.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); run as root")
+        raise CannotMount(f"cannot mount a tmpfs here ({done.stderr.strip()}); run as root")
     try:
         yield mount
     finally:
@@ -44,7 +46,7 @@ def small_filesystem(size_mb: int) -> Iterator[Path]:
         )
         shutil.rmtree(mount, ignore_errors=True)
     if not reapers:
-        pytest.fail(f"a reaper under {mount} did not exit")
+        raise AssertionError(f"a reaper under {mount} did not exit")
 
 
 def fill(directory: Path) -> Path:

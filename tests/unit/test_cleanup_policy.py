@@ -266,3 +266,21 @@ def test_a_vm_marked_just_before_its_owner_died_is_known_by_its_mark(tmp_path: P
     other = ledger.claim(name="db", backend="shared", owner=dead_owner(), spec="{}")
     fake = SharedFake(vms={"db": "running"}, marks={"db": f"vmlease:deadsess:{other.id + 1}:ab"})
     assert _run(tmp_path, fake)["db"][0] == "unconfirmed"
+
+
+def test_cleanup_settles_rows_whose_vm_is_gone_but_never_one_being_made(
+    world: tuple[Ledger, FakeBackend], tmp_path: Path
+) -> None:
+    ledger, fake = world
+    # The live owner's VM went while the ledger could not record it (a full disk).
+    del fake.vms["vmlease-live-1"]
+    making = ledger.claim(
+        name="vmlease-live-2", backend="fake", owner=current_owner("live"), spec="{}"
+    )
+    ledger.transition(making.id, VMState.CREATING)  # not made yet: must stay
+    outcomes = cleanup(tmp_path, known={"fake": fake})
+    assert sorted((o.name, o.why, o.action) for o in outcomes) == [
+        ("vmlease-dead-1", "orphaned", "deleted"),
+        ("vmlease-live-1", "missing", "already gone"),
+    ]
+    assert [(r.name, r.state) for r in ledger.records()] == [("vmlease-live-2", VMState.CREATING)]

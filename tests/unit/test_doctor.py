@@ -48,6 +48,8 @@ def test_a_ready_machine_passes_with_warnings_only(
     assert checks["image cache"]["status"] == "warn"  # an empty image directory
     assert "vmlease image build tiny" in checks["image cache"]["message"]
     assert checks["orphaned VMs"]["status"] == "ok"
+    for where in ("state", "images"):  # the state directory and the image cache
+        assert "free at" in checks[f"free disk ({where})"]["message"]
 
 
 def test_a_missing_program_fails_with_the_install_command(

@@ -53,9 +53,22 @@ class ImageUsage:
         return sum(s.size_bytes for s in self.states)
 
     def as_dict(self) -> dict[str, object]:
+        """The current build as ``image ls --json`` always showed it, then every build
+        and state with what each takes."""
+        current = self.current
         return {
             "name": self.name,
-            "size_bytes": self.size_bytes,
+            **(
+                {
+                    "build_id": current.image.build_id,
+                    "path": str(current.image.path),
+                    "size_bytes": current.image.size_bytes,
+                    **current.image.info,
+                }
+                if current is not None
+                else {}
+            ),
+            "total_bytes": self.size_bytes,
             "builds": [
                 {
                     "build_id": b.image.build_id,
