@@ -45,6 +45,7 @@ from tests.support.killing import (
     wait_until,
 )
 from tests.support.ledger import ledger_records
+from tests.support.procs import processes_under
 
 import vmlease
 from vmlease._cleanup import cleanup
@@ -181,6 +182,9 @@ def main(*, trials: int) -> int:
                     continue
                 results[kind] = _summary(outcomes)
             wait_until(lambda: not reapers_under(Path(tmp)), 15.0)
+            # A leaking trial is counted above; what it left must not outlive the run.
+            for pid in processes_under(Path(tmp), b"qemu-system") + reapers_under(Path(tmp)):
+                os.kill(pid, signal.SIGKILL)
     finally:
         for key, value in saved.items():
             if value is None:
