@@ -135,12 +135,115 @@ def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
     return bytes(out)
 
 
+#: Where a static busybox may be (Debian's busybox-static).
+BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
+#: The meta-package whose current kernel every image boots.
+KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
+#: Tools every recipe needs (program -> Debian package).
+COMMON_TOOLS = {
+    "dpkg-deb": "dpkg",
+    "apt-get": "apt",
+    "gcc": "gcc",
+    "lz4": "lz4",
+    "mke2fs": "e2fsprogs",
+    "qemu-img": "qemu-utils",
+}
+#: Drivers the stage-1 initramfs loads to reach the root disk and the agent's port.
+STAGE1_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng")
+
+
+def find_busybox() -> Path | None:
+    """A statically linked busybox on this host, if there is one."""
+    return next(
+        (Path(p) for p in BUSYBOX_PATHS if Path(p).is_file() and is_static_elf(Path(p))), None
+    )
+
+
+def require_tools(recipe: str, tools: Mapping[str, str], *, busybox: bool = True) -> Path | None:
+    """Check every tool a recipe needs at once; ImageBuildError with one install line.
+
+    Returns the static busybox when ``busybox`` is asked for.
+    """
+    missing = missing_tools(tools)
+    found = find_busybox() if busybox else None
+    packages = set(missing.values()) | ({"busybox-static"} if busybox and found is None else set())
+    if packages:
+        what = ", ".join([*missing, *(["a static busybox"] if busybox and found is None else [])])
+        libc = " libc6-dev" if "gcc" in missing else ""
+        raise ImageBuildError(
+            f"cannot build the {recipe} image: missing {what}. "
+            f"Install with: apt-get install {' '.join(sorted(packages))}{libc}"
+        )
+    return found
+
+
 class Steps:
     """Running a build's tools: a failure is an ImageBuildError saying what failed."""
 
     def __init__(self, runner: Runner, progress: Progress) -> None:
         self.run = runner
         self.say = progress
+
+    def kernel_package(self, downloads: Path, given: Path | None = None) -> Path:
+        """The Debian cloud kernel package: ``given``, or the current one, downloaded once."""
+        if given is not None:
+            if not given.is_file():
+                raise ImageBuildError(f"kernel package {given} does not exist")
+            return given
+        done = self.check(
+            ["apt-cache", "depends", KERNEL_META_PACKAGE], "looking up the cloud kernel", 60
+        )
+        m = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)\b", done.stdout)
+        if not m:
+            raise ImageBuildError(
+                f"apt does not know {KERNEL_META_PACKAGE}: run `apt-get update` and try again"
+            )
+        package = m.group(1)
+        cached = sorted(downloads.glob(f"{package}_*.deb"))
+        if cached:
+            return cached[-1]
+        self.say(f"downloading {package} (apt-get download)")
+        downloads.mkdir(parents=True, exist_ok=True)
+        self.check(
+            ["apt-get", "download", package],
+            f"downloading {package}; if apt cannot find it, run `apt-get update`",
+            600,
+            cwd=downloads,
+        )
+        cached = sorted(downloads.glob(f"{package}_*.deb"))
+        if not cached:
+            raise ImageBuildError(f"apt-get download {package} left no package file")
+        return cached[-1]
+
+    def unpack_kernel(self, deb: Path, work: Path, out: Path) -> tuple[Path, str]:
+        """Unpack ``deb`` under ``work``; the PVH ``vmlinux`` goes to ``out``.
+
+        Returns the unpacked package's root and the kernel release.
+        """
+        self.say(f"unpacking {deb.name}")
+        pkg = work / "pkg"
+        self.check(["dpkg-deb", "-x", str(deb), str(pkg)], "unpacking the kernel package")
+        vmlinuz = next(iter(sorted((pkg / "boot").glob("vmlinuz-*"))), None)
+        if vmlinuz is None:
+            raise ImageBuildError(f"{deb.name} holds no /boot/vmlinuz-*: not a kernel package")
+        self.say("extracting the PVH kernel")
+        self.vmlinux(vmlinuz, out / "vmlinux")
+        return pkg, vmlinuz.name.removeprefix("vmlinuz-")
+
+    def stage1_initramfs(self, busybox: Path, pkg: Path, kver: str, out: Path) -> None:
+        """``out``: busybox, the virtio drivers, and ``stage1-init``, which loads
+        them, mounts ``/dev/vda`` and hands over to its ``/sbin/init``."""
+        self.say("assembling the initramfs")
+        modules = load_order(pkg / "lib/modules" / kver / "kernel", STAGE1_MODULES)
+        entries: list[tuple[str, int, bytes]] = [
+            (d, 0o040755, b"") for d in ("bin", "dev", "proc", "newroot", "lib", "lib/modules")
+        ]
+        entries.append(("bin/busybox", 0o100755, busybox.read_bytes()))
+        entries.append(("init", 0o100755, guest_file("guest/stage1-init")))
+        entries.extend((f"lib/modules/{m.name}", 0o100644, m.read_bytes()) for m in modules)
+        order = "\n".join(m.stem for m in modules) + "\n"
+        entries.append(("lib/modules/load-order", 0o100644, order.encode()))
+        out.write_bytes(cpio_newc(entries))
 
     def check(
         self, argv: list[str], what: str, timeout_s: float = 300.0, **kw: object

@@ -20,45 +20,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from vmlease._errors import ImageBuildError
 from vmlease._runner import Runner, SubprocessRunner
 from vmlease.backends.qemu.images._catalog import Image, Recipe, load_current
 from vmlease.backends.qemu.images._steps import (
+    COMMON_TOOLS,
+    STAGE1_MODULES,
     Progress,
     Steps,
-    cpio_newc,
     guest_file,
-    is_static_elf,
-    load_order,
-    missing_tools,
     point_current,
+    require_tools,
 )
 
 __all__ = ["RECIPE", "TINY_MODULES", "build_tiny"]
 
 RECIPE_VERSION = "3"
-KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 #: Drivers the guest needs, in no particular order (dependencies are resolved).
-TINY_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng")
+TINY_MODULES = STAGE1_MODULES
 DISK_SIZE = "1G"
 MIN_MEMORY_MB = 96
-
-# What each tool is for, and the Debian package that has it.
-_TOOLS = {
-    "dpkg-deb": "dpkg",
-    "apt-get": "apt",
-    "gcc": "gcc",
-    "lz4": "lz4",
-    "mke2fs": "e2fsprogs",
-    "qemu-img": "qemu-utils",
-}
-_BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
 
 
 class _Builder(Steps):
@@ -70,62 +55,13 @@ class _Builder(Steps):
         self.kernel_deb = kernel_deb
         self.downloads = image_dir / "_downloads"
 
-    def preflight(self) -> Path:
-        """Check every tool first, so a missing one is reported with all the others."""
-        need = dict(_TOOLS)
-        if self.kernel_deb is not None:
-            need.pop("apt-get")
-        missing = missing_tools(need)
-        busybox = next(
-            (Path(p) for p in _BUSYBOX_PATHS if Path(p).is_file() and is_static_elf(Path(p))),
-            None,
-        )
-        packages = sorted(
-            set(missing.values()) | ({"busybox-static"} if busybox is None else set())
-        )
-        if packages:
-            what = ", ".join([*missing, *(["a static busybox"] if busybox is None else [])])
-            libc = " libc6-dev" if "gcc" in missing else ""
-            raise ImageBuildError(
-                f"cannot build the tiny image: missing {what}. "
-                f"Install with: apt-get install {' '.join(packages)}{libc}"
-            )
-        assert busybox is not None
-        return busybox
-
-    def kernel_package(self) -> Path:
-        if self.kernel_deb is not None:
-            if not self.kernel_deb.is_file():
-                raise ImageBuildError(f"kernel package {self.kernel_deb} does not exist")
-            return self.kernel_deb
-        done = self.check(
-            ["apt-cache", "depends", KERNEL_META_PACKAGE], "looking up the cloud kernel", 60
-        )
-        m = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)\b", done.stdout)
-        if not m:
-            raise ImageBuildError(
-                f"apt does not know {KERNEL_META_PACKAGE}: run `apt-get update` and try again"
-            )
-        package = m.group(1)
-        cached = sorted(self.downloads.glob(f"{package}_*.deb"))
-        if cached:
-            return cached[-1]
-        self.say(f"downloading {package} (apt-get download)")
-        self.downloads.mkdir(parents=True, exist_ok=True)
-        self.check(
-            ["apt-get", "download", package],
-            f"downloading {package}; if apt cannot find it, run `apt-get update`",
-            600,
-            cwd=self.downloads,
-        )
-        cached = sorted(self.downloads.glob(f"{package}_*.deb"))
-        if not cached:
-            raise ImageBuildError(f"apt-get download {package} left no package file")
-        return cached[-1]
-
     def build(self, force: bool) -> Image:
-        busybox = self.preflight()
-        deb = self.kernel_package()
+        tools = dict(COMMON_TOOLS)
+        if self.kernel_deb is not None:
+            tools.pop("apt-get")
+        busybox = require_tools("tiny", tools)
+        assert busybox is not None
+        deb = self.kernel_package(self.downloads, self.kernel_deb)
         agent_src = guest_file("agent.c")
         guest = {n: guest_file(f"guest/{n}") for n in ("stage1-init", "rcS", "inittab")}
         digest = hashlib.sha256()
@@ -149,32 +85,12 @@ class _Builder(Steps):
         (self.image_dir / "tiny").mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".build-", dir=self.image_dir / "tiny") as tmp:
             work = Path(tmp)
-            self.say(f"unpacking {deb.name}")
-            pkg = work / "pkg"
-            self.check(["dpkg-deb", "-x", str(deb), str(pkg)], "unpacking the kernel package")
-            vmlinuz = next(iter(sorted((pkg / "boot").glob("vmlinuz-*"))), None)
-            if vmlinuz is None:
-                raise ImageBuildError(f"{deb.name} holds no /boot/vmlinuz-*: not a kernel package")
-            kver = vmlinuz.name.removeprefix("vmlinuz-")
             out = work / "out"
             out.mkdir()
-            self.say("extracting the PVH kernel")
-            self.vmlinux(vmlinuz, out / "vmlinux")
-
+            pkg, kver = self.unpack_kernel(deb, work, out)
             self.say("compiling the guest agent")
             agent = self.compile_agent(work)
-
-            self.say("assembling the initramfs")
-            modules = load_order(pkg / "lib/modules" / kver / "kernel", TINY_MODULES)
-            entries: list[tuple[str, int, bytes]] = [
-                (d, 0o040755, b"") for d in ("bin", "dev", "proc", "newroot", "lib", "lib/modules")
-            ]
-            entries.append(("bin/busybox", 0o100755, busybox.read_bytes()))
-            entries.append(("init", 0o100755, guest["stage1-init"]))
-            entries.extend((f"lib/modules/{m.name}", 0o100644, m.read_bytes()) for m in modules)
-            order = "\n".join(m.stem for m in modules) + "\n"
-            entries.append(("lib/modules/load-order", 0o100644, order.encode()))
-            (out / "initrd.cpio").write_bytes(cpio_newc(entries))
+            self.stage1_initramfs(busybox, pkg, kver, out / "initrd.cpio")
 
             self.say("making the root disk")
             root = work / "root"
