@@ -45,7 +45,7 @@ from vmlease._paths import ensure_private_dir
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._reaper import ReaperLink
 from vmlease._retry import Retrier, RetryPolicy
-from vmlease._spec import VMSpec
+from vmlease._spec import Network, VMSpec, parse_network
 from vmlease._vm import VM, Capability
 from vmlease.backends import Backend, Backends, Fault
 
@@ -365,15 +365,19 @@ class Session:
         *,
         name: str | None = None,
         boot_timeout_s: float | None = None,
+        network: Network | str | None = None,
     ) -> VM:
-        """Create a VM and return it once it answers commands.
+        """Create a VM and return it once it answers commands (for a full
+        system: once it is up, its SSH server included).
 
-        The ledger records the VM before the backend is asked for it. If
-        anything fails, the VM is deleted again and its row says why.
+        ``network`` is ``"user"``, ``"none"`` or ``"restricted"`` (outbound
+        traffic refused); by default the image's (user for Debian, none for
+        tiny). The ledger records the VM before the backend is asked for it.
+        If anything fails, the VM is deleted again and its row says why.
         """
         if self._closed:
             raise VMStateError(f"session {self.id} is closed")
-        spec = VMSpec(image=image, cpus=cpus, memory_mb=memory_mb)
+        spec = VMSpec(image=image, cpus=cpus, memory_mb=memory_mb, network=parse_network(network))
         timeout = self.boot_timeout_s if boot_timeout_s is None else boot_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             raise ConfigError(f"boot_timeout_s must be a positive number, not {timeout!r}")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from vmlease._errors import InvalidSpec
 
-__all__ = ["MAX_CPUS", "MAX_MEMORY_MB", "VMSpec"]
+__all__ = ["MAX_CPUS", "MAX_MEMORY_MB", "Network", "VMSpec", "parse_network"]
 
 MAX_CPUS = 256
 MAX_MEMORY_MB = 1024 * 1024
@@ -25,6 +26,25 @@ def _positive_int(field: str, value: object, maximum: int) -> int:
     return value
 
 
+class Network(enum.StrEnum):
+    """What network a VM gets."""
+
+    USER = "user"  # user-mode networking: outbound through the host, no root, no bridges
+    NONE = "none"  # no network interface at all
+    RESTRICTED = "restricted"  # an interface, but no outbound traffic: forwards only
+
+
+def parse_network(value: object) -> Network | None:
+    """``value`` (a Network, its word, or None for the image's default) as a Network."""
+    if value is None:
+        return None
+    try:
+        return Network(str(value)) if isinstance(value, str) else Network(repr(value))
+    except ValueError:
+        choices = ", ".join(n.value for n in Network)
+        raise InvalidSpec(f"network must be one of {choices}, not {value!r}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class VMSpec:
     """A VM request.
@@ -33,17 +53,22 @@ class VMSpec:
         image: image name as the backend knows it (``tiny`` on QEMU).
         cpus: virtual CPUs.
         memory_mb: memory in MiB.
+        network: ``user``, ``none`` or ``restricted`` (:class:`Network`); None
+            for the image's own default (``user`` for full distributions,
+            ``none`` for tiny).
     """
 
     image: str = "tiny"
     cpus: int = 1
     memory_mb: int = 256
+    network: Network | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image.strip():
             raise InvalidSpec(f"image must be a non-empty string, not {self.image!r}")
         _positive_int("cpus", self.cpus, MAX_CPUS)
         _positive_int("memory_mb", self.memory_mb, MAX_MEMORY_MB)
+        object.__setattr__(self, "network", parse_network(self.network))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

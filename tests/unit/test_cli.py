@@ -46,7 +46,7 @@ def test_building_an_unknown_image_is_refused(
     state: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["image", "build", "windows"]) == 2
-    assert "it builds: tiny" in capsys.readouterr().err
+    assert "it builds: debian-12, debian-13, tiny" in capsys.readouterr().err
 
 
 def test_image_ls_with_no_images_says_how_to_build(

@@ -119,6 +119,8 @@ def test_an_unknown_image_says_what_exists_and_how_to_build(tmp_path: Path) -> N
         find_image(tmp_path, "tiny")
     assert "vmlease image build tiny" in str(info.value)
     assert "none" in str(info.value)
-    with pytest.raises(ImageNotFound, match=r"can build tiny \(`vmlease image build tiny`\)"):
+    with pytest.raises(
+        ImageNotFound, match=r"can build debian-12 .*, tiny \(`vmlease image build tiny`\)"
+    ):
         find_image(tmp_path, "ubuntu")
     assert list_images(tmp_path / "missing") == []

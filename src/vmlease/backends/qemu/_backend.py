@@ -78,6 +78,7 @@ from vmlease.backends.qemu.images import (
     add_user,
     find_image,
     list_images,
+    load_build,
     remove_user,
 )
 
@@ -159,6 +160,9 @@ class QemuBackend(Backend):
         )
         # VMs booted by this process whose booted state is to be saved: name -> key.
         self._save_after_boot: dict[str, tuple[str, Image]] = {}
+        # VMs booted (not started from a state) by this process: name -> the image's
+        # command that says the system is up, run once the agent answers.
+        self._booting: dict[str, tuple[str, ...]] = {}
 
     # -- set-up ----------------------------------------------------------
 
@@ -240,6 +244,7 @@ class QemuBackend(Backend):
 
     def _forget(self, name: str) -> None:
         self._save_after_boot.pop(name, None)
+        self._booting.pop(name, None)
         self._procs.forget(name)
 
     # -- the Backend primitives ------------------------------------------
@@ -320,6 +325,7 @@ class QemuBackend(Backend):
             self._make_disk(name, vm_dir, image, max(1.0, deadline - time.monotonic()))
             (vm_dir / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
             self._procs.launch(name, launch, max(1.0, deadline - time.monotonic()), qemu=self._qemu)
+            self._booting[name] = image.ready
             if key is not None:
                 self._save_after_boot[name] = (key, image)
         except BaseException:
@@ -457,8 +463,26 @@ class QemuBackend(Backend):
     def wait_ready(self, name: str, timeout_s: float) -> None:
         live = self._procs.attach(name)
         with live.lock:
+            deadline = time.monotonic() + timeout_s
             try:
-                self._procs.channel(name, live, timeout_s)
+                channel = self._procs.channel(name, live, timeout_s)
+                ready = self._booting.pop(name, ())
+                if ready:
+                    # A full system: ready once the image says so (systemd up, sshd
+                    # listening), which is also when its booted state is worth saving.
+                    done = channel.exec(
+                        ready,
+                        stdin=None,
+                        env=None,
+                        cwd=None,
+                        timeout_s=max(1.0, deadline - time.monotonic()),
+                    )
+                    if done.exit_code != 0:
+                        raise BootError(
+                            f"VM {name} answered but did not come up: {list(ready)} "
+                            f"{'ran out of time' if done.timed_out else f'exited {done.exit_code}'}"
+                            f": {(done.stdout + done.stderr).decode(errors='replace')[-1500:]}"
+                        )
             except (BootError, ChannelError) as exc:
                 tail = self.console_tail(name, 20)
                 raise BootError(f"{exc}\n--- console (last lines) ---\n{tail}") from exc
@@ -475,6 +499,9 @@ class QemuBackend(Backend):
         if running_pid(vm_dir) is not None:
             return
         self._procs.launch(name, list(record["argv"]), timeout_s, qemu=self._qemu)
+        # Its build is there (a prune spares builds VMs lie on); if not, the agent must do.
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            self._booting[name] = tuple(load_build(Path(record["image"])).ready)
 
     def stop(self, name: str, timeout_s: float) -> None:
         vm_dir = self._dir(name)

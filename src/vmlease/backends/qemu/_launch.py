@@ -16,7 +16,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmlease._spec import VMSpec
+from vmlease._spec import Network, VMSpec
 from vmlease.backends.qemu.images import Image
 
 __all__ = [
@@ -71,13 +71,20 @@ def qemu_argv(
     config: LaunchConfig, vm_dir: Path, name: str, spec: VMSpec, image: Image
 ) -> list[str]:
     """The full QEMU command for VM ``name`` in ``vm_dir``."""
-    cmdline = f"{image.cmdline} vmlease.name={name}"
+    # The tiny image's init reads vmlease.name; systemd reads systemd.hostname.
+    cmdline = f"{image.cmdline} vmlease.name={name} systemd.hostname={name}"
     if config.tsc_khz:
         cmdline += f" tsc_early_khz={config.tsc_khz}"
     if config.accel is Accel.KVM:
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
         accel = ["-accel", "tcg,thread=multi", "-cpu", config.tcg_cpu or image.tcg_cpu]
+    network = spec.network or image.network
+    net: list[str] = []
+    if network is not Network.NONE:
+        # User-mode networking: no root, no bridges; "restricted" lets nothing out.
+        restrict = ",restrict=on" if network is Network.RESTRICTED else ""
+        net = ["-netdev", f"user,id=net0{restrict}", "-device", "virtio-net-device,netdev=net0"]
     return [
         config.qemu,
         "-name",
@@ -113,6 +120,7 @@ def qemu_argv(
         "virtio-blk-device,drive=disk0",
         "-device",
         "virtio-rng-device",
+        *net,
         "-device",
         "virtio-serial-device",
         "-chardev",

@@ -17,9 +17,11 @@ from vmlease.backends.qemu.images._catalog import (
     add_user,
     all_builds,
     list_images,
+    load_build,
     load_current,
     remove_user,
 )
+from vmlease.backends.qemu.images._debian import build_debian
 from vmlease.backends.qemu.images._recipes import RECIPES, find_image, recipe
 from vmlease.backends.qemu.images._tiny import build_tiny
 
@@ -30,9 +32,11 @@ __all__ = [
     "Recipe",
     "add_user",
     "all_builds",
+    "build_debian",
     "build_tiny",
     "find_image",
     "list_images",
+    "load_build",
     "load_current",
     "recipe",
     "remove_user",

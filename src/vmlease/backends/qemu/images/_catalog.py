@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vmlease._errors import ImageNotFound
+from vmlease._spec import Network
 
 __all__ = [
     "Build",
@@ -29,6 +30,7 @@ __all__ = [
     "add_user",
     "all_builds",
     "list_images",
+    "load_build",
     "load_current",
     "remove_user",
 ]
@@ -53,6 +55,9 @@ class Image:
             one the image's programs run on is the fastest to emulate.
         size_bytes: bytes the build takes on disk.
         info: what it was built from (kernel package, busybox, agent version).
+        ready: a command that exits 0 once a booted guest is up (systemd running,
+            sshd listening); empty when the agent answering is enough.
+        network: the network its VMs get unless they ask for another.
     """
 
     name: str
@@ -66,6 +71,8 @@ class Image:
     tcg_cpu: str
     size_bytes: int
     info: dict[str, str]
+    ready: tuple[str, ...] = ()
+    network: Network = Network.NONE
 
 
 def _load(build: Path) -> Image:
@@ -83,7 +90,14 @@ def _load(build: Path) -> Image:
         tcg_cpu=str(data.get("tcg_cpu", "max")),
         size_bytes=size,
         info={str(k): str(v) for k, v in data.get("info", {}).items()},
+        ready=tuple(str(a) for a in data.get("ready", ())),
+        network=Network(data.get("network", "none")),
     )
+
+
+def load_build(build: Path) -> Image:
+    """The build in directory ``build`` (a VM's record names it)."""
+    return _load(build)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from vmlease._errors import ConfigError, ImageNotFound
-from vmlease.backends.qemu.images import _tiny
+from vmlease.backends.qemu.images import _debian, _tiny
 from vmlease.backends.qemu.images._catalog import Image, Recipe, list_images, load_current
 
 __all__ = ["RECIPES", "find_image", "recipe"]
 
 #: Images vmlease can build itself, by name.
-RECIPES: dict[str, Recipe] = {r.name: r for r in (_tiny.RECIPE,)}
+RECIPES: dict[str, Recipe] = {r.name: r for r in (_tiny.RECIPE, *_debian.RECIPES)}
 
 
 def recipe(name: str) -> Recipe:

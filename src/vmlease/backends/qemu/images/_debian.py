@@ -1,0 +1,297 @@
+"""Build the ``debian-12`` (bookworm) and ``debian-13`` (trixie) images from the Debian archive.
+
+Parts:
+
+- the root file system: ``mmdebstrap --variant=minbase`` with systemd,
+  udev, kmod, openssh-server, python3, sudo, iproute2, ca-certificates and
+  dbus, documentation and locales left out; apt points at the mirror this
+  host uses (``$VMLEASE_DEBIAN_MIRROR`` overrides it);
+- the kernel: the Debian cloud kernel the tiny image boots (a PVH
+  ``vmlinux``), its modules copied into the root file system;
+- the stage-1 initramfs the recipes share (the virtio drivers, then
+  ``/sbin/init``, which is systemd);
+- the vmlease agent as a systemd service started before ``sysinit.target``;
+- systemd-networkd with DHCP on ``en*``/``eth*``, and QEMU's user-mode DNS;
+- no password anywhere: root's is locked, and SSH accepts keys only.
+
+Units a test VM does not need (apt's timers, e2scrub, fstrim, man-db, the
+dpkg backup, waiting for the network to be online) are masked. Everything
+is written into the tree by mmdebstrap's hooks, and the tree becomes an ext4
+disk with ``mke2fs -d``: nothing is mounted on the host and no loop device
+is used. The build id hashes the inputs (suite, packages, mirror, kernel
+package, agent, unit files), so a second build does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from vmlease._errors import ImageBuildError
+from vmlease._runner import Runner, SubprocessRunner
+from vmlease.backends.qemu.images._catalog import Image, Recipe, load_current
+from vmlease.backends.qemu.images._steps import (
+    COMMON_TOOLS,
+    Progress,
+    Steps,
+    guest_file,
+    point_current,
+    require_tools,
+)
+
+__all__ = ["PACKAGES", "RECIPES", "SUITES", "build_debian", "host_mirror"]
+
+RECIPE_VERSION = "2"
+SUITES = {"debian-12": "bookworm", "debian-13": "trixie"}
+PACKAGES = (
+    "systemd-sysv",
+    "udev",
+    "kmod",
+    "openssh-server",
+    "python3",
+    "sudo",
+    "iproute2",
+    "ca-certificates",
+    "dbus",
+)
+#: Units a disposable test VM does not need; each costs boot time under TCG.
+MASKED = (
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+    "man-db.timer",
+    "dpkg-db-backup.timer",
+    "systemd-networkd-wait-online.service",
+)
+_EXCLUDED = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-exclude=/usr/share/info/*",
+)
+_GUEST_FILES = {
+    "etc/systemd/system/vmlease-agent.service": "guest/debian/vmlease-agent.service",
+    "etc/systemd/network/20-wired.network": "guest/debian/20-wired.network",
+    "etc/fstab": "guest/debian/fstab",
+    "etc/ssh/sshd_config.d/vmlease.conf": "guest/debian/sshd-vmlease.conf",
+}
+_TOOLS = {**COMMON_TOOLS, "mmdebstrap": "mmdebstrap"}
+_MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
+DISK_SIZE = "4G"  # sparse: the guest's own room to install packages into
+MIN_MEMORY_MB = 256
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+#: Up: systemd has finished starting units (running, or degraded) and sshd listens.
+READY = (
+    "sh",
+    "-c",
+    "systemctl is-system-running --wait >/dev/null; s=$(systemctl is-system-running); "
+    'case "$s" in running|degraded) systemctl is-active --quiet ssh.service ;; '
+    '*) echo "systemd is $s"; exit 1 ;; esac',
+)
+#: Kernel flags measured to cut a TCG boot without changing what the guest is.
+CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off systemd.show_status=false"
+
+
+def host_mirror(apt_dir: Path = Path("/etc/apt"), env: dict[str, str] | None = None) -> str:
+    """The Debian mirror this host's apt uses (its first ``.../debian`` source)."""
+    env = dict(os.environ) if env is None else env
+    if env.get("VMLEASE_DEBIAN_MIRROR"):
+        return env["VMLEASE_DEBIAN_MIRROR"].rstrip("/")
+    texts = []
+    for path in [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*"))]:
+        if path.suffix in (".list", ".sources") or path.name == "sources.list":
+            try:
+                texts.append(path.read_text(errors="replace"))
+            except OSError:
+                continue
+    for text in texts:
+        for found in re.findall(r"^(?:URIs:\s*|deb\s+(?:\[[^\]]*\]\s+)?)(\S+)", text, re.M):
+            uri = str(found).rstrip("/")
+            if uri.startswith(("http://", "https://")) and uri.endswith("/debian"):
+                return uri
+    return DEFAULT_MIRROR
+
+
+class _Builder(Steps):
+    def __init__(
+        self, image_dir: Path, name: str, runner: Runner, progress: Progress, mirror: str
+    ) -> None:
+        super().__init__(runner, progress)
+        self.image_dir = image_dir
+        self.name = name
+        self.suite = SUITES[name]
+        self.mirror = mirror
+        self.downloads = image_dir / "_downloads"
+
+    def build(self, force: bool) -> Image:
+        busybox = require_tools(self.name, _TOOLS)
+        assert busybox is not None
+        if os.geteuid() != 0:
+            raise ImageBuildError(
+                f"building the {self.name} image runs mmdebstrap as root (its packages' "
+                "files belong to root); run `vmlease image build` as root, or with sudo"
+            )
+        deb = self.kernel_package(self.downloads)
+        guest = {dest: guest_file(src) for dest, src in _GUEST_FILES.items()}
+        digest = hashlib.sha256()
+        for part in (
+            RECIPE_VERSION.encode(),
+            self.suite.encode(),
+            self.mirror.encode(),
+            " ".join(PACKAGES + MASKED + _EXCLUDED).encode(),
+            CMDLINE.encode(),
+            " ".join(READY).encode(),
+            deb.name.encode(),
+            hashlib.sha256(busybox.read_bytes()).digest(),
+            guest_file("agent.c"),
+            guest_file("guest/stage1-init"),
+            *guest.values(),
+        ):
+            digest.update(hashlib.sha256(part).digest())
+        build_id = digest.hexdigest()[:16]
+        home = self.image_dir / self.name
+        final = home / build_id
+        if (final / "manifest.json").exists() and not force:
+            current = home / "current"
+            if not current.exists() or current.resolve() != final.resolve():
+                point_current(final)
+            self.say(f"{self.name} image up to date ({build_id})")
+            return load_current(self.image_dir, self.name)
+
+        home.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix=".build-", dir=home) as tmp:
+            work = Path(tmp)
+            out = work / "out"
+            out.mkdir()
+            pkg, kver = self.unpack_kernel(deb, work, out)
+            self.say("compiling the guest agent")
+            agent = self.compile_agent(work)
+            self.stage1_initramfs(busybox, pkg, kver, out / "initrd.cpio")
+            overlay = self._overlay(work / "overlay", agent, guest, pkg, kver)
+            root = work / "root"
+            self._debootstrap(root, overlay, kver)
+            self.say("making the root disk")
+            self.root_disk(
+                root, work / "root.ext4", out / "disk.qcow2", size=DISK_SIZE, label="vmlease-root"
+            )
+            manifest = {
+                "name": self.name,
+                "build_id": build_id,
+                "built_at": time.time(),
+                "kernel": "vmlinux",
+                "initrd": "initrd.cpio",
+                "disk": "disk.qcow2",
+                "cmdline": CMDLINE,
+                "min_memory_mb": MIN_MEMORY_MB,
+                "ready": list(READY),
+                "network": "user",
+                # Debian's packages are built for baseline x86-64, which qemu64 runs
+                # faster under TCG than "max".
+                "tcg_cpu": "qemu64",
+                "info": {
+                    "suite": self.suite,
+                    "mirror": self.mirror,
+                    "kernel_package": deb.name,
+                    "kernel_release": kver,
+                    "agent_protocol": "1",
+                    "recipe": RECIPE_VERSION,
+                },
+            }
+            (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            out.rename(final)
+        point_current(final)
+        self.say(
+            f"{self.name} image built ({build_id}) in {time.monotonic() - started:.0f} s: {final}"
+        )
+        return load_current(self.image_dir, self.name)
+
+    def _overlay(
+        self, overlay: Path, agent: Path, guest: dict[str, bytes], pkg: Path, kver: str
+    ) -> Path:
+        """The files vmlease adds to the root file system, as a tree to copy in."""
+        for dest, data in guest.items():
+            path = overlay / dest
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        (overlay / "etc/hostname").write_text("vmlease\n")
+        (overlay / "usr/sbin").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(agent, overlay / "usr/sbin/vmlease-agent")
+        (overlay / "usr/lib/modules").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(pkg / "lib/modules" / kver, overlay / "usr/lib/modules" / kver)
+        return overlay
+
+    def _debootstrap(self, root: Path, overlay: Path, kver: str) -> None:
+        self.say(f"installing Debian {self.suite} from {self.mirror} (mmdebstrap)")
+        hooks = []
+        if self.suite == "bookworm" and _MERGED_USR_HOOKS.is_dir():
+            hooks = [f"--hook-dir={_MERGED_USR_HOOKS}"]
+        argv = [
+            "mmdebstrap",
+            "--variant=minbase",
+            "--format=directory",
+            "--quiet",
+            *hooks,
+            f"--include={','.join(PACKAGES)}",
+            *(f"--dpkgopt={option}" for option in _EXCLUDED),
+            f"--customize-hook=sync-in {overlay} /",
+            f'--customize-hook=chroot "$1" depmod -a {kver}',
+            '--customize-hook=chroot "$1" systemctl enable systemd-networkd.service '
+            "vmlease-agent.service ssh.service",
+            f'--customize-hook=chroot "$1" systemctl mask {" ".join(MASKED)}',
+            '--customize-hook=chroot "$1" passwd --lock root',
+            # User-mode networking's DNS; written last, after mmdebstrap's own.
+            '--customize-hook=echo "nameserver 10.0.2.3" > "$1/etc/resolv.conf"',
+            self.suite,
+            str(root),
+            self.mirror,
+        ]
+        self.check(argv, f"installing Debian {self.suite} with mmdebstrap", 1800)
+
+
+def build_debian(
+    image_dir: Path,
+    name: str = "debian-12",
+    *,
+    force: bool = False,
+    runner: Runner | None = None,
+    progress: Progress | None = None,
+    mirror: str | None = None,
+) -> Image:
+    """Build (or find up to date) the Debian image ``name`` in ``image_dir``; returns it."""
+    if name not in SUITES:
+        raise ImageBuildError(f"no Debian recipe {name!r}; there are {', '.join(SUITES)}")
+    builder = _Builder(
+        image_dir,
+        name,
+        runner or SubprocessRunner(),
+        progress or (lambda _line: None),
+        mirror or host_mirror(),
+    )
+    return builder.build(force)
+
+
+def _recipe(name: str) -> Recipe:
+    def build(image_dir: Path, **options: object) -> Image:
+        return build_debian(image_dir, name, **options)  # type: ignore[arg-type]
+
+    return Recipe(
+        name=name,
+        summary=f"Debian {SUITES[name]} with systemd, SSH and python3; boots once, then "
+        "starts from its saved state",
+        build=build,
+    )
+
+
+RECIPES = tuple(_recipe(name) for name in SUITES)

@@ -1,0 +1,115 @@
+"""Debian guests on the embedded backend: built from the archive, booted once,
+then started from their saved state, with systemd, SSH's server and networking."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vmlease
+from tests.support.ledger import ledger_records
+from vmlease._paths import image_dir
+from vmlease.backends.qemu.images import Image, build_debian
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="session")
+def debian_image(tiny_image: Image) -> Image:
+    """debian-12, built from the Debian archive on first use (about 40 s)."""
+    return build_debian(image_dir(), "debian-12")
+
+
+@pytest.fixture
+def debian(debian_image: Image, session: vmlease.Session) -> vmlease.VM:
+    return session.create(image="debian-12")
+
+
+def _sh(vm: vmlease.VM, line: str) -> str:
+    return vm.run(["sh", "-c", line], check=True, timeout_s=120).stdout.strip()
+
+
+def test_a_debian_vm_is_up_when_created(debian: vmlease.VM) -> None:
+    assert _sh(debian, "systemctl is-system-running") == "running"
+    assert _sh(debian, "systemctl is-active ssh.service") == "active"
+    assert _sh(debian, ". /etc/os-release; echo $VERSION_CODENAME") == "bookworm"
+    assert _sh(debian, "python3 -c 'print(6 * 7)'") == "42"
+    assert _sh(debian, "hostname") == debian.name
+    assert _sh(debian, "systemctl is-active vmlease-agent.service") == "active"
+
+
+def test_there_is_no_password_anywhere(debian: vmlease.VM) -> None:
+    assert _sh(debian, "passwd --status root | cut -d' ' -f2") == "L"
+    shadow = _sh(debian, "cut -d: -f2 /etc/shadow | sort -u")
+    assert set(shadow.split()) <= {"*", "!", "!*"}, shadow
+    config = _sh(debian, "sshd -T").lower().splitlines()
+    assert "passwordauthentication no" in config
+    assert "kbdinteractiveauthentication no" in config
+    assert "permitrootlogin without-password" in config  # sshd's word for prohibit-password
+
+
+def test_apt_points_at_the_hosts_mirror(debian: vmlease.VM, debian_image: Image) -> None:
+    sources = _sh(debian, "cat /etc/apt/sources.list")
+    assert debian_image.info["mirror"] in sources
+    assert "bookworm" in sources
+
+
+def test_user_networking_gives_an_address_and_dns(debian: vmlease.VM) -> None:
+    assert "10.0.2.15/24" in _sh(debian, "ip -br addr show eth0")
+    assert _sh(debian, "getent hosts deb.debian.org | wc -l") != "0"
+
+
+@pytest.mark.parametrize("network", ["none", "restricted"])
+def test_a_vm_can_have_no_network_or_no_way_out(
+    session: vmlease.Session, debian_image: Image, network: str
+) -> None:
+    vm = session.create(image="debian-12", network=network)
+    links = _sh(vm, "ip -br link")
+    if network == "none":
+        assert "eth0" not in links
+    else:
+        assert "eth0" in links
+        probe = "import socket; socket.create_connection(('10.0.2.2', 22), timeout=5)"
+        assert vm.run(["python3", "-c", probe], timeout_s=60).exit_code != 0
+
+
+def test_later_vms_start_from_the_saved_booted_state_and_reset_by_snapshot(
+    session: vmlease.Session, debian_image: Image, state: Path
+) -> None:
+    first = session.create(image="debian-12")
+    second = session.create(image="debian-12")
+    record = json.loads((state / "qemu" / second.name / "vm.json").read_text())
+    assert record.get("warm"), "the second VM booted instead of starting from the saved state"
+    assert _sh(second, "systemctl is-system-running") == "running"
+    assert _sh(second, "hostname") == second.name
+    second.snapshot("clean")
+    _sh(second, "echo dirty > /root/mark && systemctl stop ssh.service")
+    second.restore("clean")
+    assert _sh(second, "test -e /root/mark && echo yes || echo no") == "no"
+    assert _sh(second, "systemctl is-active ssh.service") == "active"
+    assert first.run(["true"]).ok
+
+
+def test_a_bad_network_is_refused_before_anything_is_made(
+    session: vmlease.Session, state: Path
+) -> None:
+    with pytest.raises(vmlease.InvalidSpec, match="network must be one of user, none, restricted"):
+        session.create(image="debian-12", network="bridged")
+    assert ledger_records(state) == []
+
+
+def test_building_again_does_nothing(debian_image: Image) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vmlease", "image", "build", "debian-12"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "up to date" in done.stderr
+    assert done.stdout.strip() == str(debian_image.path)
