@@ -42,6 +42,7 @@ from vmlease._errors import (
     VMLeaseError,
     VMNotFound,
     VMStateError,
+    WaitTimeout,
 )
 
 #: The version (read by the build from this line).
@@ -121,5 +122,6 @@ __all__ = [
     "VMSpec",
     "VMState",
     "VMStateError",
+    "WaitTimeout",
     "__version__",
 ]

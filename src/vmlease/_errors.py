@@ -30,6 +30,8 @@ or ``except LookupError`` keep working. Messages say what to do next.
     │                                       full for what was asked
     ├── LedgerError                         the ownership ledger cannot be used
     ├── LockTimeout (TimeoutError)          a lock or VM place stayed taken too long
+    ├── WaitTimeout (TimeoutError)          a wait on a guest (a unit, a port, the
+    │                                       console) did not come true in time
     ├── ReaperUnavailable                   no reaper protects the session: nothing is created
     └── UnsupportedOperation (NotImplementedError)
                                             the backend does not offer the operation
@@ -76,6 +78,7 @@ __all__ = [
     "VMLeaseError",
     "VMNotFound",
     "VMStateError",
+    "WaitTimeout",
 ]
 
 
@@ -277,6 +280,19 @@ class LedgerError(VMLeaseError):
 
 class LockTimeout(VMLeaseError, TimeoutError):
     """A lock, or a place under a VM limit, stayed taken for longer than the timeout."""
+
+
+class WaitTimeout(VMLeaseError, TimeoutError):
+    """A wait on a guest did not come true in time; the message shows the last
+    check's output and the console's last lines.
+
+    Attributes:
+        detail: what the last check said.
+    """
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class ReaperUnavailable(VMLeaseError):

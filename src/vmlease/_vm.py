@@ -29,6 +29,7 @@ from vmlease._errors import (
 from vmlease._ledger import VMState
 from vmlease._retry import RetryPolicy
 from vmlease._spec import VMSpec
+from vmlease._waits import Check, listening_probe, poll, port_number
 from vmlease.backends import Backend, ExecResult
 
 __all__ = ["VM", "Capability", "CommandResult", "TranscriptEntry", "VMHost"]
@@ -38,6 +39,11 @@ T = TypeVar("T")
 Capability = Literal["snapshots", "stop_start"]
 
 DEFAULT_STOP_TIMEOUT_S = 30.0
+#: How long the waits wait unless told otherwise, in seconds.
+DEFAULT_WAIT_S = 60.0
+#: How much of the console ``wait_for_console`` searches.
+CONSOLE_SCAN_LINES = 5000
+_UNIT_RE = re.compile(r"[A-Za-z0-9:_.\\@-]+")
 TRANSCRIPT_LIMIT = 200
 _OUTPUT_KEPT = 2000
 
@@ -387,6 +393,91 @@ class VM:
             timeout_s=self._host.retry_policy.timeouts.snapshot_s,
         )
         self._host._vm_note(self, f"restored {tag}")
+
+    # -- waiting for a real system (one loop, one timeout: see _waits.py) --------
+
+    def wait_until_succeeds(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout_s: float = DEFAULT_WAIT_S,
+        interval_s: float = 0.2,
+    ) -> CommandResult:
+        """Run ``argv`` until it exits 0 and return that run; WaitTimeout if it never does."""
+        args = _argv(argv)
+
+        def once() -> Check[CommandResult]:
+            result = self.run(args, timeout_s=max(1.0, timeout_s))
+            if result.ok:
+                return Check(result)
+            return Check(None, f"exit {result.exit_code}\n{result.stdout}{result.stderr}")
+
+        return poll(
+            f"VM {self.name}: {list(args)} did not succeed",
+            once,
+            timeout_s=timeout_s,
+            interval_s=interval_s,
+            console=self.console_tail,
+        )
+
+    def wait_for_unit(self, unit: str, *, timeout_s: float = DEFAULT_WAIT_S) -> None:
+        """Wait until the systemd unit ``unit`` is active; WaitTimeout at once if it failed."""
+        if not isinstance(unit, str) or not _UNIT_RE.fullmatch(unit):
+            raise ConfigError(f"not a systemd unit name: {unit!r}")
+
+        def once() -> Check[bool]:
+            result = self.run(["systemctl", "is-active", unit], timeout_s=30)
+            state = result.stdout.strip()
+            if state == "active":
+                return Check(True)
+            status = self.run(["systemctl", "status", "--no-pager", "--lines=20", unit])
+            said = f"{unit} is {state or 'unknown'}\n{status.stdout}"
+            return Check(None, said, final=state == "failed")
+
+        poll(
+            f"VM {self.name}: unit {unit} did not become active",
+            once,
+            timeout_s=timeout_s,
+            interval_s=0.25,
+            console=self.console_tail,
+        )
+
+    def wait_for_port(self, port: int, *, timeout_s: float = DEFAULT_WAIT_S) -> None:
+        """Wait until something in the guest listens on TCP ``port``."""
+        probe = listening_probe(port_number(port))
+
+        def once() -> Check[bool]:
+            if self.run(probe, timeout_s=30).ok:
+                return Check(True)
+            listening = self.run(["sh", "-c", "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null"])
+            return Check(None, f"nothing listens on port {port}; sockets:\n{listening.stdout}")
+
+        poll(
+            f"VM {self.name}: nothing listened on port {port}",
+            once,
+            timeout_s=timeout_s,
+            interval_s=0.2,
+            console=self.console_tail,
+        )
+
+    def wait_for_console(
+        self, pattern: str | re.Pattern[str], *, timeout_s: float = DEFAULT_WAIT_S
+    ) -> re.Match[str]:
+        """Wait until the console shows a line matching ``pattern`` (a regular expression)."""
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+
+        def once() -> Check[re.Match[str]]:
+            text = self.console_tail(CONSOLE_SCAN_LINES)
+            found = regex.search(text)
+            return Check(found) if found else Check(None, "the console has no such line")
+
+        return poll(
+            f"VM {self.name}: the console never said {regex.pattern!r}",
+            once,
+            timeout_s=timeout_s,
+            interval_s=0.1,
+            console=self.console_tail,
+        )
 
     def console_tail(self, lines: int = 40) -> str:
         """The last lines of the VM's console, for diagnosis."""

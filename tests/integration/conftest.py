@@ -13,7 +13,7 @@ import vmlease
 from tests.conftest import _qemu_processes_under
 from tests.doubles.tools import double, doubles_bin  # noqa: F401 - fixtures
 from vmlease._paths import image_dir
-from vmlease.backends.qemu.images import Image, build_tiny
+from vmlease.backends.qemu.images import Image, build_debian, build_tiny
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -28,6 +28,12 @@ def tiny_image() -> Image:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     return build_tiny(image_dir())
+
+
+@pytest.fixture(scope="session")
+def debian_image(tiny_image: Image) -> Image:
+    """debian-12, built from the Debian archive on first use (about 40 s)."""
+    return build_debian(image_dir(), "debian-12")
 
 
 def assert_nothing_left(state: Path) -> None:

@@ -50,7 +50,7 @@ def test_ls_shows_a_running_vm_with_its_live_owner(session: vmlease.Session, sta
 def test_image_ls_lists_the_tiny_image(state: Path) -> None:
     done = vmlease_cli("image", "ls", "--json", state=state)
     assert done.returncode == 0
-    [image] = json.loads(done.stdout)["images"]
+    [image] = [i for i in json.loads(done.stdout)["images"] if i["name"] == "tiny"]
     assert image["name"] == "tiny"
     assert image["kernel_release"].endswith("-cloud-amd64")
     assert "tiny" in vmlease_cli("image", "ls", state=state).stdout

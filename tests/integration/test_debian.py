@@ -12,16 +12,9 @@ import pytest
 
 import vmlease
 from tests.support.ledger import ledger_records
-from vmlease._paths import image_dir
-from vmlease.backends.qemu.images import Image, build_debian
+from vmlease.backends.qemu.images import Image
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="session")
-def debian_image(tiny_image: Image) -> Image:
-    """debian-12, built from the Debian archive on first use (about 40 s)."""
-    return build_debian(image_dir(), "debian-12")
 
 
 @pytest.fixture
