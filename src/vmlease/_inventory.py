@@ -52,6 +52,7 @@ class InventoryRow:
             "expires_at": r.expires_at,
             "error": r.error,
             "mark": r.instance_id,
+            "forwards": {str(k): v for k, v in sorted(r.forwards.items())},
         }
 
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmlease._errors import LedgerError, NameInUse
@@ -32,7 +33,7 @@ from vmlease._paths import free_space
 
 __all__ = ["Event", "Ledger", "Record", "VMState"]
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
     id INTEGER PRIMARY KEY,
@@ -49,7 +50,8 @@ CREATE TABLE IF NOT EXISTS vms (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     expires_at REAL,
-    instance_id TEXT
+    instance_id TEXT,
+    forwards TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS vms_live_name ON vms(backend, name) WHERE state != 'gone';
 CREATE INDEX IF NOT EXISTS vms_session ON vms(session_id);
@@ -67,6 +69,7 @@ CREATE INDEX IF NOT EXISTS events_vm ON events(vm_id);
 _UPGRADES = {
     1: "ALTER TABLE vms ADD COLUMN instance_id TEXT",  # what Backend.mark returned
     2: "CREATE INDEX IF NOT EXISTS vms_name ON vms(backend, name)",  # every name ever used
+    3: "ALTER TABLE vms ADD COLUMN forwards TEXT",  # forwarded ports: {guest: host}
 }
 
 
@@ -100,6 +103,8 @@ class Record:
     updated_at: float
     expires_at: float | None
     instance_id: str | None = None
+    #: TCP ports forwarded from 127.0.0.1 on the host: guest port -> host port.
+    forwards: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +135,7 @@ def _record(row: sqlite3.Row) -> Record:
         updated_at=row["updated_at"],
         expires_at=row["expires_at"],
         instance_id=row["instance_id"],
+        forwards={int(k): int(v) for k, v in json.loads(row["forwards"] or "{}").items()},
     )
 
 
@@ -364,6 +370,18 @@ class Ledger:
                 (vm_id, state.value, now, detail if detail is not None else error),
             )
             self._db.execute("COMMIT")
+
+    def set_forwards(self, vm_id: int, forwards: dict[int, int]) -> None:
+        """Record the VM's forwarded ports (guest port -> host port on 127.0.0.1)."""
+        with self._write():
+            self._db.execute(
+                "UPDATE vms SET forwards = ?, updated_at = ? WHERE id = ?",
+                (
+                    json.dumps({str(k): v for k, v in sorted(forwards.items())}),
+                    self._clock(),
+                    vm_id,
+                ),
+            )
 
     def set_instance_id(self, vm_id: int, instance_id: str) -> None:
         """Keep what the backend's ``mark`` returned for ``vm_id``: cleanup compares it."""

@@ -58,6 +58,7 @@ DEFAULT_BOOT_TIMEOUT_S = 120.0
 _UNSUPPORTED: dict[Capability, str] = {
     "snapshots": "cannot take or restore snapshots; use a fresh VM per test instead",
     "stop_start": "cannot stop and start a VM; delete it and create another instead",
+    "forwards": "cannot forward ports; reach the VM through vm.run instead",
 }
 DEFAULT_MAX_AGE_S = 6 * 3600.0
 
@@ -298,6 +299,12 @@ class Session:
 
     def _vm_transition(self, vm: VM, state: VMState) -> None:
         self._transition(vm.ledger_id, state)
+
+    def _vm_forwarded(self, vm: VM, guest_port: int, host_port: int) -> None:
+        record = self._ledger.get(vm.ledger_id)
+        forwards = dict(record.forwards) if record is not None else {}
+        forwards[guest_port] = host_port
+        self._ledger.set_forwards(vm.ledger_id, forwards)
 
     def _vm_note(self, vm: VM, detail: str) -> None:
         self._ledger.note(vm.ledger_id, VMState.READY, detail)

@@ -36,7 +36,7 @@ __all__ = ["VM", "Capability", "CommandResult", "TranscriptEntry", "VMHost"]
 
 T = TypeVar("T")
 #: The optional operations a handle may ask about (fields of ``Capabilities``).
-Capability = Literal["snapshots", "stop_start"]
+Capability = Literal["snapshots", "stop_start", "forwards"]
 
 DEFAULT_STOP_TIMEOUT_S = 30.0
 #: How long the waits wait unless told otherwise, in seconds.
@@ -150,6 +150,9 @@ class VMHost(Protocol):
 
     def _vm_note(self, vm: VM, detail: str) -> None:
         """Record an event of ``vm`` that does not change its state (a snapshot)."""
+
+    def _vm_forwarded(self, vm: VM, guest_port: int, host_port: int) -> None:
+        """Record that ``vm``'s ``guest_port`` is reachable on 127.0.0.1:``host_port``."""
 
     def _vm_delete(self, vm: VM) -> None:
         """Delete ``vm`` and record it."""
@@ -393,6 +396,23 @@ class VM:
             timeout_s=self._host.retry_policy.timeouts.snapshot_s,
         )
         self._host._vm_note(self, f"restored {tag}")
+
+    def forward(self, guest_port: int) -> int:
+        """Forward TCP ``guest_port`` of the VM to 127.0.0.1 (only there) and return
+        the host port. The kernel picks a free one, so parallel workers never race;
+        the ledger records it (``vmlease ls`` shows it), and a forward survives
+        snapshot restores and stop/start. Forwarding a port again returns the same."""
+        port = port_number(guest_port)
+        self._host._vm_supports("forwards")
+        self._require(VMState.READY)
+        host_port: int = self._host._vm_op(
+            self,
+            "forward",
+            lambda backend, limit: backend.forward(self.name, port, timeout_s=limit),
+            timeout_s=30.0,
+        )
+        self._host._vm_forwarded(self, port, host_port)
+        return host_port
 
     # -- waiting for a real system (one loop, one timeout: see _waits.py) --------
 

@@ -66,7 +66,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     print(
         _table(
-            ["NAME", "BACKEND", "STATE", "ACTUAL", "OWNER", "AGE", "SESSION"],
+            ["NAME", "BACKEND", "STATE", "ACTUAL", "OWNER", "AGE", "SESSION", "PORTS"],
             [
                 [
                     r.record.name,
@@ -78,6 +78,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     else f"{r.status.value} (pid {r.record.owner.pid})",
                     _age(r.age_s),
                     r.record.owner.session_id,
+                    ",".join(f"127.0.0.1:{h}->{g}" for g, h in sorted(r.record.forwards.items())),
                 ]
                 for r in rows
             ],

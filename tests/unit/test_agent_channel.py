@@ -151,3 +151,17 @@ def test_get_error_leaves_no_local_file(channel_with: MakeChannel, tmp_path: Pat
         ch.get("/nope", target)
     t.join()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_info_usernet_is_read_for_host_forwards() -> None:
+    from vmlease.backends.qemu._qmp import host_forwards
+
+    text = (
+        "Hub -1 (net0):\r\n"
+        "  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"
+        "  TCP[HOST_FORWARD]  13       127.0.0.1 40123       10.0.2.15    22     0     0\r\n"
+        "  TCP[ESTABLISHED]   20        10.0.2.15 51000   151.101.2.132    80     0     0\r\n"
+        "  TCP[HOST_FORWARD]  14       127.0.0.1 40124       10.0.2.15  8080     0     0\r\n"
+    )
+    assert host_forwards(text) == {22: 40123, 8080: 40124}
+    assert host_forwards("") == {}

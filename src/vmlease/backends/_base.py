@@ -40,6 +40,8 @@ class Capabilities:
     snapshots: bool = False
     #: ``stop`` and ``start`` work (a VM keeps its disk in between).
     stop_start: bool = True
+    #: ``forward`` works: a guest TCP port reachable from 127.0.0.1 on the host.
+    forwards: bool = False
     #: The backend's VMs live among the user's own (OrbStack, Multipass), so a
     #: VM that has a name the ledger recorded may still not be ours: before
     #: deleting it, cleanup checks its ``identity`` (see :meth:`Backend.mark`).
@@ -168,6 +170,12 @@ class Backend(abc.ABC):
         unreachable guest); VMNotFound when there is no such VM.
         """
         return None
+
+    def forward(self, name: str, guest_port: int, *, timeout_s: float = 30.0) -> int:
+        """Make TCP ``guest_port`` in VM ``name`` reachable on 127.0.0.1 (never 0.0.0.0);
+        returns the host port, chosen by the kernel so that nothing races for it.
+        Forwarding a port twice returns the same host port."""
+        raise UnsupportedOperation(f"the {self.name} backend cannot forward ports")
 
     def console_tail(self, name: str, lines: int = 40) -> str:
         """The last lines the VM wrote to its console, for diagnosis ("" if none)."""

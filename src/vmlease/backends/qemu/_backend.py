@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from vmlease._checks import Check, Severity, disk_check
 from vmlease._errors import (
@@ -65,7 +66,7 @@ from vmlease.backends.qemu._processes import (
     running_pid,
     wait_exit,
 )
-from vmlease.backends.qemu._qmp import QMP, try_quit
+from vmlease.backends.qemu._qmp import QMP, host_forwards, try_quit
 from vmlease.backends.qemu._states import (
     WarmCache,
     WarmState,
@@ -117,7 +118,7 @@ class QemuBackend(Backend):
     """
 
     name = "qemu"
-    capabilities = Capabilities(snapshots=True, stop_start=True)
+    capabilities = Capabilities(snapshots=True, stop_start=True, forwards=True)
 
     def __init__(
         self,
@@ -313,6 +314,8 @@ class QemuBackend(Backend):
                 "image": str(image.path),
                 "accel": config.accel,
                 "argv": launch,
+                "network": str(spec.network or image.network),
+                "forwards": {},
             }
             key = warm_key(config, spec, image) if self.warm is not None else None
             found = self.warm.find(key) if self.warm is not None and key else None
@@ -499,6 +502,10 @@ class QemuBackend(Backend):
         if running_pid(vm_dir) is not None:
             return
         self._procs.launch(name, list(record["argv"]), timeout_s, qemu=self._qemu)
+        if record.get("forwards"):
+            live = self._procs.attach(name)
+            with live.lock:
+                self._apply_forwards(name, {}, timeout_s)  # on the host ports they had
         # Its build is there (a prune spares builds VMs lie on); if not, the agent must do.
         with contextlib.suppress(OSError, ValueError, KeyError):
             self._booting[name] = tuple(load_build(Path(record["image"])).ready)
@@ -609,6 +616,61 @@ class QemuBackend(Backend):
         at = max((i for i, line in enumerate(tail) if "Kernel panic" in line), default=-1)
         return "\n".join(tail[at : at + lines] if at >= 0 else tail[-lines:])
 
+    def forward(self, name: str, guest_port: int, *, timeout_s: float = 30.0) -> int:
+        record = self._read_record(name)
+        if record.get("network", "none") == "none":
+            raise ConfigError(
+                f"VM {name} has no network (network='none'), so no port of it can be "
+                "forwarded; create it with network='user' (or 'restricted')"
+            )
+        live = self._procs.attach(name)
+        with live.lock:
+            forwards = self._apply_forwards(name, {guest_port: 0}, timeout_s)
+        return forwards[guest_port]
+
+    def _read_record(self, name: str) -> dict[str, Any]:
+        try:
+            record: dict[str, Any] = json.loads((self._dir(name) / "vm.json").read_text())
+        except FileNotFoundError as exc:
+            raise VMNotFound(f"the qemu backend has no VM named {name!r}") from exc
+        return record
+
+    def _apply_forwards(
+        self, name: str, wanted: dict[int, int], timeout_s: float
+    ) -> dict[int, int]:
+        """Make every ``guest: host`` forward of ``wanted`` (and those recorded) exist
+        on 127.0.0.1; host port 0 lets the kernel choose. Returns all the VM's
+        forwards, which ``vm.json`` keeps, so a restore or a restart brings them back.
+        Caller holds the VM's lock."""
+        record = self._read_record(name)
+        forwards = {int(k): int(v) for k, v in record.get("forwards", {}).items()}
+        for guest, host in wanted.items():
+            forwards.setdefault(guest, host)
+        if not forwards:
+            return forwards
+        with QMP(self._dir(name) / QMP_SOCKET, timeout_s=timeout_s) as qmp:
+            present = host_forwards(qmp.hmp("info usernet", timeout_s=timeout_s))
+            for guest, host in sorted(forwards.items()):
+                if present.get(guest):
+                    continue
+                said = qmp.hmp(
+                    f"hostfwd_add net0 tcp:127.0.0.1:{host}-:{guest}", timeout_s=timeout_s
+                )
+                if said and host:  # the recorded port is taken now: take another
+                    said = qmp.hmp(
+                        f"hostfwd_add net0 tcp:127.0.0.1:0-:{guest}", timeout_s=timeout_s
+                    )
+                if said:
+                    raise BackendError(f"VM {name}: cannot forward port {guest}: {said}")
+            present = host_forwards(qmp.hmp("info usernet", timeout_s=timeout_s))
+        missing = sorted(set(forwards) - set(present))
+        if missing:
+            raise BackendError(f"VM {name}: QEMU does not list forwards for ports {missing}")
+        forwards = {guest: present[guest] for guest in forwards}
+        record["forwards"] = {str(k): v for k, v in sorted(forwards.items())}
+        (self._dir(name) / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
+        return forwards
+
     def _hmp(self, name: str, command: str, timeout_s: float) -> None:
         """Run a human-monitor command; its output is empty on success, the error otherwise.
 
@@ -644,6 +706,7 @@ class QemuBackend(Backend):
             channel = self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
             channel.handshake(_RECONNECT_TIMEOUT_S)
             self._refresh_guest(channel)
+            self._apply_forwards(name, {}, timeout_s)  # as they were before the restore
 
     def console_tail(self, name: str, lines: int = 40) -> str:
         try:

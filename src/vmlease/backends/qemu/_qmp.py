@@ -11,7 +11,7 @@ from typing import Any
 from vmlease._errors import BackendError
 from vmlease._unix import connect_unix
 
-__all__ = ["QMP"]
+__all__ = ["QMP", "host_forwards", "try_quit"]
 
 
 class QMP:
@@ -66,6 +66,11 @@ class QMP:
                 raise BackendError(f"QMP {command} failed: {err.get('desc', err)}")
             return msg.get("return")
 
+    def hmp(self, command: str, *, timeout_s: float = 30.0) -> str:
+        """A human-monitor command's output ("" when it succeeded silently)."""
+        said = self.execute("human-monitor-command", {"command-line": command}, timeout_s=timeout_s)
+        return str(said or "").strip()
+
     def pass_fd(self, fdname: str, fd: int, *, timeout_s: float = 10.0) -> None:
         """Hand QEMU a file descriptor as ``fdname`` (``getfd``, the descriptor sent with it)."""
         request = json.dumps({"execute": "getfd", "arguments": {"fdname": fdname}}).encode()
@@ -82,6 +87,20 @@ class QMP:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def host_forwards(info_usernet: str) -> dict[int, int]:
+    """The TCP forwards ``info usernet`` lists: guest port -> host port."""
+    found = {}
+    for line in info_usernet.splitlines():
+        fields = line.split()
+        # TCP[HOST_FORWARD]  FD  127.0.0.1  HOST-PORT  10.0.2.15  GUEST-PORT  RecvQ  SendQ
+        if len(fields) >= 6 and fields[0] == "TCP[HOST_FORWARD]":
+            try:
+                found[int(fields[5])] = int(fields[3])
+            except ValueError:
+                continue
+    return found
 
 
 def try_quit(path: Path, timeout_s: float = 5.0) -> bool:
