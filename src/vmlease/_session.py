@@ -59,6 +59,7 @@ _UNSUPPORTED: dict[Capability, str] = {
     "snapshots": "cannot take or restore snapshots; use a fresh VM per test instead",
     "stop_start": "cannot stop and start a VM; delete it and create another instead",
     "forwards": "cannot forward ports; reach the VM through vm.run instead",
+    "ssh": "cannot reach VMs with SSH; reach them through vm.run instead",
 }
 DEFAULT_MAX_AGE_S = 6 * 3600.0
 

@@ -29,6 +29,7 @@ from vmlease._errors import (
 from vmlease._ledger import VMState
 from vmlease._retry import RetryPolicy
 from vmlease._spec import VMSpec
+from vmlease._ssh import SSHInfo
 from vmlease._waits import Check, listening_probe, poll, port_number
 from vmlease.backends import Backend, ExecResult
 
@@ -36,7 +37,7 @@ __all__ = ["VM", "Capability", "CommandResult", "TranscriptEntry", "VMHost"]
 
 T = TypeVar("T")
 #: The optional operations a handle may ask about (fields of ``Capabilities``).
-Capability = Literal["snapshots", "stop_start", "forwards"]
+Capability = Literal["snapshots", "stop_start", "forwards", "ssh"]
 
 DEFAULT_STOP_TIMEOUT_S = 30.0
 #: How long the waits wait unless told otherwise, in seconds.
@@ -413,6 +414,23 @@ class VM:
         )
         self._host._vm_forwarded(self, port, host_port)
         return host_port
+
+    @property
+    def ssh(self) -> SSHInfo:
+        """How to reach the VM with SSH: host, port, user, key path, and a
+        known_hosts file holding its real host key (``.argv(cmd)`` builds an
+        ``ssh`` command line; ``.config(alias)`` an OpenSSH ``Host`` block).
+        Forwards port 22 the first time."""
+        self._host._vm_supports("ssh")
+        self._require(VMState.READY)
+        info: SSHInfo = self._host._vm_op(
+            self,
+            "ssh",
+            lambda backend, limit: backend.ssh(self.name, timeout_s=limit),
+            timeout_s=60.0,
+        )
+        self._host._vm_forwarded(self, 22, info.port)
+        return info
 
     # -- waiting for a real system (one loop, one timeout: see _waits.py) --------
 

@@ -137,6 +137,38 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def cmd_ssh(args: argparse.Namespace) -> int:
+    from vmlease._attach import ssh_info
+
+    info = ssh_info(state_dir(), args.name)
+    argv = info.argv(args.program or None)
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)  # noqa: S606 - an argument list, never a shell
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot run ssh ({exc.strerror}): install it with `apt-get install openssh-client`"
+        ) from exc
+    return 0  # not reached: ssh took this process over
+
+
+def cmd_ssh_config(args: argparse.Namespace) -> int:
+    from vmlease._attach import live_names, ssh_info
+
+    names = args.names or live_names(state_dir())
+    blocks = []
+    code = 0
+    for name in names:
+        try:
+            blocks.append(ssh_info(state_dir(), name).config(name))
+        except VMLeaseError as exc:
+            if args.names:  # asked for by name: say why not
+                print(f"vmlease: {name}: {exc}", file=sys.stderr)
+                code = 1
+    print("\n".join(blocks), end="")
+    return code
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from vmlease._checks import Severity
     from vmlease._doctor import doctor
@@ -302,6 +334,22 @@ def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
     lock.add_argument("name", help="the lock's name: letters, digits, '_', '.', '-'")
     lock.set_defaults(func=cmd_lock)
 
+    ssh = sub.add_parser(
+        "ssh",
+        help="open a shell in a VM over SSH, or run a command there",
+        usage="vmlease ssh NAME [-- COMMAND [ARG...]]",
+        description="Forwards the VM's port 22 to 127.0.0.1 if needed and runs ssh with "
+        "this state directory's key and the VM's real host key (checking stays on).",
+    )
+    ssh.add_argument("name", help="the VM, as `vmlease ls` names it")
+    ssh.set_defaults(func=cmd_ssh)
+    sshc = sub.add_parser(
+        "ssh-config",
+        help="print OpenSSH config blocks for VMs (for ssh -F, scp -F, rsync -e, testinfra)",
+    )
+    sshc.add_argument("names", nargs="*", metavar="NAME", help="default: every running VM")
+    sshc.set_defaults(func=cmd_ssh_config)
+
     image = sub.add_parser("image", help="build and list images")
     isub = image.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
     build = isub.add_parser("build", help="build an image (idempotent)")
@@ -333,7 +381,7 @@ def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
 
 
 #: Sub-commands that run a program: ``vmlease VERB [OPTIONS] NAME [--] PROGRAM [ARG...]``.
-_RUNNERS = ("exec", "lock")
+_RUNNERS = ("exec", "lock", "ssh")
 #: Their options that take a value as the next word.
 _VALUED = ("--timeout",)
 
@@ -370,14 +418,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if verb not in _RUNNERS:
         return parser.parse_args(words)
     own, program = _split_program(words)
-    usage = f"usage: vmlease {verb} [--timeout S] NAME -- COMMAND [ARG...]"
+    usage = (
+        "usage: vmlease ssh NAME [-- COMMAND [ARG...]]"
+        if verb == "ssh"
+        else f"usage: vmlease {verb} [--timeout S] NAME -- COMMAND [ARG...]"
+    )
     args, extra = parser.parse_known_args(own)
     unknown = [w for w in extra if w.startswith("-")]
     if unknown:
         parser.exit(2, f"vmlease {verb}: unknown option {unknown[0]}; {usage}\n")
     if extra:
         parser.exit(2, f"vmlease {verb}: unexpected {extra[0]!r} before --; {usage}\n")
-    if not program:
+    if not program and verb != "ssh":  # ssh alone opens a shell
         parser.exit(2, f"vmlease {verb}: no command given; {usage}\n")
     args.program = program
     return args

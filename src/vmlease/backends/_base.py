@@ -20,6 +20,7 @@ from vmlease._checks import Check
 from vmlease._errors import BackendError, UnsupportedOperation
 from vmlease._naming import validate_name
 from vmlease._spec import VMSpec
+from vmlease._ssh import SSHInfo
 
 __all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult", "Fault"]
 
@@ -42,6 +43,8 @@ class Capabilities:
     stop_start: bool = True
     #: ``forward`` works: a guest TCP port reachable from 127.0.0.1 on the host.
     forwards: bool = False
+    #: ``ssh`` works for VMs of images with an SSH server.
+    ssh: bool = False
     #: The backend's VMs live among the user's own (OrbStack, Multipass), so a
     #: VM that has a name the ledger recorded may still not be ours: before
     #: deleting it, cleanup checks its ``identity`` (see :meth:`Backend.mark`).
@@ -176,6 +179,10 @@ class Backend(abc.ABC):
         returns the host port, chosen by the kernel so that nothing races for it.
         Forwarding a port twice returns the same host port."""
         raise UnsupportedOperation(f"the {self.name} backend cannot forward ports")
+
+    def ssh(self, name: str, *, timeout_s: float = 60.0) -> SSHInfo:
+        """How to reach VM ``name`` with SSH (its port 22 forwarded, its host key known)."""
+        raise UnsupportedOperation(f"the {self.name} backend cannot reach VMs with SSH")
 
     def console_tail(self, name: str, lines: int = 40) -> str:
         """The last lines the VM wrote to its console, for diagnosis ("" if none)."""

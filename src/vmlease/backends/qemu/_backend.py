@@ -37,6 +37,7 @@ from vmlease._errors import (
     DiskFull,
     InvalidSpec,
     SnapshotNotFound,
+    UnsupportedOperation,
     VMAlreadyExists,
     VMLeaseError,
     VMNotFound,
@@ -47,6 +48,7 @@ from vmlease._paths import state_dir as default_state_dir
 from vmlease._procfs import host_tsc_khz
 from vmlease._runner import Runner, SubprocessRunner
 from vmlease._spec import VMSpec
+from vmlease._ssh import SSHInfo, ensure_key
 from vmlease.backends._base import Backend, BackendVM, Capabilities, ExecResult
 from vmlease.backends.qemu._accel import choose_accel
 from vmlease.backends.qemu._agent import AgentChannel
@@ -90,6 +92,8 @@ _INSTALL = {
     "qemu-img": "apt-get install qemu-utils",
 }
 _RECONNECT_TIMEOUT_S = 10.0
+#: A VM's SSH host keys as its guest reported them when it started.
+HOST_KEYS = "ssh_host_keys.pub"
 #: How long a broken channel waits to see whether QEMU is ending (a guest panic).
 _EXIT_GRACE_S = 1.0
 #: Free room under which a paused guest's disk is taken to have filled its file system.
@@ -99,6 +103,15 @@ DISK_HEADROOM_BYTES = 32 * 2**20
 _SEED_BYTES = 64
 
 log = logging.getLogger("vmlease.qemu")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable by its user alone, whole or not at all."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
 
 
 class QemuBackend(Backend):
@@ -118,7 +131,7 @@ class QemuBackend(Backend):
     """
 
     name = "qemu"
-    capabilities = Capabilities(snapshots=True, stop_start=True, forwards=True)
+    capabilities = Capabilities(snapshots=True, stop_start=True, forwards=True, ssh=True)
 
     def __init__(
         self,
@@ -133,7 +146,8 @@ class QemuBackend(Backend):
         states_per_image: int | None = None,
     ) -> None:
         self._env = dict(os.environ if env is None else env)
-        self.root = (state_dir or default_state_dir(self._env)) / "qemu"
+        self._state_dir = state_dir or default_state_dir(self._env)
+        self.root = self._state_dir / "qemu"
         self._image_dir = image_dir or default_image_dir(self._env)
         self._qemu = qemu_binary or self._env.get("VMLEASE_QEMU", "qemu-system-x86_64")
         self._qemu_img = qemu_img
@@ -486,6 +500,7 @@ class QemuBackend(Backend):
                             f"{'ran out of time' if done.timed_out else f'exited {done.exit_code}'}"
                             f": {(done.stdout + done.stderr).decode(errors='replace')[-1500:]}"
                         )
+                self._authorize(name, channel, deadline)
             except (BootError, ChannelError) as exc:
                 tail = self.console_tail(name, 20)
                 raise BootError(f"{exc}\n--- console (last lines) ---\n{tail}") from exc
@@ -627,6 +642,61 @@ class QemuBackend(Backend):
         with live.lock:
             forwards = self._apply_forwards(name, {guest_port: 0}, timeout_s)
         return forwards[guest_port]
+
+    def _image_of(self, name: str) -> Image | None:
+        """The build VM ``name`` runs on (None if it is gone)."""
+        try:
+            return load_build(Path(self._read_record(name)["image"]))
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def _authorize(self, name: str, channel: AgentChannel, deadline: float) -> None:
+        """Authorize this state directory's key in a guest with an SSH server, at every
+        start: a VM started from a saved state carries whoever saved it."""
+        image = self._image_of(name)
+        if image is None or not image.ssh_user:
+            return
+        _key, public = ensure_key(self._state_dir, self._run)
+        script = (
+            'home=$(getent passwd "$1" | cut -d: -f6) && umask 077 && mkdir -p "$home/.ssh" '
+            '&& cat > "$home/.ssh/authorized_keys" && chown -R "$1:" "$home/.ssh" '
+            "&& cat /etc/ssh/ssh_host_*_key.pub"
+        )
+        done = channel.exec(
+            ["sh", "-c", script, "sh", image.ssh_user],
+            stdin=(public + "\n").encode(),
+            env=None,
+            cwd=None,
+            timeout_s=max(1.0, deadline - time.monotonic()),
+        )
+        if done.exit_code != 0:
+            raise BootError(
+                f"VM {name}: cannot authorize the SSH key for {image.ssh_user}: "
+                f"{done.stderr.decode(errors='replace').strip()}"
+            )
+        # Its host keys, read through the agent, kept for `vmlease ssh` from any process
+        # (the agent's channel has one client at a time: the VM's session).
+        _write_private(self._dir(name) / HOST_KEYS, done.stdout.decode(errors="replace"))
+
+    def ssh(self, name: str, *, timeout_s: float = 60.0) -> SSHInfo:
+        image = self._image_of(name)
+        if image is None or not image.ssh_user:
+            raise UnsupportedOperation(
+                f"VM {name} runs no SSH server (its image is not a full system); "
+                "reach it with vm.run or `vmlease exec`"
+            )
+        port = self.forward(name, 22, timeout_s=timeout_s)
+        try:
+            lines = (self._dir(name) / HOST_KEYS).read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        keys = [line.split()[:2] for line in lines if len(line.split()) >= 2]
+        if not keys:
+            raise ChannelError(f"VM {name}: its SSH host keys were not read when it started")
+        known = self._dir(name) / "known_hosts"
+        _write_private(known, "".join(f"[127.0.0.1]:{port} {kind} {key}\n" for kind, key in keys))
+        key, _public = ensure_key(self._state_dir, self._run)
+        return SSHInfo("127.0.0.1", port, image.ssh_user, key, known)
 
     def _read_record(self, name: str) -> dict[str, Any]:
         try:

@@ -58,6 +58,8 @@ class Image:
         ready: a command that exits 0 once a booted guest is up (systemd running,
             sshd listening); empty when the agent answering is enough.
         network: the network its VMs get unless they ask for another.
+        ssh_user: the user vmlease's key is authorized for, if the image runs an
+            SSH server ("" if it does not).
     """
 
     name: str
@@ -73,6 +75,7 @@ class Image:
     info: dict[str, str]
     ready: tuple[str, ...] = ()
     network: Network = Network.NONE
+    ssh_user: str = ""
 
 
 def _load(build: Path) -> Image:
@@ -92,6 +95,7 @@ def _load(build: Path) -> Image:
         info={str(k): str(v) for k, v in data.get("info", {}).items()},
         ready=tuple(str(a) for a in data.get("ready", ())),
         network=Network(data.get("network", "none")),
+        ssh_user=str(data.get("ssh_user", "")),
     )
 
 

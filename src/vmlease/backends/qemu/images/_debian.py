@@ -47,7 +47,7 @@ from vmlease.backends.qemu.images._steps import (
 
 __all__ = ["PACKAGES", "RECIPES", "SUITES", "build_debian", "host_mirror"]
 
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"
 SUITES = {"debian-12": "bookworm", "debian-13": "trixie"}
 PACKAGES = (
     "systemd-sysv",
@@ -195,6 +195,7 @@ class _Builder(Steps):
                 "min_memory_mb": MIN_MEMORY_MB,
                 "ready": list(READY),
                 "network": "user",
+                "ssh_user": "root",
                 # Debian's packages are built for baseline x86-64, which qemu64 runs
                 # faster under TCG than "max".
                 "tcg_cpu": "qemu64",
