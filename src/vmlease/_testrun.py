@@ -35,7 +35,7 @@ from vmlease._options import KEEP_CHOICES, Keep, RunOptions
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._retry import RetryPolicy
 from vmlease._session import Session
-from vmlease._spec import VMSpec
+from vmlease._spec import VMSpec, parse_network
 from vmlease._vm import VM
 from vmlease.backends import Backend
 
@@ -119,7 +119,11 @@ class TestRun:
         return self._session is not None
 
     def spec(
-        self, image: str | None = None, cpus: int | None = None, memory_mb: int | None = None
+        self,
+        image: str | None = None,
+        cpus: int | None = None,
+        memory_mb: int | None = None,
+        network: str | None = None,
     ) -> VMSpec:
         """The run's default spec with what a test asked for."""
         default = VMSpec(image=self.options.image)
@@ -127,10 +131,13 @@ class TestRun:
             image=default.image if image is None else image,
             cpus=default.cpus if cpus is None else cpus,
             memory_mb=default.memory_mb if memory_mb is None else memory_mb,
+            network=parse_network(network),
         )
 
     def _create(self, spec: VMSpec) -> VM:
-        vm = self.session.create(image=spec.image, cpus=spec.cpus, memory_mb=spec.memory_mb)
+        vm = self.session.create(
+            image=spec.image, cpus=spec.cpus, memory_mb=spec.memory_mb, network=spec.network
+        )
         self._count("created", 1)
         return vm
 

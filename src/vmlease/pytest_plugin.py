@@ -4,7 +4,7 @@
 Fixtures: ``vm`` (a clean VM per test), ``worker_vm`` (one per worker, state
 shared), ``vm_factory`` and ``vm_pool`` (VMs made inside a test, deleted at
 its end), ``vm_session`` (the run's Session). Marker:
-``@pytest.mark.vm(image=..., cpus=..., memory_mb=..., fresh=False)``.
+``@pytest.mark.vm(image=..., cpus=..., memory_mb=..., network=..., fresh=False)``.
 
 Settings, strongest first: the command line (``--vm-backend``), the
 environment (``VMLEASE_BACKEND``), the ini file (``vm_backend``).
@@ -57,7 +57,7 @@ _SETTINGS = {
         "failure_rate=0.3,hang_rate=0.05,hang_s=1,seed=7 (see vmlease.testing)",
     ),
 }
-_MARKER_ARGS = {"image", "cpus", "memory_mb", "fresh"}
+_MARKER_ARGS = {"image", "cpus", "memory_mb", "network", "fresh"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -126,8 +126,9 @@ def _options(config: pytest.Config) -> RunOptions:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "vm(image=None, cpus=None, memory_mb=None, fresh=False): the VM the `vm` fixture "
-        "gives this test; fresh=True for a new VM of its own",
+        "vm(image=None, cpus=None, memory_mb=None, network=None, fresh=False): the VM the "
+        "`vm` fixture gives this test (network: user, none or restricted); fresh=True for a "
+        "new VM of its own",
     )
     config.stash[_OPTIONS] = _options(config)
     config.stash[_SUMMARY] = {}
@@ -206,12 +207,18 @@ def worker_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
 
 @pytest.fixture
 def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
-    """``vm_factory(image=..., cpus=..., memory_mb=...)`` makes a VM; all are deleted at the end."""
+    """``vm_factory(image=..., cpus=..., memory_mb=..., network=...)`` makes a VM; all are
+    deleted at the end."""
     run = _run(request)
     uses: list[Use] = []
 
-    def make(image: str | None = None, cpus: int | None = None, memory_mb: int | None = None) -> VM:
-        use = run.fresh_vm(run.spec(image, cpus, memory_mb))
+    def make(
+        image: str | None = None,
+        cpus: int | None = None,
+        memory_mb: int | None = None,
+        network: str | None = None,
+    ) -> VM:
+        use = run.fresh_vm(run.spec(image, cpus, memory_mb, network))
         uses.append(use)
         _track(request, [use])
         return use.vm
@@ -227,9 +234,13 @@ def vm_pool(request: pytest.FixtureRequest) -> Iterator[Callable[..., list[VM]]]
     uses: list[Use] = []
 
     def make(
-        n: int, image: str | None = None, cpus: int | None = None, memory_mb: int | None = None
+        n: int,
+        image: str | None = None,
+        cpus: int | None = None,
+        memory_mb: int | None = None,
+        network: str | None = None,
     ) -> list[VM]:
-        made = run.pool(n, run.spec(image, cpus, memory_mb))
+        made = run.pool(n, run.spec(image, cpus, memory_mb, network))
         uses.extend(made)
         _track(request, made)
         return [u.vm for u in made]

@@ -78,7 +78,9 @@ def qemu_argv(
     if config.accel is Accel.KVM:
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
-        accel = ["-accel", "tcg,thread=multi", "-cpu", config.tcg_cpu or image.tcg_cpu]
+        # The translation cache grows to 1 GiB unless capped: 64 MiB keeps an idle
+        # 512 MB Debian guest's QEMU near 280 MB, against over 1 GB.
+        accel = ["-accel", "tcg,thread=multi,tb-size=64", "-cpu", config.tcg_cpu or image.tcg_cpu]
     network = spec.network or image.network
     net: list[str] = []
     if network is not Network.NONE:
