@@ -45,7 +45,7 @@ def test_the_package_installs_and_its_service_answers_from_the_host(
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as reply:
         assert reply.read() == b"hello from hello-web\n"
 
-    vm.run(["apt-get", "remove", "-y", "hello-web"], env=APT, check=True, timeout_s=300)
+    vm.run(["apt-get", "purge", "-y", "hello-web"], env=APT, check=True, timeout_s=300)
     assert vm.run(["systemctl", "is-active", "hello-web.service"]).stdout.strip() != "active"
     assert vm.run(["dpkg", "-s", "hello-web"]).exit_code != 0
 
