@@ -7,6 +7,7 @@ python -m benchmarks suite      a model suite in three modes: efficiency, restor
 python -m benchmarks faults     the example suite under injected faults: passes, retries, leaks
 python -m benchmarks startup    the plugin's import cost and the command's start-up time
 python -m benchmarks chaos      faults of the machinery and the host: leaks, time to clean, errors
+python -m benchmarks guests     debian-12: boots, saved states, resets, commands vs ssh, memory
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import chaos, faults, reap, spine, startup, suite
+from benchmarks import chaos, faults, guests, reap, spine, startup, suite
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument(
-        "which", nargs="*", metavar="spine|reap|suite|faults|startup|chaos", help="default: all"
+        "which",
+        nargs="*",
+        metavar="spine|reap|suite|faults|startup|chaos|guests",
+        help="default: all",
     )
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
     parser.add_argument("--round-trips", type=int, default=200, help="P4 samples")
@@ -39,7 +43,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5 (the figures are medians of at least 5)")
-    names = ["spine", "reap", "suite", "faults", "startup", "chaos"]
+    names = ["spine", "reap", "suite", "faults", "startup", "chaos", "guests"]
     unknown = set(args.which) - set(names)
     if unknown:
         parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose {', '.join(names)}")
@@ -53,6 +57,8 @@ def main() -> int:
         code |= suite.main(tests=args.tests)
     if "faults" in which:
         code |= faults.main(runs=args.fault_runs)
+    if "guests" in which:
+        code |= guests.main(runs=args.runs)
     if "chaos" in which:
         code |= chaos.main(trials=args.chaos_trials)
     if "startup" in which:
