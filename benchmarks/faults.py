@@ -42,6 +42,8 @@ def run_suite(state: Path, faults: str | None) -> dict[str, Any]:
         "-c",
         str(REPO / "examples" / "pytest.ini"),
         str(REPO / "examples"),
+        "--ignore",
+        str(REPO / "examples" / "debian"),
         f"--vm-retry=attempts=10,total_s={BOUND_S:g}",
         f"--vm-report={report}",
         f"--junitxml={junit}",

@@ -40,8 +40,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from vmlease._checks import Check
 from vmlease._errors import BackendError, BackendTimeout, ConfigError
 from vmlease._spec import VMSpec
+from vmlease._ssh import SSHInfo
 from vmlease.backends import Backend, BackendVM, ExecResult, Fault
 
 __all__ = ["FAULT_OPERATIONS", "FlakyBackend", "check_faults", "parse_faults"]
@@ -191,6 +193,9 @@ class FlakyBackend(Backend):
     def check_spec(self, spec: VMSpec) -> None:
         self.inner.check_spec(spec)
 
+    def preflight(self, *, cheap: bool = False) -> list[Check]:
+        return self.inner.preflight(cheap=cheap)
+
     def mark(self, name: str, token: str, *, timeout_s: float = 60.0) -> str | None:
         return self.inner.mark(name, token, timeout_s=timeout_s)
 
@@ -199,6 +204,9 @@ class FlakyBackend(Backend):
 
     def console_tail(self, name: str, lines: int = 40) -> str:
         return self.inner.console_tail(name, lines)
+
+    def ssh(self, name: str, *, timeout_s: float = 60.0) -> SSHInfo:
+        return self.inner.ssh(name, timeout_s=timeout_s)
 
     def close(self) -> None:
         self.inner.close()
@@ -264,6 +272,14 @@ class FlakyBackend(Backend):
     def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
         self._faulty(
             "restore", name, timeout_s, lambda: self.inner.restore(name, tag, timeout_s=timeout_s)
+        )
+
+    def forward(self, name: str, guest_port: int, *, timeout_s: float = 30.0) -> int:
+        return self._faulty(
+            "forward",
+            name,
+            timeout_s,
+            lambda: self.inner.forward(name, guest_port, timeout_s=timeout_s),
         )
 
 

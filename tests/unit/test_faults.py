@@ -263,3 +263,16 @@ def test_fault_settings_are_read() -> None:
         "seed": 7,
         "operations": ["create", "exec"],
     }
+
+
+def test_flaky_backend_passes_every_backend_operation_on() -> None:
+    # An operation it does not override would fall back to the base class and
+    # say the backend cannot do it, although the inner one can.
+    from vmlease.backends import Backend
+
+    operations = {
+        name
+        for name, value in vars(Backend).items()
+        if callable(value) and not name.startswith("_")
+    }
+    assert operations - set(vars(FlakyBackend)) == set()
