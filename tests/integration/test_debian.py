@@ -106,3 +106,16 @@ def test_building_again_does_nothing(debian_image: Image) -> None:
     assert done.returncode == 0, done.stderr
     assert "up to date" in done.stderr
     assert done.stdout.strip() == str(debian_image.path)
+
+
+@pytest.mark.slow
+def test_debian_13_builds_boots_and_takes_ssh(session: vmlease.Session, tiny_image: Image) -> None:
+    from vmlease._paths import image_dir
+    from vmlease.backends.qemu.images import build_debian
+
+    build_debian(image_dir(), "debian-13")
+    vm = session.create(image="debian-13")
+    assert _sh(vm, ". /etc/os-release; echo $VERSION_CODENAME") == "trixie"
+    assert _sh(vm, "systemctl is-system-running") == "running"
+    done = subprocess.run(vm.ssh.argv(["true"]), capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
