@@ -374,18 +374,26 @@ class Session:
         name: str | None = None,
         boot_timeout_s: float | None = None,
         network: Network | str | None = None,
+        disk_gb: int | None = None,
     ) -> VM:
         """Create a VM and return it once it answers commands (for a full
         system: once it is up, its SSH server included).
 
         ``network`` is ``"user"``, ``"none"`` or ``"restricted"`` (outbound
         traffic refused); by default the image's (user for Debian, none for
-        tiny). The ledger records the VM before the backend is asked for it.
-        If anything fails, the VM is deleted again and its row says why.
+        tiny). ``disk_gb`` grows the root disk and file system (Debian). The
+        ledger records the VM before the backend is asked for it. If anything
+        fails, the VM is deleted again and its row says why.
         """
         if self._closed:
             raise VMStateError(f"session {self.id} is closed")
-        spec = VMSpec(image=image, cpus=cpus, memory_mb=memory_mb, network=parse_network(network))
+        spec = VMSpec(
+            image=image,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            network=parse_network(network),
+            disk_gb=disk_gb,
+        )
         timeout = self.boot_timeout_s if boot_timeout_s is None else boot_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             raise ConfigError(f"boot_timeout_s must be a positive number, not {timeout!r}")

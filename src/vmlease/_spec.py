@@ -13,6 +13,7 @@ __all__ = ["MAX_CPUS", "MAX_MEMORY_MB", "Network", "VMSpec", "parse_network"]
 
 MAX_CPUS = 256
 MAX_MEMORY_MB = 1024 * 1024
+MAX_DISK_GB = 64 * 1024
 
 
 def _positive_int(field: str, value: object, maximum: int) -> int:
@@ -56,12 +57,16 @@ class VMSpec:
         network: ``user``, ``none`` or ``restricted`` (:class:`Network`); None
             for the image's own default (``user`` for full distributions,
             ``none`` for tiny).
+        disk_gb: the root disk's size in GiB, at least the image's; the root
+            file system grows to fill it when the VM first starts. None keeps
+            the image's size.
     """
 
     image: str = "tiny"
     cpus: int = 1
     memory_mb: int = 256
     network: Network | None = None
+    disk_gb: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image.strip():
@@ -69,6 +74,8 @@ class VMSpec:
         _positive_int("cpus", self.cpus, MAX_CPUS)
         _positive_int("memory_mb", self.memory_mb, MAX_MEMORY_MB)
         object.__setattr__(self, "network", parse_network(self.network))
+        if self.disk_gb is not None:
+            _positive_int("disk_gb", self.disk_gb, MAX_DISK_GB)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

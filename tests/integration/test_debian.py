@@ -119,3 +119,29 @@ def test_debian_13_builds_boots_and_takes_ssh(session: vmlease.Session, tiny_ima
     assert _sh(vm, "systemctl is-system-running") == "running"
     done = subprocess.run(vm.ssh.argv(["true"]), capture_output=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_disk_gb_grows_the_root_file_system_and_not_the_saved_state(
+    session: vmlease.Session, debian_image: Image
+) -> None:
+    big = session.create(image="debian-12", disk_gb=9)
+    size_gb = int(_sh(big, "df --output=size -B1G / | tail -1"))
+    assert 8 <= size_gb <= 9
+    plain = session.create(image="debian-12")
+    assert int(_sh(plain, "df --output=size -B1G / | tail -1")) < 5
+
+
+@pytest.mark.parametrize(
+    ("image", "disk_gb", "says"),
+    [
+        ("debian-12", 1, r"smaller than the debian-12 image's disk \(4 GiB\)"),
+        ("tiny", 8, "cannot grow its root file system"),
+        ("debian-12", 0, "disk_gb must be at least 1"),
+    ],
+)
+def test_a_bad_disk_size_is_refused_before_anything_is_made(
+    session: vmlease.Session, debian_image: Image, state: Path, image: str, disk_gb: int, says: str
+) -> None:
+    with pytest.raises(vmlease.InvalidSpec, match=says):
+        session.create(image=image, disk_gb=disk_gb)
+    assert ledger_records(state) == []

@@ -273,6 +273,17 @@ class QemuBackend(Backend):
                 f"memory_mb={spec.memory_mb} is too little for image {spec.image!r}: "
                 f"it needs at least {image.min_memory_mb}"
             )
+        if spec.disk_gb is not None:
+            if not image.grow_root:
+                raise InvalidSpec(
+                    f"image {spec.image!r} cannot grow its root file system: leave disk_gb "
+                    "out, or use an image that can (debian-12, debian-13)"
+                )
+            if spec.disk_gb * 2**30 < image.disk_bytes:
+                raise InvalidSpec(
+                    f"disk_gb={spec.disk_gb} is smaller than the {spec.image} image's disk "
+                    f"({image.disk_bytes / 2**30:g} GiB): give at least that"
+                )
         self._check_room(config, spec, image)
 
     def _check_room(self, config: LaunchConfig, spec: VMSpec, image: Image) -> None:
@@ -507,6 +518,8 @@ class QemuBackend(Backend):
             pending = self._save_after_boot.pop(name, None)
             if pending is not None and self.warm is not None:
                 self.warm.save(self._dir(name), name, *pending)
+            # After the save: the saved state keeps the image's own disk size.
+            self._grow_root(name, channel, deadline)
 
     def start(self, name: str, *, timeout_s: float = 120.0) -> None:
         vm_dir = self._dir(name)
@@ -677,6 +690,28 @@ class QemuBackend(Backend):
         # Its host keys, read through the agent, kept for `vmlease ssh` from any process
         # (the agent's channel has one client at a time: the VM's session).
         _write_private(self._dir(name) / HOST_KEYS, done.stdout.decode(errors="replace"))
+
+    def _grow_root(self, name: str, channel: AgentChannel, deadline: float) -> None:
+        """Give the VM the disk its spec asked for, once: QMP grows the disk (the guest
+        sees the new size at once), the image's command grows the file system."""
+        record = self._read_record(name)
+        want = (record.get("spec") or {}).get("disk_gb")
+        if not want or record.get("grown") == want:
+            return
+        image = self._image_of(name)
+        if image is None or not image.grow_root:
+            return
+        limit = max(1.0, deadline - time.monotonic())
+        with QMP(self._dir(name) / QMP_SOCKET, timeout_s=limit) as qmp:
+            qmp.execute("block_resize", {"device": "disk0", "size": want * 2**30}, timeout_s=limit)
+        done = channel.exec(image.grow_root, stdin=None, env=None, cwd=None, timeout_s=limit)
+        if done.exit_code != 0:
+            raise BootError(
+                f"VM {name}: growing its root file system to {want} GiB failed: "
+                f"{(done.stdout + done.stderr).decode(errors='replace').strip()[-1000:]}"
+            )
+        record["grown"] = want
+        (self._dir(name) / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def ssh(self, name: str, *, timeout_s: float = 60.0) -> SSHInfo:
         image = self._image_of(name)

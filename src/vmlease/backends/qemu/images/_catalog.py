@@ -60,6 +60,9 @@ class Image:
         network: the network its VMs get unless they ask for another.
         ssh_user: the user vmlease's key is authorized for, if the image runs an
             SSH server ("" if it does not).
+        disk_bytes: the root disk's size (0 if the manifest does not say).
+        grow_root: a command that grows the root file system to its disk's size
+            (empty if the image cannot).
     """
 
     name: str
@@ -76,6 +79,8 @@ class Image:
     ready: tuple[str, ...] = ()
     network: Network = Network.NONE
     ssh_user: str = ""
+    disk_bytes: int = 0
+    grow_root: tuple[str, ...] = ()
 
 
 def _load(build: Path) -> Image:
@@ -96,6 +101,8 @@ def _load(build: Path) -> Image:
         ready=tuple(str(a) for a in data.get("ready", ())),
         network=Network(data.get("network", "none")),
         ssh_user=str(data.get("ssh_user", "")),
+        disk_bytes=int(data.get("disk_bytes", 0)),
+        grow_root=tuple(str(a) for a in data.get("grow_root", ())),
     )
 
 

@@ -47,7 +47,7 @@ from vmlease.backends.qemu.images._steps import (
 
 __all__ = ["PACKAGES", "RECIPES", "SUITES", "build_debian", "host_mirror"]
 
-RECIPE_VERSION = "3"
+RECIPE_VERSION = "4"
 SUITES = {"debian-12": "bookworm", "debian-13": "trixie"}
 PACKAGES = (
     "systemd-sysv",
@@ -99,6 +99,10 @@ READY = (
 )
 #: Kernel flags measured to cut a TCG boot without changing what the guest is.
 CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off systemd.show_status=false"
+
+
+def _gib(size: str) -> int:
+    return int(size.removesuffix("G")) * 2**30
 
 
 def host_mirror(apt_dir: Path = Path("/etc/apt"), env: dict[str, str] | None = None) -> str:
@@ -196,6 +200,8 @@ class _Builder(Steps):
                 "ready": list(READY),
                 "network": "user",
                 "ssh_user": "root",
+                "disk_bytes": _gib(DISK_SIZE),
+                "grow_root": ["resize2fs", "/dev/vda"],
                 # Debian's packages are built for baseline x86-64, which qemu64 runs
                 # faster under TCG than "max".
                 "tcg_cpu": "qemu64",
