@@ -193,17 +193,15 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
+    from vmlease._progress import Progress
     from vmlease.backends.qemu.images import recipe
 
     build = recipe(args.name)
     options: dict[str, object] = {"force": args.force}
     if args.kernel_deb:
         options["kernel_deb"] = Path(args.kernel_deb)
-    image = build(
-        image_dir(),
-        progress=lambda line: print(f"vmlease: {line}", file=sys.stderr, flush=True),
-        **options,
-    )
+    with Progress(sys.stderr) as progress:  # live on a terminal, plain lines in logs
+        image = build(image_dir(), progress=progress, **options)
     print(image.path)
     return 0
 
