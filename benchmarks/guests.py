@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import vmlease
+from benchmarks.spine import bare_disk
 from vmlease._paths import image_dir
 from vmlease._spec import VMSpec
 from vmlease.backends.qemu import QemuBackend
@@ -59,21 +60,7 @@ def _bare_boot(tmp: Path) -> float:
     vm_dir = tmp / "bare"
     shutil.rmtree(vm_dir, ignore_errors=True)
     vm_dir.mkdir(parents=True)
-    subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            str(image.disk),
-            "-F",
-            "qcow2",
-            str(vm_dir / "disk.qcow2"),
-        ],
-        check=True,
-    )
+    bare_disk(image, vm_dir)
     argv = [
         a
         for a in qemu_argv(config, vm_dir, "bare", VMSpec(IMAGE, 1, MEMORY_MB), image)

@@ -28,18 +28,15 @@ from vmlease._paths import image_dir
 from vmlease._spec import VMSpec
 from vmlease.backends.qemu import QemuBackend
 from vmlease.backends.qemu._launch import qemu_argv
-from vmlease.backends.qemu.images import find_image
+from vmlease.backends.qemu.images import Image, find_image
 
 RESULTS = Path(__file__).parent / "results"
 MARKER = b"vmlease: guest "
 SETTLE_S = 0.5
 
 
-def bare_boot(backend: QemuBackend, work: Path, index: int) -> float:
-    """Seconds from starting QEMU to the guest's marker on the serial console."""
-    image = find_image(image_dir(), "tiny")
-    vm_dir = work / f"bare{index}"
-    vm_dir.mkdir()
+def bare_disk(image: Image, vm_dir: Path) -> None:
+    """A qcow2 overlay on the image's disk, for a VM run without vmlease."""
     subprocess.run(
         [
             "qemu-img",
@@ -55,6 +52,14 @@ def bare_boot(backend: QemuBackend, work: Path, index: int) -> float:
         ],
         check=True,
     )
+
+
+def bare_boot(backend: QemuBackend, work: Path, index: int) -> float:
+    """Seconds from starting QEMU to the guest's marker on the serial console."""
+    image = find_image(image_dir(), "tiny")
+    vm_dir = work / f"bare{index}"
+    vm_dir.mkdir()
+    bare_disk(image, vm_dir)
     argv = qemu_argv(backend.launch_config(), vm_dir, f"bare{index}", VMSpec(), image)
     # Same VM, in the foreground, console on stdout instead of a file.
     argv = [a for a in argv if a != "-daemonize"]

@@ -25,7 +25,6 @@ package, agent, unit files), so a second build does nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -40,8 +39,9 @@ from vmlease.backends.qemu.images._steps import (
     COMMON_TOOLS,
     Progress,
     Steps,
+    existing_build,
     guest_file,
-    point_current,
+    publish,
     require_tools,
 )
 
@@ -164,10 +164,7 @@ class _Builder(Steps):
         build_id = digest.hexdigest()[:16]
         home = self.image_dir / self.name
         final = home / build_id
-        if (final / "manifest.json").exists() and not force:
-            current = home / "current"
-            if not current.exists() or current.resolve() != final.resolve():
-                point_current(final)
+        if not force and existing_build(self.image_dir, self.name, build_id):
             self.say(f"{self.name} image up to date ({build_id})")
             return load_current(self.image_dir, self.name)
 
@@ -214,11 +211,7 @@ class _Builder(Steps):
                     "recipe": RECIPE_VERSION,
                 },
             }
-            (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            out.rename(final)
-        point_current(final)
+            publish(out, final, manifest)
         self.say(
             f"{self.name} image built ({build_id}) in {time.monotonic() - started:.0f} s: {final}"
         )

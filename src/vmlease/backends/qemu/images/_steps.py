@@ -9,6 +9,7 @@ mounting anything, and publish a finished build.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,12 +25,14 @@ __all__ = [
     "Progress",
     "Steps",
     "cpio_newc",
+    "existing_build",
     "guest_file",
     "has_pvh_note",
     "is_static_elf",
     "load_order",
     "missing_tools",
     "point_current",
+    "publish",
 ]
 
 #: Called with one line per step of a build.
@@ -311,6 +314,26 @@ class Steps:
                 f"the kernel in {bzimage.name} has no PVH entry point (CONFIG_PVH); "
                 "use a Debian cloud kernel package"
             )
+
+
+def existing_build(image_dir: Path, name: str, build_id: str) -> Path | None:
+    """The finished build ``build_id`` of image ``name``, made current; None if there is none."""
+    final = image_dir / name / build_id
+    if not (final / "manifest.json").exists():
+        return None
+    current = image_dir / name / "current"
+    if not current.exists() or current.resolve() != final.resolve():
+        point_current(final)
+    return final
+
+
+def publish(out: Path, final: Path, manifest: Mapping[str, object]) -> None:
+    """Finish a build: its manifest written last, moved into place, made current."""
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
+    point_current(final)
 
 
 def point_current(build: Path) -> None:

@@ -18,7 +18,6 @@ old one (see _catalog for the layout).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -32,8 +31,9 @@ from vmlease.backends.qemu.images._steps import (
     STAGE1_MODULES,
     Progress,
     Steps,
+    existing_build,
     guest_file,
-    point_current,
+    publish,
     require_tools,
 )
 
@@ -75,10 +75,7 @@ class _Builder(Steps):
             digest.update(hashlib.sha256(part).digest())
         build_id = digest.hexdigest()[:16]
         final = self.image_dir / "tiny" / build_id
-        if (final / "manifest.json").exists() and not force:
-            current = self.image_dir / "tiny" / "current"
-            if not current.exists() or current.resolve() != final.resolve():
-                point_current(final)
+        if not force and existing_build(self.image_dir, "tiny", build_id):
             self.say(f"tiny image up to date ({build_id})")
             return load_current(self.image_dir, "tiny")
 
@@ -118,11 +115,7 @@ class _Builder(Steps):
                     "recipe": RECIPE_VERSION,
                 },
             }
-            (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            out.rename(final)
-        point_current(final)
+            publish(out, final, manifest)
         self.say(f"tiny image built ({build_id}) in {final}")
         return load_current(self.image_dir, "tiny")
 
