@@ -6,7 +6,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static lz4 e2fsprogs gcc libc6-dev mmdebstrap openssh-client)
+APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static lz4 e2fsprogs gcc libc6-dev mmdebstrap openssh-client genisoimage
+    syslinux syslinux-common mtools dosfstools)
 APT_UPDATED=0
 
 apt_install() {

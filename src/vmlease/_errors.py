@@ -13,7 +13,11 @@ or ``except LookupError`` keep working. Messages say what to do next.
     │   └── NameInUse                       a live VM already has that name
     ├── ImageError
     │   ├── ImageNotFound (LookupError)     no such image in the cache
-    │   └── ImageBuildError                 an image could not be built
+    │   ├── ImageBuildError                 an image could not be built
+    │   └── ImageImportError                an image could not be imported
+    │       ├── ChecksumMismatch            a source's sha256 is not the one given
+    │       └── DownloadError (ConnectionError)
+    │                                       a source URL did not answer (after retries)
     ├── BackendUnavailable                  a backend's program or daemon is missing
     ├── BackendError                        a backend operation failed
     │   ├── VMNotFound (LookupError)        the backend does not know the VM
@@ -57,13 +61,16 @@ __all__ = [
     "BackendUnavailable",
     "BootError",
     "ChannelError",
+    "ChecksumMismatch",
     "CommandFailed",
     "CommandTimeout",
     "ConfigError",
     "DiskFull",
+    "DownloadError",
     "GuestFileError",
     "ImageBuildError",
     "ImageError",
+    "ImageImportError",
     "ImageNotFound",
     "InvalidName",
     "InvalidSpec",
@@ -127,6 +134,31 @@ class ImageNotFound(ImageError, LookupError):
 
 class ImageBuildError(ImageError):
     """An image could not be built; the message names what is missing."""
+
+
+class ImageImportError(ImageError):
+    """An image could not be imported: its source is not a disk image, it has no
+    cloud-init, or its first boot failed; the message says which and what to do."""
+
+
+class ChecksumMismatch(ImageImportError):
+    """An imported source's sha256 is not the one given; nothing was kept."""
+
+
+class DownloadError(ImageImportError, ConnectionError):
+    """A source URL did not answer, or not with the image, after retries.
+
+    Attributes:
+        transient: whether trying again may help (no answer, a broken-off
+            body, a 5xx reply) or not (a 4xx reply).
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class BackendUnavailable(VMLeaseError):

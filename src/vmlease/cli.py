@@ -206,6 +206,50 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_import(args: argparse.Namespace) -> int:
+    import signal
+
+    from vmlease._errors import DownloadError
+    from vmlease._progress import Progress
+    from vmlease._retry import Retrier, RetryPolicy
+    from vmlease.backends.qemu import QemuBackend
+
+    retrier = Retrier(RetryPolicy.parse(os.environ.get("VMLEASE_RETRY", "")))
+
+    def retry(attempt):  # type: ignore[no-untyped-def]
+        return retrier.call(
+            "download",
+            lambda _limit: attempt(),
+            timeout_s=retrier.policy.total_s,
+            transient=lambda exc: isinstance(exc, DownloadError) and exc.transient,
+            subject=args.source,
+        )
+
+    def terminated(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds: the first boot's QEMU and the work go
+
+    backend = QemuBackend()
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with Progress(sys.stderr) as progress:
+            image = backend.import_image(
+                args.name,
+                args.source,
+                progress=progress,
+                sha256=args.sha256,
+                user=args.user,
+                user_data_file=Path(args.user_data) if args.user_data else None,
+                seed=not args.no_seed,
+                force=args.force,
+                retry=retry,
+                timeout_s=args.timeout,
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(image.path)
+    return 0
+
+
 def cmd_image_ls(args: argparse.Namespace) -> int:
     from vmlease.backends.qemu._housekeeping import usage
 
@@ -359,6 +403,41 @@ def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
     build.add_argument("--kernel-deb", metavar="FILE", help="use this Debian kernel package")
     build.set_defaults(func=cmd_image_build)
+    imp = isub.add_parser(
+        "import",
+        help="import a cloud image (qcow2 or raw, a file or an http(s) URL)",
+        description="Imports a distribution's cloud image: downloads it (when SOURCE is a "
+        "URL) and checks it against --sha256, boots it once with a cloud-init seed that "
+        "creates the SSH user and installs the vmlease agent, waits for cloud-init to "
+        "finish, and keeps the result as image NAME. Its VMs never run cloud-init again. "
+        "Idempotent: the same source and options find the image up to date.",
+    )
+    imp.add_argument("name", help="the image's name (what VMs ask for: image=NAME)")
+    imp.add_argument("source", help="a local qcow2 or raw disk, or an http(s) URL to one")
+    imp.add_argument(
+        "--sha256", metavar="HEX", help="the source's SHA-256; a mismatch keeps nothing"
+    )
+    imp.add_argument(
+        "--user",
+        default="vmlease",
+        help="the SSH user the seed creates (passwordless sudo, key only; default vmlease)",
+    )
+    imp.add_argument(
+        "--user-data", metavar="FILE", help="your own cloud-config (or script) for the first boot"
+    )
+    imp.add_argument(
+        "--no-seed",
+        action="store_true",
+        help="boot without a cloud-init seed (the image already runs the vmlease agent)",
+    )
+    imp.add_argument("--force", action="store_true", help="import again even if up to date")
+    imp.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=900.0,
+        help="seconds the first boot may take, cloud-init included (default 900)",
+    )
+    imp.set_defaults(func=cmd_image_import)
     ils = isub.add_parser("ls", help="list cached images, their saved states and their sizes")
     ils.add_argument("--json", action="store_true", help="print JSON")
     ils.set_defaults(func=cmd_image_ls)
@@ -437,12 +516,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
         code: int = args.func(args)
-    except ConfigError as exc:
-        print(f"vmlease: error: {exc}", file=sys.stderr)
-        return 2
     except VMLeaseError as exc:
-        print(f"vmlease: error: {exc}", file=sys.stderr)
-        return 1
+        notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
+        print(f"vmlease: error: {exc}{notes}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
     return code

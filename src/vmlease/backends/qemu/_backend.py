@@ -52,6 +52,7 @@ from vmlease._ssh import SSHInfo, ensure_key
 from vmlease.backends._base import Backend, BackendVM, Capabilities, ExecResult
 from vmlease.backends.qemu._accel import choose_accel
 from vmlease.backends.qemu._agent import AgentChannel
+from vmlease.backends.qemu._imports import import_image
 from vmlease.backends.qemu._launch import (
     CONSOLE_LOG,
     DISK,
@@ -261,6 +262,18 @@ class QemuBackend(Backend):
         self._save_after_boot.pop(name, None)
         self._booting.pop(name, None)
         self._procs.forget(name)
+
+    def import_image(self, name: str, source: str, **options: Any) -> Image:
+        """Import a cloud image as ``name`` (see ``_imports.import_image`` for the options)."""
+        return import_image(
+            self._image_dir,
+            name,
+            source,
+            config=self.launch_config(),
+            state_dir=self._state_dir,
+            runner=self._run,
+            **options,
+        )
 
     # -- the Backend primitives ------------------------------------------
 
@@ -512,6 +525,8 @@ class QemuBackend(Backend):
                             f": {(done.stdout + done.stderr).decode(errors='replace')[-1500:]}"
                         )
                 self._authorize(name, channel, deadline)
+                if ready:
+                    self._name_guest(name, channel)
             except (BootError, ChannelError) as exc:
                 tail = self.console_tail(name, 20)
                 raise BootError(f"{exc}\n--- console (last lines) ---\n{tail}") from exc
@@ -690,6 +705,16 @@ class QemuBackend(Backend):
         # Its host keys, read through the agent, kept for `vmlease ssh` from any process
         # (the agent's channel has one client at a time: the VM's session).
         _write_private(self._dir(name) / HOST_KEYS, done.stdout.decode(errors="replace"))
+
+    def _name_guest(self, name: str, channel: AgentChannel) -> None:
+        """After a boot, give the guest its VM's name: a PVH image has it from the
+        kernel command line, an imported image boots with the name it was imported as."""
+        image = self._image_of(name)
+        if image is None or image.boot != "firmware":
+            return
+        done = channel.exec(["hostname", name], stdin=None, env=None, cwd=None, timeout_s=10.0)
+        if done.exit_code != 0:
+            raise BootError(f"VM {name}: naming the guest failed: {done.stderr!r}")
 
     def _grow_root(self, name: str, channel: AgentChannel, deadline: float) -> None:
         """Give the VM the disk its spec asked for, once: QMP grows the disk (the guest

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmlease.backends.qemu._imports import BOOT_DIR
+from vmlease.backends.qemu._processes import kill_all
 from vmlease.backends.qemu._states import StateInfo, WarmCache, states_per_image_setting
 from vmlease.backends.qemu.images import Build, all_builds
 
@@ -173,7 +175,8 @@ def prune(
             removals.append(
                 Removal("download", package.name, package, _size(package), "no kept build uses it")
             )
-    for leftover in sorted(image_dir.glob("*/.build-*")) + sorted(image_dir.glob("*/.current-*")):
+    leftovers = [image_dir.glob(f"*/{prefix}*") for prefix in (".build-", ".import-", ".current-")]
+    for leftover in sorted(p for found in leftovers for p in found):
         try:
             old = now - leftover.lstat().st_mtime > _STALE_S
         except OSError:
@@ -192,6 +195,8 @@ def _remove(removals: list[Removal], warm: WarmCache) -> None:
         if removal.what == "booted state" and not removal.name.startswith("."):
             warm.discard(removal.name)
         elif removal.path.is_dir() and not removal.path.is_symlink():
+            # An import killed mid-boot leaves its QEMU running (it is daemonized).
+            kill_all(removal.path / BOOT_DIR)
             # Moved aside first, so nothing ever sees half a build.
             doomed = removal.path.with_name(f".pruned-{removal.path.name}")
             try:

@@ -68,31 +68,69 @@ class LaunchConfig:
 
 
 def qemu_argv(
-    config: LaunchConfig, vm_dir: Path, name: str, spec: VMSpec, image: Image
+    config: LaunchConfig,
+    vm_dir: Path,
+    name: str,
+    spec: VMSpec,
+    image: Image,
+    *,
+    seed: Path | None = None,
 ) -> list[str]:
-    """The full QEMU command for VM ``name`` in ``vm_dir``."""
-    # The tiny image's init reads vmlease.name; systemd reads systemd.hostname.
-    cmdline = f"{image.cmdline} vmlease.name={name} systemd.hostname={name}"
-    if config.tsc_khz:
-        cmdline += f" tsc_early_khz={config.tsc_khz}"
+    """The full QEMU command for VM ``name`` in ``vm_dir``.
+
+    ``seed`` is a read-only disk to attach as well (an imported image's
+    cloud-init seed, on its first boot).
+    """
     if config.accel is Accel.KVM:
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
         # The translation cache grows to 1 GiB unless capped: 64 MiB keeps an idle
         # 512 MB Debian guest's QEMU near 280 MB, against over 1 GB.
         accel = ["-accel", "tcg,thread=multi,tb-size=64", "-cpu", config.tcg_cpu or image.tcg_cpu]
+    if image.boot == "firmware":
+        # An imported image boots as it would anywhere: the BIOS, its boot loader,
+        # its kernel and initramfs, on a PC with PCI devices.
+        bus = "pci"
+        # Fixed slots: the guest names its network interface by slot (enp0s4), and
+        # the first boot's extra seed disk must not move it.
+        at = ["", ",addr=0x4", ",addr=0x5", ",addr=0x6", ",addr=0x8"]
+        machine = ["-M", "q35"]
+        boot: list[str] = []
+        disk_device = "virtio-blk-pci,drive=disk0,bootindex=0,addr=0x3"
+    else:
+        # The tiny image's init reads vmlease.name; systemd reads systemd.hostname.
+        cmdline = f"{image.cmdline} vmlease.name={name} systemd.hostname={name}"
+        if config.tsc_khz:
+            cmdline += f" tsc_early_khz={config.tsc_khz}"
+        bus = "device"
+        at = [""] * 5
+        machine = ["-M", "microvm,acpi=on,x-option-roms=off"]
+        boot = ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline]
+        disk_device = "virtio-blk-device,drive=disk0"
     network = spec.network or image.network
     net: list[str] = []
     if network is not Network.NONE:
         # User-mode networking: no root, no bridges; "restricted" lets nothing out.
         restrict = ",restrict=on" if network is Network.RESTRICTED else ""
-        net = ["-netdev", f"user,id=net0{restrict}", "-device", "virtio-net-device,netdev=net0"]
+        net = [
+            "-netdev",
+            f"user,id=net0{restrict}",
+            "-device",
+            f"virtio-net-{bus},netdev=net0{at[1]}",
+        ]
+    extra: list[str] = []
+    if seed is not None:
+        extra = [
+            "-drive",
+            f"id=seed,file={seed},if=none,format=raw,readonly=on",
+            "-device",
+            f"virtio-blk-{bus},drive=seed{at[4]}",
+        ]
     return [
         config.qemu,
         "-name",
         name,
-        "-M",
-        "microvm,acpi=on,x-option-roms=off",
+        *machine,
         *accel,
         "-smp",
         str(spec.cpus),
@@ -103,12 +141,7 @@ def qemu_argv(
         "-display",
         "none",
         "-no-reboot",
-        "-kernel",
-        str(image.kernel),
-        "-initrd",
-        str(image.initrd),
-        "-append",
-        cmdline,
+        *boot,
         "-chardev",
         # Appended to: a restart keeps the earlier boots' messages, and a VM
         # started from a booted state keeps the boot log it was saved with.
@@ -119,12 +152,13 @@ def qemu_argv(
         "-drive",
         f"id=disk0,file={vm_dir / DISK},if=none,format=qcow2,cache=unsafe",
         "-device",
-        "virtio-blk-device,drive=disk0",
+        disk_device,
+        *extra,
         "-device",
-        "virtio-rng-device",
+        f"virtio-rng-{bus}{at[2]}",
         *net,
         "-device",
-        "virtio-serial-device",
+        f"virtio-serial-{bus}{at[3]}",
         "-chardev",
         f"socket,id=agent,path={AGENT_SOCKET},server=on,wait=off",
         "-device",

@@ -63,6 +63,9 @@ class Image:
         disk_bytes: the root disk's size (0 if the manifest does not say).
         grow_root: a command that grows the root file system to its disk's size
             (empty if the image cannot).
+        boot: ``pvh`` (vmlease's kernel and initramfs, ``-M microvm``) or
+            ``firmware`` (an imported image's own boot loader and kernel,
+            ``-M q35``); ``kernel``, ``initrd`` and ``cmdline`` matter for ``pvh`` only.
     """
 
     name: str
@@ -81,6 +84,7 @@ class Image:
     ssh_user: str = ""
     disk_bytes: int = 0
     grow_root: tuple[str, ...] = ()
+    boot: str = "pvh"
 
 
 def _load(build: Path) -> Image:
@@ -103,6 +107,7 @@ def _load(build: Path) -> Image:
         ssh_user=str(data.get("ssh_user", "")),
         disk_bytes=int(data.get("disk_bytes", 0)),
         grow_root=tuple(str(a) for a in data.get("grow_root", ())),
+        boot=str(data.get("boot", "pvh")),
     )
 
 

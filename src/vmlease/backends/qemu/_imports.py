@@ -1,0 +1,425 @@
+"""Importing a cloud image: ``vmlease image import NAME SOURCE``.
+
+The source (a local file, or an http(s) URL downloaded whole and checked
+against ``--sha256``) is converted into the build's own qcow2 disk. That disk
+boots once, the way it would in a cloud: BIOS, its boot loader, its own
+kernel and initramfs (``-M q35``), with a cloud-init NoCloud seed made by
+vmlease (``images/_seed.py``) that creates the SSH user, installs the vmlease
+agent and runs the user's ``--user-data``. When cloud-init has finished
+(asked through the agent: ``cloud-init status --wait``), vmlease disables
+cloud-init in the guest and powers it off: the disk is the image. VMs of the
+image then never run cloud-init; they boot (or start from a saved booted
+state) like any other image.
+
+``--no-seed`` is for an image that already runs the vmlease agent: it boots
+without a seed, and the import only checks that the agent answers.
+
+Nothing partial is kept: the work happens in a temporary directory beside
+the image's builds and becomes a build only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from vmlease._errors import (
+    BootError,
+    ChannelError,
+    ChecksumMismatch,
+    ImageImportError,
+    VMLeaseError,
+)
+from vmlease._runner import Runner
+from vmlease._spec import Network, VMSpec
+from vmlease._ssh import ensure_key
+from vmlease.backends.qemu._agent import AgentChannel
+from vmlease.backends.qemu._launch import CONSOLE_LOG, DISK, LaunchConfig, qemu_argv
+from vmlease.backends.qemu._processes import Processes, kill_all, wait_exit
+from vmlease.backends.qemu.images import RECIPES, Image, load_current
+from vmlease.backends.qemu.images._seed import (
+    check_user,
+    check_user_data,
+    meta_data,
+    user_data,
+    write_seed,
+)
+from vmlease.backends.qemu.images._source import (
+    Download,
+    Opener,
+    check_sha256,
+    disk_format,
+    is_url,
+    sha256_of,
+)
+from vmlease.backends.qemu.images._steps import (
+    Progress,
+    Steps,
+    existing_build,
+    guest_file,
+    publish,
+    require_tools,
+)
+
+__all__ = ["BOOT_DIR", "IMAGE_NAME", "import_image"]
+
+T = TypeVar("T")
+#: Runs one attempt of a download under the caller's retry policy.
+Retry = Callable[[Callable[[], T]], T]
+
+IMPORT_VERSION = "1"
+IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+#: The first boot's shape: cloud-init is Python, and faster with two CPUs.
+FIRST_BOOT = VMSpec(image="import", cpus=2, memory_mb=1024, network=Network.USER)
+MIN_MEMORY_MB = 256
+#: The first boot's VM directory, in the import's work directory.
+BOOT_DIR = "first-boot"
+#: After a login prompt, how long to wait for cloud-init to say anything.
+_NO_CLOUD_INIT_GRACE_S = 20.0
+_POWEROFF_S = 120.0
+#: Up: systemd has finished starting units and the SSH server runs (Debian's and
+#: Ubuntu's unit is ssh.service, Fedora's sshd.service).
+READY = (
+    "sh",
+    "-c",
+    "systemctl is-system-running --wait >/dev/null; s=$(systemctl is-system-running); "
+    'case "$s" in running|degraded) systemctl is-active --quiet ssh.service '
+    "|| systemctl is-active --quiet sshd.service ;; "
+    '*) echo "systemd is $s"; exit 1 ;; esac',
+)
+#: Grows the root partition (growpart) and its file system to the disk's size.
+GROW_ROOT = (
+    "sh",
+    "-ec",
+    'src=$(findmnt -no SOURCE /); disk=/dev/$(lsblk -no PKNAME "$src"); '
+    'part=$(cat "/sys/class/block/$(basename "$src")/partition"); '
+    'growpart "$disk" "$part" || [ $? -eq 1 ]; '
+    'case $(findmnt -no FSTYPE /) in ext*) resize2fs "$src" ;; xfs) xfs_growfs / ;; '
+    "btrfs) btrfs filesystem resize max / ;; esac",
+)
+_TOOLS = {"qemu-img": "qemu-utils", "gcc": "gcc"}
+
+
+def _once(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+def import_image(
+    image_dir: Path,
+    name: str,
+    source: str,
+    *,
+    config: LaunchConfig,
+    state_dir: Path,
+    runner: Runner,
+    progress: Progress | None = None,
+    sha256: str | None = None,
+    user: str = "vmlease",
+    user_data_file: Path | None = None,
+    seed: bool = True,
+    force: bool = False,
+    retry: Retry[object] | None = None,
+    opener: Opener | None = None,
+    timeout_s: float = 900.0,
+) -> Image:
+    """Import ``source`` as image ``name`` (or find it up to date); returns the image."""
+    say = progress or (lambda _line: None)
+    if not IMAGE_NAME.fullmatch(name):
+        raise ImageImportError(
+            f"{name!r} cannot name an image: use lower-case letters, digits, '.', '_' "
+            "and '-', starting with a letter or digit, at most 63 characters"
+        )
+    if name in RECIPES:
+        raise ImageImportError(
+            f"{name!r} is an image vmlease builds (`vmlease image build {name}`): "
+            "import under another name"
+        )
+    want = check_sha256(sha256)
+    user = check_user(user)
+    extra: bytes | None = None
+    kind = "cloud-config"
+    if user_data_file is not None:
+        if not seed:
+            raise ImageImportError("--user-data needs the seed: leave out --no-seed")
+        try:
+            extra = user_data_file.read_bytes()
+        except OSError as exc:
+            raise ImageImportError(f"cannot read --user-data {user_data_file}: {exc}") from exc
+        kind = check_user_data(extra, str(user_data_file))
+    if not is_url(source):
+        local = Path(source).expanduser()
+        if "://" in source:
+            raise ImageImportError(
+                f"{source}: vmlease imports from http:// or https:// URLs and local files"
+            )
+        if not local.is_file():
+            raise ImageImportError(f"{source} does not exist (or is not a file)")
+    require_tools(f"{name} (import)", _TOOLS, busybox=False)
+
+    unit = guest_file("guest/debian/vmlease-agent.service")
+    inputs = (user, extra or b"", kind, seed, unit, guest_file("agent.c"))
+
+    def build_id(digest: str) -> str:
+        h = hashlib.sha256()
+        for part in (IMPORT_VERSION, digest, *inputs, " ".join(READY), " ".join(GROW_ROOT)):
+            h.update(
+                hashlib.sha256(str(part).encode() if not isinstance(part, bytes) else part).digest()
+            )
+        return h.hexdigest()[:16]
+
+    if want is not None and not force and existing_build(image_dir, name, build_id(want)):
+        say(f"{name} image up to date ({build_id(want)})")
+        return load_current(image_dir, name)
+
+    home = image_dir / name
+    home.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=".import-", dir=home) as tmp:
+        work = Path(tmp)
+        if is_url(source):
+            fetch = Download(source, progress=say, opener=opener or urllib.request.urlopen)
+            got = (retry or _once)(lambda: fetch(work / "source", want))
+            path, digest = got.path, got.sha256  # type: ignore[attr-defined]
+        else:
+            say(f"reading {source}")
+            path, digest = Path(source).expanduser(), sha256_of(Path(source).expanduser())
+            if want is not None and digest != want:
+                raise ChecksumMismatch(
+                    f"{source} has sha256 {digest}, not the {want} given: nothing was imported"
+                )
+        fmt, size = disk_format(path, runner, source)
+        bid = build_id(digest)
+        if not force and existing_build(image_dir, name, bid):
+            say(f"{name} image up to date ({bid})")
+            return load_current(image_dir, name)
+        first = _FirstBoot(work, name, bid, config, runner, say)
+        steps = Steps(runner, say)
+        say(f"converting the {fmt} disk ({size / 2**30:.1f} GiB) to qcow2")
+        first.vm_dir.mkdir(mode=0o700)
+        steps.check(
+            [
+                "qemu-img",
+                "convert",
+                "-f",
+                fmt,
+                "-O",
+                "qcow2",
+                "--",
+                str(path),
+                str(first.vm_dir / DISK),
+            ],
+            f"converting {source} to qcow2",
+            600,
+        )
+        if path.parent == work:
+            path.unlink()  # the download: the disk holds it now
+        seed_iso = None
+        if seed:
+            say("compiling the guest agent")
+            agent = steps.compile_agent(work).read_bytes()
+            _key, public = ensure_key(state_dir, runner)
+            seed_iso = work / "seed.iso"
+            write_seed(
+                seed_iso,
+                {
+                    "meta-data": meta_data(f"vmlease-{bid}", name),
+                    "user-data": user_data(
+                        hostname=name,
+                        user=user,
+                        public_key=public,
+                        agent=agent,
+                        unit=unit,
+                        extra=extra,
+                        extra_kind=kind,
+                    ),
+                },
+                runner,
+                work,
+            )
+        facts = first.run(seed_iso, user, time.monotonic() + timeout_s)
+        out = work / "out"
+        out.mkdir()
+        (first.vm_dir / DISK).rename(out / "disk.qcow2")
+        manifest = {
+            "name": name,
+            "build_id": bid,
+            "built_at": time.time(),
+            "boot": "firmware",
+            "kernel": "",
+            "initrd": "",
+            "disk": "disk.qcow2",
+            "cmdline": "",
+            "min_memory_mb": MIN_MEMORY_MB,
+            "ready": list(READY),
+            "network": "user",
+            "ssh_user": user,
+            "disk_bytes": size,
+            "grow_root": list(GROW_ROOT) if facts.get("growpart") else [],
+            # Distributions build for different x86-64 levels (RHEL 9: v2): emulate all.
+            "tcg_cpu": "max",
+            "info": {
+                "source": source,
+                "sha256": digest,
+                "format": fmt,
+                "os": facts.get("os", "?"),
+                "seeded": "yes" if seed else "no",
+                "user_data": hashlib.sha256(extra).hexdigest()[:16] if extra else "",
+                "import": IMPORT_VERSION,
+            },
+        }
+        publish(out, home / bid, manifest)
+    say(f"{name} imported ({bid}) in {time.monotonic() - started:.0f} s: {home / bid}")
+    return load_current(image_dir, name)
+
+
+class _FirstBoot:
+    """The imported disk's one boot with its seed, ended by a clean power-off."""
+
+    def __init__(
+        self,
+        work: Path,
+        name: str,
+        build_id: str,
+        config: LaunchConfig,
+        runner: Runner,
+        say: Progress,
+    ) -> None:
+        self.procs = Processes(work, runner)
+        self.name = BOOT_DIR
+        self.vm_dir = work / self.name
+        self.image = Image(
+            name=name,
+            build_id=build_id,
+            path=work,
+            kernel=work,
+            initrd=work,
+            disk=self.vm_dir / DISK,
+            cmdline="",
+            min_memory_mb=MIN_MEMORY_MB,
+            tcg_cpu="max",
+            size_bytes=0,
+            info={},
+            network=Network.USER,
+            boot="firmware",
+        )
+        self.config = config
+        self.say = say
+
+    def run(self, seed: Path | None, user: str, deadline: float) -> dict[str, str]:
+        (self.vm_dir / "vm.json").write_text("{}\n")
+        argv = qemu_argv(self.config, self.vm_dir, self.name, FIRST_BOOT, self.image, seed=seed)
+        try:
+            self.say(
+                "first boot with cloud-init (a minute or more without KVM)"
+                if seed
+                else "first boot, waiting for the vmlease agent"
+            )
+            self.procs.launch(self.name, argv, 60.0, qemu=self.config.qemu)
+            channel = self._agent(seed is not None, deadline)
+            facts = self._finish(channel, seed is not None, user, deadline)
+            live = self.procs.attach(self.name)
+            if not wait_exit(live, max(1.0, min(_POWEROFF_S, deadline - time.monotonic()))):
+                raise ImageImportError(
+                    f"the imported image did not power off within {_POWEROFF_S:g} s:\n"
+                    + self._console(20)
+                )
+            return facts
+        finally:
+            self.procs.close()
+            kill_all(self.vm_dir)
+
+    def _console(self, lines: int) -> str:
+        try:
+            text = (self.vm_dir / CONSOLE_LOG).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "--- console (last lines) ---\n" + "\n".join(text.splitlines()[-lines:])
+
+    def _agent(self, seeded: bool, deadline: float) -> AgentChannel:
+        """The agent's channel once it answers; ImageImportError when it cannot."""
+        login_seen: float | None = None
+        while True:
+            live = self.procs.attach(self.name)
+            if wait_exit(live, 0):
+                raise ImageImportError(
+                    "the imported image's first boot ended before the vmlease agent "
+                    "answered: it does not boot under QEMU as a BIOS (q35) machine\n"
+                    + self._console(30)
+                )
+            try:
+                with live.lock:
+                    return self.procs.channel(self.name, live, 2.0)
+            except (BootError, ChannelError):
+                pass  # not up yet
+            text = ""
+            with contextlib.suppress(OSError):
+                text = (self.vm_dir / CONSOLE_LOG).read_text(errors="replace")
+            if seeded and "login:" in text and "cloud-init" not in text.lower():
+                login_seen = login_seen or time.monotonic()
+                if time.monotonic() - login_seen > _NO_CLOUD_INIT_GRACE_S:
+                    raise ImageImportError(
+                        "the imported image booted to a login prompt without running "
+                        "cloud-init, so vmlease cannot set it up: import an image with "
+                        "cloud-init (distributions' cloud images have it), or, if the "
+                        "image already runs the vmlease agent, import it with --no-seed\n"
+                        + self._console(15)
+                    )
+            if time.monotonic() > deadline:
+                why = (
+                    "cloud-init did not install the vmlease agent in time"
+                    if seeded
+                    else "the image does not run the vmlease agent: import it without "
+                    "--no-seed, so that cloud-init installs it"
+                )
+                raise ImageImportError(f"importing failed: {why}\n" + self._console(30))
+
+    def _exec(self, channel: AgentChannel, argv: list[str], deadline: float) -> tuple[int, str]:
+        done = channel.exec(
+            argv, stdin=None, env=None, cwd=None, timeout_s=max(1.0, deadline - time.monotonic())
+        )
+        return done.exit_code, (done.stdout + done.stderr).decode(errors="replace").strip()
+
+    def _finish(
+        self, channel: AgentChannel, seeded: bool, user: str, deadline: float
+    ) -> dict[str, str]:
+        facts: dict[str, str] = {}
+        if seeded:
+            began = time.monotonic()
+            code, said = self._exec(channel, ["cloud-init", "status", "--wait", "--long"], deadline)
+            if code not in (0, 2):  # 2: finished with recoverable errors
+                _, log = self._exec(
+                    channel, ["tail", "-n", "30", "/var/log/cloud-init-output.log"], deadline
+                )
+                raise ImageImportError(
+                    "cloud-init failed on the imported image's first boot (check your "
+                    f"--user-data if you gave one):\n{said}\n--- cloud-init-output.log "
+                    f"(last lines) ---\n{log}"
+                )
+            if code == 2:
+                self.say(f"cloud-init finished with recoverable errors: {said[-500:]}")
+            self.say(f"cloud-init finished in {time.monotonic() - began:.0f} s")
+            code, said = self._exec(channel, ["id", "-u", user], deadline)
+            if code != 0:
+                raise ImageImportError(f"cloud-init did not create the user {user}: {said}")
+            # The image is set up: its VMs never run cloud-init again.
+            self._exec(channel, ["touch", "/etc/cloud/cloud-init.disabled"], deadline)
+        code, said = self._exec(channel, ["sh", "-c", "command -v growpart"], deadline)
+        if code == 0:
+            facts["growpart"] = said
+        code, said = self._exec(
+            channel, ["sh", "-c", '. /etc/os-release && echo "$PRETTY_NAME"'], deadline
+        )
+        facts["os"] = said if code == 0 else "?"
+        self.say(f"setup done ({facts['os']}); powering off")
+        self._exec(channel, ["sync"], deadline)
+        # The channel may close under the command: the wait for QEMU's exit decides.
+        with contextlib.suppress(VMLeaseError):
+            self._exec(channel, ["systemctl", "poweroff", "--no-block"], deadline)
+        return facts
