@@ -8,6 +8,7 @@ python -m benchmarks faults     the example suite under injected faults: passes,
 python -m benchmarks startup    the plugin's import cost and the command's start-up time
 python -m benchmarks chaos      faults of the machinery and the host: leaks, time to clean, errors
 python -m benchmarks guests     debian-12: boots, saved states, resets, commands vs ssh, memory
+python -m benchmarks trims      debian-12: what each boot trim buys (systemd-analyze)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import chaos, faults, guests, reap, spine, startup, suite
+from benchmarks import chaos, faults, guests, reap, spine, startup, suite, trims
 
 
 def main() -> int:
@@ -24,7 +25,7 @@ def main() -> int:
     parser.add_argument(
         "which",
         nargs="*",
-        metavar="spine|reap|suite|faults|startup|chaos|guests",
+        metavar="spine|reap|suite|faults|startup|chaos|guests|trims",
         help="default: all",
     )
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
@@ -43,7 +44,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5 (the figures are medians of at least 5)")
-    names = ["spine", "reap", "suite", "faults", "startup", "chaos", "guests"]
+    names = ["spine", "reap", "suite", "faults", "startup", "chaos", "guests", "trims"]
     unknown = set(args.which) - set(names)
     if unknown:
         parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose {', '.join(names)}")
@@ -59,6 +60,8 @@ def main() -> int:
         code |= faults.main(runs=args.fault_runs)
     if "guests" in which:
         code |= guests.main(runs=args.runs)
+    if "trims" in which:
+        code |= trims.main(runs=args.runs)
     if "chaos" in which:
         code |= chaos.main(trials=args.chaos_trials)
     if "startup" in which:

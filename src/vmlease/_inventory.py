@@ -11,6 +11,7 @@ from vmlease._cleanup import Standing, status
 from vmlease._errors import VMLeaseError
 from vmlease._identity import Liveness, liveness
 from vmlease._ledger import Ledger, Record
+from vmlease.backends import BackendVM
 
 __all__ = ["InventoryRow", "inventory"]
 
@@ -27,6 +28,10 @@ class InventoryRow:
         status: ``alive``, ``orphaned`` (owner dead), ``expired`` (past its
             lease) or ``unknown`` (owned from another host).
         age_s: seconds since the row was written.
+        memory_bytes: the host memory the VM holds (QEMU's resident set), if
+            the backend tells.
+        disk_bytes: the host disk its own disk takes (an overlay on its image:
+            what it wrote), if the backend tells.
     """
 
     record: Record
@@ -34,6 +39,8 @@ class InventoryRow:
     owner: Liveness
     status: Standing
     age_s: float
+    memory_bytes: int | None = None
+    disk_bytes: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         r = self.record
@@ -53,7 +60,13 @@ class InventoryRow:
             "error": r.error,
             "mark": r.instance_id,
             "forwards": {str(k): v for k, v in sorted(r.forwards.items())},
+            "memory_bytes": self.memory_bytes,
+            "disk_bytes": self.disk_bytes,
         }
+
+
+def _number(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
 
 
 def inventory(state_dir: Path, *, include_gone: bool = False) -> list[InventoryRow]:
@@ -66,18 +79,30 @@ def inventory(state_dir: Path, *, include_gone: bool = False) -> list[InventoryR
         records = ledger.records(include_gone=include_gone)
     finally:
         ledger.close()
-    seen: dict[str, dict[str, str] | None] = {}
+    seen: dict[str, dict[str, BackendVM] | None] = {}
     for name in sorted({r.backend for r in records}):
         try:
             backend = _backends.get(name, state_dir=state_dir)
-            seen[name] = {vm.name: vm.state for vm in backend.list()}
+            seen[name] = {vm.name: vm for vm in backend.list()}
             backend.close()
         except VMLeaseError:
             seen[name] = None
     now = time.time()
     rows = []
     for r in records:
-        states = seen.get(r.backend)
-        actual = "?" if states is None else states.get(r.name, "missing")
-        rows.append(InventoryRow(r, actual, liveness(r.owner), status(r, now), now - r.created_at))
+        found = seen.get(r.backend)
+        vm = None if found is None else found.get(r.name)
+        actual = "?" if found is None else vm.state if vm is not None else "missing"
+        detail = vm.detail if vm is not None else {}
+        rows.append(
+            InventoryRow(
+                r,
+                actual,
+                liveness(r.owner),
+                status(r, now),
+                now - r.created_at,
+                memory_bytes=_number(detail.get("memory_bytes")),
+                disk_bytes=_number(detail.get("disk_bytes")),
+            )
+        )
     return rows

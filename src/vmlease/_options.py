@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmlease._errors import ConfigError
+from vmlease._spec import Network, parse_network
 
 __all__ = ["KEEP_CHOICES", "Keep", "RunOptions"]
 
@@ -41,6 +42,8 @@ class RunOptions:
     Attributes:
         backend: backend name.
         image: the image VMs get unless a test asks for another.
+        network: the network VMs get unless a test asks for another (None: the
+            image's own default).
         keep: ``never``, ``failed`` (keep the VMs of failed tests) or ``always``.
         max_vms: at most this many VMs at once across the run's workers.
         max_age_s: each VM's lease, in seconds.
@@ -55,6 +58,7 @@ class RunOptions:
 
     backend: str = "qemu"
     image: str = "tiny"
+    network: Network | None = None
     keep: Keep = Keep.NEVER
     max_vms: int | None = None
     max_age_s: float | None = None
@@ -66,6 +70,7 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", Keep.parse(self.keep))
+        object.__setattr__(self, "network", parse_network(self.network))
         if self.max_vms is not None and (
             isinstance(self.max_vms, bool) or not isinstance(self.max_vms, int) or self.max_vms < 1
         ):

@@ -20,6 +20,7 @@ __all__ = [
     "pids",
     "pids_with_arg",
     "process_start_time",
+    "rss_bytes",
 ]
 
 PROC = Path("/proc")
@@ -42,6 +43,17 @@ def process_start_time(pid: int) -> int | None:
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = raw[raw.rfind(")") + 2 :].split()
     return int(fields[19])
+
+
+def rss_bytes(pid: int) -> int | None:
+    """The memory ``pid`` holds (its resident set), or None if it is gone."""
+    try:
+        for line in (PROC / str(pid) / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def cmdline(pid: int | str) -> list[bytes] | None:

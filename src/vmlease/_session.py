@@ -375,13 +375,15 @@ class Session:
         boot_timeout_s: float | None = None,
         network: Network | str | None = None,
         disk_gb: int | None = None,
+        user: str | None = None,
     ) -> VM:
         """Create a VM and return it once it answers commands (for a full
         system: once it is up, its SSH server included).
 
         ``network`` is ``"user"``, ``"none"`` or ``"restricted"`` (outbound
         traffic refused); by default the image's (user for Debian, none for
-        tiny). ``disk_gb`` grows the root disk and file system (Debian). The
+        tiny). ``disk_gb`` grows the root disk and file system (Debian, imported
+        images). ``user`` is who ``vm.ssh`` logs in as (default the image's). The
         ledger records the VM before the backend is asked for it. If anything
         fails, the VM is deleted again and its row says why.
         """
@@ -393,6 +395,7 @@ class Session:
             memory_mb=memory_mb,
             network=parse_network(network),
             disk_gb=disk_gb,
+            user=user,
         )
         timeout = self.boot_timeout_s if boot_timeout_s is None else boot_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from vmlease._errors import InvalidSpec
 
-__all__ = ["MAX_CPUS", "MAX_MEMORY_MB", "Network", "VMSpec", "parse_network"]
+__all__ = ["MAX_CPUS", "MAX_MEMORY_MB", "USER_RULE", "Network", "VMSpec", "parse_network"]
 
 MAX_CPUS = 256
 MAX_MEMORY_MB = 1024 * 1024
 MAX_DISK_GB = 64 * 1024
+#: What a guest user's name may be (POSIX-portable, as useradd takes it).
+USER_RULE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 
 def _positive_int(field: str, value: object, maximum: int) -> int:
@@ -60,6 +63,9 @@ class VMSpec:
         disk_gb: the root disk's size in GiB, at least the image's; the root
             file system grows to fill it when the VM first starts. None keeps
             the image's size.
+        user: the guest user ``vm.ssh`` logs in as, who gets vmlease's key; None
+            for the image's (root on Debian, the import's ``--user`` on an
+            imported image). The user must exist in the image.
     """
 
     image: str = "tiny"
@@ -67,6 +73,7 @@ class VMSpec:
     memory_mb: int = 256
     network: Network | None = None
     disk_gb: int | None = None
+    user: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image.strip():
@@ -76,6 +83,13 @@ class VMSpec:
         object.__setattr__(self, "network", parse_network(self.network))
         if self.disk_gb is not None:
             _positive_int("disk_gb", self.disk_gb, MAX_DISK_GB)
+        if self.user is not None and (
+            not isinstance(self.user, str) or not USER_RULE.fullmatch(self.user)
+        ):
+            raise InvalidSpec(
+                f"user must be a user name (lower-case letters, digits, '_' and '-', "
+                f"starting with a letter or '_', at most 32 characters), not {self.user!r}"
+            )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

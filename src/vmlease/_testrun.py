@@ -124,6 +124,8 @@ class TestRun:
         cpus: int | None = None,
         memory_mb: int | None = None,
         network: str | None = None,
+        disk_gb: int | None = None,
+        user: str | None = None,
     ) -> VMSpec:
         """The run's default spec with what a test asked for."""
         default = VMSpec(image=self.options.image)
@@ -131,12 +133,19 @@ class TestRun:
             image=default.image if image is None else image,
             cpus=default.cpus if cpus is None else cpus,
             memory_mb=default.memory_mb if memory_mb is None else memory_mb,
-            network=parse_network(network),
+            network=self.options.network if network is None else parse_network(network),
+            disk_gb=disk_gb,
+            user=user,
         )
 
     def _create(self, spec: VMSpec) -> VM:
         vm = self.session.create(
-            image=spec.image, cpus=spec.cpus, memory_mb=spec.memory_mb, network=spec.network
+            image=spec.image,
+            cpus=spec.cpus,
+            memory_mb=spec.memory_mb,
+            network=spec.network,
+            disk_gb=spec.disk_gb,
+            user=spec.user,
         )
         self._count("created", 1)
         return vm

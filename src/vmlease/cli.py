@@ -66,7 +66,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     print(
         _table(
-            ["NAME", "BACKEND", "STATE", "ACTUAL", "OWNER", "AGE", "SESSION", "PORTS"],
+            [
+                "NAME",
+                "BACKEND",
+                "STATE",
+                "ACTUAL",
+                "OWNER",
+                "AGE",
+                "MEM",
+                "DISK",
+                "SESSION",
+                "PORTS",
+            ],
             [
                 [
                     r.record.name,
@@ -77,6 +88,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     if r.record.state is VMState.GONE
                     else f"{r.status.value} (pid {r.record.owner.pid})",
                     _age(r.age_s),
+                    "-" if r.memory_bytes is None else megabytes(r.memory_bytes),
+                    "-" if r.disk_bytes is None else megabytes(r.disk_bytes),
                     r.record.owner.session_id,
                     ",".join(f"127.0.0.1:{h}->{g}" for g, h in sorted(r.record.forwards.items())),
                 ]

@@ -4,7 +4,8 @@
 Fixtures: ``vm`` (a clean VM per test), ``worker_vm`` (one per worker, state
 shared), ``vm_factory`` and ``vm_pool`` (VMs made inside a test, deleted at
 its end), ``vm_session`` (the run's Session). Marker:
-``@pytest.mark.vm(image=..., cpus=..., memory_mb=..., network=..., fresh=False)``.
+``@pytest.mark.vm(image=..., cpus=..., memory_mb=..., network=..., disk_gb=..., user=...,
+fresh=False)``.
 
 Settings, strongest first: the command line (``--vm-backend``), the
 environment (``VMLEASE_BACKEND``), the ini file (``vm_backend``).
@@ -22,6 +23,7 @@ import pytest
 from vmlease._errors import ConfigError
 from vmlease._naming import new_session_id
 from vmlease._options import Keep, RunOptions
+from vmlease._spec import parse_network
 
 if TYPE_CHECKING:
     # The machinery that makes VMs loads when a test first asks for one, so a
@@ -40,6 +42,11 @@ _SUMMARY = pytest.StashKey[dict[str, Any]]()
 _SETTINGS = {
     "vm_backend": ("VMLEASE_BACKEND", "backend for VMs (default: qemu)"),
     "vm_image": ("VMLEASE_IMAGE", "image VMs get unless a test asks for another (default: tiny)"),
+    "vm_network": (
+        "VMLEASE_NETWORK",
+        "network VMs get unless a test asks for another: user, none or restricted "
+        "(default: the image's)",
+    ),
     "vm_keep": (
         "VMLEASE_KEEP",
         "keep VMs for inspection: never (default), failed (those of failed tests), always",
@@ -57,7 +64,7 @@ _SETTINGS = {
         "failure_rate=0.3,hang_rate=0.05,hang_s=1,seed=7 (see vmlease.testing)",
     ),
 }
-_MARKER_ARGS = {"image", "cpus", "memory_mb", "network", "fresh"}
+_MARKER_ARGS = {"image", "cpus", "memory_mb", "network", "disk_gb", "user", "fresh"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -111,6 +118,7 @@ def _options(config: pytest.Config) -> RunOptions:
         return RunOptions(
             backend=_setting(config, "vm_backend") or "qemu",
             image=_setting(config, "vm_image") or "tiny",
+            network=parse_network(_setting(config, "vm_network")),
             keep=Keep.parse(_setting(config, "vm_keep") or "never"),
             max_vms=_number(config, "vm_max", int),
             max_age_s=_number(config, "vm_max_age", float),
@@ -126,9 +134,9 @@ def _options(config: pytest.Config) -> RunOptions:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "vm(image=None, cpus=None, memory_mb=None, network=None, fresh=False): the VM the "
-        "`vm` fixture gives this test (network: user, none or restricted); fresh=True for a "
-        "new VM of its own",
+        "vm(image=None, cpus=None, memory_mb=None, network=None, disk_gb=None, user=None, "
+        "fresh=False): the VM the `vm` fixture gives this test (network: user, none or "
+        "restricted; user: who vm.ssh logs in as); fresh=True for a new VM of its own",
     )
     config.stash[_OPTIONS] = _options(config)
     config.stash[_SUMMARY] = {}
@@ -207,8 +215,8 @@ def worker_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
 
 @pytest.fixture
 def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
-    """``vm_factory(image=..., cpus=..., memory_mb=..., network=...)`` makes a VM; all are
-    deleted at the end."""
+    """``vm_factory(image=..., cpus=..., memory_mb=..., network=..., disk_gb=..., user=...)``
+    makes a VM; all are deleted at the end."""
     run = _run(request)
     uses: list[Use] = []
 
@@ -217,8 +225,10 @@ def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
         cpus: int | None = None,
         memory_mb: int | None = None,
         network: str | None = None,
+        disk_gb: int | None = None,
+        user: str | None = None,
     ) -> VM:
-        use = run.fresh_vm(run.spec(image, cpus, memory_mb, network))
+        use = run.fresh_vm(run.spec(image, cpus, memory_mb, network, disk_gb, user))
         uses.append(use)
         _track(request, [use])
         return use.vm
@@ -239,8 +249,10 @@ def vm_pool(request: pytest.FixtureRequest) -> Iterator[Callable[..., list[VM]]]
         cpus: int | None = None,
         memory_mb: int | None = None,
         network: str | None = None,
+        disk_gb: int | None = None,
+        user: str | None = None,
     ) -> list[VM]:
-        made = run.pool(n, run.spec(image, cpus, memory_mb, network))
+        made = run.pool(n, run.spec(image, cpus, memory_mb, network, disk_gb, user))
         uses.extend(made)
         _track(request, made)
         return [u.vm for u in made]

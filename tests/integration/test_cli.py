@@ -35,12 +35,19 @@ def test_ls_shows_a_running_vm_with_its_live_owner(session: vmlease.Session, sta
     assert row["owner"] == "alive"
     assert row["pid"] == os.getpid()
     assert row["session_id"] == session.id
+    # What the guest costs the host: QEMU's memory (a 256 MB tiny guest's is far
+    # below a GiB) and the blocks its disk overlay took.
+    assert 10 * 2**20 < row["memory_bytes"] < 2**30
+    assert 0 < row["disk_bytes"] < 2**30
     table = vmlease_cli("ls", state=state).stdout
     assert vm.name in table
     assert "alive" in table
+    assert "MEM" in table
+    assert "MiB" in table
     vm.stop()
     [row] = json.loads(vmlease_cli("ls", "--json", state=state).stdout)["vms"]
     assert (row["state"], row["actual"]) == ("stopped", "stopped")
+    assert row["memory_bytes"] is None  # nothing runs
     vm.delete()
     assert json.loads(vmlease_cli("ls", "--json", state=state).stdout) == {"vms": []}
     [gone] = json.loads(vmlease_cli("ls", "--json", "--all", state=state).stdout)["vms"]

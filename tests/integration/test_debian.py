@@ -145,3 +145,18 @@ def test_a_bad_disk_size_is_refused_before_anything_is_made(
     with pytest.raises(vmlease.InvalidSpec, match=says):
         session.create(image=image, disk_gb=disk_gb)
     assert ledger_records(state) == []
+
+
+@pytest.mark.parametrize(
+    ("image", "user", "says"),
+    [
+        ("tiny", "root", "runs no SSH server"),
+        ("debian-12", "Admin", "user must be a user name"),
+    ],
+)
+def test_a_bad_user_is_refused_before_anything_is_made(
+    session: vmlease.Session, debian_image: Image, state: Path, image: str, user: str, says: str
+) -> None:
+    with pytest.raises(vmlease.InvalidSpec, match=says):
+        session.create(image=image, user=user)
+    assert ledger_records(state) == []

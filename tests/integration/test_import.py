@@ -188,6 +188,27 @@ def test_later_vms_of_an_imported_image_start_from_its_saved_state(
     assert "disabled" in _sh(second, "cloud-init status || true")
 
 
+def test_a_vm_can_log_in_as_another_user_and_grow_its_disk(
+    imported: Image, cloud_session: vmlease.Session
+) -> None:
+    vm = cloud_session.create(image="cloudy", memory_mb=512, user="root", disk_gb=4)
+    ssh = vm.ssh
+    assert ssh.user == "root"
+    done = subprocess.run(ssh.argv(["id", "-un"]), capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "root"), done.stderr
+    # growpart and resize2fs took the root file system to the 4 GiB disk.
+    size = int(_sh(vm, "df --output=size -B1 / | tail -1"))
+    assert size > 3 * 2**30 > imported.disk_bytes, size
+
+
+def test_a_user_the_image_lacks_is_refused_and_nothing_is_left(
+    imported: Image, cloud_session: vmlease.Session
+) -> None:
+    with pytest.raises(vmlease.InvalidSpec, match="has no user 'nobody2'"):
+        cloud_session.create(image="cloudy", memory_mb=512, user="nobody2")
+    assert cloud_session.vms() == []
+
+
 def test_importing_again_finds_the_image_up_to_date_without_downloading(
     imported: Image, images: Path, server: Served, cloud_source: Path
 ) -> None:

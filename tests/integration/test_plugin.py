@@ -30,6 +30,7 @@ def suite(
     for name in (
         "VMLEASE_KEEP",
         "VMLEASE_IMAGE",
+        "VMLEASE_NETWORK",
         "VMLEASE_BACKEND",
         "VMLEASE_MAX",
         "VMLEASE_FAULTS",
@@ -302,6 +303,28 @@ def test_settings_follow_command_line_then_environment_then_ini(
     run(suite, "--vm-image=from-cli").stdout.fnmatch_lines(["*no image 'from-cli'*"])
 
 
+def test_the_run_can_give_every_vm_a_network(
+    suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    suite.makepyfile(
+        """
+        import json, os, pathlib, pytest
+
+        def network(vm):
+            qemu = pathlib.Path(os.environ["VMLEASE_STATE_DIR"]) / "qemu"
+            return json.loads((qemu / vm.name / "vm.json").read_text())["network"]
+
+        def test_run_default(vm):
+            assert network(vm) == "restricted"
+
+        @pytest.mark.vm(network="none")
+        def test_marker_wins(vm):
+            assert network(vm) == "none"
+        """
+    )
+    run(suite, "--vm-network=restricted").assert_outcomes(passed=2)
+
+
 @pytest.mark.parametrize(
     ("args", "env", "says"),
     [
@@ -313,6 +336,7 @@ def test_settings_follow_command_line_then_environment_then_ini(
         (["--vm-faults=rate=0.3"], {}, "KEY one of failure_rate"),
         ([], {"VMLEASE_FAULTS": "failure_rate=2"}, "failure_rate must be a number from 0 to 1"),
         (["--vm-retry=tries=3"], {}, "KEY one of attempts"),
+        (["--vm-network=wifi"], {}, "network must be one of user, none, restricted"),
         ([], {"VMLEASE_RETRY": "create_s=soon"}, "create_s must be a number"),
     ],
 )

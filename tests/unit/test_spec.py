@@ -25,6 +25,12 @@ def test_defaults() -> None:
         ("memory_mb", None, "whole number"),
         ("image", "", "non-empty"),
         ("image", None, "non-empty"),
+        ("user", "", "user name"),
+        ("user", "Root", "user name"),
+        ("user", "a b", "user name"),
+        ("user", "x;reboot", "user name"),
+        ("user", "u" * 33, "user name"),
+        ("user", 0, "user name"),
     ],
 )
 def test_bad_fields_are_rejected_with_the_field_named(
@@ -37,5 +43,5 @@ def test_bad_fields_are_rejected_with_the_field_named(
 
 
 def test_json_round_trip() -> None:
-    spec = VMSpec(image="tiny", cpus=2, memory_mb=512)
+    spec = VMSpec(image="tiny", cpus=2, memory_mb=512, disk_gb=8, user="deploy_1")
     assert VMSpec.from_json(spec.to_json()) == spec

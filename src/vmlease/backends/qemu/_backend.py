@@ -45,7 +45,7 @@ from vmlease._errors import (
 from vmlease._paths import ensure_private_dir, free_bytes, free_space, megabytes
 from vmlease._paths import image_dir as default_image_dir
 from vmlease._paths import state_dir as default_state_dir
-from vmlease._procfs import host_tsc_khz
+from vmlease._procfs import host_tsc_khz, rss_bytes
 from vmlease._runner import Runner, SubprocessRunner
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo, ensure_key
@@ -285,6 +285,11 @@ class QemuBackend(Backend):
             raise InvalidSpec(
                 f"memory_mb={spec.memory_mb} is too little for image {spec.image!r}: "
                 f"it needs at least {image.min_memory_mb}"
+            )
+        if spec.user is not None and not image.ssh_user:
+            raise InvalidSpec(
+                f"image {spec.image!r} runs no SSH server, so user={spec.user!r} means "
+                "nothing there: leave user out"
             )
         if spec.disk_gb is not None:
             if not image.grow_root:
@@ -607,8 +612,14 @@ class QemuBackend(Backend):
                 continue
             pid = running_pid(vm_dir)
             detail = {"dir": str(vm_dir)}
+            # What the guest costs the host: its disk overlay's blocks, QEMU's memory.
+            with contextlib.suppress(OSError):
+                detail["disk_bytes"] = str((vm_dir / DISK).stat().st_blocks * 512)
             if pid is not None:
                 detail["pid"] = str(pid)
+                rss = rss_bytes(pid)
+                if rss is not None:
+                    detail["memory_bytes"] = str(rss)
             found.append(BackendVM(vm_dir.name, "running" if pid else "stopped", detail))
         return found
 
@@ -684,22 +695,30 @@ class QemuBackend(Backend):
         image = self._image_of(name)
         if image is None or not image.ssh_user:
             return
+        user = self._ssh_user(name, image)
         _key, public = ensure_key(self._state_dir, self._run)
         script = (
-            'home=$(getent passwd "$1" | cut -d: -f6) && umask 077 && mkdir -p "$home/.ssh" '
+            'entry=$(getent passwd "$1") || { echo "no user $1" >&2; exit 3; }; '
+            'home=$(echo "$entry" | cut -d: -f6) && umask 077 && mkdir -p "$home/.ssh" '
             '&& cat > "$home/.ssh/authorized_keys" && chown -R "$1:" "$home/.ssh" '
             "&& cat /etc/ssh/ssh_host_*_key.pub"
         )
         done = channel.exec(
-            ["sh", "-c", script, "sh", image.ssh_user],
+            ["sh", "-c", script, "sh", user],
             stdin=(public + "\n").encode(),
             env=None,
             cwd=None,
             timeout_s=max(1.0, deadline - time.monotonic()),
         )
+        if done.exit_code == 3:
+            raise InvalidSpec(
+                f"image {image.name!r} has no user {user!r} (user= names who vm.ssh logs in "
+                f"as): leave user out for the image's own ({image.ssh_user}), or name one "
+                "it has (root, or the user it was imported with)"
+            )
         if done.exit_code != 0:
             raise BootError(
-                f"VM {name}: cannot authorize the SSH key for {image.ssh_user}: "
+                f"VM {name}: cannot authorize the SSH key for {user}: "
                 f"{done.stderr.decode(errors='replace').strip()}"
             )
         # Its host keys, read through the agent, kept for `vmlease ssh` from any process
@@ -756,7 +775,12 @@ class QemuBackend(Backend):
         known = self._dir(name) / "known_hosts"
         _write_private(known, "".join(f"[127.0.0.1]:{port} {kind} {key}\n" for kind, key in keys))
         key, _public = ensure_key(self._state_dir, self._run)
-        return SSHInfo("127.0.0.1", port, image.ssh_user, key, known)
+        return SSHInfo("127.0.0.1", port, self._ssh_user(name, image), key, known)
+
+    def _ssh_user(self, name: str, image: Image) -> str:
+        """Who ``vm.ssh`` logs in as: the VM's spec's user, or else its image's."""
+        spec = self._read_record(name).get("spec") or {}
+        return str(spec.get("user") or image.ssh_user)
 
     def _read_record(self, name: str) -> dict[str, Any]:
         try:

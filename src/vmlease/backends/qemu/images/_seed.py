@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import re
 import shutil
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
@@ -22,12 +21,11 @@ from pathlib import Path
 
 from vmlease._errors import ImageImportError
 from vmlease._runner import Runner
+from vmlease._spec import USER_RULE
 from vmlease.backends.qemu.images._steps import Steps
 
 __all__ = ["USER_RULE", "check_user", "check_user_data", "meta_data", "user_data", "write_seed"]
 
-#: What an SSH user's name may be (POSIX-portable, as useradd takes it).
-USER_RULE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 AGENT_PATH = "/usr/sbin/vmlease-agent"
 UNIT_PATH = "/etc/systemd/system/vmlease-agent.service"
 #: A user-data file's first line, and the MIME type cloud-init knows it by.
