@@ -44,10 +44,10 @@ if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv
     fi
 fi
-if ! .venv/bin/python -c 'import vmlease, pytest, mypy, ruff' >/dev/null 2>&1 \
+if ! .venv/bin/python -c 'import vmlease, pytest, mypy, ruff, testinfra' >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.installed ]; then
-    echo "setup: pip install -e '.[dev]'" >&2
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+    echo "setup: pip install -e '.[dev,tools]'" >&2
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,tools]'
     touch .venv/.installed
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -54,9 +54,11 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from vmlease._ledger import VMState
     from vmlease._locks import Lock
+    from vmlease._pyinfra import run_pyinfra
     from vmlease._retry import RetryPolicy, Timeouts
     from vmlease._session import Session, SessionStats
     from vmlease._spec import VMSpec
+    from vmlease._testinfra import as_testinfra_host
     from vmlease._vm import VM, CommandResult, TranscriptEntry
 
 # The session and its machinery load on first use, so importing vmlease (as
@@ -72,6 +74,8 @@ _LAZY = {
     "Timeouts": "vmlease._retry",
     "VMSpec": "vmlease._spec",
     "VMState": "vmlease._ledger",
+    "as_testinfra_host": "vmlease._testinfra",
+    "run_pyinfra": "vmlease._pyinfra",
 }
 
 
@@ -130,4 +134,6 @@ __all__ = [
     "VMStateError",
     "WaitTimeout",
     "__version__",
+    "as_testinfra_host",
+    "run_pyinfra",
 ]

@@ -5,15 +5,16 @@ the ledger can be reached."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from vmlease import backends as _backends
-from vmlease._errors import ConfigError, VMNotFound, VMStateError
+from vmlease._errors import ConfigError, VMLeaseError, VMNotFound, VMStateError
 from vmlease._ledger import Ledger, Record, VMState
 from vmlease._ssh import SSHInfo
 from vmlease.backends import ExecResult
 
-__all__ = ["exec_in", "live_names", "ssh_info"]
+__all__ = ["Attached", "Reachable", "exec_in", "inventory", "live_names", "ssh_info"]
 
 
 def exec_in(
@@ -33,6 +34,36 @@ def exec_in(
         return backend.exec(name, list(argv), stdin=stdin, env=None, cwd=None, timeout_s=timeout_s)
     finally:
         backend.close()
+
+
+class Attached:
+    """A running VM vmlease owns, reached by name from this process: commands and
+    files over its channel (which its session lets go of when idle).
+
+    Raises VMNotFound (with where to look) if vmlease owns no VM of that name,
+    VMStateError if it is not running.
+    """
+
+    def __init__(self, state_dir: Path, name: str) -> None:
+        record = _running(state_dir, name, "to be reached")
+        self.name = name
+        self._backend = _backends.get(record.backend, state_dir=state_dir)
+
+    def exec(
+        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout_s: float | None = None
+    ) -> ExecResult:
+        return self._backend.exec(
+            self.name, list(argv), stdin=stdin, env=None, cwd=None, timeout_s=timeout_s
+        )
+
+    def put(self, local: Path, remote: str) -> None:
+        self._backend.put(self.name, local, remote)
+
+    def get(self, remote: str, local: Path) -> None:
+        self._backend.get(self.name, remote, local)
+
+    def close(self) -> None:
+        self._backend.close()
 
 
 def _running(state_dir: Path, name: str, what: str) -> Record:
@@ -69,13 +100,44 @@ def ssh_info(state_dir: Path, name: str) -> SSHInfo:
     return info
 
 
-def live_names(state_dir: Path) -> list[str]:
-    """Names of the VMs in the ledger that run (ready or kept), oldest first."""
+def _live(state_dir: Path) -> list[Record]:
     path = state_dir / "ledger.sqlite3"
     if not path.exists():
         return []
     ledger = Ledger(path, create=False)
     try:
-        return [r.name for r in ledger.records(states=(VMState.READY, VMState.KEPT))]
+        return ledger.records(states=(VMState.READY, VMState.KEPT))
     finally:
         ledger.close()
+
+
+def live_names(state_dir: Path) -> list[str]:
+    """Names of the VMs in the ledger that run (ready or kept), oldest first."""
+    return [r.name for r in _live(state_dir)]
+
+
+@dataclass(frozen=True, slots=True)
+class Reachable:
+    """A running VM for an inventory: how SSH reaches it, or why it cannot."""
+
+    name: str
+    session_id: str
+    backend: str
+    ssh: SSHInfo | None
+    why_not: str = ""
+
+
+def inventory(state_dir: Path, *, session_id: str | None = None) -> list[Reachable]:
+    """Every running VM vmlease owns (of one session, if given), oldest first, with
+    how SSH reaches it; a VM without an SSH server or a network says why not."""
+    found = []
+    for record in _live(state_dir):
+        if session_id is not None and record.owner.session_id != session_id:
+            continue
+        try:
+            info: SSHInfo | None = ssh_info(state_dir, record.name)
+            why = ""
+        except VMLeaseError as exc:
+            info, why = None, str(exc)
+        found.append(Reachable(record.name, record.owner.session_id, record.backend, info, why))
+    return found

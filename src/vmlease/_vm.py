@@ -127,6 +127,7 @@ class VMHost(Protocol):
 
     boot_timeout_s: float
     retry_policy: RetryPolicy
+    state_dir: Path
 
     def _vm_state(self, vm: VM) -> VMState | None:
         """The VM's state in the ledger; None once the session has ended."""
@@ -183,6 +184,12 @@ class VM:
     def ledger_id(self) -> int:
         """The VM's row in the ledger."""
         return self._ledger_id
+
+    @property
+    def state_dir(self) -> Path:
+        """Its session's state directory: where other processes find it
+        (``VMLEASE_STATE_DIR`` for ``vmlease exec``, ``pyinfra @vmlease/NAME``)."""
+        return self._host.state_dir
 
     @property
     def state(self) -> VMState:

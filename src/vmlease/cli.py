@@ -182,6 +182,65 @@ def cmd_ssh_config(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_inventory(args: argparse.Namespace) -> int:
+    from vmlease._attach import inventory
+
+    found = inventory(state_dir(), session_id=args.session)
+    if args.format == "json":
+        print(
+            json.dumps(
+                {
+                    "vms": [
+                        {
+                            "name": r.name,
+                            "session_id": r.session_id,
+                            "backend": r.backend,
+                            "ssh": None
+                            if r.ssh is None
+                            else {
+                                "host": r.ssh.host,
+                                "port": r.ssh.port,
+                                "user": r.ssh.user,
+                                "key": str(r.ssh.key),
+                                "known_hosts": str(r.ssh.known_hosts),
+                            },
+                            "why_not": r.why_not or None,
+                        }
+                        for r in found
+                    ]
+                },
+                indent=2,
+            )
+        )
+        return 0
+    hosts: dict[str, object] = {}
+    for r in found:
+        if r.ssh is None:
+            print(f"vmlease: {r.name} is left out: {r.why_not}", file=sys.stderr)
+            continue
+        hosts[r.name] = {
+            "ansible_host": r.ssh.host,
+            "ansible_port": r.ssh.port,
+            "ansible_user": r.ssh.user,
+            "ansible_ssh_private_key_file": str(r.ssh.key),
+            "ansible_ssh_common_args": " ".join(
+                f"-o {option}"
+                for option in (
+                    "IdentitiesOnly=yes",
+                    f"UserKnownHostsFile={r.ssh.known_hosts}",
+                    "StrictHostKeyChecking=yes",
+                    "PasswordAuthentication=no",
+                )
+            ),
+            "ansible_python_interpreter": "/usr/bin/python3",
+            "vmlease_session": r.session_id,
+        }
+    # Ansible's YAML inventory format, written as JSON (which is YAML): save it as
+    # hosts.json or hosts.yml and pass it with -i.
+    print(json.dumps({"all": {"hosts": hosts}}, indent=2))
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from vmlease._checks import Severity
     from vmlease._doctor import doctor
@@ -404,6 +463,21 @@ def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
     )
     sshc.add_argument("names", nargs="*", metavar="NAME", help="default: every running VM")
     sshc.set_defaults(func=cmd_ssh_config)
+
+    inv = sub.add_parser(
+        "inventory",
+        help="print an inventory of running VMs for Ansible (or as JSON)",
+        description="Prints the running VMs vmlease owns with how SSH reaches each (host, "
+        "port, user, key, known_hosts). --format ansible (the default) is Ansible's YAML "
+        "inventory format written as JSON: save it as hosts.json and run "
+        "`ansible -i hosts.json all -m ping`. VMs without an SSH server or network are "
+        "left out with a note on stderr. No VMs: an empty, valid inventory.",
+    )
+    inv.add_argument("--session", metavar="ID", help="only the VMs of this session")
+    inv.add_argument(
+        "--format", choices=("ansible", "json"), default="ansible", help="default: ansible"
+    )
+    inv.set_defaults(func=cmd_inventory)
 
     image = sub.add_parser("image", help="build and list images")
     isub = image.add_subparsers(dest="image_command", required=True, metavar="COMMAND")

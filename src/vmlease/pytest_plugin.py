@@ -214,6 +214,14 @@ def worker_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
 
 
 @pytest.fixture
+def vm_host(vm: VM) -> Any:
+    """A testinfra ``Host`` for this test's ``vm``, over vmlease's channel (no SSH)."""
+    from vmlease._testinfra import as_testinfra_host
+
+    return as_testinfra_host(vm)
+
+
+@pytest.fixture
 def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
     """``vm_factory(image=..., cpus=..., memory_mb=..., network=..., disk_gb=..., user=...)``
     makes a VM; all are deleted at the end."""

@@ -68,3 +68,11 @@ def test_image_build_is_idempotent(state: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "up to date" in done.stderr
     assert Path(done.stdout.strip(), "manifest.json").is_file()
+
+
+def test_exec_reaches_a_vm_its_live_session_is_using(session: vmlease.Session, state: Path) -> None:
+    vm = session.create()
+    vm.run(["sh", "-c", "echo before > /tmp/mark"])  # the session holds the channel now
+    done = vmlease_cli("exec", vm.name, "--", "cat", "/tmp/mark", state=state)
+    assert (done.returncode, done.stdout) == (0, "before\n"), done.stderr
+    assert vm.run(["echo", "after"]).stdout == "after\n"  # and the session gets it back

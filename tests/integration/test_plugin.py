@@ -353,3 +353,21 @@ def test_bad_settings_stop_the_run_with_a_clear_message(
     result = run(suite, *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*{says}*"])
+
+
+def test_vm_host_is_a_testinfra_host_for_the_tests_vm(
+    suite: pytest.Pytester, debian_image: Image
+) -> None:
+    pytest.importorskip("testinfra", reason="pip install -e '.[tools]'")
+    suite.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.vm(image="debian-12")
+        def test_one(vm, vm_host):
+            assert vm_host.run("hostname").stdout.strip() == vm.name
+            assert vm_host.package("python3").is_installed
+            assert vm_host.service("ssh").is_running
+        """
+    )
+    run(suite).assert_outcomes(passed=1)

@@ -8,6 +8,12 @@ a wait at once instead of at a timeout.
 
 This process keeps one :class:`Live` handle per running VM it has talked to:
 the pidfd, a lock that serialises use of the VM, and the agent channel.
+
+The agent's port takes one host connection at a time (QEMU queues the next),
+so a channel nobody has used for ``IDLE_RELEASE_S`` is closed: another
+process (``vmlease exec``, a pyinfra deploy, ``vmlease ssh``'s key refresh)
+then gets the VM, and this process connects again on its next command
+(a new handshake, a few milliseconds). Back-to-back commands keep it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import select
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +39,8 @@ __all__ = ["Live", "Processes"]
 #: The longest ``qemu -daemonize`` may take to return (it has opened its sockets by then).
 LAUNCH_TIMEOUT_S = 30.0
 RECORD = "vm.json"
+#: A channel unused this long is closed, so that other processes may reach the VM.
+IDLE_RELEASE_S = 0.25
 
 
 @dataclass
@@ -42,6 +51,8 @@ class Live:
     pidfd: int
     lock: threading.Lock = field(default_factory=threading.Lock)
     channel: AgentChannel | None = None
+    used: float = 0.0  # when the channel was last asked for (monotonic)
+    timer: threading.Timer | None = None
 
 
 def running_pid(vm_dir: Path) -> int | None:
@@ -150,12 +161,17 @@ class Processes:
         with self._lock:
             live = self._live.pop(name, None)
         if live is not None:
+            if live.timer is not None:
+                live.timer.cancel()
             if live.channel is not None:
                 live.channel.close()
+                live.channel = None
             os.close(live.pidfd)
 
     def channel(self, name: str, live: Live, timeout_s: float) -> AgentChannel:
         """The agent channel of a running VM, connected and greeted; caller holds ``live.lock``."""
+        live.used = time.monotonic()
+        self._release_when_idle(live, IDLE_RELEASE_S)
         if live.channel is not None and not live.channel.broken:
             return live.channel
         if live.channel is not None:
@@ -181,6 +197,34 @@ class Processes:
             raise
         live.channel = channel
         return channel
+
+    def _release_when_idle(self, live: Live, after_s: float) -> None:
+        """Close ``live``'s channel once nobody has used it for IDLE_RELEASE_S."""
+        if live.timer is not None and live.timer.is_alive():
+            return
+
+        def release() -> None:
+            if not live.lock.acquire(blocking=False):
+                live.timer = None
+                self._release_when_idle(live, IDLE_RELEASE_S)  # busy: look again later
+                return
+            try:
+                idle = time.monotonic() - live.used
+                live.timer = None
+                if live.channel is None:
+                    return
+                if idle < IDLE_RELEASE_S:
+                    self._release_when_idle(live, IDLE_RELEASE_S - idle)
+                    return
+                live.channel.close()
+                live.channel = None
+            finally:
+                live.lock.release()
+
+        timer = threading.Timer(after_s, release)
+        timer.daemon = True
+        live.timer = timer
+        timer.start()
 
     def launch(self, name: str, argv: list[str], timeout_s: float, *, qemu: str) -> None:
         """Start the QEMU of ``name`` (``-daemonize``: it returns once its sockets are open).
