@@ -113,6 +113,14 @@ def _ask(records: list[Record]) -> bool:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from vmlease._cleanup import cleanup
 
+    if not (state_dir() / "ledger.sqlite3").exists():
+        # Nothing was ever created here (an always-run CI step after a job that made
+        # no VM): nothing to do, and said so, with the place looked at.
+        if args.json:
+            print(json.dumps({"results": []}, indent=2))
+        else:
+            print(f"nothing to clean up: vmlease has created no VM in {state_dir()}")
+        return 0
     outcomes = cleanup(
         state_dir(),
         everything=args.all,

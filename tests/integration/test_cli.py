@@ -76,3 +76,12 @@ def test_exec_reaches_a_vm_its_live_session_is_using(session: vmlease.Session, s
     done = vmlease_cli("exec", vm.name, "--", "cat", "/tmp/mark", state=state)
     assert (done.returncode, done.stdout) == (0, "before\n"), done.stderr
     assert vm.run(["echo", "after"]).stdout == "after\n"  # and the session gets it back
+
+
+def test_cleanup_where_no_vm_was_ever_made_does_nothing_and_says_so(tmp_path: Path) -> None:
+    empty = tmp_path / "state"
+    done = vmlease_cli("cleanup", state=empty)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "nothing to clean up" in done.stdout
+    assert json.loads(vmlease_cli("cleanup", "--json", state=empty).stdout) == {"results": []}
+    assert not empty.exists()
