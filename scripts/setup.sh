@@ -7,7 +7,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static lz4 e2fsprogs gcc libc6-dev mmdebstrap openssh-client genisoimage
-    syslinux syslinux-common mtools dosfstools)
+    syslinux syslinux-common mtools dosfstools rsync)
 APT_UPDATED=0
 
 apt_install() {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -102,6 +103,35 @@ def test_vmlease_ssh_and_ssh_config_work_for_ssh_and_scp(
             ).stdout.split()[0]
         )
     )
+
+
+def test_ssh_config_works_for_rsync(
+    session: vmlease.Session, debian_image: Image, state: Path, tmp_path: Path
+) -> None:
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed here (apt-get install rsync)")
+    vm = session.create(image="debian-12")
+    vm.run(["apt-get", "update", "-q"], check=True, timeout_s=300)
+    vm.run(
+        ["apt-get", "install", "-y", "-q", "rsync"],
+        check=True,
+        timeout_s=300,
+        env={"DEBIAN_FRONTEND": "noninteractive"},
+    )
+    conf = tmp_path / "ssh_config"
+    conf.write_text(_cli(state, "ssh-config", vm.name).stdout)
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "file").write_text("synced\n")
+    done = subprocess.run(
+        ["rsync", "-a", "-e", f"ssh -F {conf}", f"{tree}/", f"{vm.name}:/srv/tree/"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert vm.run(["cat", "/srv/tree/sub/file"]).stdout == "synced\n"
 
 
 def test_ssh_to_a_vm_without_network_or_ssh_server_says_why(
