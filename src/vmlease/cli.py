@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,10 +47,31 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def _fit(cell: str, width: int) -> str:
+    return cell if len(cell) <= width else cell[: max(width - 1, 0)] + "…"
+
+
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], *, width: int | None = None
+) -> str:
+    """Columns padded to their widest cell. On a terminal (or given ``width``) a table
+    wider than the screen has its widest columns cut, with "…", until it fits; piped
+    output keeps every cell whole, for grep and scripts."""
+    if width is None and sys.stdout.isatty():
+        width = shutil.get_terminal_size().columns
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if width is not None:
+        least = [max(len(h), 4) for h in headers]
+        while sum(widths) + 2 * (len(widths) - 1) > width:
+            widest = max(range(len(widths)), key=lambda i: widths[i] - least[i])
+            if widths[widest] <= least[widest]:
+                break  # as narrow as it sensibly gets
+            widths[widest] -= 1
+    lines = ["  ".join(_fit(h, w).ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(_fit(c, w).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    ]
     return "\n".join(lines)
 
 

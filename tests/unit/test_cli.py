@@ -106,3 +106,15 @@ def test_cleanup_rejects_a_bad_max_age(capsys: pytest.CaptureFixture[str]) -> No
         main(["cleanup", "--max-age", "-3"])
     assert info.value.code == 2
     assert "more than 0 seconds" in capsys.readouterr().err
+
+
+def test_a_table_wider_than_the_terminal_is_cut_to_fit() -> None:
+    from vmlease.cli import _table
+
+    rows = [["vmlease-abc-1", "running", "r" + "x" * 60], ["b", "stopped", "short"]]
+    whole = _table(["NAME", "STATE", "SESSION"], rows)
+    assert "x" * 60 in whole  # no width given and not a terminal: every cell whole
+    fitted = _table(["NAME", "STATE", "SESSION"], rows, width=50)
+    assert max(len(line) for line in fitted.splitlines()) <= 50
+    assert "…" in fitted
+    assert "vmlease-abc-1" in fitted  # narrow columns keep their cells
