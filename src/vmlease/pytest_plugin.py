@@ -14,6 +14,7 @@ environment (``VMLEASE_BACKEND``), the ini file (``vm_backend``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -321,6 +322,40 @@ def _merge(into: dict[str, Any], figures: dict[str, Any]) -> None:
                 counts[k] = max(counts.get(k, 0), n) if key.endswith("_s") else counts.get(k, 0) + n
         elif value is not None:
             into.setdefault("sessions", set()).add(value)
+
+
+class _TerminalProgress(logging.Handler):
+    """vmlease's long waits (a first boot of an image) as lines on the terminal."""
+
+    def __init__(self, reporter: Any) -> None:
+        super().__init__(logging.INFO)
+        self._reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._reporter.write_line(f"vmlease: {record.getMessage()}")
+
+
+_PROGRESS = pytest.StashKey[_TerminalProgress]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """On a terminal, show long waits as they start; in CI logs (no terminal), stay quiet."""
+    config = session.config
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or not reporter.isatty or hasattr(config, "workerinput"):
+        return
+    handler = _TerminalProgress(reporter)
+    logger = logging.getLogger("vmlease.progress")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    config.stash[_PROGRESS] = handler
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    handler = config.stash.get(_PROGRESS, None)
+    if handler is not None:
+        logging.getLogger("vmlease.progress").removeHandler(handler)
 
 
 def pytest_terminal_summary(

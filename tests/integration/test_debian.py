@@ -4,6 +4,7 @@ then started from their saved state, with systemd, SSH's server and networking."
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,21 @@ def test_a_bad_user_is_refused_before_anything_is_made(
     with pytest.raises(vmlease.InvalidSpec, match=says):
         session.create(image=image, user=user)
     assert ledger_records(state) == []
+
+
+def test_the_first_boot_of_an_image_and_shape_is_announced(
+    debian_image: Image, state: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An image cache of its own, so that no saved state exists: this VM boots.
+    images = tmp_path / "images"
+    (images / "debian-12").mkdir(parents=True)
+    (images / "debian-12" / debian_image.build_id).symlink_to(debian_image.path)
+    (images / "debian-12" / "current").symlink_to(debian_image.build_id)
+    caplog.set_level(logging.INFO, logger="vmlease.progress")
+    with vmlease.Session(state_dir=state, backend_options={"image_dir": images}) as s:
+        first = s.create(image="debian-12")
+        s.create(image="debian-12")  # from the saved state: nothing to announce
+    said = [r.getMessage() for r in caplog.records if r.name == "vmlease.progress"]
+    assert len(said) == 1, said
+    assert first.name in said[0]
+    assert "booting it" in said[0]

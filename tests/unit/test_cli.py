@@ -118,3 +118,25 @@ def test_a_table_wider_than_the_terminal_is_cut_to_fit() -> None:
     assert max(len(line) for line in fitted.splitlines()) <= 50
     assert "…" in fitted
     assert "vmlease-abc-1" in fitted  # narrow columns keep their cells
+
+
+def test_long_waits_reach_the_terminal_as_lines() -> None:
+    import logging
+
+    from vmlease.pytest_plugin import _TerminalProgress
+
+    lines: list[str] = []
+
+    class Reporter:
+        def write_line(self, line: str) -> None:
+            lines.append(line)
+
+    handler = _TerminalProgress(Reporter())
+    logger = logging.getLogger("vmlease.progress")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("%s: booting it", "vm-1")
+    finally:
+        logger.removeHandler(handler)
+    assert lines == ["vmlease: vm-1: booting it"]

@@ -104,6 +104,8 @@ DISK_HEADROOM_BYTES = 32 * 2**20
 _SEED_BYTES = 64
 
 log = logging.getLogger("vmlease.qemu")
+#: Long waits a person may want to see coming (the pytest plugin shows them on a terminal).
+progress = logging.getLogger("vmlease.progress")
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -368,6 +370,15 @@ class QemuBackend(Backend):
                 if self._start_warm(name, vm_dir, launch, found, deadline):
                     return
                 del record["warm"]
+            if image.ready and key is not None:
+                progress.info(
+                    "%s: no saved booted state of %s for %d vCPU, %d MB yet: booting it "
+                    "(once; later VMs start from the state it saves)",
+                    name,
+                    image.name,
+                    spec.cpus,
+                    spec.memory_mb,
+                )
             self._make_disk(name, vm_dir, image, max(1.0, deadline - time.monotonic()))
             (vm_dir / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
             self._procs.launch(name, launch, max(1.0, deadline - time.monotonic()), qemu=self._qemu)
