@@ -42,7 +42,7 @@ from vmlease._spec import Network, VMSpec
 from vmlease._ssh import ensure_key
 from vmlease.backends.qemu._agent import AgentChannel
 from vmlease.backends.qemu._launch import CONSOLE_LOG, DISK, LaunchConfig, qemu_argv
-from vmlease.backends.qemu._processes import Processes, kill_all, wait_exit
+from vmlease.backends.qemu._processes import Live, Processes, kill_all, wait_exit
 from vmlease.backends.qemu.images import RECIPES, Image, load_current
 from vmlease.backends.qemu.images._seed import (
     check_user,
@@ -322,9 +322,11 @@ class _FirstBoot:
                 else "first boot, waiting for the vmlease agent"
             )
             self.procs.launch(self.name, argv, 60.0, qemu=self.config.qemu)
-            channel = self._agent(seed is not None, deadline)
-            facts = self._finish(channel, seed is not None, user, deadline)
             live = self.procs.attach(self.name)
+            # Held throughout: an idle channel is let go of only when nobody holds it.
+            with live.lock:
+                channel = self._agent(live, seed is not None, deadline)
+                facts = self._finish(channel, seed is not None, user, deadline)
             if not wait_exit(live, max(1.0, min(_POWEROFF_S, deadline - time.monotonic()))):
                 raise ImageImportError(
                     f"the imported image did not power off within {_POWEROFF_S:g} s:\n"
@@ -342,11 +344,11 @@ class _FirstBoot:
             return ""
         return "--- console (last lines) ---\n" + "\n".join(text.splitlines()[-lines:])
 
-    def _agent(self, seeded: bool, deadline: float) -> AgentChannel:
-        """The agent's channel once it answers; ImageImportError when it cannot."""
+    def _agent(self, live: Live, seeded: bool, deadline: float) -> AgentChannel:
+        """The agent's channel once it answers; ImageImportError when it cannot.
+        The caller holds ``live.lock``."""
         login_seen: float | None = None
         while True:
-            live = self.procs.attach(self.name)
             if wait_exit(live, 0):
                 raise ImageImportError(
                     "the imported image's first boot ended before the vmlease agent "
@@ -354,8 +356,7 @@ class _FirstBoot:
                     + self._console(30)
                 )
             try:
-                with live.lock:
-                    return self.procs.channel(self.name, live, 2.0)
+                return self.procs.channel(self.name, live, 2.0)
             except (BootError, ChannelError):
                 pass  # not up yet
             text = ""
