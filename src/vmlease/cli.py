@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,7 @@ from vmlease._paths import image_dir, megabytes, state_dir
 
 if TYPE_CHECKING:
     from vmlease._ledger import Record
+    from vmlease.backends.qemu.images._source import Source
 
 __all__ = ["main"]
 
@@ -318,7 +319,7 @@ def cmd_image_import(args: argparse.Namespace) -> int:
 
     retrier = Retrier(RetryPolicy.parse(os.environ.get("VMLEASE_RETRY", "")))
 
-    def retry(attempt):  # type: ignore[no-untyped-def]
+    def retry(attempt: Callable[[], Source]) -> Source:
         return retrier.call(
             "download",
             lambda _limit: attempt(),

@@ -28,7 +28,6 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from vmlease._errors import (
     BootError,
@@ -54,6 +53,7 @@ from vmlease.backends.qemu.images._seed import (
 from vmlease.backends.qemu.images._source import (
     Download,
     Opener,
+    Source,
     check_sha256,
     disk_format,
     is_url,
@@ -70,9 +70,8 @@ from vmlease.backends.qemu.images._steps import (
 
 __all__ = ["BOOT_DIR", "IMAGE_NAME", "import_image"]
 
-T = TypeVar("T")
-#: Runs one attempt of a download under the caller's retry policy.
-Retry = Callable[[Callable[[], T]], T]
+#: Runs a download's attempts under the caller's retry policy.
+Retry = Callable[[Callable[[], Source]], Source]
 
 IMPORT_VERSION = "1"
 IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -107,8 +106,8 @@ GROW_ROOT = (
 _TOOLS = {"qemu-img": "qemu-utils", "gcc": "gcc"}
 
 
-def _once(fn: Callable[[], T]) -> T:
-    return fn()
+def _once(attempt: Callable[[], Source]) -> Source:
+    return attempt()
 
 
 def import_image(
@@ -125,7 +124,7 @@ def import_image(
     user_data_file: Path | None = None,
     seed: bool = True,
     force: bool = False,
-    retry: Retry[object] | None = None,
+    retry: Retry | None = None,
     opener: Opener | None = None,
     timeout_s: float = 900.0,
 ) -> Image:
@@ -186,7 +185,7 @@ def import_image(
         if is_url(source):
             fetch = Download(source, progress=say, opener=opener or urllib.request.urlopen)
             got = (retry or _once)(lambda: fetch(work / "source", want))
-            path, digest = got.path, got.sha256  # type: ignore[attr-defined]
+            path, digest = got.path, got.sha256
         else:
             say(f"reading {source}")
             path, digest = Path(source).expanduser(), sha256_of(Path(source).expanduser())
