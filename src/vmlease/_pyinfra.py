@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -114,19 +114,18 @@ class VMLeaseConnector(BaseConnector):
         print_input: bool = False,
         **arguments: Any,
     ) -> bool:
+        if isinstance(filename_or_io, str | os.PathLike):  # a file: sent as it is
+            self._copy(
+                "write",
+                remote_filename,
+                lambda: self._vm.put(Path(filename_or_io), remote_filename),
+            )
+            return True
         with tempfile.TemporaryDirectory(prefix="vmlease-pyinfra-") as tmp:
             local = Path(tmp) / "file"
-            if isinstance(filename_or_io, str | os.PathLike):
-                local.write_bytes(Path(filename_or_io).read_bytes())
-            else:
-                data = filename_or_io.read()
-                local.write_bytes(data.encode() if isinstance(data, str) else data)
-            try:
-                self._vm.put(local, remote_filename)
-            except VMLeaseError as exc:
-                raise OSError(
-                    f"cannot write {remote_filename} in VM {self._vm.name}: {exc}"
-                ) from exc
+            data = filename_or_io.read()
+            local.write_bytes(data.encode() if isinstance(data, str) else data)
+            self._copy("write", remote_filename, lambda: self._vm.put(local, remote_filename))
         return True
 
     def get_file(
@@ -138,20 +137,23 @@ class VMLeaseConnector(BaseConnector):
         print_input: bool = False,
         **arguments: Any,
     ) -> bool:
+        if isinstance(filename_or_io, str | os.PathLike):  # a file: written in place
+            self._copy(
+                "read", remote_filename, lambda: self._vm.get(remote_filename, Path(filename_or_io))
+            )
+            return True
         with tempfile.TemporaryDirectory(prefix="vmlease-pyinfra-") as tmp:
             local = Path(tmp) / "file"
-            try:
-                self._vm.get(remote_filename, local)
-            except VMLeaseError as exc:
-                raise OSError(
-                    f"cannot read {remote_filename} in VM {self._vm.name}: {exc}"
-                ) from exc
-            data = local.read_bytes()
-        if isinstance(filename_or_io, str | os.PathLike):
-            Path(filename_or_io).write_bytes(data)
-        else:
-            filename_or_io.write(data)
+            self._copy("read", remote_filename, lambda: self._vm.get(remote_filename, local))
+            filename_or_io.write(local.read_bytes())
         return True
+
+    def _copy(self, verb: str, remote: str, copy: Callable[[], None]) -> None:
+        """Run ``copy``; a failure is the OSError pyinfra expects of a file transfer."""
+        try:
+            copy()
+        except VMLeaseError as exc:
+            raise OSError(f"cannot {verb} {remote} in VM {self._vm.name}: {exc}") from exc
 
 
 def _stdin_bytes(stdin: Any) -> bytes | None:
