@@ -36,6 +36,19 @@ if [ ${#missing[@]} -gt 0 ] || ! apt-cache show linux-image-cloud-amd64 >/dev/nu
     apt_install "${missing[@]}"
 fi
 
+# The libvirt backend's tests: a libvirtd they start themselves, sshd for qemu+ssh://,
+# and what the Python binding builds against. Where these cannot be installed,
+# those tests are skipped with the reason.
+LIBVIRT_PACKAGES=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config openssh-server
+    netcat-openbsd)
+missing=()
+for pkg in "${LIBVIRT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt_install "${missing[@]}" || echo "setup: libvirt could not be installed; its tests will be skipped" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2
     if ! python3 -m venv .venv >/dev/null 2>&1; then
@@ -48,6 +61,11 @@ if ! .venv/bin/python -c 'import vmlease, pytest, mypy, ruff, testinfra' >/dev/n
    || [ pyproject.toml -nt .venv/.installed ]; then
     echo "setup: pip install -e '.[dev,tools]'" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,tools]'
+    if pkg-config --exists libvirt 2>/dev/null; then
+        echo "setup: pip install -e '.[libvirt]'" >&2
+        .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[libvirt]' \
+            || echo "setup: the libvirt binding did not build; its tests will be skipped" >&2
+    fi
     touch .venv/.installed
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,15 +324,24 @@ def cleanup(
     max_age_s: float | None = None,
     confirm: Confirm | None = None,
     known: Mapping[str, Backend] | None = None,
+    sweep: Sequence[str] = (),
 ) -> list[Outcome]:
     """What ``vmlease cleanup`` does: delete orphaned, expired and kept VMs, or
     with ``everything`` every VM in the ledger once ``confirm`` agrees; and
     settle the rows of VMs that no longer exist (:func:`find_missing`).
+    Then each backend named in ``sweep`` deletes what it can prove abandoned
+    wherever it was made (``Backend.sweep``: libvirt's expired leases).
 
     Only VMs in the ledger are considered: whatever a backend has beyond
     them is not ours. A missing or unreadable ledger is a LedgerError and
     nothing is deleted.
     """
+    if sweep and not (state_dir / "ledger.sqlite3").exists():
+        backends = Backends(state_dir, known)
+        try:
+            return _sweep(backends, sweep, dry_run=dry_run)
+        finally:
+            backends.close()
     ledger = Ledger(state_dir / "ledger.sqlite3", create=False)
     backends = Backends(state_dir, known)
     try:
@@ -348,7 +357,18 @@ def cleanup(
             ]
             taken = {r.id for r, _ in rows}
             rows += [(r, "missing") for r in find_missing(ledger, backends) if r.id not in taken]
-        return delete_records(ledger, rows, backends, reason="vmlease cleanup", dry_run=dry_run)
+        outcomes = delete_records(ledger, rows, backends, reason="vmlease cleanup", dry_run=dry_run)
+        return outcomes + _sweep(backends, sweep, dry_run=dry_run)
     finally:
         backends.close()
         ledger.close()
+
+
+def _sweep(backends: Backends, names: Sequence[str], *, dry_run: bool) -> list[Outcome]:
+    """What each backend in ``names`` deleted (or would) on its own proof (``Backend.sweep``)."""
+    outcomes = []
+    action = Action.WOULD_DELETE if dry_run else Action.DELETED
+    for name in names:
+        for gone in backends(name).sweep(dry_run=dry_run):
+            outcomes.append(Outcome(gone, name, "its lease ran out (any runner's)", action))
+    return outcomes

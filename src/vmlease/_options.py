@@ -54,6 +54,7 @@ class RunOptions:
             (``failure_rate=0.3,hang_rate=0.05,seed=1``; see vmlease.testing).
         retry: the retry policy and time limits (``attempts=8,total_s=300,
             create_s=600``; see RetryPolicy.parse).
+        libvirt_uris: the libvirt backend's hosts, comma-separated (None: its default).
     """
 
     backend: str = "qemu"
@@ -67,6 +68,7 @@ class RunOptions:
     state_dir: Path | None = None
     faults: str | None = None
     retry: str | None = None
+    libvirt_uris: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", Keep.parse(self.keep))

@@ -157,6 +157,7 @@ class Session:
             raise failure
         self._ledger = Ledger(self.state_dir / "ledger.sqlite3")
         self.owner: Owner = current_owner(self.id)
+        self._backend.serve(self.owner, lease_s=float(max_age_s))
         self.name_prefix = name_prefix
         if name_tag:
             validate_name(name_tag)
@@ -574,6 +575,13 @@ class Session:
         )
 
     def _vm_keep(self, vm: VM, why: str) -> None:
+        name = vm.name
+        self._call(
+            "keep",
+            lambda limit: self._backend.keep(name, timeout_s=limit),
+            timeout_s=120.0,
+            subject=name,
+        )
         self._ledger.transition(vm.ledger_id, VMState.KEPT, detail=why)
         self._give_back_place(vm.ledger_id)
         with self._lock:

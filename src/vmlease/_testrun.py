@@ -353,10 +353,21 @@ def _session_for(options: RunOptions) -> Session:
     if options.max_age_s is not None:
         kwargs["max_age_s"] = options.max_age_s
     backend: str | Backend = options.backend
+    made: dict[str, Any] = {}
+    if options.backend == "libvirt" and options.libvirt_uris:
+        made["uris"] = options.libvirt_uris
+    if made:
+        backend = backends.get(
+            options.backend, state_dir=options.state_dir or default_state_dir(), **made
+        )
     if options.faults:
         from vmlease.testing import FlakyBackend, check_faults
 
-        inner = backends.get(options.backend, state_dir=options.state_dir or default_state_dir())
+        inner = (
+            backend
+            if isinstance(backend, Backend)
+            else backends.get(options.backend, state_dir=options.state_dir or default_state_dir())
+        )
         backend = FlakyBackend(inner, **check_faults(options.faults))  # type: ignore[arg-type]
     if options.retry:
         kwargs["retry"] = RetryPolicy.parse(options.retry)

@@ -136,7 +136,7 @@ def _ask(records: list[Record]) -> bool:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from vmlease._cleanup import cleanup
 
-    if not (state_dir() / "ledger.sqlite3").exists():
+    if not (state_dir() / "ledger.sqlite3").exists() and not args.backend:
         # Nothing was ever created here (an always-run CI step after a job that made
         # no VM): nothing to do, and said so, with the place looked at.
         if args.json:
@@ -150,6 +150,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         max_age_s=args.max_age,
         confirm=None if args.yes else _ask,
+        sweep=args.backend,
     )
     # A VM left because its ownership is unproven needs a person, like a failure.
     failed = any(o.action.needs_a_person for o in outcomes)
@@ -440,6 +441,14 @@ def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
         type=_seconds,
         metavar="SECONDS",
         help="treat VMs older than this as expired (default: the lease each VM was given)",
+    )
+    clean.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also delete what backend NAME can prove abandoned, whoever made it "
+        "(libvirt: vmlease domains whose lease ran out, on every host); repeatable",
     )
     clean.add_argument("--json", action="store_true", help="print JSON")
     clean.set_defaults(func=cmd_cleanup)

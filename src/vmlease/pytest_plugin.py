@@ -52,6 +52,11 @@ _SETTINGS = {
         "VMLEASE_KEEP",
         "keep VMs for inspection: never (default), failed (those of failed tests), always",
     ),
+    "vm_libvirt_uris": (
+        "VMLEASE_LIBVIRT_URIS",
+        "with --vm-backend=libvirt: the hosts' libvirt URIs, comma-separated "
+        "(default: qemu:///system)",
+    ),
     "vm_max": ("VMLEASE_MAX", "at most N VMs at once across all workers"),
     "vm_max_age": ("VMLEASE_MAX_AGE", "seconds a VM may live before cleanup may delete it"),
     "vm_retry": (
@@ -124,6 +129,7 @@ def _options(config: pytest.Config) -> RunOptions:
             max_vms=_number(config, "vm_max", int),
             max_age_s=_number(config, "vm_max_age", float),
             faults=_setting(config, "vm_faults"),
+            libvirt_uris=_setting(config, "vm_libvirt_uris"),
             retry=_setting(config, "vm_retry"),
             session_id=session_id,
             worker=worker,

@@ -42,6 +42,7 @@ from typing import TypeVar
 
 from vmlease._checks import Check
 from vmlease._errors import BackendError, BackendTimeout, ConfigError
+from vmlease._identity import Owner
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo
 from vmlease.backends import Backend, BackendVM, ExecResult, Fault
@@ -207,6 +208,15 @@ class FlakyBackend(Backend):
 
     def ssh(self, name: str, *, timeout_s: float = 60.0) -> SSHInfo:
         return self.inner.ssh(name, timeout_s=timeout_s)
+
+    def serve(self, owner: Owner, *, lease_s: float) -> None:
+        self.inner.serve(owner, lease_s=lease_s)
+
+    def keep(self, name: str, *, timeout_s: float = 120.0) -> None:
+        self.inner.keep(name, timeout_s=timeout_s)
+
+    def sweep(self, *, dry_run: bool = False) -> list[str]:
+        return self.inner.sweep(dry_run=dry_run)
 
     def close(self) -> None:
         self.inner.close()

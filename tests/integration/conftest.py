@@ -12,6 +12,7 @@ import pytest
 import vmlease
 from tests.conftest import _qemu_processes_under
 from tests.doubles.tools import double, doubles_bin  # noqa: F401 - fixtures
+from tests.support.libvirtd import LibvirtDaemon, SSHGate, missing_tools
 from vmlease._paths import image_dir
 from vmlease.backends.qemu.images import Image, build_debian, build_tiny
 
@@ -65,3 +66,38 @@ def shared_vm(state_root: Path, tiny_image: Image) -> Iterator[vmlease.VM]:
     with vmlease.Session(state_dir=path) as s:
         yield s.create()
     assert_nothing_left(path)
+
+
+def libvirt_cache() -> Path:
+    """libvirtd's cache of QEMU's capabilities, kept between runs beside the image cache."""
+    return image_dir().parent / "test-data" / "libvirt-cache"
+
+
+@pytest.fixture(scope="session")
+def libvirt_daemon(tiny_image: Image) -> Iterator[LibvirtDaemon]:
+    """A private libvirtd (and virtlogd) for the run: the libvirt backend's host."""
+    why = missing_tools()
+    if why:
+        pytest.skip(f"libvirt: {why}")
+    daemon = LibvirtDaemon(cache=libvirt_cache()).start()
+    try:
+        yield daemon
+    finally:
+        left = daemon.qemu_pids()
+        daemon.stop()
+    assert not left, f"left behind on the libvirt host: qemu pids {left}"
+
+
+@pytest.fixture(scope="session")
+def ssh_gate(libvirt_daemon: LibvirtDaemon) -> Iterator[SSHGate]:
+    """A throwaway sshd on 127.0.0.1, for qemu+ssh:// URIs to ``libvirt_daemon``."""
+    gate = SSHGate(libvirt_daemon).start()
+    yield gate
+    gate.stop()
+
+
+@pytest.fixture
+def libvirt_uri(libvirt_daemon: LibvirtDaemon, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The private libvirtd's URI, set as VMLEASE_LIBVIRT_URIS for this test."""
+    monkeypatch.setenv("VMLEASE_LIBVIRT_URIS", libvirt_daemon.unix_uri)
+    return libvirt_daemon.unix_uri

@@ -8,13 +8,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "src" / "vmlease"
 ARCHITECTURE = (REPO / "docs" / "architecture.md").read_text()
-# Where a short name in the text may live: the repository, the package, the QEMU room.
+# Where a short name in the text may live: the repository, the package, the backends' rooms.
 ROOTS = [
     REPO,
     PACKAGE,
     PACKAGE / "backends",
     PACKAGE / "backends/qemu",
     PACKAGE / "backends/qemu/images",
+    PACKAGE / "backends/libvirt",
 ]
 _CITED = re.compile(
     r"`((?:[\w.-]+/)*[\w.-]+\.(?:py|c|md|toml)|(?:tests|docs|scripts|benchmarks|examples|backends|images)/[\w./-]*)`"

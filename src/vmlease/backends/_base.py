@@ -11,6 +11,7 @@ All times are in seconds.
 from __future__ import annotations
 
 import abc
+import builtins
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from vmlease._checks import Check
 from vmlease._errors import BackendError, UnsupportedOperation
+from vmlease._identity import Owner
 from vmlease._naming import validate_name
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo
@@ -81,6 +83,11 @@ class Backend(abc.ABC):
 
     name: str = "?"
     capabilities: Capabilities = Capabilities()
+
+    def serve(self, owner: Owner, *, lease_s: float) -> None:  # noqa: B027 - optional hook
+        """Who the VMs this object creates from now on belong to, and their lease
+        in seconds. A session says so once, before its first create; a backend
+        that keeps ownership with its VMs (libvirt's metadata) writes it there."""
 
     def validate_name(self, name: str) -> str:
         """Check ``name`` against the backend's rule (by default vmlease's common rule)."""
@@ -195,6 +202,19 @@ class Backend(abc.ABC):
     def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
         """Bring the VM back to the state saved as ``tag``."""
         raise UnsupportedOperation(f"the {self.name} backend cannot restore snapshots")
+
+    def keep(self, name: str, *, timeout_s: float = 120.0) -> None:  # noqa: B027 - optional hook
+        """VM ``name`` is kept for a person: from now on it must outlive this
+        process, until its lease runs out or ``vmlease cleanup`` deletes it. A
+        backend whose VMs end with their creator's connection (libvirt's
+        autodestroy) detaches it here."""
+
+    def sweep(self, *, dry_run: bool = False) -> builtins.list[str]:
+        """Delete the VMs this backend can prove abandoned wherever they were made
+        (libvirt: vmlease domains whose lease ran out, on every host); returns
+        their names (with ``dry_run``, those it would delete). By default none:
+        the ledger's owners decide."""
+        return []
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections this object holds (the VMs keep running)."""

@@ -13,12 +13,13 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from vmlease._errors import BootError, ChannelError, GuestFileError
 from vmlease.backends._base import ExecResult
 
-__all__ = ["AgentChannel"]
+__all__ = ["AgentChannel", "AgentOperations"]
 
 HELLO, EXEC, STDIN, STDOUT, STDERR, EXIT, KILL, PUT, DATA, GET, OK, ERR, SYNC, SETTIME = range(
     1, 15
@@ -327,3 +328,33 @@ class AgentChannel:
         self._converse(
             [_frame(SYNC)], lambda kind, _p: kind in (OK, ERR), time.monotonic() + timeout_s
         )
+
+
+class AgentOperations:
+    """``exec``, ``put`` and ``get`` through the guest agent, for a backend that
+    mixes this in and gives ``_agent(name)``: VM ``name``'s channel, held for
+    one operation."""
+
+    def _agent(self, name: str) -> AbstractContextManager[AgentChannel]:
+        raise NotImplementedError
+
+    def exec(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        timeout_s: float | None,
+    ) -> ExecResult:
+        with self._agent(name) as channel:
+            return channel.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout_s=timeout_s)
+
+    def put(self, name: str, local: Path, remote: str) -> None:
+        with self._agent(name) as channel:
+            channel.put(local, remote, local.stat().st_mode & 0o7777)
+
+    def get(self, name: str, remote: str, local: Path) -> None:
+        with self._agent(name) as channel:
+            channel.get(remote, local)

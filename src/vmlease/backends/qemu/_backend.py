@@ -22,7 +22,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,9 @@ from vmlease._procfs import host_tsc_khz, rss_bytes
 from vmlease._runner import Runner, SubprocessRunner
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo, ensure_key
-from vmlease.backends._base import Backend, BackendVM, Capabilities, ExecResult
+from vmlease.backends._base import Backend, BackendVM, Capabilities
 from vmlease.backends.qemu._accel import choose_accel
-from vmlease.backends.qemu._agent import AgentChannel
+from vmlease.backends.qemu._agent import AgentChannel, AgentOperations
 from vmlease.backends.qemu._imports import import_image
 from vmlease.backends.qemu._launch import (
     CONSOLE_LOG,
@@ -117,7 +117,7 @@ def _write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-class QemuBackend(Backend):
+class QemuBackend(AgentOperations, Backend):
     """VMs as local QEMU processes.
 
     Args:
@@ -633,27 +633,6 @@ class QemuBackend(Backend):
                     detail["memory_bytes"] = str(rss)
             found.append(BackendVM(vm_dir.name, "running" if pid else "stopped", detail))
         return found
-
-    def exec(
-        self,
-        name: str,
-        argv: Sequence[str],
-        *,
-        stdin: bytes | None,
-        env: Mapping[str, str] | None,
-        cwd: str | None,
-        timeout_s: float | None,
-    ) -> ExecResult:
-        with self._agent(name) as channel:
-            return channel.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout_s=timeout_s)
-
-    def put(self, name: str, local: Path, remote: str) -> None:
-        with self._agent(name) as channel:
-            channel.put(local, remote, local.stat().st_mode & 0o7777)
-
-    def get(self, name: str, remote: str, local: Path) -> None:
-        with self._agent(name) as channel:
-            channel.get(remote, local)
 
     @contextlib.contextmanager
     def _agent(self, name: str) -> Iterator[AgentChannel]:

@@ -1,0 +1,163 @@
+"""A libvirt domain's XML for a VM of a vmlease image.
+
+The same images as the QEMU backend, booted the same way: a built image
+(``tiny``, Debian) on ``microvm`` with its kernel and initramfs and
+virtio-mmio devices; an imported image on ``q35`` through the BIOS, with its
+PCI devices in the slots it was first booted with (the guest names its
+network interface by slot). The agent's virtio-serial port is a ``unix``
+channel and the serial console a ``pty`` logged to a file in the pool, so
+both are reachable through libvirt streams from any client, remote ones
+included.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmlease._errors import InvalidSpec
+from vmlease._spec import Network, VMSpec
+from vmlease.backends.libvirt._lease import Lease
+from vmlease.backends.qemu._launch import AGENT_PORT
+from vmlease.backends.qemu.images import Image
+
+__all__ = ["DomainFiles", "domain_xml"]
+
+
+@dataclass(frozen=True, slots=True)
+class DomainFiles:
+    """Paths on the host (the pool's), as libvirt gives them for its volumes."""
+
+    disk: str
+    console: str
+    kernel: str = ""
+    initrd: str = ""
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    child = ET.SubElement(
+        parent, tag, {k.rstrip("_").replace("_", "-"): v for k, v in attrs.items()}
+    )
+    if text is not None:
+        child.text = text
+    return child
+
+
+def domain_xml(
+    name: str,
+    spec: VMSpec,
+    image: Image,
+    files: DomainFiles,
+    lease: Lease,
+    *,
+    kvm: bool = False,
+    emulator: str | None = None,
+    tsc_khz: int | None = None,
+    tcg_cpu: str | None = None,
+) -> str:
+    """The XML of VM ``name``'s domain, its lease in its metadata."""
+    network = spec.network or image.network
+    if network is Network.RESTRICTED:
+        raise InvalidSpec(
+            "the libvirt backend offers network='user' and network='none'; "
+            "'restricted' (no traffic out) needs the qemu backend"
+        )
+    firmware = image.boot == "firmware"
+    root = ET.Element("domain", {"type": "kvm" if kvm else "qemu"})
+    _sub(root, "name", name)
+    metadata = _sub(root, "metadata")
+    metadata.append(ET.fromstring(lease.to_domain_xml()))  # noqa: S314 - made here
+    _sub(root, "memory", str(spec.memory_mb), unit="MiB")
+    _sub(root, "vcpu", str(spec.cpus))
+    os_ = _sub(root, "os")
+    _sub(os_, "type", "hvm", arch="x86_64", machine="q35" if firmware else "microvm")
+    if firmware:
+        _sub(os_, "boot", dev="hd")
+    else:
+        cmdline = f"{image.cmdline} vmlease.name={name} systemd.hostname={name}"
+        if tsc_khz:
+            cmdline += f" tsc_early_khz={tsc_khz}"
+        _sub(os_, "kernel", files.kernel)
+        _sub(os_, "initrd", files.initrd)
+        _sub(os_, "cmdline", cmdline)
+    features = _sub(root, "features")
+    _sub(features, "acpi")
+    if kvm:
+        _sub(root, "cpu", mode="host-passthrough")
+    else:
+        cpu = _sub(root, "cpu", mode="custom", match="exact")
+        _sub(cpu, "model", tcg_cpu or image.tcg_cpu, fallback="allow")
+    # A guest that reboots or crashes ends, as under the qemu backend (-no-reboot).
+    for event in ("on_reboot", "on_crash"):
+        _sub(root, event, "destroy")
+    devices = _sub(root, "devices")
+    if emulator:
+        _sub(devices, "emulator", emulator)
+
+    def place(device: ET.Element, slot: int) -> None:
+        if firmware:
+            _sub(
+                device,
+                "address",
+                type="pci",
+                domain="0x0000",
+                bus="0x00",
+                slot=f"{slot:#04x}",
+                function="0x0",
+            )
+        else:
+            _sub(device, "address", type="virtio-mmio")
+
+    disk = _sub(devices, "disk", type="file", device="disk")
+    # Disposable disks: a host crash loses nothing anyone needs, so skip flushes.
+    _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe")
+    _sub(disk, "source", file=files.disk)
+    _sub(disk, "target", dev="vda", bus="virtio")
+    place(disk, 3)
+    if network is not Network.NONE:
+        nic = _sub(devices, "interface", type="user")
+        _sub(nic, "model", type="virtio")
+        place(nic, 4)
+    rng = _sub(devices, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+    place(rng, 5)
+    serial_bus = _sub(devices, "controller", type="virtio-serial", index="0")
+    place(serial_bus, 6)
+    channel = _sub(devices, "channel", type="unix")
+    _sub(channel, "target", type="virtio", name=AGENT_PORT)
+    serial = _sub(devices, "serial", type="pty")
+    _sub(serial, "log", file=files.console, append="on")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+    _sub(devices, "controller", type="usb", model="none")
+    _sub(devices, "memballoon", model="none")
+    return ET.tostring(root, encoding="unicode")
+
+
+def volume_xml(name: str, capacity: int, fmt: str, backing: str | None = None) -> str:
+    """A storage volume's XML; ``backing`` makes it a qcow2 overlay of that path."""
+    root = ET.Element("volume")
+    _sub(root, "name", name)
+    _sub(root, "capacity", str(capacity), unit="bytes")
+    target = _sub(root, "target")
+    _sub(target, "format", type=fmt)
+    perms = _sub(target, "permissions")
+    _sub(perms, "mode", "0600")
+    if backing is not None:
+        store = _sub(root, "backingStore")
+        _sub(store, "path", backing)
+        _sub(store, "format", type="qcow2")
+    return ET.tostring(root, encoding="unicode")
+
+
+def pool_xml(name: str, path: Path | str) -> str:
+    """A directory pool's XML, readable by its user alone."""
+    root = ET.Element("pool", {"type": "dir"})
+    _sub(root, "name", name)
+    target = _sub(root, "target")
+    _sub(target, "path", str(path))
+    perms = _sub(target, "permissions")
+    _sub(perms, "mode", "0700")
+    return ET.tostring(root, encoding="unicode")

@@ -1,0 +1,414 @@
+"""libvirt hosts: connections, the storage pool, images uploaded by content, placement.
+
+One :class:`Host` per URI. Connections are opened on first use, each with
+keepalive (so a client that stops answering is dropped by the daemon, and
+a daemon that stops answering is dropped here), and reopened when they break.
+A host that does not answer is skipped with a warning; :class:`BackendUnavailable`
+only when none answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmlease._errors import BackendError, BackendUnavailable, DiskFull, ImageError
+from vmlease._paths import megabytes
+from vmlease.backends.libvirt._domain import pool_xml, volume_xml
+from vmlease.backends.qemu.images import Image
+
+__all__ = ["Host", "Hosts", "ImageVolumes", "libvirt_module"]
+
+log = logging.getLogger("vmlease.libvirt")
+
+#: Memory a host keeps free for itself, beyond the VMs placed on it.
+RESERVE_BYTES = 256 * 2**20
+#: Room a VM's disk overlay needs to grow into, on the host's pool.
+DISK_HEADROOM_BYTES = 64 * 2**20
+#: How long to wait for another runner's upload of the same image to finish.
+UPLOAD_WAIT_S = 600.0
+_CHUNK = 1 << 20
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def libvirt_module() -> Any:
+    """The ``libvirt`` Python binding, with its event loop running in a thread
+    (keepalive needs one) and its default error printing silenced."""
+    global _loop_started
+    try:
+        import libvirt
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "the libvirt backend needs the libvirt Python binding: "
+            "`pip install 'vmlease[libvirt]'` (it builds against libvirt-dev and pkg-config: "
+            "`apt-get install libvirt-dev pkg-config`)"
+        ) from exc
+    with _loop_lock:
+        if not _loop_started:
+            libvirt.virEventRegisterDefaultImpl()
+            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+            def run() -> None:
+                while True:
+                    libvirt.virEventRunDefaultImpl()
+
+            threading.Thread(target=run, name="vmlease-libvirt-events", daemon=True).start()
+            _loop_started = True
+    return libvirt
+
+
+@dataclass(frozen=True, slots=True)
+class ImageVolumes:
+    """Where an image's files are on one host."""
+
+    disk: str
+    kernel: str = ""
+    initrd: str = ""
+    disk_bytes: int = 0
+
+
+@dataclass
+class Host:
+    """One libvirt host (a URI) and what this process knows of it."""
+
+    uri: str
+    conn: Any = None
+    error: str = ""
+    #: Memory of the VMs this process placed here and still has, in bytes.
+    placed: dict[str, int] = field(default_factory=dict)
+    pool: Any = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def alive(self) -> bool:
+        if self.conn is None:
+            return False
+        try:
+            return bool(self.conn.isAlive())
+        except Exception:
+            return False
+
+
+def content_id(image: Image) -> str:
+    """A hash of the image's files, kept beside them after the first time."""
+    cached = image.path / "content.sha256"
+    try:
+        return cached.read_text().strip()
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    for path in (image.kernel, image.initrd, image.disk):
+        if path is None or not Path(path).is_file():
+            continue
+        digest.update(Path(path).name.encode() + b"\0")
+        with Path(path).open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    value = digest.hexdigest()[:20]
+    tmp = cached.with_name(f".content.sha256.{threading.get_ident()}")
+    tmp.write_text(value + "\n")
+    tmp.replace(cached)
+    return value
+
+
+class Hosts:
+    """The hosts of one backend object.
+
+    Args:
+        uris: libvirt URIs, in order of preference for ties.
+        pool: the storage pool's name (made when missing, as a directory pool).
+        pool_path: the pool's directory on each host.
+        keepalive: (interval seconds, unanswered probes) for each connection.
+        connect_timeout_s: a host that does not answer within this is skipped.
+        on_connect: called with each host when its connection is (re)opened.
+    """
+
+    def __init__(
+        self,
+        uris: Sequence[str],
+        *,
+        pool: str,
+        pool_path: str,
+        keepalive: tuple[int, int],
+        connect_timeout_s: float,
+        on_connect: Callable[[Host], None] | None = None,
+    ) -> None:
+        self.hosts = [Host(uri) for uri in uris]
+        self.pool_name = pool
+        self.pool_path = pool_path
+        self.keepalive = keepalive
+        self.connect_timeout_s = connect_timeout_s
+        self.on_connect = on_connect
+        self._warned: set[str] = set()
+
+    def by_uri(self, uri: str) -> Host:
+        for host in self.hosts:
+            if host.uri == uri:
+                return host
+        host = Host(uri)  # recorded by another process with other settings
+        self.hosts.append(host)
+        return host
+
+    def connect(self, host: Host) -> Any:
+        """``host``'s open connection; BackendUnavailable if it does not answer."""
+        with host.lock:
+            if host.alive():
+                return host.conn
+            if host.conn is not None:
+                with contextlib.suppress(Exception):  # it is broken already
+                    host.conn.close()
+                host.conn = None
+                host.pool = None
+            libvirt = libvirt_module()
+            box: dict[str, Any] = {}
+
+            def open_() -> None:
+                try:
+                    box["conn"] = libvirt.open(host.uri)
+                except Exception as exc:
+                    box["error"] = exc
+
+            opener = threading.Thread(target=open_, name="vmlease-libvirt-open", daemon=True)
+            opener.start()
+            opener.join(self.connect_timeout_s)
+            if opener.is_alive():
+                host.error = f"no answer within {self.connect_timeout_s:g} s"
+                raise BackendUnavailable(f"libvirt host {host.uri}: {host.error}")
+            if "error" in box:
+                host.error = _words(box["error"])
+                raise BackendUnavailable(f"libvirt host {host.uri}: {host.error}")
+            conn = box["conn"]
+            interval, count = self.keepalive
+            try:
+                conn.setKeepAlive(interval, count)
+            except Exception as exc:
+                log.debug("keepalive not set on %s: %s", host.uri, exc)
+            host.conn = conn
+            host.error = ""
+            self._warned.discard(host.uri)
+        if self.on_connect is not None:
+            self.on_connect(host)
+        return conn
+
+    def answering(self) -> list[Host]:
+        """The hosts that answer now, each connected; the others are warned about once."""
+        found = []
+        errors = []
+        for host in self.hosts:
+            try:
+                self.connect(host)
+            except BackendUnavailable as exc:
+                errors.append(str(exc))
+                if host.uri not in self._warned:
+                    self._warned.add(host.uri)
+                    log.warning("%s; skipping it", exc)
+                continue
+            found.append(host)
+        if not found:
+            raise BackendUnavailable(
+                "no libvirt host answers: "
+                + "; ".join(errors)
+                + ". Start libvirtd there, or correct VMLEASE_LIBVIRT_URIS",
+            )
+        return found
+
+    # -- the pool and images ----------------------------------------------
+
+    def pool(self, host: Host) -> Any:
+        """vmlease's storage pool on ``host``, defined and started if needed."""
+        conn = self.connect(host)
+        if host.pool is not None:
+            return host.pool
+        libvirt = libvirt_module()
+        try:
+            pool = conn.storagePoolLookupByName(self.pool_name)
+        except libvirt.libvirtError:
+            try:
+                pool = conn.storagePoolDefineXML(pool_xml(self.pool_name, self.pool_path), 0)
+                pool.build(0)
+                pool.setAutostart(1)
+            except libvirt.libvirtError:  # another runner defined it meanwhile
+                pool = conn.storagePoolLookupByName(self.pool_name)
+        if not pool.isActive():
+            try:
+                pool.create(0)
+            except libvirt.libvirtError:
+                if not pool.isActive():
+                    raise
+        host.pool = pool
+        return pool
+
+    def pool_dir(self, host: Host) -> str:
+        """The pool's directory on ``host``, as that host names it."""
+        root = ET.fromstring(self.pool(host).XMLDesc(0))  # noqa: S314 - from the host's libvirtd
+        found = root.find("target/path")
+        if found is None or not found.text:
+            raise BackendError(f"libvirt host {host.uri}: pool {self.pool_name} has no path")
+        return found.text
+
+    def volume(self, host: Host, name: str) -> Any | None:
+        libvirt = libvirt_module()
+        try:
+            return self.pool(host).storageVolLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return None
+            raise
+
+    def delete_volume(self, host: Host, name: str) -> bool:
+        """Delete volume ``name`` if it exists; whether it did."""
+        libvirt = libvirt_module()
+        vol = self.volume(host, name)
+        if vol is None:
+            return False
+        try:
+            vol.delete(0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                raise
+        return True
+
+    def upload_image(self, host: Host, image: Image) -> ImageVolumes:
+        """``image``'s files on ``host``, uploaded once per host by content.
+
+        Volumes are named by the image's content hash; a small ``.ready``
+        volume is made last, so another runner uploading the same image is
+        waited for, and an upload that died half-way is made again.
+        """
+        base = f"{image.name}-{content_id(image)}"
+        files = [("qcow2", image.disk, "qcow2")]
+        if image.boot != "firmware":
+            files += [("vmlinux", image.kernel, "raw"), ("initrd", image.initrd, "raw")]
+        if self.volume(host, f"{base}.ready") is None:
+            deadline = time.monotonic() + UPLOAD_WAIT_S
+            in_progress = self.volume(host, f"{base}.qcow2") is not None
+            while not (in_progress and self._wait_for_upload(host, base, deadline)):
+                try:
+                    self._upload(host, base, files)
+                    break
+                except _Busy:  # another runner started the same upload
+                    in_progress = True
+        paths = {}
+        for suffix, _local, _fmt in files:
+            vol = self.volume(host, f"{base}.{suffix}")
+            if vol is None:
+                raise ImageError(f"libvirt host {host.uri}: volume {base}.{suffix} vanished")
+            paths[suffix] = vol.path()
+        return ImageVolumes(
+            disk=paths["qcow2"],
+            kernel=paths.get("vmlinux", ""),
+            initrd=paths.get("initrd", ""),
+            disk_bytes=int(disk.info()[1]) if (disk := self.volume(host, f"{base}.qcow2")) else 0,
+        )
+
+    def _wait_for_upload(self, host: Host, base: str, deadline: float) -> bool:
+        """Wait while another runner uploads ``base``; True when it is ready, False
+        (its parts deleted) when that upload stopped growing for 60 s."""
+        last: tuple[int, float] = (-1, time.monotonic())
+        while time.monotonic() < deadline:
+            if self.volume(host, f"{base}.ready") is not None:
+                return True
+            vol = self.volume(host, f"{base}.qcow2")
+            if vol is None:
+                return False
+            size = int(vol.info()[2])
+            if size != last[0]:
+                last = (size, time.monotonic())
+            elif time.monotonic() - last[1] > 60:
+                break
+            time.sleep(0.5)
+        for suffix in ("qcow2", "vmlinux", "initrd"):
+            self.delete_volume(host, f"{base}.{suffix}")
+        return False
+
+    def _upload(self, host: Host, base: str, files: Sequence[tuple[str, Path | None, str]]) -> None:
+        libvirt = libvirt_module()
+        conn = self.connect(host)
+        pool = self.pool(host)
+        need = sum(Path(local).stat().st_size for _, local, _ in files if local is not None)
+        available = int(pool.info()[3])
+        if available < need + DISK_HEADROOM_BYTES:
+            raise DiskFull(
+                f"libvirt host {host.uri}: pool {self.pool_name} has {megabytes(available)} "
+                f"free, the image needs {megabytes(need + DISK_HEADROOM_BYTES)}",
+                path=f"{host.uri}:{self.pool_name}",
+                free_bytes=available,
+                needed_bytes=need,
+            )
+        log.info("uploading image %s to %s", base, host.uri)
+        for suffix, local, fmt in files:
+            assert local is not None
+            size = Path(local).stat().st_size
+            name = f"{base}.{suffix}"
+            try:
+                vol = pool.createXML(volume_xml(name, size, fmt), 0)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_STORAGE_VOL_EXIST:
+                    raise _Busy(name) from exc
+                raise
+            stream = conn.newStream(0)
+            try:
+                vol.upload(stream, 0, size, 0)
+                with Path(local).open("rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        view = memoryview(chunk)
+                        while view:
+                            sent = stream.send(view.tobytes())
+                            view = view[sent:]
+                stream.finish()
+            except BaseException:
+                with contextlib.suppress(libvirt.libvirtError):
+                    stream.abort()
+                self.delete_volume(host, name)
+                raise
+        pool.createXML(volume_xml(f"{base}.ready", 0, "raw"), 0)
+
+    # -- placement -----------------------------------------------------------
+
+    def room(self, host: Host) -> tuple[int, int]:
+        """(memory bytes free for new VMs, pool bytes free) on ``host``, by the placement rule."""
+        conn = self.connect(host)
+        free = int(conn.getFreeMemory()) - sum(host.placed.values())
+        pool_free = int(self.pool(host).info()[3])
+        return free, pool_free
+
+    def choose(self, memory_bytes: int) -> Host:
+        """The answering host with the most free memory that fits ``memory_bytes``
+        (plus a reserve) and has pool room for a disk; ties go to the first listed."""
+        best: tuple[int, Host] | None = None
+        full = []
+        for host in self.answering():
+            try:
+                free, pool_free = self.room(host)
+            except BackendError as exc:
+                log.warning("libvirt host %s: %s; skipping it", host.uri, exc)
+                continue
+            if free < memory_bytes + RESERVE_BYTES or pool_free < DISK_HEADROOM_BYTES:
+                full.append(f"{host.uri} ({megabytes(free)} memory, {megabytes(pool_free)} pool)")
+                continue
+            if best is None or free > best[0]:
+                best = (free, host)
+        if best is None:
+            raise BackendUnavailable(
+                f"no libvirt host has room for a VM of {megabytes(memory_bytes)}: "
+                + ", ".join(full)
+            )
+        return best[1]
+
+
+class _Busy(Exception):
+    """Another runner is uploading this volume."""
+
+
+def _words(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
