@@ -9,6 +9,7 @@ python -m benchmarks startup    the plugin's import cost and the command's start
 python -m benchmarks chaos      faults of the machinery and the host: leaks, time to clean, errors
 python -m benchmarks guests     debian-12: boots, saved states, resets, commands vs ssh, memory
 python -m benchmarks trims      debian-12: what each boot trim buys (systemd-analyze)
+python -m benchmarks libvirt    the libvirt backend beside direct QEMU; runner SIGKILL to VMs gone
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import chaos, faults, guests, reap, spine, startup, suite, trims
+from benchmarks import chaos, faults, guests, libvirt, reap, spine, startup, suite, trims
 
 
 def main() -> int:
@@ -25,7 +26,7 @@ def main() -> int:
     parser.add_argument(
         "which",
         nargs="*",
-        metavar="spine|reap|suite|faults|startup|chaos|guests|trims",
+        metavar="spine|reap|suite|faults|startup|chaos|guests|trims|libvirt",
         help="default: all",
     )
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
@@ -44,7 +45,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5 (the figures are medians of at least 5)")
-    names = ["spine", "reap", "suite", "faults", "startup", "chaos", "guests", "trims"]
+    names = ["spine", "reap", "suite", "faults", "startup", "chaos", "guests", "trims", "libvirt"]
     unknown = set(args.which) - set(names)
     if unknown:
         parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose {', '.join(names)}")
@@ -62,6 +63,8 @@ def main() -> int:
         code |= guests.main(runs=args.runs)
     if "trims" in which:
         code |= trims.main(runs=args.runs)
+    if "libvirt" in which:
+        code |= libvirt.main(runs=args.runs, trials=max(10, args.chaos_trials))
     if "chaos" in which:
         code |= chaos.main(trials=args.chaos_trials)
     if "startup" in which:

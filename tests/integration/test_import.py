@@ -325,6 +325,7 @@ def test_user_data_that_cloud_init_cannot_read_is_refused(images: Path, tmp_path
     assert "first line must be '#cloud-config'" in done.stderr
 
 
+@pytest.mark.slow  # builds a second cloud image, then waits out a boot with no seed
 def test_an_image_without_cloud_init_needs_no_seed_and_keeps_nothing(images: Path) -> None:
     source = build_cloud_image(image_dir().parent / "test-data", cloud_init=False)
     done = vmlease_cli(images, "image", "import", "no-cloud-init", str(source), timeout=600)

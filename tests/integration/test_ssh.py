@@ -105,6 +105,7 @@ def test_vmlease_ssh_and_ssh_config_work_for_ssh_and_scp(
     )
 
 
+@pytest.mark.slow  # installs rsync in the guest from the archive
 def test_ssh_config_works_for_rsync(
     session: vmlease.Session, debian_image: Image, state: Path, tmp_path: Path
 ) -> None:

@@ -775,7 +775,7 @@ class LibvirtBackend(AgentOperations, Backend):
         host, dom = self._find(name)
         conn = self.hosts.connect(host)
         while True:
-            stream = conn.newStream(0)
+            stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
             try:
                 dom.openChannel(AGENT_PORT, stream, 0)
                 break
@@ -789,7 +789,7 @@ class LibvirtBackend(AgentOperations, Backend):
                 if self._lookup(host, name) is None:
                     raise VMNotFound(f"VM {name} is gone from {host.uri}") from exc
                 time.sleep(0.1)
-        bridge = StreamSocket(stream, name)
+        bridge = StreamSocket(stream, libvirt, name)
         channel = AgentChannel(bridge.sock, name=name)
         try:
             channel.handshake(max(1.0, deadline - time.monotonic()))
