@@ -8,7 +8,9 @@ the way CI runners die.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -302,7 +304,22 @@ def test_kept_vms_outlive_their_runner_until_the_lease_and_another_runner_reaps_
         eventually(lambda: other.sweep(dry_run=True) == [name], 30.0)
     finally:
         other.close()
-    # Another runner, with a ledger of its own that never heard of the VM, reaps it.
+    # Another runner, with a ledger of its own that never heard of the VM, reaps it:
+    # `vmlease cleanup --backend libvirt` says what it would delete, then does.
+    env = {**os.environ, "VMLEASE_STATE_DIR": str(state_root / "other-runner")}
+    said = subprocess.run(
+        [sys.executable, "-m", "vmlease", "cleanup", "--backend", "libvirt", "--dry-run", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert said.returncode == 0, said.stderr
+    assert [(r["name"], r["action"]) for r in json.loads(said.stdout)["results"]] == [
+        (name, "would delete")
+    ]
+    assert domains(libvirt_daemon.unix_uri) == {name: True}
     outcomes = cleanup(state_root / "other-runner", sweep=["libvirt"])
     assert [(o.name, o.action) for o in outcomes] == [(name, "deleted")]
     assert domains(libvirt_daemon.unix_uri) == {}

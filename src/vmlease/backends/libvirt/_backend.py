@@ -177,6 +177,7 @@ class LibvirtBackend(AgentOperations, Backend):
         self._renewer: threading.Thread | None = None
         # Domains the sweeps run on connecting deleted, for sweep() to report.
         self._swept: builtins.list[str] = []
+        self._auto_sweep = True
         self._closed = threading.Event()
 
     # -- set-up ------------------------------------------------------------
@@ -644,7 +645,10 @@ class LibvirtBackend(AgentOperations, Backend):
             self._set_lease(host, dom, kept)
 
     def sweep(self, *, dry_run: bool = False) -> builtins.list[str]:
-        """Sweep every answering host (see :meth:`sweep_host`)."""
+        """Sweep every answering host (see :meth:`sweep_host`). A dry run deletes
+        nothing, not even on connecting."""
+        if dry_run:
+            self._auto_sweep = False
         hosts = self.hosts.answering()
         with self._lock:
             gone, self._swept = self._swept, []  # what connecting swept already
@@ -656,6 +660,8 @@ class LibvirtBackend(AgentOperations, Backend):
         """Every vmlease process that connects to a host deletes the vmlease
         domains there whose lease ran out, and volumes left without a domain."""
         try:
+            if not self._auto_sweep:
+                return
             swept = self.sweep_host(host)
             with self._lock:
                 self._swept += swept

@@ -83,6 +83,10 @@ def domain_xml(
         _sub(os_, "cmdline", cmdline)
     features = _sub(root, "features")
     _sub(features, "acpi")
+    if not kvm:
+        # As under the qemu backend: TCG's translation cache grows to 1 GiB unless capped.
+        tcg = _sub(features, "tcg")
+        _sub(tcg, "tb-cache", "64", unit="MiB")
     if kvm:
         _sub(root, "cpu", mode="host-passthrough")
     else:
