@@ -72,7 +72,7 @@ BAD_INPUT: list[tuple[str, str, dict[str, object], type[Exception], str]] = [
         "session",
         {"backend": "vmware"},
         vmlease.ConfigError,
-        "installed backends: multipass, orbstack, qemu",
+        "installed backends: libvirt, multipass, orbstack, qemu",
     ),
     (
         "backend option",
