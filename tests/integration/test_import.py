@@ -334,3 +334,20 @@ def test_an_image_without_cloud_init_needs_no_seed_and_keeps_nothing(images: Pat
     assert "--no-seed" in done.stderr
     _nothing_kept(images, "no-cloud-init")
     assert processes_under(images, b"qemu-system") == []
+
+
+@pytest.mark.slow  # a second boot of the import, on a libvirt host
+def test_an_imported_image_boots_through_its_bios_under_libvirt(
+    imported: Image, images: Path, state: Path, request: pytest.FixtureRequest
+) -> None:
+    """The same import on a libvirt host: q35, the BIOS, its NIC where cloud-init configured it."""
+    daemon = request.getfixturevalue("libvirt_daemon")
+    from vmlease.backends.libvirt import LibvirtBackend
+
+    backend = LibvirtBackend(uris=[daemon.unix_uri], state_dir=state, image_dir=images)
+    with vmlease.Session(backend=backend, state_dir=state) as session:
+        vm = session.create(image="cloudy", memory_mb=512, boot_timeout_s=180)
+        assert _sh(vm, "systemctl is-system-running || true") in ("running", "degraded")
+        assert _sh(vm, "hostname") == vm.name
+        assert "10.0.2.15/24" in _sh(vm, "ip -br addr show enp0s4")
+        assert _sh(vm, "getent hosts deb.debian.org") != ""

@@ -425,3 +425,21 @@ def test_ssh_gate_is_real(ssh_gate: SSHGate) -> None:
         check=False,
     )
     assert done.stdout.strip() == "through-sshd", done.stderr
+
+
+def test_a_debian_guest_runs_systemd_and_reaches_the_archive_under_libvirt(
+    libvirt_daemon: LibvirtDaemon, state: Path, debian_image: Image
+) -> None:
+    backend_options = {"uris": [libvirt_daemon.tcp_uri]}
+    with vmlease.Session(backend="libvirt", state_dir=state, backend_options=backend_options) as s:
+        vm = s.create(image="debian-12", memory_mb=512)
+        assert vm.run(["systemctl", "is-system-running"]).stdout.strip() in ("running", "degraded")
+        assert vm.run(["hostname"]).stdout.strip() == vm.name
+        # User-mode networking: the guest resolves the archive through the host.
+        assert vm.run(["getent", "hosts", "deb.debian.org"]).exit_code == 0
+        vm.snapshot("clean")
+        vm.run(["touch", "/root/made"], check=True)
+        vm.restore("clean")
+        assert vm.run(["test", "-e", "/root/made"]).exit_code == 1
+    assert domains(libvirt_daemon.unix_uri) == {}
+    assert vm_volumes(libvirt_daemon) == []

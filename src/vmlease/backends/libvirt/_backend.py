@@ -34,10 +34,12 @@ from vmlease._checks import Check, Severity
 from vmlease._errors import (
     BackendError,
     BackendUnavailable,
+    BootError,
     ChannelError,
     ConfigError,
     InvalidSpec,
     SnapshotNotFound,
+    UnsupportedOperation,
     VMAlreadyExists,
     VMLeaseError,
     VMNotFound,
@@ -174,6 +176,7 @@ class LibvirtBackend(AgentOperations, Backend):
         # VMs this object created and renews: name -> its host.
         self._mine: dict[str, Host] = {}
         self._booting: dict[str, tuple[str, ...]] = {}
+        self._firmware: dict[str, bool] = {}
         self._renewer: threading.Thread | None = None
         # Domains the sweeps run on connecting deleted, for sweep() to report.
         self._swept: builtins.list[str] = []
@@ -421,11 +424,20 @@ class LibvirtBackend(AgentOperations, Backend):
         with self._lock:
             self._mine[name] = host
             self._booting[name] = image.ready
+            self._firmware[name] = image.boot == "firmware"
         self._start_renewer()
 
     def wait_ready(self, name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         with self._agent(name, timeout_s) as channel:
+            if self._firmware.pop(name, False):
+                # A PVH image takes its name from the kernel command line; an
+                # imported one boots with the name it was imported as.
+                done = channel.exec(
+                    ["hostname", name], stdin=None, env=None, cwd=None, timeout_s=10.0
+                )
+                if done.exit_code != 0:
+                    raise BootError(f"VM {name}: naming the guest failed: {done.stderr!r}")
             ready = self._booting.pop(name, ())
             if ready:
                 done = channel.exec(
@@ -436,21 +448,15 @@ class LibvirtBackend(AgentOperations, Backend):
                     timeout_s=max(1.0, deadline - time.monotonic()),
                 )
                 if done.exit_code != 0:
-                    from vmlease._errors import BootError
-
                     raise BootError(
                         f"VM {name} did not come up: "
                         f"{(done.stdout + done.stderr).decode(errors='replace').strip()[-500:]}"
                     )
 
     def start(self, name: str, *, timeout_s: float = 120.0) -> None:
-        from vmlease._errors import UnsupportedOperation
-
         raise UnsupportedOperation("the libvirt backend's VMs cannot be stopped and started")
 
     def stop(self, name: str, timeout_s: float) -> None:
-        from vmlease._errors import UnsupportedOperation
-
         raise UnsupportedOperation("the libvirt backend's VMs cannot be stopped and started")
 
     def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
@@ -514,6 +520,7 @@ class LibvirtBackend(AgentOperations, Backend):
         with self._lock:
             host = self._mine.pop(name, None)
             self._booting.pop(name, None)
+            self._firmware.pop(name, None)
         if host is not None:
             host.placed.pop(name, None)
         self._where_file(name).unlink(missing_ok=True)
@@ -604,13 +611,17 @@ class LibvirtBackend(AgentOperations, Backend):
         with self._lock:
             mine = dict(self._mine)
         for name, host in mine.items():
-            with contextlib.suppress(Exception):
+            try:
                 dom = self._lookup(host, name)
                 lease = _lease_of(dom) if dom is not None else None
                 if lease is None or lease.kept:
                     continue
                 limit = lease.created + self._lease_s
                 self._set_lease(host, dom, lease.renewed(min(time.time() + SESSION_LEASE_S, limit)))
+            except Exception as exc:  # the next round tries again; the lease has room
+                log.warning(
+                    "libvirt host %s: renewing the lease of %s failed: %s", host.uri, name, exc
+                )
 
     def keep(self, name: str, *, timeout_s: float = 120.0) -> None:
         """Detach VM ``name`` from this process: saved to a file in the pool and

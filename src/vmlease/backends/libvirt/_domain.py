@@ -89,6 +89,8 @@ def domain_xml(
         _sub(tcg, "tb-cache", "64", unit="MiB")
     if kvm:
         _sub(root, "cpu", mode="host-passthrough")
+    elif (tcg_cpu or image.tcg_cpu) == "max":
+        _sub(root, "cpu", mode="maximum")  # QEMU's -cpu max, which libvirt names so
     else:
         cpu = _sub(root, "cpu", mode="custom", match="exact")
         _sub(cpu, "model", tcg_cpu or image.tcg_cpu, fallback="allow")
@@ -121,6 +123,10 @@ def domain_xml(
     place(disk, 3)
     if network is not Network.NONE:
         nic = _sub(devices, "interface", type="user")
+        # QEMU's own default, as under the qemu backend: an imported image's network
+        # configuration names the address it was first booted with. User-mode
+        # networks are each VM's own, so every VM may have it.
+        _sub(nic, "mac", address="52:54:00:12:34:56")
         _sub(nic, "model", type="virtio")
         place(nic, 4)
     rng = _sub(devices, "rng", model="virtio")
