@@ -49,7 +49,7 @@ from vmlease._naming import new_session_id
 from vmlease._paths import ensure_private_dir, megabytes
 from vmlease._paths import image_dir as default_image_dir
 from vmlease._paths import state_dir as default_state_dir
-from vmlease._spec import VMSpec
+from vmlease._spec import Network, VMSpec
 from vmlease.backends._base import Backend, BackendVM, Capabilities
 from vmlease.backends.libvirt._domain import DomainFiles, domain_xml, volume_xml
 from vmlease.backends.libvirt._hosts import Host, Hosts, libvirt_module
@@ -352,8 +352,6 @@ class LibvirtBackend(AgentOperations, Backend):
             raise InvalidSpec("the libvirt backend does not grow disks yet: leave disk_gb out")
         if spec.user is not None:
             raise InvalidSpec("the libvirt backend offers no SSH yet: leave user out")
-        from vmlease._spec import Network
-
         if (spec.network or image.network) is Network.RESTRICTED:
             raise InvalidSpec(
                 "the libvirt backend offers network='user' and network='none'; "
@@ -440,18 +438,11 @@ class LibvirtBackend(AgentOperations, Backend):
                     raise BootError(f"VM {name}: naming the guest failed: {done.stderr!r}")
             ready = self._booting.pop(name, ())
             if ready:
-                done = channel.exec(
-                    list(ready),
-                    stdin=None,
-                    env=None,
-                    cwd=None,
-                    timeout_s=max(1.0, deadline - time.monotonic()),
-                )
-                if done.exit_code != 0:
-                    raise BootError(
-                        f"VM {name} did not come up: "
-                        f"{(done.stdout + done.stderr).decode(errors='replace').strip()[-500:]}"
-                    )
+                try:
+                    channel.come_up(ready, deadline)
+                except BootError as exc:
+                    tail = self.console_tail(name, 20)
+                    raise BootError(f"{exc}\n--- console (last lines) ---\n{tail}") from exc
 
     def start(self, name: str, *, timeout_s: float = 120.0) -> None:
         raise UnsupportedOperation("the libvirt backend's VMs cannot be stopped and started")

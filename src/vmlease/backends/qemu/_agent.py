@@ -301,6 +301,19 @@ class AgentChannel:
             raise GuestFileError(f"VM {self._name}: {error[0]}")
         tmp.replace(local)
 
+    def come_up(self, ready: Sequence[str], deadline: float) -> None:
+        """Run an image's command that says a full system is up (systemd, sshd);
+        BootError saying how it failed."""
+        done = self.exec(
+            ready, stdin=None, env=None, cwd=None, timeout_s=max(1.0, deadline - time.monotonic())
+        )
+        if done.exit_code != 0:
+            raise BootError(
+                f"VM {self._name} answered but did not come up: {list(ready)} "
+                f"{'ran out of time' if done.timed_out else f'exited {done.exit_code}'}"
+                f": {(done.stdout + done.stderr).decode(errors='replace')[-1500:]}"
+            )
+
     def set_time(self, when_s: float, timeout_s: float, *, seed: bytes = b"") -> None:
         """Set the guest's wall clock to ``when_s`` (seconds since the epoch).
 

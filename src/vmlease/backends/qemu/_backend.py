@@ -527,19 +527,7 @@ class QemuBackend(AgentOperations, Backend):
                 if ready:
                     # A full system: ready once the image says so (systemd up, sshd
                     # listening), which is also when its booted state is worth saving.
-                    done = channel.exec(
-                        ready,
-                        stdin=None,
-                        env=None,
-                        cwd=None,
-                        timeout_s=max(1.0, deadline - time.monotonic()),
-                    )
-                    if done.exit_code != 0:
-                        raise BootError(
-                            f"VM {name} answered but did not come up: {list(ready)} "
-                            f"{'ran out of time' if done.timed_out else f'exited {done.exit_code}'}"
-                            f": {(done.stdout + done.stderr).decode(errors='replace')[-1500:]}"
-                        )
+                    channel.come_up(ready, deadline)
                 self._authorize(name, channel, deadline)
                 if ready:
                     self._name_guest(name, channel)
