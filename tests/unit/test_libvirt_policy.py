@@ -13,9 +13,16 @@ from vmlease._errors import BackendUnavailable, ConfigError, InvalidSpec
 from vmlease._identity import Owner
 from vmlease._spec import Network, VMSpec
 from vmlease.backends.libvirt._backend import parse_uris
-from vmlease.backends.libvirt._domain import DomainFiles, domain_xml
-from vmlease.backends.libvirt._hosts import RESERVE_BYTES, Host, Hosts
+from vmlease.backends.libvirt._domain import (
+    QEMU_NAMESPACE,
+    STATE_PORT,
+    DomainFiles,
+    domain_xml,
+    pool_xml,
+)
+from vmlease.backends.libvirt._hosts import RESERVE_BYTES, Host, Hosts, ImageVolumes, _qemu_user
 from vmlease.backends.libvirt._lease import NAMESPACE, Lease, parse_lease
+from vmlease.backends.libvirt._states import state_key
 from vmlease.backends.qemu.images import Image
 
 OWNER = Owner(session_id="abcdefghij", pid=42, start_time=7, boot_id="b-1", host="ci-7")
@@ -107,6 +114,75 @@ def test_an_imported_image_boots_through_the_bios_with_its_devices_in_fixed_slot
     nic = root.find("devices/interface/address")
     assert nic is not None
     assert nic.get("slot") == "0x04"
+
+
+def _state_key(name: str, spec: VMSpec, *, version: int = 7_002_000, kvm: bool = False) -> str:
+    class Conn:
+        def getVersion(self) -> int:  # noqa: N802 - libvirt's name
+            return version
+
+        def getLibVersion(self) -> int:  # noqa: N802 - libvirt's name
+            return 9_000_000
+
+        def getCapabilities(self) -> str:  # noqa: N802 - libvirt's name
+            return "<capabilities><host><cpu><model>Skylake</model></cpu></host></capabilities>"
+
+    files = DomainFiles("@", "@", "/pool/k", "/pool/i", "@")
+    lease = Lease.new(replace(OWNER, session_id=name[:10].ljust(10, "x")), lease_s=120)
+    xml = domain_xml("@", spec, _image(), files, lease, kvm=kvm)
+    return str(state_key(xml, ImageVolumes(disk="/pool/tiny-1.qcow2"), Conn(), kvm=kvm))
+
+
+def test_a_booted_states_key_is_the_shape_not_the_vm_or_its_session() -> None:
+    key = _state_key("one", VMSpec())
+    assert _state_key("other", VMSpec()) == key
+    assert _state_key("one", VMSpec(memory_mb=512)) != key
+    assert _state_key("one", VMSpec(cpus=2)) != key
+    assert _state_key("one", VMSpec(), version=8_000_000) != key  # another QEMU
+    assert _state_key("one", VMSpec(), kvm=True) != key
+
+
+def test_every_domain_has_the_state_channel_and_only_a_loading_one_waits_for_it() -> None:
+    lease = Lease.new(OWNER, lease_s=120)
+    files = replace(FILES, state="/pool/vm-3.sock")
+    booting = tree(domain_xml("vm-3", VMSpec(), _image(), files, lease))
+    loading = tree(domain_xml("vm-3", VMSpec(), _image(), files, lease, incoming=True))
+    for root in (booting, loading):
+        [state] = [
+            c
+            for c in root.iterfind("devices/channel")
+            if c.findtext("target", "") == ""
+            and c.find(f"target[@name='{STATE_PORT}']") is not None
+        ]
+        source = state.find("source")
+        assert source is not None
+        assert (source.get("mode"), source.get("path")) == ("connect", "/pool/vm-3.sock")
+    args = [a.get("value") for a in loading.iter(f"{{{QEMU_NAMESPACE}}}arg")]
+    assert args == ["-incoming", "defer"]
+    assert list(booting.iter(f"{{{QEMU_NAMESPACE}}}arg")) == []
+
+
+def test_the_pool_belongs_to_the_user_qemu_runs_as() -> None:
+    class Conn:
+        def getCapabilities(self) -> str:  # noqa: N802 - libvirt's name
+            return (
+                "<capabilities><host><secmodel><model>apparmor</model></secmodel>"
+                "<secmodel><model>dac</model><doi>0</doi>"
+                "<baselabel type='kvm'>+64055:+107</baselabel>"
+                "<baselabel type='qemu'>+64055:+107</baselabel></secmodel></host></capabilities>"
+            )
+
+    owner = _qemu_user(Conn())
+    assert owner == (64055, 107)
+    perms = tree(pool_xml("vmlease", "/var/lib/libvirt/vmlease", owner=owner)).find(
+        "target/permissions"
+    )
+    assert perms is not None
+    assert (perms.findtext("mode"), perms.findtext("owner"), perms.findtext("group")) == (
+        "0700",
+        "64055",
+        "107",
+    )
 
 
 def test_restricted_networks_are_refused() -> None:

@@ -6,6 +6,9 @@ console log, both volumes in vmlease's storage pool there. Its ownership is
 in the domain itself (``_lease.py``); the local ledger records it first, as
 for every backend, and ``<state>/libvirt/NAME`` says which host it is on.
 
+The first VM of an image and shape on a host boots and is saved there as a
+booted state; later ones start from it (``_states.py``).
+
 Session VMs start with ``VIR_DOMAIN_START_AUTODESTROY``: libvirt destroys them
 when this process's connection ends (a SIGKILL, a frozen process its
 keepalive gives up on). Their lease is renewed while the process runs; a
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -33,6 +37,7 @@ from typing import Any
 from vmlease._checks import Check, Severity
 from vmlease._errors import (
     BackendError,
+    BackendTimeout,
     BackendUnavailable,
     BootError,
     ChannelError,
@@ -52,12 +57,13 @@ from vmlease._paths import state_dir as default_state_dir
 from vmlease._spec import Network, VMSpec
 from vmlease.backends._base import Backend, BackendVM, Capabilities
 from vmlease.backends.libvirt._domain import DomainFiles, domain_xml, volume_xml
-from vmlease.backends.libvirt._hosts import Host, Hosts, libvirt_module
+from vmlease.backends.libvirt._hosts import Host, Hosts, download, libvirt_module, volume_mtime
 from vmlease.backends.libvirt._lease import NAMESPACE, PREFIX, Lease, parse_lease
+from vmlease.backends.libvirt._states import HostState, States, state_key
 from vmlease.backends.libvirt._stream import StreamSocket
 from vmlease.backends.qemu._agent import AgentChannel, AgentOperations
 from vmlease.backends.qemu._launch import AGENT_PORT
-from vmlease.backends.qemu.images import find_image
+from vmlease.backends.qemu.images import Image, find_image
 
 __all__ = ["LibvirtBackend", "parse_uris"]
 
@@ -124,6 +130,8 @@ class LibvirtBackend(AgentOperations, Backend):
         accel: ``tcg`` (default) or ``kvm`` (``$VMLEASE_LIBVIRT_ACCEL``).
         keepalive: seconds between keepalive probes and how many may go unanswered.
         connect_timeout_s: a host that does not answer within this is skipped.
+        warm_start: start VMs from booted states saved on each host (default on;
+            ``VMLEASE_LIBVIRT_WARM=off`` turns it off). Off, every VM boots.
         env: environment to read settings from (default ``os.environ``).
     """
 
@@ -141,6 +149,7 @@ class LibvirtBackend(AgentOperations, Backend):
         accel: str | None = None,
         keepalive: tuple[int, int] = (5, 3),
         connect_timeout_s: float = 15.0,
+        warm_start: bool | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self._env = dict(os.environ if env is None else env)
@@ -161,6 +170,11 @@ class LibvirtBackend(AgentOperations, Backend):
         if accel not in ("tcg", "kvm"):
             raise ConfigError(f"VMLEASE_LIBVIRT_ACCEL must be 'tcg' or 'kvm', not {accel!r}")
         self.kvm = accel == "kvm"
+        if warm_start is None:
+            setting = self._env.get("VMLEASE_LIBVIRT_WARM", "on").strip().lower()
+            if setting not in ("on", "off"):
+                raise ConfigError(f"VMLEASE_LIBVIRT_WARM must be 'on' or 'off', not {setting!r}")
+            warm_start = setting == "on"
         self.hosts = Hosts(
             self.uris,
             pool=pool,
@@ -169,6 +183,11 @@ class LibvirtBackend(AgentOperations, Backend):
             connect_timeout_s=connect_timeout_s,
             on_connect=self._on_connect,
         )
+        self.states = States(self.hosts, self._image_dir / "_libvirt") if warm_start else None
+        # VMs whose booted state is saved once they are ready: name -> (host, key, id).
+        self._saving: dict[str, tuple[Host, str, str]] = {}
+        # VMs running on a state's disk volume (not saved yet, or saving failed).
+        self._state_disk: dict[str, str] = {}
         self._owner: Owner | None = None
         self._lease_s = 6 * 3600.0
         self._lock = threading.Lock()
@@ -359,7 +378,7 @@ class LibvirtBackend(AgentOperations, Backend):
             )
 
     def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
-        libvirt = libvirt_module()
+        deadline = time.monotonic() + timeout_s
         image = find_image(self._image_dir, spec.image)
         for host in self.hosts.answering():
             if self._lookup(host, name) is not None:
@@ -368,36 +387,104 @@ class LibvirtBackend(AgentOperations, Backend):
                 )
         host = self.hosts.choose(spec.memory_mb * 2**20)
         self._record_host(name, host)
+        state = self._make(name, spec, image, host, warm=self.states is not None)
+        host.placed[name] = spec.memory_mb * 2**20
+        with self._lock:
+            self._mine[name] = host
+            self._booting[name] = image.ready if state is None else ()
+            self._firmware[name] = image.boot == "firmware" and state is None
+        self._start_renewer()
+        if state is None:
+            return
+        try:
+            self._start_warm(name, host, state, deadline)
+        except BackendTimeout:
+            raise  # the host's, not the state's: the session deletes the VM and retries
+        except Exception as exc:
+            log.warning(
+                "VM %s could not start from booted state %s on %s (%s); booting it instead",
+                name,
+                state.base,
+                host.uri,
+                _words(exc),
+            )
+            assert self.states is not None
+            self.states.drop(host, state)
+            self._destroy(host, name)
+            self._delete_volumes(host, name)
+            self._make(name, spec, image, host, warm=False)
+            with self._lock:
+                self._booting[name] = image.ready
+                self._firmware[name] = image.boot == "firmware"
+
+    def _make(
+        self, name: str, spec: VMSpec, image: Image, host: Host, *, warm: bool
+    ) -> HostState | None:
+        """Make VM ``name``'s volumes and start its domain on ``host``: from a booted
+        state when ``warm`` and the host has one (returned, the domain paused), else
+        booting (and claiming the state to save, when nobody else does)."""
+        libvirt = libvirt_module()
         made: list[str] = []
+        claim: tuple[str, str] | None = None
         try:
             volumes = self.hosts.upload_image(host, image)
+            conn = self.hosts.connect(host)
             pool = self.hosts.pool(host)
+            pool_dir = self.hosts.pool_dir(host)
+            tsc_khz = _tsc_khz(conn)
+            lease = Lease.new(self._owner_now(), lease_s=min(SESSION_LEASE_S, self._lease_s))
             for vol in (f"{name}.disk.qcow2", f"{name}.console"):
                 self.hosts.delete_volume(host, vol)  # a leftover of an earlier attempt of ours
+            state: HostState | None = None
+            if warm and self.states is not None:
+                placeholder = DomainFiles("@", "@", volumes.kernel, volumes.initrd, "@")
+                key = state_key(
+                    domain_xml("@", spec, image, placeholder, lease, kvm=self.kvm, tsc_khz=tsc_khz),
+                    volumes,
+                    conn,
+                    kvm=self.kvm,
+                )
+                state = self.states.find(host, key)
+                if state is not None:
+                    self.states.local_memory(host, state)  # fetched before QEMU waits for it
+                else:
+                    id_ = self.states.claim(host, key)
+                    claim = (key, id_) if id_ is not None else None
+            disk_name = f"state-{claim[0]}-{claim[1]}.qcow2" if claim else f"{name}.disk.qcow2"
             disk = pool.createXML(
-                volume_xml(f"{name}.disk.qcow2", max(volumes.disk_bytes, 1), "qcow2", volumes.disk),
+                volume_xml(
+                    disk_name,
+                    max(volumes.disk_bytes, 1),
+                    "qcow2",
+                    state.disk if state is not None else volumes.disk,
+                ),
                 0,
             )
-            made.append(f"{name}.disk.qcow2")
+            made.append(disk_name)
             console = pool.createXML(volume_xml(f"{name}.console", 0, "raw"), 0)
             made.append(f"{name}.console")
-            lease = Lease.new(self._owner_now(), lease_s=min(SESSION_LEASE_S, self._lease_s))
+            files = DomainFiles(
+                disk=disk.path(),
+                console=console.path(),
+                kernel=volumes.kernel,
+                initrd=volumes.initrd,
+                state=_state_socket(pool_dir, name),
+            )
             xml = domain_xml(
                 name,
                 spec,
                 image,
-                DomainFiles(
-                    disk=disk.path(),
-                    console=console.path(),
-                    kernel=volumes.kernel,
-                    initrd=volumes.initrd,
-                ),
+                files,
                 lease,
                 kvm=self.kvm,
-                tsc_khz=_tsc_khz(self.hosts.connect(host)),
+                tsc_khz=tsc_khz,
+                incoming=state is not None,
             )
+            flags = libvirt.VIR_DOMAIN_START_AUTODESTROY
+            if state is not None:
+                flags |= libvirt.VIR_DOMAIN_START_PAUSED
             try:
-                self.hosts.connect(host).createXML(xml, libvirt.VIR_DOMAIN_START_AUTODESTROY)
+                conn.createXML(xml, flags)
             except libvirt.libvirtError as exc:
                 if (
                     exc.get_error_code()
@@ -416,14 +503,59 @@ class LibvirtBackend(AgentOperations, Backend):
             for vol in made:
                 with contextlib.suppress(Exception):
                     self.hosts.delete_volume(host, vol)
+            if claim is not None and self.states is not None:
+                self.states.release(host, claim[0])
             self._where_file(name).unlink(missing_ok=True)
             raise
-        host.placed[name] = spec.memory_mb * 2**20
+        if claim is not None:
+            with self._lock:
+                self._saving[name] = (host, *claim)
+                self._state_disk[name] = disk_name
+        return state
+
+    def _start_warm(self, name: str, host: Host, state: HostState, deadline: float) -> None:
+        """Load ``state`` into VM ``name`` (created paused, waiting for it), run it,
+        and give the guest today's time, fresh randomness and its own name."""
+        assert self.states is not None
+        dom = self.hosts.connect(host).lookupByName(name)
+        pool_dir = self.hosts.pool_dir(host)
+        self.states.load(
+            host,
+            dom,
+            _state_socket(pool_dir, name),
+            self.states.local_memory(host, state),
+            deadline,
+        )
+        dom.resume()
+        with self._agent(name, max(1.0, deadline - time.monotonic())) as channel:
+            channel.wake_as(name, state.key, _CHANNEL_TIMEOUT_S)
+
+    def _save_state(self, name: str, host: Host, key: str, id_: str) -> None:
+        """Save VM ``name``, just booted, as the booted state ``key`` on ``host``; it
+        runs on in its own overlay. A failure costs later VMs a boot, nothing more."""
+        assert self.states is not None
+        started = time.monotonic()
+        try:
+            dom = self._lookup(host, name)
+            if dom is None:
+                raise VMNotFound(f"VM {name} is gone")
+            overlay = f"{self.hosts.pool_dir(host)}/{name}.disk.qcow2"
+            self.states.save(host, dom, key, id_, overlay)
+        except Exception as exc:
+            log.warning(
+                "cannot save the booted state of VM %s on %s: %s", name, host.uri, _words(exc)
+            )
+            return
         with self._lock:
-            self._mine[name] = host
-            self._booting[name] = image.ready
-            self._firmware[name] = image.boot == "firmware"
-        self._start_renewer()
+            self._state_disk.pop(name, None)  # the state's now, no longer this VM's
+        log.info(
+            "saved the booted state of VM %s on %s as state-%s-%s in %.2f s",
+            name,
+            host.uri,
+            key,
+            id_,
+            time.monotonic() - started,
+        )
 
     def wait_ready(self, name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -443,6 +575,10 @@ class LibvirtBackend(AgentOperations, Backend):
                 except BootError as exc:
                     tail = self.console_tail(name, 20)
                     raise BootError(f"{exc}\n--- console (last lines) ---\n{tail}") from exc
+        with self._lock:
+            saving = self._saving.pop(name, None)
+        if saving is not None:
+            self._save_state(name, *saving)
 
     def start(self, name: str, *, timeout_s: float = 120.0) -> None:
         raise UnsupportedOperation("the libvirt backend's VMs cannot be stopped and started")
@@ -457,7 +593,6 @@ class LibvirtBackend(AgentOperations, Backend):
         domain is gone already (its runner's connection ended), its volumes
         on the recorded host are still deleted.
         """
-        libvirt = libvirt_module()
         self._release(name)
         if self._recorded_host(name) is None:
             # Every VM made with this state directory was recorded before it was made.
@@ -487,7 +622,15 @@ class LibvirtBackend(AgentOperations, Backend):
             if not removed:
                 raise
             return
+        self._destroy(host, name, dom)
+        self._delete_volumes(host, name)
+        self._forget(name)
+
+    def _destroy(self, host: Host, name: str, dom: Any = None) -> None:
+        """Destroy VM ``name``'s domain (one of ours); gone already is fine."""
+        libvirt = libvirt_module()
         try:
+            dom = dom if dom is not None else self.hosts.connect(host).lookupByName(name)
             dom.destroy()
         except libvirt.libvirtError as exc:
             if exc.get_error_code() not in (
@@ -495,16 +638,22 @@ class LibvirtBackend(AgentOperations, Backend):
                 libvirt.VIR_ERR_OPERATION_INVALID,
             ):
                 raise _error(exc, f"destroying VM {name} on {host.uri}") from exc
+            return
         with contextlib.suppress(libvirt.libvirtError):
             if dom.isPersistent():
                 dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-        self._delete_volumes(host, name)
-        self._forget(name)
 
     def _delete_volumes(self, host: Host, name: str) -> bool:
+        """Delete VM ``name``'s volumes on ``host`` (its domain is gone); whether any were."""
+        with self._lock:
+            saving = self._saving.pop(name, None)
+            state_disk = self._state_disk.pop(name, None)
+        if saving is not None and self.states is not None:
+            self.states.release(host, saving[1])  # it never got to save
         removed = False
-        for vol in (f"{name}.disk.qcow2", f"{name}.console"):
-            removed = self.hosts.delete_volume(host, vol) or removed
+        for vol in (f"{name}.disk.qcow2", f"{name}.console", state_disk):
+            if vol is not None:
+                removed = self.hosts.delete_volume(host, vol) or removed
         return removed
 
     def _forget(self, name: str) -> None:
@@ -512,6 +661,8 @@ class LibvirtBackend(AgentOperations, Backend):
             host = self._mine.pop(name, None)
             self._booting.pop(name, None)
             self._firmware.pop(name, None)
+            self._saving.pop(name, None)
+            self._state_disk.pop(name, None)
         if host is not None:
             host.placed.pop(name, None)
         self._where_file(name).unlink(missing_ok=True)
@@ -679,11 +830,13 @@ class LibvirtBackend(AgentOperations, Backend):
         now = time.time()
         gone = []
         names = set()
+        in_use: set[str] = set()  # files the running domains' disks read
         for dom in conn.listAllDomains(0):
             try:
                 names.add(dom.name())
                 lease = _lease_of(dom)
                 if lease is None or not lease.expired(now):
+                    in_use |= _disk_files(dom)
                     continue
                 if dry_run:
                     gone.append(dom.name())
@@ -717,12 +870,15 @@ class LibvirtBackend(AgentOperations, Backend):
                 match = _VM_VOLUME.match(vol.name())
                 if match is None or match["name"] in names:
                     continue
-                changed = _volume_mtime(vol)
+                changed = volume_mtime(vol)
                 if changed is not None and now - changed > ORPHAN_VOLUME_S:
                     log.info("libvirt host %s: deleting orphaned volume %s", host.uri, vol.name())
                     vol.delete(0)
             except libvirt.libvirtError:
                 continue
+        if self.states is not None:
+            for vol in self.states.sweep(host, in_use, now, ORPHAN_VOLUME_S):
+                log.info("libvirt host %s: deleted unused booted-state volume %s", host.uri, vol)
         return gone
 
     # -- the agent channel -----------------------------------------------------
@@ -879,7 +1035,9 @@ class LibvirtBackend(AgentOperations, Backend):
             vol = self.hosts.volume(host, f"{name}.console")
             if vol is None:
                 return ""
-            text = _download(self.hosts.connect(host), vol).decode(errors="replace")
+            size = int(vol.info()[2])
+            tail = download(self.hosts.connect(host), vol, max(0, size - (1 << 20)))
+            text = tail.decode(errors="replace")
         except (VMLeaseError, Exception):
             return ""
         return "\n".join(text.splitlines()[-lines:])
@@ -907,36 +1065,30 @@ def _lease_of(dom: Any) -> Lease | None:
     return parse_lease(text)
 
 
+def _disk_files(dom: Any) -> set[str]:
+    """The files domain ``dom``'s disks read: their images and backing files."""
+    try:
+        root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - from the host's libvirtd
+    except Exception:
+        return set()
+    return {
+        str(source.get("file"))
+        for source in root.iterfind("devices/disk//source")
+        if source.get("file")
+    }
+
+
 def _replace_mark(lease: Lease, token: str) -> Lease:
     return replace(lease, mark=token)
 
 
-def _download(conn: Any, vol: Any, limit: int = 1 << 20) -> bytes:
-    """The last ``limit`` bytes of a volume's file."""
-    size = int(vol.info()[2]) or 0
-    stream = conn.newStream(0)
-    offset = max(0, size - limit) if size else 0
-    vol.download(stream, offset, 0, 0)
-    chunks = []
-    while True:
-        data = stream.recv(1 << 16)
-        if isinstance(data, int) or not data:
-            break
-        chunks.append(data)
-    stream.finish()
-    return b"".join(chunks)
-
-
-def _volume_mtime(vol: Any) -> float | None:
-    try:
-        root = ET.fromstring(vol.XMLDesc(0))  # noqa: S314 - from the host's libvirtd
-    except Exception:
-        return None
-    found = root.find("target/timestamps/mtime")
-    try:
-        return float(found.text) if found is not None and found.text else None
-    except ValueError:
-        return None
+def _state_socket(pool_dir: str, name: str) -> str:
+    """Where VM ``name``'s state channel points: QEMU's migration listener when it
+    loads a booted state. A Unix socket path holds at most 107 bytes."""
+    path = f"{pool_dir}/{name}.sock"
+    if len(path.encode()) > 100:
+        path = f"{pool_dir}/{hashlib.sha256(name.encode()).hexdigest()[:16]}.sock"
+    return path
 
 
 def _tsc_khz(conn: Any) -> int | None:

@@ -7,7 +7,8 @@ PCI devices in the slots it was first booted with (the guest names its
 network interface by slot). The agent's virtio-serial port is a ``unix``
 channel and the serial console a ``pty`` logged to a file in the pool, so
 both are reachable through libvirt streams from any client, remote ones
-included.
+included. A second ``unix`` channel, ``org.vmlease.state``, is how a VM
+started from a booted state receives its memory (``_states.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from vmlease.backends.libvirt._lease import Lease
 from vmlease.backends.qemu._launch import AGENT_PORT
 from vmlease.backends.qemu.images import Image
 
-__all__ = ["DomainFiles", "domain_xml"]
+__all__ = ["QEMU_NAMESPACE", "STATE_PORT", "DomainFiles", "domain_xml"]
+
+#: libvirt's namespace for QEMU command-line additions.
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
+#: The channel a VM started from a booted state receives its memory through.
+STATE_PORT = "org.vmlease.state"
+#: The state channel's chardev connects once at start (to nothing) and then
+#: waits this long, in seconds, before trying again: in effect never.
+_NEVER_S = 10**8
+
+ET.register_namespace("qemu", QEMU_NAMESPACE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +44,8 @@ class DomainFiles:
     console: str
     kernel: str = ""
     initrd: str = ""
+    #: The socket path of the state channel (QEMU's migration listener when loading).
+    state: str = ""
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -55,8 +68,13 @@ def domain_xml(
     emulator: str | None = None,
     tsc_khz: int | None = None,
     tcg_cpu: str | None = None,
+    incoming: bool = False,
 ) -> str:
-    """The XML of VM ``name``'s domain, its lease in its metadata."""
+    """The XML of VM ``name``'s domain, its lease in its metadata.
+
+    ``incoming``: QEMU starts waiting for a migration stream (a booted state)
+    instead of running the guest.
+    """
     network = spec.network or image.network
     if network is Network.RESTRICTED:
         raise InvalidSpec(
@@ -136,6 +154,11 @@ def domain_xml(
     place(serial_bus, 6)
     channel = _sub(devices, "channel", type="unix")
     _sub(channel, "target", type="virtio", name=AGENT_PORT)
+    if files.state:
+        state = _sub(devices, "channel", type="unix")
+        source = _sub(state, "source", mode="connect", path=files.state)
+        _sub(source, "reconnect", enabled="yes", timeout=str(_NEVER_S))
+        _sub(state, "target", type="virtio", name=STATE_PORT)
     serial = _sub(devices, "serial", type="pty")
     _sub(serial, "log", file=files.console, append="on")
     _sub(serial, "target", port="0")
@@ -143,6 +166,10 @@ def domain_xml(
     _sub(console, "target", type="serial", port="0")
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
+    if incoming:
+        commandline = _sub(root, f"{{{QEMU_NAMESPACE}}}commandline")
+        for arg in ("-incoming", "defer"):
+            _sub(commandline, f"{{{QEMU_NAMESPACE}}}arg", value=arg)
     return ET.tostring(root, encoding="unicode")
 
 
@@ -162,12 +189,17 @@ def volume_xml(name: str, capacity: int, fmt: str, backing: str | None = None) -
     return ET.tostring(root, encoding="unicode")
 
 
-def pool_xml(name: str, path: Path | str) -> str:
-    """A directory pool's XML, readable by its user alone."""
+def pool_xml(name: str, path: Path | str, *, owner: tuple[int, int] | None = None) -> str:
+    """A directory pool's XML: its directory 0700, owned by ``owner`` (uid, gid),
+    the user the host runs QEMU as, which must reach the volumes and make the
+    state channels' sockets there."""
     root = ET.Element("pool", {"type": "dir"})
     _sub(root, "name", name)
     target = _sub(root, "target")
     _sub(target, "path", str(path))
     perms = _sub(target, "permissions")
     _sub(perms, "mode", "0700")
+    if owner is not None:
+        _sub(perms, "owner", str(owner[0]))
+        _sub(perms, "group", str(owner[1]))
     return ET.tostring(root, encoding="unicode")

@@ -12,20 +12,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import threading
 import time
+import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from vmlease._errors import BackendError, BackendUnavailable, DiskFull, ImageError
 from vmlease._paths import megabytes
 from vmlease.backends.libvirt._domain import pool_xml, volume_xml
 from vmlease.backends.qemu.images import Image
 
-__all__ = ["Host", "Hosts", "ImageVolumes", "libvirt_module"]
+__all__ = ["Host", "Hosts", "ImageVolumes", "download", "libvirt_module", "volume_mtime"]
 
 log = logging.getLogger("vmlease.libvirt")
 
@@ -88,6 +90,12 @@ class Host:
     placed: dict[str, int] = field(default_factory=dict)
     pool: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Whether the connection can pass file descriptors: a local Unix socket.
+    passes_files: bool = False
+
+    def __post_init__(self) -> None:
+        parts = urllib.parse.urlsplit(self.uri)
+        self.passes_files = parts.scheme in ("qemu", "qemu+unix") and not parts.netloc
 
     def alive(self) -> bool:
         if self.conn is None:
@@ -233,7 +241,10 @@ class Hosts:
             pool = conn.storagePoolLookupByName(self.pool_name)
         except libvirt.libvirtError:
             try:
-                pool = conn.storagePoolDefineXML(pool_xml(self.pool_name, self.pool_path), 0)
+                owner = _qemu_user(conn)
+                pool = conn.storagePoolDefineXML(
+                    pool_xml(self.pool_name, self.pool_path, owner=owner), 0
+                )
                 pool.build(0)
                 pool.setAutostart(1)
             except libvirt.libvirtError:  # another runner defined it meanwhile
@@ -403,6 +414,61 @@ class Hosts:
                 + ", ".join(full)
             )
         return best[1]
+
+
+def _qemu_user(conn: Any) -> tuple[int, int] | None:
+    """The uid and gid the host's QEMU processes run as (its DAC base label)."""
+    try:
+        root = ET.fromstring(conn.getCapabilities())  # noqa: S314 - from the host's libvirtd
+    except Exception:
+        return None
+    for model in root.iterfind("host/secmodel"):
+        if model.findtext("model") != "dac":
+            continue
+        for label in model.iterfind("baselabel"):
+            found = re.fullmatch(r"\+?(\d+):\+?(\d+)", (label.text or "").strip())
+            if found and label.get("type") in ("qemu", "kvm"):
+                return int(found[1]), int(found[2])
+    return None
+
+
+def download(
+    conn: Any, vol: Any, offset: int = 0, length: int = 0, out: BinaryIO | None = None
+) -> bytes:
+    """Volume ``vol``'s bytes from ``offset`` (``length`` of them; 0: to its end),
+    written to ``out`` when given (then b"" is returned)."""
+    libvirt = libvirt_module()
+    stream = conn.newStream(0)
+    chunks = []
+    try:
+        vol.download(stream, offset, length, 0)
+        while True:
+            data = stream.recv(_CHUNK)
+            if isinstance(data, int) or not data:
+                break
+            if out is not None:
+                out.write(data)
+            else:
+                chunks.append(data)
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        raise
+    return b"".join(chunks)
+
+
+def volume_mtime(vol: Any) -> float | None:
+    """When volume ``vol``'s file last changed (host time), if libvirt says."""
+    try:
+        root = ET.fromstring(vol.XMLDesc(0))  # noqa: S314 - from the host's libvirtd
+    except Exception:
+        return None
+    found = root.find("target/timestamps/mtime")
+    try:
+        return float(found.text) if found is not None and found.text else None
+    except ValueError:
+        return None
 
 
 class _Busy(Exception):

@@ -7,6 +7,7 @@ while its output streams back without either side blocking the other.
 
 from __future__ import annotations
 
+import os
 import secrets
 import select
 import socket
@@ -335,6 +336,25 @@ class AgentChannel:
         self._converse([_frame(SETTIME, payload)], handle, time.monotonic() + timeout_s)
         if error:
             raise ChannelError(f"VM {self._name}: {error[0]}")
+
+    def wake_as(self, name: str, state: str, timeout_s: float) -> None:
+        """After a start from the saved booted state ``state``: today's time, fresh
+        randomness and VM ``name``'s own hostname (the guest carries the name of
+        the VM it was saved from), and a console line saying so."""
+        self.set_time(time.time(), timeout_s, seed=os.urandom(64))
+        script = (
+            'hostname "$1" && echo "vmlease: guest $1 up, '
+            'started from booted state $2" >/dev/console'
+        )
+        done = self.exec(
+            ["sh", "-c", script, "sh", name, state],
+            stdin=None,
+            env=None,
+            cwd=None,
+            timeout_s=timeout_s,
+        )
+        if done.exit_code != 0:
+            raise ChannelError(f"naming the guest failed: {done.stderr!r}")
 
     def sync(self, timeout_s: float) -> None:
         """Ask the guest to flush its file systems to disk."""

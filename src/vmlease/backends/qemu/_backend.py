@@ -445,21 +445,7 @@ class QemuBackend(AgentOperations, Backend):
             with live.lock:
                 load_state(self._dir(name), name, found, deadline)
                 channel = self._procs.channel(name, live, max(1.0, deadline - time.monotonic()))
-                self._refresh_guest(channel)
-                # The saved guest carries the name of the VM it was saved from.
-                script = (
-                    'hostname "$1" && echo "vmlease: guest $1 up, '
-                    'started from booted state $2" >/dev/console'
-                )
-                done = channel.exec(
-                    ["sh", "-c", script, "sh", name, found.key],
-                    stdin=None,
-                    env=None,
-                    cwd=None,
-                    timeout_s=10.0,
-                )
-                if done.exit_code != 0:
-                    raise ChannelError(f"naming the guest failed: {done.stderr!r}")
+                channel.wake_as(name, found.key, _RECONNECT_TIMEOUT_S)
             if self.warm is not None:
                 self.warm.touch(found.key)  # the least recently used states go first
             return True
