@@ -441,5 +441,11 @@ def test_a_debian_guest_runs_systemd_and_reaches_the_archive_under_libvirt(
         vm.run(["touch", "/root/made"], check=True)
         vm.restore("clean")
         assert vm.run(["test", "-e", "/root/made"]).exit_code == 1
+        # The first Debian VM on the host was saved; the next starts from it, up.
+        again = s.create(image="debian-12", memory_mb=512)
+        assert "started from booted state" in again.console_tail(200)
+        assert again.run(["hostname"]).stdout.strip() == again.name
+        assert again.run(["systemctl", "is-active", "ssh"]).stdout.strip() == "active"
+        assert again.run(["getent", "hosts", "deb.debian.org"]).exit_code == 0
     assert domains(libvirt_daemon.unix_uri) == {}
     assert vm_volumes(libvirt_daemon) == []

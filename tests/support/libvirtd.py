@@ -6,8 +6,10 @@ The namespace gives the daemons private ``/etc/libvirt``, ``/run/libvirt``
 and ``/var/{lib,cache,log}/libvirt`` (bind mounts of a temporary directory),
 so several can run side by side, none touches the machine's own libvirt
 set-up, and QEMU runs as root (``qemu.conf``), which spares the 44 s
-per-create penalty of a root-only ``/dev/kvm``. Stopping kills every process
-in the namespace, QEMU included, and removes the directory.
+per-create penalty of a root-only ``/dev/kvm``. libvirtd runs under a child
+subreaper (``subreaper.py``), which reaps its ended QEMUs at once, as a
+host's init does. Stopping kills every process in the namespace, QEMU
+included, and removes the directory.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -159,6 +162,8 @@ class LibvirtDaemon:
                     str(self._holder.pid),
                     "-m",
                     "--",
+                    sys.executable,
+                    str(Path(__file__).with_name("subreaper.py")),
                     _sbin("libvirtd"),
                     "--listen",
                     "--pid-file",
@@ -198,7 +203,11 @@ class LibvirtDaemon:
     def stop_libvirtd(self, sig: int = signal.SIGTERM) -> None:
         """Stop libvirtd alone (``SIGKILL`` for a crash); QEMU and virtlogd stay."""
         if self._daemon is not None and self._daemon.poll() is None:
-            self._daemon.send_signal(sig)
+            try:
+                pid = int((self.root / "libvirtd.pid").read_text().split()[0])
+                os.kill(pid, sig)
+            except (OSError, ValueError, IndexError):
+                self._daemon.send_signal(sig)  # the subreaper passes it on
             try:
                 self._daemon.wait(15)
             except subprocess.TimeoutExpired:

@@ -761,6 +761,12 @@ class LibvirtBackend(AgentOperations, Backend):
                 limit = lease.created + self._lease_s
                 self._set_lease(host, dom, lease.renewed(min(time.time() + SESSION_LEASE_S, limit)))
             except Exception as exc:  # the next round tries again; the lease has room
+                with self._lock:
+                    deleted = name not in self._mine
+                with contextlib.suppress(Exception):
+                    deleted = deleted or self._lookup(host, name) is None
+                if deleted:
+                    continue  # deleted meanwhile: nothing to renew
                 log.warning(
                     "libvirt host %s: renewing the lease of %s failed: %s", host.uri, name, exc
                 )
