@@ -194,6 +194,34 @@ def test_unfinished_states_are_swept_and_ready_ones_kept(
     assert state_volumes(fresh_host) == sorted([*kept, fresh])
 
 
+def test_image_builds_and_states_unused_for_a_week_are_swept_unless_a_vm_reads_them(
+    fresh_host: LibvirtDaemon, state: Path
+) -> None:
+    week_ago = time.time() - 8 * 86400
+    with libvirt_backend(fresh_host.unix_uri, state) as backend:
+        make(backend, "saved")
+        make(backend, "running")  # started from the state: reads it and the image
+        current = sorted(p.name for p in pool(fresh_host).iterdir() if p.name.endswith(".ready"))
+        # An older build of the image, and a state of it, last used a week ago.
+        old = [f"tiny-0000000000000000dead.{k}" for k in ("qcow2", "vmlinux", "initrd", "ready")]
+        old += [f"state-0000dead-00000000.{k}" for k in ("qcow2", "memory", "ready")]
+        for name in old:
+            (pool(fresh_host) / name).write_bytes(b"1")
+        for name in [*old, *current]:
+            os.utime(pool(fresh_host) / name, (week_ago, week_ago))
+        backend.sweep()
+        left = sorted(p.name for p in pool(fresh_host).iterdir())
+        assert not set(old) & set(left)
+        # Unused for a week too, but "running" reads them: kept.
+        assert set(current) <= set(left)
+        assert run(backend, "running", "uname", "-n") == "running\n"
+        # Each use marks them used again.
+        backend.delete("saved")
+        make(backend, "again")
+        for name in current:
+            assert (pool(fresh_host) / name).stat().st_mtime > week_ago + 86400
+
+
 def test_with_warm_start_off_every_vm_boots(fresh_host: LibvirtDaemon, state: Path) -> None:
     with libvirt_backend(fresh_host.unix_uri, state, warm_start=False) as backend:
         make(backend, "cold-a")

@@ -446,6 +446,7 @@ class LibvirtBackend(AgentOperations, Backend):
                 )
                 state = self.states.find(host, key)
                 if state is not None:
+                    self.states.touch(host, state)
                     self.states.local_memory(host, state)  # fetched before QEMU waits for it
                 else:
                     id_ = self.states.claim(host, key)
@@ -885,6 +886,8 @@ class LibvirtBackend(AgentOperations, Backend):
         if self.states is not None:
             for vol in self.states.sweep(host, in_use, now, ORPHAN_VOLUME_S):
                 log.info("libvirt host %s: deleted unused booted-state volume %s", host.uri, vol)
+        for vol in self.hosts.sweep_images(host, in_use, now):
+            log.info("libvirt host %s: deleted unused image volume %s", host.uri, vol)
         return gone
 
     # -- the agent channel -----------------------------------------------------
@@ -1072,15 +1075,21 @@ def _lease_of(dom: Any) -> Lease | None:
 
 
 def _disk_files(dom: Any) -> set[str]:
-    """The files domain ``dom``'s disks read: their images and backing files."""
+    """The files domain ``dom`` reads: its disks with their backing files, its kernel
+    and initramfs."""
     try:
         root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - from the host's libvirtd
     except Exception:
         return set()
-    return {
+    files = {
         str(source.get("file"))
         for source in root.iterfind("devices/disk//source")
         if source.get("file")
+    }
+    return files | {
+        str(e.text)
+        for e in (root.find("os/kernel"), root.find("os/initrd"))
+        if e is not None and e.text
     }
 
 

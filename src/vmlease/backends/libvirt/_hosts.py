@@ -37,6 +37,8 @@ RESERVE_BYTES = 256 * 2**20
 DISK_HEADROOM_BYTES = 64 * 2**20
 #: How long to wait for another runner's upload of the same image to finish.
 UPLOAD_WAIT_S = 600.0
+#: An image build (or booted state) no VM has used for this long is deleted by sweeps.
+UNUSED_S = 7 * 86400.0
 _CHUNK = 1 << 20
 
 _loop_lock = threading.Lock()
@@ -293,13 +295,17 @@ class Hosts:
 
         Volumes are named by the image's content hash; a small ``.ready``
         volume is made last, so another runner uploading the same image is
-        waited for, and an upload that died half-way is made again.
+        waited for, and an upload that died half-way is made again. Every use
+        touches ``.ready``: builds unused for UNUSED_S are swept.
         """
         base = f"{image.name}-{content_id(image)}"
         files = [("qcow2", image.disk, "qcow2")]
         if image.boot != "firmware":
             files += [("vmlinux", image.kernel, "raw"), ("initrd", image.initrd, "raw")]
-        if self.volume(host, f"{base}.ready") is None:
+        ready = self.volume(host, f"{base}.ready")
+        if ready is not None:
+            self.touch(host, ready)
+        else:
             deadline = time.monotonic() + UPLOAD_WAIT_S
             in_progress = self.volume(host, f"{base}.qcow2") is not None
             while not (in_progress and self._wait_for_upload(host, base, deadline)):
@@ -382,6 +388,44 @@ class Hosts:
                 self.delete_volume(host, name)
                 raise
         pool.createXML(volume_xml(f"{base}.ready", 0, "raw"), 0)
+
+    def touch(self, host: Host, vol: Any) -> None:
+        """Mark volume ``vol`` (a ``.ready`` marker) as just used: one byte rewritten."""
+        libvirt = libvirt_module()
+        stream = self.connect(host).newStream(0)
+        try:
+            vol.upload(stream, 0, 1, 0)
+            stream.send(b"1")
+            stream.finish()
+        except libvirt.libvirtError as exc:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+            log.debug("libvirt host %s: cannot touch %s: %s", host.uri, vol.name(), exc)
+
+    def sweep_images(self, host: Host, in_use: set[str], now: float) -> list[str]:
+        """Delete the image builds on ``host`` no VM used for UNUSED_S and no running
+        domain reads; their volumes' names. ``.ready`` goes first, so no runner
+        starts a VM on a build being deleted."""
+        names = set(self.pool(host).listVolumes())
+        gone = []
+        for ready in sorted(n for n in names if n.endswith(".ready")):
+            base = ready.removesuffix(".ready")
+            if base.startswith("state-"):
+                continue
+            parts = [
+                f"{base}.{s}" for s in ("qcow2", "vmlinux", "initrd") if f"{base}.{s}" in names
+            ]
+            vols = [v for v in (self.volume(host, n) for n in [ready, *parts]) if v is not None]
+            if any(v.path() in in_use for v in vols):
+                continue
+            used = volume_mtime(vols[0]) if vols and vols[0].name() == ready else None
+            if used is None or now - used < UNUSED_S:
+                continue
+            for vol in vols:
+                with contextlib.suppress(Exception):
+                    vol.delete(0)
+                    gone.append(vol.name())
+        return gone
 
     # -- placement -----------------------------------------------------------
 

@@ -51,6 +51,7 @@ from typing import Any
 from vmlease._errors import BackendError, BackendTimeout
 from vmlease.backends.libvirt._domain import STATE_PORT, volume_xml
 from vmlease.backends.libvirt._hosts import (
+    UNUSED_S,
     Host,
     Hosts,
     ImageVolumes,
@@ -147,6 +148,12 @@ class States:
     def release(self, host: Host, key: str) -> None:
         with contextlib.suppress(Exception):
             self.hosts.delete_volume(host, f"state-{key}.claim")
+
+    def touch(self, host: Host, state: HostState) -> None:
+        """Note that a VM just started from ``state``: states unused for UNUSED_S go."""
+        ready = self.hosts.volume(host, f"{state.base}.ready")
+        if ready is not None:
+            self.hosts.touch(host, ready)
 
     def drop(self, host: Host, state: HostState) -> None:
         """No new VM starts from ``state``; its files go once no VM uses them."""
@@ -300,7 +307,8 @@ class States:
     def sweep(self, host: Host, in_use: set[str], now: float, older_than_s: float) -> list[str]:
         """Delete claims and unready state parts older than ``older_than_s`` whose
         paths are not ``in_use`` (a domain's disk or its overlay's backing file),
-        and ``.ready`` markers whose parts are gone; the volumes' names."""
+        ``.ready`` markers whose parts are gone, and whole states no VM started
+        from for UNUSED_S that nothing uses; the volumes' names."""
         pool = self.hosts.pool(host)
         names = set(pool.listVolumes())
         ready = {n.removesuffix(".ready") for n in names if n.endswith(".ready")}
@@ -311,6 +319,7 @@ class States:
             base, _dot, kind = name.rpartition(".")
             if kind == "ready":
                 if f"{base}.qcow2" in names and f"{base}.memory" in names:
+                    gone += self._sweep_unused(host, base, in_use, now)
                     continue
             elif kind in ("qcow2", "memory"):
                 if base in ready:
@@ -326,6 +335,23 @@ class States:
             with contextlib.suppress(Exception):
                 vol.delete(0)
                 gone.append(name)
+        return gone
+
+    def _sweep_unused(self, host: Host, base: str, in_use: set[str], now: float) -> list[str]:
+        """Delete the ready state ``base`` if no VM started from it for UNUSED_S and
+        no domain's disk reads it; ``.ready`` first."""
+        found = [self.hosts.volume(host, f"{base}.{kind}") for kind in ("ready", "qcow2", "memory")]
+        vols = [v for v in found if v is not None]
+        if len(vols) < len(found) or any(v.path() in in_use for v in vols):
+            return []
+        used = volume_mtime(vols[0])
+        if used is None or now - used < UNUSED_S:
+            return []
+        gone = []
+        for vol in vols:
+            with contextlib.suppress(Exception):
+                vol.delete(0)
+                gone.append(vol.name())
         return gone
 
 
