@@ -174,6 +174,21 @@ def test_a_state_that_cannot_be_loaded_is_dropped_and_the_vm_boots(
     assert vm_volumes(fresh_host) == []
 
 
+def test_a_state_whose_memory_cannot_be_fetched_leaves_the_vm_to_boot(
+    fresh_host: LibvirtDaemon, state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with libvirt_backend(fresh_host.unix_uri, state) as backend:
+        make(backend, "saver")
+        [memory] = [p for p in state_volumes(fresh_host) if p.endswith(".memory")]
+        with (pool(fresh_host) / memory).open("r+b") as f:
+            f.write(b"\0" * 16)  # no longer a libvirt save image
+        with caplog.at_level(logging.WARNING, logger="vmlease.libvirt"):
+            make(backend, "booted")
+        assert "cannot fetch booted state" in caplog.text
+        assert STARTED not in console(fresh_host, "booted")
+        assert run(backend, "booted", "uname", "-n") == "booted\n"
+
+
 def test_unfinished_states_are_swept_and_ready_ones_kept(
     fresh_host: LibvirtDaemon, state: Path
 ) -> None:
@@ -222,6 +237,7 @@ def test_image_builds_and_states_unused_for_a_week_are_swept_unless_a_vm_reads_t
             assert (pool(fresh_host) / name).stat().st_mtime > week_ago + 86400
 
 
+@pytest.mark.slow
 def test_with_warm_start_off_every_vm_boots(fresh_host: LibvirtDaemon, state: Path) -> None:
     with libvirt_backend(fresh_host.unix_uri, state, warm_start=False) as backend:
         make(backend, "cold-a")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from vmlease._errors import BackendUnavailable, ConfigError, InvalidSpec
 from vmlease._identity import Owner
 from vmlease._spec import Network, VMSpec
-from vmlease.backends.libvirt._backend import parse_uris
+from vmlease.backends.libvirt._backend import LibvirtBackend, parse_uris
 from vmlease.backends.libvirt._domain import (
     QEMU_NAMESPACE,
     STATE_PORT,
@@ -202,6 +203,31 @@ def test_uris_are_split_on_commas_and_spaces_and_checked() -> None:
         parse_uris(" , ")
     with pytest.raises(ConfigError, match="is not a libvirt URI"):
         parse_uris("vmhost1")
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"VMLEASE_LIBVIRT_WARM": "maybe"}, "VMLEASE_LIBVIRT_WARM must be 'on' or 'off'"),
+        ({"VMLEASE_LIBVIRT_ACCEL": "hvf"}, "VMLEASE_LIBVIRT_ACCEL must be 'tcg' or 'kvm'"),
+        ({"VMLEASE_LIBVIRT_POOL": "../etc"}, "pool name"),
+    ],
+)
+def test_bad_settings_fail_before_any_host_is_reached(
+    env: dict[str, str], says: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        LibvirtBackend(uris=["qemu+tcp://192.0.2.1/system"], state_dir=tmp_path, env=env)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_warm_starts_are_on_unless_turned_off(tmp_path: Path) -> None:
+    def backend(**env: str) -> LibvirtBackend:
+        return LibvirtBackend(uris=["qemu:///system"], state_dir=tmp_path, env=env)
+
+    assert backend().states is not None
+    assert backend(VMLEASE_LIBVIRT_WARM="off").states is None
+    assert backend(VMLEASE_LIBVIRT_WARM=" ON ").states is not None
 
 
 # -- placement --------------------------------------------------------------

@@ -447,7 +447,17 @@ class LibvirtBackend(AgentOperations, Backend):
                 state = self.states.find(host, key)
                 if state is not None:
                     self.states.touch(host, state)
-                    self.states.local_memory(host, state)  # fetched before QEMU waits for it
+                    try:
+                        self.states.local_memory(host, state)  # fetched before QEMU waits
+                    except (VMLeaseError, OSError, libvirt.libvirtError) as exc:
+                        log.warning(
+                            "cannot fetch booted state %s from %s (%s); VM %s boots",
+                            state.base,
+                            host.uri,
+                            _words(exc),
+                            name,
+                        )
+                        state = None
                 else:
                     id_ = self.states.claim(host, key)
                     claim = (key, id_) if id_ is not None else None
