@@ -1,13 +1,15 @@
 # Shared set-up for scripts/example, scripts/test and the others (sourced, not run).
-# Installs what vmlease needs on Debian 12 when it is missing: the apt
-# packages, a virtualenv in .venv with vmlease and its dev tools, the tiny image.
+# Installs what vmlease needs on Debian 12 or 13 when it is missing: the apt
+# packages (with sudo when not root: the only step that needs it), a virtualenv
+# in .venv with vmlease and its dev tools, the tiny image. A step that fails is
+# tried again on the next run; nothing is recorded as done until it is.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static lz4 e2fsprogs gcc libc6-dev mmdebstrap openssh-client genisoimage
-    syslinux syslinux-common mtools dosfstools rsync)
+APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static lz4 zstd xz-utils e2fsprogs gcc libc6-dev mmdebstrap
+    uidmap openssh-client genisoimage python3 python3-venv syslinux syslinux-common mtools dosfstools rsync)
 APT_UPDATED=0
 
 apt_install() {
@@ -39,14 +41,14 @@ fi
 # The libvirt backend's tests: a libvirtd they start themselves, sshd for qemu+ssh://,
 # and what the Python binding builds against. Where these cannot be installed,
 # those tests are skipped with the reason.
-LIBVIRT_PACKAGES=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config openssh-server
+LIBVIRT_PACKAGES=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config python3-dev openssh-server
     netcat-openbsd)
 missing=()
 for pkg in "${LIBVIRT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-    apt_install "${missing[@]}" || echo "setup: libvirt could not be installed; its tests will be skipped" >&2
+    ( apt_install "${missing[@]}" ) || echo "setup: libvirt could not be installed; its tests will be skipped" >&2
 fi
 
 if [ ! -x .venv/bin/python ]; then
@@ -61,12 +63,14 @@ if ! .venv/bin/python -c 'import vmlease, pytest, mypy, ruff, testinfra' >/dev/n
    || [ pyproject.toml -nt .venv/.installed ]; then
     echo "setup: pip install -e '.[dev,tools]'" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,tools]'
-    if pkg-config --exists libvirt 2>/dev/null; then
-        echo "setup: pip install -e '.[libvirt]'" >&2
-        .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[libvirt]' \
-            || echo "setup: the libvirt binding did not build; its tests will be skipped" >&2
-    fi
     touch .venv/.installed
+fi
+# The libvirt binding builds against libvirt-dev and python3-dev; until it has
+# built, every run tries again (its tests are skipped, saying why, meanwhile).
+if pkg-config --exists libvirt 2>/dev/null && ! .venv/bin/python -c 'import libvirt' >/dev/null 2>&1; then
+    echo "setup: pip install -e '.[libvirt]'" >&2
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[libvirt]' \
+        || echo "setup: the libvirt binding did not build; its tests will be skipped (tried again next run)" >&2
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
 

@@ -22,6 +22,7 @@ import json
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -168,6 +169,19 @@ class Ledger:
             self._db = sqlite3.connect(
                 path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
+        except sqlite3.Error as exc:
+            raise LedgerError(f"the ledger at {path} cannot be opened ({exc})") from exc
+        try:
+            self._prepare(busy_timeout_s)
+        except BaseException:
+            self._db.close()  # a refused ledger leaves no open connection behind
+            self._closed = True
+            raise
+
+    def _prepare(self, busy_timeout_s: float) -> None:
+        """Settings, and the schema checked or brought up to date."""
+        path = self.path
+        try:
             self._db.row_factory = sqlite3.Row
             self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             self._set_wal(busy_timeout_s)
@@ -234,6 +248,15 @@ class Ledger:
         with self._lock:
             self._db.close()
             self._closed = True
+
+    def __del__(self) -> None:
+        # An open connection is an open file: say so, on every Python (3.13's
+        # sqlite3 says it too, later and less clearly), and close it.
+        if not getattr(self, "_closed", True) and hasattr(self, "_db"):
+            warnings.warn(
+                f"unclosed ledger {self.path}", ResourceWarning, source=self, stacklevel=1
+            )
+            self._db.close()
 
     @property
     def closed(self) -> bool:

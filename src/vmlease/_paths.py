@@ -21,9 +21,11 @@ __all__ = [
     "ensure_private_dir",
     "free_bytes",
     "free_space",
+    "give_to_sudo_user",
     "image_dir",
     "megabytes",
     "state_dir",
+    "sudo_user",
 ]
 
 
@@ -98,3 +100,38 @@ def free_space(path: Path) -> str:
 def megabytes(n: int) -> str:
     """``n`` bytes for a person to read."""
     return f"{n / 2**30:.1f} GiB" if n >= 10 * 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def sudo_user(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """(uid, gid) of the user who ran this process through sudo; None unless this
+    is root started by ``sudo`` on someone else's behalf."""
+    env = os.environ if env is None else env
+    if os.geteuid() != 0:
+        return None
+    try:
+        uid, gid = int(env.get("SUDO_UID", "")), int(env.get("SUDO_GID", ""))
+    except ValueError:
+        return None
+    return (uid, gid) if uid != 0 else None
+
+
+def give_to_sudo_user(path: Path, env: Mapping[str, str] | None = None) -> None:
+    """Under sudo, when ``path`` lies in a folder of the user who ran sudo (their
+    cache), make everything under it theirs: what ``sudo vmlease image build``
+    makes in a user's cache is the user's to use, prune and rebuild."""
+    who = sudo_user(env)
+    if who is None:
+        return
+    owner = path if path.exists() else path.parent
+    while not owner.exists() and owner != owner.parent:
+        owner = owner.parent
+    try:
+        if owner.stat().st_uid != who[0]:
+            return  # not the user's folder (a shared cache, root's own): leave it be
+        for top, dirs, files in os.walk(path):
+            for entry in [Path(top), *(Path(top) / n for n in dirs + files)]:
+                st = entry.lstat()
+                if (st.st_uid, st.st_gid) != who:
+                    os.lchown(entry, *who)
+    except OSError:
+        return  # best effort: what is left says so when the user meets it

@@ -1,15 +1,36 @@
-"""Running host programs: one injectable runner, errors translated at the boundary."""
+"""Running host programs: one injectable runner, errors translated at the boundary.
+
+Programs are found on ``PATH`` and then where Debian puts system tools
+(``/usr/local/sbin``, ``/usr/sbin``, ``/sbin``): a normal user's ``PATH`` has
+none of those, but ``mke2fs`` and its kin run fine without root.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["Completed", "Runner", "SubprocessRunner"]
+__all__ = ["SYSTEM_DIRS", "Completed", "Runner", "SubprocessRunner", "find_program", "search_path"]
+
+#: Where system tools live on Debian, searched after ``PATH``.
+SYSTEM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def search_path(env: Mapping[str, str] | None = None) -> str:
+    """``PATH`` (from ``env``, else this process's) followed by the system tool folders."""
+    path = (os.environ if env is None else env).get("PATH", os.defpath)
+    have = path.split(os.pathsep)
+    return os.pathsep.join([*have, *(d for d in SYSTEM_DIRS if d not in have)])
+
+
+def find_program(program: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The full path of ``program`` (searched as ``search_path`` says), or None."""
+    return shutil.which(program, path=search_path(env))
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +72,12 @@ class SubprocessRunner:
         env: Mapping[str, str] | None = None,
     ) -> Completed:
         full_env = None if env is None else {**os.environ, **env}
+        command = list(argv)
+        if command and os.sep not in command[0]:
+            command[0] = find_program(command[0], full_env) or command[0]
         try:
             proc = subprocess.run(
-                list(argv),
+                command,
                 cwd=cwd,
                 env=full_env,
                 stdin=subprocess.DEVNULL,

@@ -607,7 +607,8 @@ class Session:
         )
 
     def close(self) -> None:
-        """Delete every VM of this session that still exists. Safe to call twice.
+        """Delete every VM of this session that still exists, then close the
+        ledger. Safe to call twice.
 
         Ctrl-C and SIGTERM wait until the deleting is done. Raises
         BackendError naming the VMs that could not be deleted (they stay in
@@ -629,8 +630,9 @@ class Session:
                 self._opened = False
                 _signals.session_closed()
                 atexit.unregister(self._at_exit)
-        if failures:
+        if failures:  # the ledger stays open for another try
             raise BackendError("could not delete: " + "; ".join(failures))
+        self._ledger.close()
 
     def __enter__(self) -> Session:
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,21 @@ from vmlease._ledger import Ledger, Record, VMState
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> tuple[Ledger, FakeBackend]:
+def open_ledger(tmp_path: Path) -> Iterator[Callable[[str], Ledger]]:
+    """Opens ledgers in ``tmp_path`` by file name; closes them after the test."""
+    opened: list[Ledger] = []
+
+    def open_(name: str) -> Ledger:
+        opened.append(Ledger(tmp_path / name))
+        return opened[-1]
+
+    yield open_
+    for ledger in opened:
+        ledger.close()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[Ledger, FakeBackend]]:
     """A ledger with a dead owner's VM and a live owner's VM, and a backend that
     also has instances vmlease never recorded, named like ours."""
     ledger = Ledger(tmp_path / "ledger.sqlite3")
@@ -29,7 +44,8 @@ def world(tmp_path: Path) -> tuple[Ledger, FakeBackend]:
     ledger.transition(live.id, VMState.READY)
     for name in ("vmlease-dead-1", "vmlease-live-1", "vmlease-foreign-1", "test-db", "test-x"):
         fake.vms[name] = "running"
-    return ledger, fake
+    yield ledger, fake
+    ledger.close()
 
 
 def test_default_cleanup_deletes_only_the_dead_owners_vm(
@@ -96,8 +112,8 @@ def test_a_vm_already_gone_from_the_backend_is_recorded_gone(
     assert [r.name for r in ledger.records()] == ["vmlease-live-1"]
 
 
-def test_status_classification(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.db")
+def test_status_classification(open_ledger: Callable[[str], Ledger], tmp_path: Path) -> None:
+    ledger = open_ledger("l.db")
     live = ledger.claim(
         name="a", backend="fake", owner=current_owner("s"), spec="{}", expires_at=2000.0
     )
@@ -135,7 +151,7 @@ def test_cleanup_of_a_corrupt_ledger_is_an_error_and_deletes_nothing(tmp_path: P
 
 
 @pytest.fixture
-def shared(tmp_path: Path) -> tuple[Ledger, SharedFake]:
+def shared(tmp_path: Path) -> Iterator[tuple[Ledger, SharedFake]]:
     """A ledger whose dead owner made four VMs on a shared-namespace backend:
     two with generated names, two with chosen ones; each marked when made."""
     ledger = Ledger(tmp_path / "ledger.sqlite3")
@@ -146,7 +162,8 @@ def shared(tmp_path: Path) -> tuple[Ledger, SharedFake]:
         fake.vms[name] = "running"
         ledger.set_instance_id(row.id, fake.mark(name, f"vmlease:{name}") or "")
         ledger.transition(row.id, VMState.READY)
-    return ledger, fake
+    yield ledger, fake
+    ledger.close()
 
 
 def _run(tmp_path: Path, fake: SharedFake, **options: object) -> dict[str, tuple[str, str]]:
@@ -208,10 +225,12 @@ def test_an_unreadable_mark_falls_back_to_the_generated_name(
     assert _run(tmp_path, fake) == {"db": ("deleted", "")}
 
 
-def test_a_chosen_name_without_a_recorded_mark_is_never_deleted(tmp_path: Path) -> None:
+def test_a_chosen_name_without_a_recorded_mark_is_never_deleted(
+    open_ledger: Callable[[str], Ledger], tmp_path: Path
+) -> None:
     # The owner died between asking for the VM and marking it: the machine of
     # that name may be the user's, which made the create fail.
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger = open_ledger("ledger.sqlite3")
     fake = SharedFake(vms={"db": "running", "vmlease-deadsess-1": "running"})
     owner = dead_owner()
     for name in ("db", "vmlease-deadsess-1"):
@@ -257,8 +276,10 @@ def test_cleanup_all_keeps_the_second_check(
     assert list(fake.vms) == ["web"]
 
 
-def test_a_vm_marked_just_before_its_owner_died_is_known_by_its_mark(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
+def test_a_vm_marked_just_before_its_owner_died_is_known_by_its_mark(
+    open_ledger: Callable[[str], Ledger], tmp_path: Path
+) -> None:
+    ledger = open_ledger("ledger.sqlite3")
     row = ledger.claim(name="db", backend="shared", owner=dead_owner(), spec="{}")
     fake = SharedFake(vms={"db": "running"}, marks={"db": mark_prefix(row) + "f00d"})
     assert _run(tmp_path, fake) == {"db": ("deleted", "")}

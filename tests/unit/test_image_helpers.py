@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from vmlease import ImageBuildError, ImageNotFound
+from vmlease._runner import SubprocessRunner, find_program, search_path
 from vmlease.backends.qemu.images import _steps, _tiny, find_image, list_images
 
 
@@ -98,6 +99,7 @@ def test_missing_tools_are_all_named_with_one_install_command(
     empty = tmp_path / "bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setattr("vmlease._runner.SYSTEM_DIRS", ())  # not /usr/sbin either
     with pytest.raises(ImageBuildError) as info:
         _tiny.build_tiny(tmp_path / "images")
     message = str(info.value)
@@ -124,3 +126,16 @@ def test_an_unknown_image_says_what_exists_and_how_to_build(tmp_path: Path) -> N
     ):
         find_image(tmp_path, "ubuntu")
     assert list_images(tmp_path / "missing") == []
+
+
+def test_system_tools_are_found_without_sbin_on_path(tmp_path: Path) -> None:
+    """A normal user's PATH on Debian has no /usr/sbin, where mke2fs lives."""
+    if not Path("/usr/sbin/mke2fs").exists() and not Path("/sbin/mke2fs").exists():
+        pytest.skip("e2fsprogs is not installed")
+    user_path = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"}
+    found = find_program("mke2fs", user_path)
+    assert found is not None
+    assert Path(found).parent.name == "sbin"
+    assert search_path(user_path).startswith(user_path["PATH"])  # the user's own come first
+    done = SubprocessRunner()(["mke2fs", "-V"], timeout_s=10, env=user_path)
+    assert done.returncode == 0, done.stderr

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,11 @@ OWNER = Owner(session_id="s1", pid=123, start_time=456, boot_id="b", host="h")
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
     clock = iter(range(1000, 100000)).__next__
-    return Ledger(tmp_path / "ledger.sqlite3", clock=lambda: float(clock()))
+    opened = Ledger(tmp_path / "ledger.sqlite3", clock=lambda: float(clock()))
+    yield opened
+    opened.close()
 
 
 def test_claim_writes_an_intended_row_with_the_owner(ledger: Ledger) -> None:
@@ -107,7 +111,7 @@ def test_records_filter_by_session_and_state(ledger: Ledger) -> None:
 
 def test_the_ledger_file_is_wal(tmp_path: Path) -> None:
     Ledger(tmp_path / "l.db").close()
-    with sqlite3.connect(tmp_path / "l.db") as db:
+    with closing(sqlite3.connect(tmp_path / "l.db")) as db, db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -128,7 +132,7 @@ def test_corrupt_ledger_is_a_clear_error_and_is_left_alone(tmp_path: Path) -> No
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(LedgerError, match="newer vmlease"):
         Ledger(path)
@@ -136,7 +140,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
 def test_a_first_schema_ledger_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         db.executescript(
             """
             CREATE TABLE vms (
@@ -178,7 +182,7 @@ def _upgrade_once(path: str) -> int:
 
 def test_processes_upgrading_one_ledger_at_once_all_succeed(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         db.executescript(
             "CREATE TABLE vms (id INTEGER PRIMARY KEY, name TEXT NOT NULL, backend TEXT NOT NULL,"
             " session_id TEXT NOT NULL, owner_pid INTEGER NOT NULL,"
@@ -189,7 +193,7 @@ def test_processes_upgrading_one_ledger_at_once_all_succeed(tmp_path: Path) -> N
         )
     with multiprocessing.get_context("spawn").Pool(6) as pool:
         assert pool.map(_upgrade_once, [str(path)] * 6) == [0] * 6
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         columns = [row[1] for row in db.execute("PRAGMA table_info(vms)")]
         assert columns.count("instance_id") == 1
         assert db.execute("PRAGMA user_version").fetchone()[0] == _SCHEMA_VERSION
@@ -216,6 +220,7 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     ledger = Ledger(path)
     assert sum(done) == 600
     assert len(ledger.records(states=[VMState.READY])) == 600
+    ledger.close()
 
 
 def test_only_one_deleter_takes_a_row(ledger: Ledger) -> None:
@@ -237,3 +242,4 @@ def test_a_stale_deleting_claim_can_be_taken_over(tmp_path: Path) -> None:
     assert not ledger.take_for_deletion(rec.id, detail="too soon", stale_after_s=60)
     now[0] += 60
     assert ledger.take_for_deletion(rec.id, detail="took over", stale_after_s=60)
+    ledger.close()

@@ -82,6 +82,7 @@ def test_leaving_the_session_deletes_every_vm(fake: FakeBackend, tmp_path: Path)
     assert a.state is VMState.GONE
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     assert ledger.records() == []
+    ledger.close()
 
 
 def test_leaving_by_exception_deletes_too(fake: FakeBackend, tmp_path: Path) -> None:

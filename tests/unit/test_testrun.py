@@ -19,8 +19,10 @@ def make_run(tmp_path: Path, backend: FakeBackend, **options: object) -> Iterato
             backend=backend, state_dir=tmp_path, reaper=False, max_vms=o.max_vms
         ),
     )
-    yield run
-    run.close()
+    try:
+        yield run
+    finally:
+        run.close()
 
 
 @pytest.fixture

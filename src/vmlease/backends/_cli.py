@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +27,7 @@ from vmlease._errors import (
     GuestFileError,
     VMNotFound,
 )
-from vmlease._runner import Completed, Runner, SubprocessRunner
+from vmlease._runner import Completed, Runner, SubprocessRunner, find_program
 from vmlease._spec import VMSpec
 from vmlease.backends._base import Backend, ExecResult
 
@@ -141,7 +140,7 @@ class CliBackend(Backend):
 
     def tool(self) -> str:
         """The tool's full path; BackendUnavailable (saying how to install it) if missing."""
-        path = shutil.which(self._program, path=self._env.get("PATH", os.defpath))
+        path = find_program(self._program, self._env)
         if path is None:
             raise BackendUnavailable(
                 f"{self._program} not found: the {self.name} backend needs it; {self.install_hint}"

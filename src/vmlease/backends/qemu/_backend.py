@@ -46,7 +46,7 @@ from vmlease._paths import ensure_private_dir, free_bytes, free_space, megabytes
 from vmlease._paths import image_dir as default_image_dir
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._procfs import host_tsc_khz, rss_bytes
-from vmlease._runner import Runner, SubprocessRunner
+from vmlease._runner import Runner, SubprocessRunner, find_program
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo, ensure_key
 from vmlease.backends._base import Backend, BackendVM, Capabilities
@@ -185,7 +185,7 @@ class QemuBackend(AgentOperations, Backend):
     # -- set-up ----------------------------------------------------------
 
     def _require(self, program: str) -> str:
-        path = shutil.which(program, path=self._env.get("PATH", os.defpath))
+        path = find_program(program, self._env)
         if path is None:
             default = "qemu-img" if "img" in Path(program).name else "qemu-system-x86_64"
             how = _INSTALL[default]

@@ -17,15 +17,15 @@ removes what no VM can use any more:
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmlease._runner import SubprocessRunner
 from vmlease.backends.qemu._imports import BOOT_DIR
 from vmlease.backends.qemu._processes import kill_all
 from vmlease.backends.qemu._states import StateInfo, WarmCache, states_per_image_setting
-from vmlease.backends.qemu.images import Build, all_builds
+from vmlease.backends.qemu.images import Build, all_builds, remove_tree
 
 __all__ = ["ImageUsage", "Removal", "prune", "usage"]
 
@@ -203,6 +203,6 @@ def _remove(removals: list[Removal], warm: WarmCache) -> None:
                 removal.path.rename(doomed)
             except OSError:
                 continue
-            shutil.rmtree(doomed, ignore_errors=True)
+            remove_tree(doomed, SubprocessRunner())
         else:
             removal.path.unlink(missing_ok=True)

@@ -4,6 +4,7 @@
 - ``_recipes.py``: the recipes by name, and finding an image with advice;
 - ``_steps.py``: build steps recipes share (tools, the agent, root disks);
 - ``_tiny.py``: the ``tiny`` recipe; each further recipe is a module beside it;
+- ``_rootless.py``: building as a normal user, through a user namespace;
 - ``agent.c``: the guest agent (the other end of ``backends/qemu/_agent.py``);
 - ``guest/``: boot scripts for the tiny image.
 """
@@ -23,6 +24,7 @@ from vmlease.backends.qemu.images._catalog import (
 )
 from vmlease.backends.qemu.images._debian import build_debian
 from vmlease.backends.qemu.images._recipes import RECIPES, find_image, recipe
+from vmlease.backends.qemu.images._rootless import remove_tree
 from vmlease.backends.qemu.images._tiny import build_tiny
 
 __all__ = [
@@ -39,5 +41,6 @@ __all__ = [
     "load_build",
     "load_current",
     "recipe",
+    "remove_tree",
     "remove_user",
 ]

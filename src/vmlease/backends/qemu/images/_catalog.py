@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmlease._errors import ImageNotFound
+from vmlease._errors import ConfigError, ImageNotFound
+from vmlease._paths import give_to_sudo_user
 from vmlease._spec import Network
 
 __all__ = [
@@ -139,9 +141,17 @@ def _user_link(build: Path, vm_dir: Path) -> Path:
 def add_user(build: Path, vm_dir: Path) -> None:
     """Record that the VM in ``vm_dir`` has a disk on ``build`` (so no prune removes it)."""
     link = _user_link(build, vm_dir)
-    link.parent.mkdir(mode=0o700, exist_ok=True)
-    link.unlink(missing_ok=True)
-    link.symlink_to(vm_dir)
+    try:
+        link.parent.mkdir(mode=0o700, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(vm_dir)
+    except PermissionError as exc:
+        raise ConfigError(
+            f"cannot record a VM in {link.parent}: {exc.strerror}. The image cache "
+            f"{build.parent.parent} holds builds of uid {build.stat().st_uid}, not yours "
+            f"(built with sudo, without -E?): run `sudo chown -R {os.getuid()}: "
+            f"{build.parent.parent}`, or set VMLEASE_IMAGE_DIR to a folder of your own"
+        ) from exc
 
 
 def remove_user(build: Path, vm_dir: Path) -> None:
@@ -222,4 +232,7 @@ class Recipe:
         return f"vmlease image build {self.name}"
 
     def __call__(self, image_dir: Path, **options: Any) -> Image:
-        return self.build(image_dir, **options)
+        try:
+            return self.build(image_dir, **options)
+        finally:
+            give_to_sudo_user(image_dir)

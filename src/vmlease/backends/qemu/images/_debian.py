@@ -24,10 +24,12 @@ package, agent, unit files), so a second build does nothing.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import os
 import re
 import shutil
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ from pathlib import Path
 from vmlease._errors import ImageBuildError
 from vmlease._runner import Runner, SubprocessRunner
 from vmlease.backends.qemu.images._catalog import Image, Recipe, load_current
+from vmlease.backends.qemu.images._rootless import blockers, is_root, remove_tree
 from vmlease.backends.qemu.images._steps import (
     COMMON_TOOLS,
     Progress,
@@ -43,11 +46,12 @@ from vmlease.backends.qemu.images._steps import (
     guest_file,
     publish,
     require_tools,
+    tar_digest,
 )
 
 __all__ = ["PACKAGES", "RECIPES", "SUITES", "build_debian", "host_mirror"]
 
-RECIPE_VERSION = "4"
+RECIPE_VERSION = "5"
 SUITES = {"debian-12": "bookworm", "debian-13": "trixie"}
 PACKAGES = (
     "systemd-sysv",
@@ -83,12 +87,16 @@ _GUEST_FILES = {
     "etc/systemd/network/20-wired.network": "guest/debian/20-wired.network",
     "etc/fstab": "guest/debian/fstab",
     "etc/ssh/sshd_config.d/vmlease.conf": "guest/debian/sshd-vmlease.conf",
+    "etc/systemd/system/ssh.service.d/hostkeys.conf": "guest/debian/ssh-hostkeys.conf",
 }
 _TOOLS = {**COMMON_TOOLS, "mmdebstrap": "mmdebstrap"}
 _MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 DISK_SIZE = "4G"  # sparse: the guest's own room to install packages into
 MIN_MEMORY_MB = 256
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
+#: Time stamps inside the image (logs, the shadow file's dates) are this, not the
+#: build's time, so that builds of the same inputs hold the same files.
+SOURCE_DATE_EPOCH = "1704067200"
 #: Up: systemd has finished starting units (running, or degraded) and sshd listens.
 READY = (
     "sh",
@@ -142,11 +150,6 @@ class _Builder(Steps):
     def build(self, force: bool) -> Image:
         busybox = require_tools(self.name, _TOOLS)
         assert busybox is not None
-        if os.geteuid() != 0:
-            raise ImageBuildError(
-                f"building the {self.name} image runs mmdebstrap as root (its packages' "
-                "files belong to root); run `vmlease image build` as root, or with sudo"
-            )
         deb = self.kernel_package(self.downloads)
         guest = {dest: guest_file(src) for dest, src in _GUEST_FILES.items()}
         digest = hashlib.sha256()
@@ -171,22 +174,35 @@ class _Builder(Steps):
             self.say(f"{self.name} image up to date ({build_id})")
             return load_current(self.image_dir, self.name)
 
+        problems = blockers(self.run)
+        if problems:
+            raise ImageBuildError(
+                f"cannot build the {self.name} image as {getpass.getuser()}: "
+                + "; ".join(map(str, problems))
+                + " (or build it as root: `sudo vmlease image build` makes it yours)"
+            )
         home.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix=".build-", dir=home) as tmp:
-            work = Path(tmp)
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=home))
+        try:
             out = work / "out"
             out.mkdir()
             pkg, kver = self.unpack_kernel(deb, work, out)
             self.say("compiling the guest agent")
             agent = self.compile_agent(work)
             self.stage1_initramfs(busybox, pkg, kver, out / "initrd.cpio")
-            overlay = self._overlay(work / "overlay", agent, guest, pkg, kver)
-            root = work / "root"
-            self._debootstrap(root, overlay, kver)
+            overlay = self._overlay(work, agent, guest, pkg, kver)
+            tar = work / "root.tar"
+            self._debootstrap(tar, overlay, kver)
             self.say("making the root disk")
-            self.root_disk(
-                root, work / "root.ext4", out / "disk.qcow2", size=DISK_SIZE, label="vmlease-root"
+            tree = tar_digest(tar)
+            self.root_disk_from_tar(
+                tar,
+                work / "root",
+                work / "root.ext4",
+                out / "disk.qcow2",
+                size=DISK_SIZE,
+                label="vmlease-root",
             )
             manifest = {
                 "name": self.name,
@@ -212,55 +228,92 @@ class _Builder(Steps):
                     "kernel_release": kver,
                     "agent_protocol": "1",
                     "recipe": RECIPE_VERSION,
+                    "tree_sha256": tree,
                 },
             }
             publish(out, final, manifest)
+        finally:
+            remove_tree(work, self.run)
         self.say(
             f"{self.name} image built ({build_id}) in {time.monotonic() - started:.0f} s: {final}"
         )
         return load_current(self.image_dir, self.name)
 
     def _overlay(
-        self, overlay: Path, agent: Path, guest: dict[str, bytes], pkg: Path, kver: str
+        self, work: Path, agent: Path, guest: dict[str, bytes], pkg: Path, kver: str
     ) -> Path:
-        """The files vmlease adds to the root file system, as a tree to copy in."""
-        for dest, data in guest.items():
+        """The files vmlease adds to the root file system, as a tarball whose
+        entries belong to root with a package's modes, whoever builds."""
+        overlay = work / "overlay"
+        files = {**guest, "etc/hostname": b"vmlease\n"}
+        for dest, data in files.items():
             path = overlay / dest
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        (overlay / "etc/hostname").write_text("vmlease\n")
         (overlay / "usr/sbin").mkdir(parents=True, exist_ok=True)
         shutil.copy2(agent, overlay / "usr/sbin/vmlease-agent")
         (overlay / "usr/lib/modules").mkdir(parents=True, exist_ok=True)
         shutil.copytree(pkg / "lib/modules" / kver, overlay / "usr/lib/modules" / kver)
-        return overlay
 
-    def _debootstrap(self, root: Path, overlay: Path, kver: str) -> None:
-        self.say(f"installing Debian {self.suite} from {self.mirror} (mmdebstrap)")
+        def as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            if not info.issym():
+                executable = info.isdir() or info.name.endswith("/vmlease-agent")
+                info.mode = 0o755 if executable else 0o644
+            return info
+
+        tar = work / "overlay.tar"
+        with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as archive:
+            for path in sorted(overlay.rglob("*")):
+                archive.add(path, str(path.relative_to(overlay)), recursive=False, filter=as_root)
+        return tar
+
+    def _debootstrap(self, tar: Path, overlay: Path, kver: str) -> None:
+        """The root file system as a tarball of ``tar``: root's owners inside, the
+        user's file outside. A user's mmdebstrap runs in its ``unshare`` mode."""
+        mode = "root" if is_root() else "unshare"
+        self.say(f"installing Debian {self.suite} from {self.mirror} (mmdebstrap, {mode} mode)")
         hooks = []
         if self.suite == "bookworm" and _MERGED_USR_HOOKS.is_dir():
             hooks = [f"--hook-dir={_MERGED_USR_HOOKS}"]
         argv = [
             "mmdebstrap",
+            f"--mode={mode}",
             "--variant=minbase",
-            "--format=directory",
+            "--format=tar",
+            # No device nodes: a user namespace cannot make them, and the guest's
+            # /dev is devtmpfs anyway; both ways give the same tree.
+            "--skip=output/dev",
             "--quiet",
             *hooks,
             f"--include={','.join(PACKAGES)}",
             *(f"--dpkgopt={option}" for option in _EXCLUDED),
-            f"--customize-hook=sync-in {overlay} /",
+            f"--customize-hook=tar-in {overlay} /",
             f'--customize-hook=chroot "$1" depmod -a {kver}',
             '--customize-hook=chroot "$1" systemctl enable systemd-networkd.service '
             "vmlease-agent.service ssh.service",
             f'--customize-hook=chroot "$1" systemctl mask {" ".join(MASKED)}',
             '--customize-hook=chroot "$1" passwd --lock root',
+            # Host keys are made on the first boot (guest/debian/ssh-hostkeys.conf),
+            # so that every build of the same inputs holds the same files.
+            '--customize-hook=rm -f "$1"/etc/ssh/ssh_host_*',
+            # python3's own tools are byte-compiled by its maintainer script, by
+            # time stamp or by hash depending on the build's environment: by hash.
+            '--customize-hook=chroot "$1" python3 -m compileall -q -f '
+            "--invalidation-mode=checked-hash /usr/share/python3",
             # User-mode networking's DNS; written last, after mmdebstrap's own.
             '--customize-hook=echo "nameserver 10.0.2.3" > "$1/etc/resolv.conf"',
             self.suite,
-            str(root),
+            str(tar),
             self.mirror,
         ]
-        self.check(argv, f"installing Debian {self.suite} with mmdebstrap", 1800)
+        self.check(
+            argv,
+            f"installing Debian {self.suite} with mmdebstrap",
+            1800,
+            env={"SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH},
+        )
 
 
 def build_debian(

@@ -14,13 +14,12 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import shutil
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from pathlib import Path
 
 from vmlease._errors import ImageImportError
-from vmlease._runner import Runner
+from vmlease._runner import Runner, find_program
 from vmlease._spec import USER_RULE
 from vmlease.backends.qemu.images._steps import Steps
 
@@ -131,7 +130,7 @@ def user_data(
 
 def write_seed(out: Path, files: dict[str, bytes], runner: Runner, work: Path) -> None:
     """Write the ISO 9660 seed ``out`` (volume ``cidata``) holding ``files``."""
-    tool = next(((shutil.which(t), extra) for t, extra in _ISO_TOOLS if shutil.which(t)), None)
+    tool = next(((find_program(t), extra) for t, extra in _ISO_TOOLS if find_program(t)), None)
     if tool is None or tool[0] is None:
         raise ImageImportError(
             "making the cloud-init seed needs genisoimage or xorriso: apt-get install genisoimage"

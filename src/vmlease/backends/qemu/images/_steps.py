@@ -9,17 +9,20 @@ mounting anything, and publish a finished build.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import struct
+import tarfile
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 
 from vmlease._errors import ImageBuildError
-from vmlease._runner import Completed, Runner
+from vmlease._runner import Completed, Runner, find_program
+from vmlease.backends.qemu.images._rootless import as_root, remove_tree
 
 __all__ = [
     "Progress",
@@ -33,6 +36,7 @@ __all__ = [
     "missing_tools",
     "point_current",
     "publish",
+    "tar_digest",
 ]
 
 #: Called with one line per step of a build.
@@ -46,7 +50,7 @@ def guest_file(name: str) -> bytes:
 
 def missing_tools(tools: Mapping[str, str]) -> dict[str, str]:
     """Of ``tools`` (program -> Debian package), those not on PATH."""
-    return {tool: pkg for tool, pkg in tools.items() if shutil.which(tool) is None}
+    return {tool: pkg for tool, pkg in tools.items() if find_program(tool) is None}
 
 
 def is_static_elf(path: Path) -> bool:
@@ -274,26 +278,47 @@ class Steps:
         ``mke2fs -d`` copies the tree itself: no mount, no loop device, no root.
         """
         self.check(
-            [
-                "mke2fs",
-                "-q",
-                "-t",
-                "ext4",
-                "-L",
-                label,
-                "-E",
-                "root_owner=0:0",
-                "-d",
-                str(tree),
-                str(raw),
-                size,
-            ],
+            as_root(
+                [
+                    "mke2fs",
+                    "-q",
+                    "-t",
+                    "ext4",
+                    "-L",
+                    label,
+                    "-E",
+                    "root_owner=0:0",
+                    "-d",
+                    str(tree),
+                    str(raw),
+                    size,
+                ]
+            ),
             "making the root file system",
         )
         self.check(
             ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)],
             "converting the root disk to qcow2",
         )
+
+    def root_disk_from_tar(
+        self, tar: Path, tree: Path, raw: Path, qcow2: Path, *, size: str, label: str
+    ) -> None:
+        """Pack the tarball ``tar`` into an ext4 root disk, owners as the tarball says.
+
+        Unpacked to ``tree`` and packed with root's view of owners (``as_root``:
+        for a normal user, inside a user namespace), then ``tree`` is removed there.
+        """
+        tree.mkdir()
+        try:
+            self.check(
+                as_root(["tar", "-x", "-p", "--numeric-owner", "-f", str(tar), "-C", str(tree)]),
+                "unpacking the root file system",
+            )
+            tar.unlink()
+            self.root_disk(tree, raw, qcow2, size=size, label=label)
+        finally:
+            remove_tree(tree, self.run)
 
     def vmlinux(self, bzimage: Path, out: Path) -> None:
         data = bzimage.read_bytes()
@@ -314,6 +339,26 @@ class Steps:
                 f"the kernel in {bzimage.name} has no PVH entry point (CONFIG_PVH); "
                 "use a Debian cloud kernel package"
             )
+
+
+def tar_digest(tar: Path) -> str:
+    """A digest of the file tree in ``tar``: every entry's path, type, mode, owner,
+    link target and content, in path order; time stamps left out."""
+    entries = []
+    with tarfile.open(tar) as archive:
+        for member in archive:
+            data = hashlib.sha256()
+            if member.isfile():
+                f = archive.extractfile(member)
+                assert f is not None
+                while chunk := f.read(1 << 20):
+                    data.update(chunk)
+            name = member.name.removeprefix("./").rstrip("/")
+            entries.append(
+                f"{name}\0{member.type.decode()}\0{member.mode:o}\0{member.uid}:{member.gid}"
+                f"\0{member.linkname}\0{data.hexdigest() if member.isfile() else ''}"
+            )
+    return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
 
 
 def existing_build(image_dir: Path, name: str, build_id: str) -> Path | None:
