@@ -8,7 +8,7 @@ import pytest
 
 from vmlease import ConfigError
 from vmlease._runner import Completed
-from vmlease.backends.qemu._accel import choose_accel
+from vmlease.backends.qemu._accel import choose_accel, probe_kvm
 
 
 class ScriptedRunner:
@@ -78,3 +78,65 @@ def test_the_answer_is_cached_per_boot_and_qemu_version(tmp_path: Path) -> None:
     assert (accel, again.calls) == ("tcg", [])
     assert "earlier" in reason
     assert choose_accel("q", "v2", again, tmp_path, {})[0] == "kvm"
+
+
+class TimedRunner:
+    """Runs nothing: each accelerator's boot sector 'takes' the seconds given."""
+
+    def __init__(self, seconds: dict[str, float], exit_code: int = 131) -> None:
+        self.seconds = seconds
+        self.exit_code = exit_code
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def __call__(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout_s: float,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Completed:
+        accel = argv[argv.index("-accel") + 1]
+        self.now += self.seconds[accel]
+        return Completed(tuple(argv), self.exit_code, "", "")
+
+
+@pytest.fixture
+def kvm_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in for /dev/kvm that this user may open."""
+    device = tmp_path / "kvm"
+    device.touch()
+    monkeypatch.setattr("os.access", lambda _path, _mode: True)
+    return device
+
+
+def test_kvm_that_runs_the_probe_about_as_fast_as_tcg_is_used(kvm_device: Path) -> None:
+    runner = TimedRunner({"kvm": 0.09, "tcg": 0.06})
+    works, reason = probe_kvm("qemu", runner, clock=runner.clock, device=kvm_device)
+    assert works, reason
+
+
+def test_kvm_far_slower_than_emulation_is_not_used_and_says_why(kvm_device: Path) -> None:
+    runner = TimedRunner({"kvm": 1.22, "tcg": 0.06})
+    works, reason = probe_kvm("qemu", runner, clock=runner.clock, device=kvm_device)
+    assert not works
+    assert "1.22 s where emulation took 0.06 s" in reason
+
+
+def test_kvm_that_cannot_run_the_guest_is_not_used(kvm_device: Path) -> None:
+    runner = TimedRunner({"kvm": 0.1, "tcg": 0.06}, exit_code=1)
+    works, reason = probe_kvm("qemu", runner, clock=runner.clock, device=kvm_device)
+    assert not works
+    assert "could not run a KVM guest" in reason
+
+
+def test_a_kvm_device_the_user_may_not_open_says_how_to_join_its_group(
+    kvm_device: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("os.access", lambda _path, _mode: False)
+    works, reason = probe_kvm("qemu", TimedRunner({}), device=kvm_device)
+    assert not works
+    assert "usermod -aG kvm" in reason

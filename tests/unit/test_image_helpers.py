@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import gzip
+import lzma
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,22 +41,79 @@ def test_cpio_round_trip() -> None:
 
 def _ko(path: Path, depends: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x7fELF junk\0license=GPL\0depends=" + depends.encode() + b"\0vermagic=6\0")
+    data = b"\x7fELF junk\0license=GPL\0depends=" + depends.encode() + b"\0vermagic=6\0"
+    path.write_bytes(lzma.compress(data) if path.name.endswith(".xz") else data)
 
 
 def test_modules_load_after_their_dependencies(tmp_path: Path) -> None:
-    _ko(tmp_path / "drivers/virtio/virtio_ring.ko", "")
-    _ko(tmp_path / "drivers/virtio/virtio.ko", "virtio_ring")
-    _ko(tmp_path / "drivers/block/virtio_blk.ko", "virtio,virtio_ring")
-    _ko(tmp_path / "drivers/char/hw_random/virtio-rng.ko", "virtio,virtio_ring")
-    order = [p.stem for p in _steps.load_order(tmp_path, ("virtio_blk", "virtio_rng"))]
+    _ko(tmp_path / "kernel/drivers/virtio/virtio_ring.ko", "")
+    _ko(tmp_path / "kernel/drivers/virtio/virtio.ko", "virtio_ring")
+    _ko(tmp_path / "kernel/drivers/block/virtio_blk.ko", "virtio,virtio_ring")
+    _ko(tmp_path / "kernel/drivers/char/hw_random/virtio-rng.ko", "virtio,virtio_ring")
+    order = [stem for stem, _ in _steps.load_order(tmp_path, ("virtio_blk", "virtio_rng"))]
     assert order == ["virtio_ring", "virtio", "virtio_blk", "virtio-rng"]
 
 
+def test_compressed_modules_are_unpacked_and_built_in_ones_left_out(tmp_path: Path) -> None:
+    """Debian 13: modules under usr/lib/modules, xz-compressed; virtio built in."""
+    modules = tmp_path / "usr/lib/modules/6.12.0-cloud"
+    _ko(modules / "kernel/drivers/virtio/virtio_mmio.ko.xz", "virtio,virtio_ring")
+    _ko(modules / "kernel/drivers/block/virtio_blk.ko.xz", "virtio")
+    (modules / "modules.builtin").write_text(
+        "kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio_ring.ko\n"
+        "kernel/drivers/char/virtio_console.ko\n"
+    )
+    assert _steps.modules_dir(tmp_path, "6.12.0-cloud") == modules
+    order = _steps.load_order(modules, ("virtio_mmio", "virtio_blk", "virtio_console"))
+    assert [stem for stem, _ in order] == ["virtio_mmio", "virtio_blk"]
+    assert all(data.startswith(b"\x7fELF") for _, data in order)
+
+
 def test_a_missing_module_is_named(tmp_path: Path) -> None:
-    _ko(tmp_path / "a.ko", "nothere")
+    _ko(tmp_path / "kernel/a.ko", "nothere")
     with pytest.raises(ImageBuildError, match="nothere"):
         _steps.load_order(tmp_path, ("a",))
+
+
+def _bzimage(path: Path, payload: bytes) -> Path:
+    """A bzImage-shaped file: setup header, then ``payload`` and its size."""
+    setup_sects = 3
+    head = bytearray((setup_sects + 1) * 512)
+    head[0x1F1] = setup_sects
+    head[0x202:0x206] = b"HdrS"
+    struct.pack_into("<II", head, 0x248, 0x40, len(payload) + 4)
+    body = b"\0" * 0x40 + payload + struct.pack("<I", 12345) + b"trailer"
+    path.write_bytes(bytes(head) + body)
+    return path
+
+
+@pytest.mark.parametrize("how", ["gzip", "xz", "zstd", "lz4"])
+def test_kernels_compressed_as_debian_12_and_13_do_are_unpacked(tmp_path: Path, how: str) -> None:
+    elf = _elf(tmp_path, interp=False, note=(b"Xen", 18)).read_bytes()
+    if how == "gzip":
+        payload = gzip.compress(elf)
+    elif how == "xz":
+        payload = lzma.compress(elf)
+    else:
+        if shutil.which(how) is None:
+            pytest.skip(f"{how} is not installed")
+        (tmp_path / "elf.raw").write_bytes(elf)
+        # lz4: the legacy frame the kernel uses; zstd names its output with -o.
+        flags = ["-l"] if how == "lz4" else ["-o"]
+        subprocess.run(
+            [how, "-q", "-f", str(tmp_path / "elf.raw"), *flags, str(tmp_path / "elf.packed")],
+            check=True,
+        )
+        payload = (tmp_path / "elf.packed").read_bytes()
+    kernel = _bzimage(tmp_path / "vmlinuz", payload)
+    _steps.Steps(SubprocessRunner(), lambda _line: None).vmlinux(kernel, tmp_path / "vmlinux")
+    assert (tmp_path / "vmlinux").read_bytes() == elf
+
+
+def test_a_kernel_compressed_otherwise_is_refused_by_name(tmp_path: Path) -> None:
+    kernel = _bzimage(tmp_path / "vmlinuz", b"BZh91AY&SY" + b"\0" * 64)
+    with pytest.raises(ImageBuildError, match="does not unpack"):
+        _steps.Steps(SubprocessRunner(), lambda _line: None).vmlinux(kernel, tmp_path / "out")
 
 
 def _elf(tmp_path: Path, interp: bool, note: tuple[bytes, int] | None) -> Path:

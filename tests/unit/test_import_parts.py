@@ -14,7 +14,7 @@ import pytest
 from vmlease import ChecksumMismatch, DownloadError, ImageImportError
 from vmlease._runner import Completed
 from vmlease._spec import VMSpec
-from vmlease.backends.qemu._launch import Accel, LaunchConfig, qemu_argv
+from vmlease.backends.qemu._launch import Accel, LaunchConfig, find_qboot, qemu_argv
 from vmlease.backends.qemu.images import Image
 from vmlease.backends.qemu.images._seed import check_user, check_user_data, user_data
 from vmlease.backends.qemu.images._source import Download, check_sha256, disk_format
@@ -232,3 +232,27 @@ def test_an_imported_image_boots_from_its_own_disk_with_pci_devices_in_fixed_slo
     pvh = qemu_argv(config, Path("/vm"), "n", spec, _image("pvh"))
     assert "-kernel" in pvh
     assert not any("pci" in a for a in pvh)
+
+
+def test_built_images_boot_through_qboot_by_name_or_keep_option_roms_for_seabios() -> None:
+    """QEMU 8 and later boot microvm through SeaBIOS unless told otherwise; SeaBIOS
+    needs its pvh.bin option ROM, which x-option-roms=off would take away."""
+    spec = VMSpec(image="i")
+    with_qboot = LaunchConfig("qemu", Accel.TCG, None, qboot="/usr/share/qemu/qboot.rom")
+    argv = qemu_argv(with_qboot, Path("/vm"), "n", spec, _image("pvh"))
+    assert argv[argv.index("-bios") + 1] == "/usr/share/qemu/qboot.rom"
+    assert "microvm,acpi=on,x-option-roms=off" in argv
+    seabios = qemu_argv(
+        LaunchConfig("qemu", Accel.TCG, None), Path("/vm"), "n", spec, _image("pvh")
+    )
+    assert "-bios" not in seabios
+    assert "microvm,acpi=on" in seabios
+
+
+def test_qboot_is_found_beside_the_binary(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "share/qemu").mkdir(parents=True)
+    (tmp_path / "share/qemu/qboot.rom").write_bytes(b"\0" * 65536)
+    assert find_qboot(str(tmp_path / "bin/qemu-system-x86_64")) == str(
+        tmp_path / "share/qemu/qboot.rom"
+    )

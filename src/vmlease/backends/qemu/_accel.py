@@ -13,36 +13,39 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from vmlease._errors import ConfigError
 from vmlease._procfs import boot_id
-from vmlease._runner import Runner
+from vmlease._runner import Completed, Runner
 from vmlease.backends.qemu._launch import Accel
 
 __all__ = ["choose_accel", "probe_kvm"]
 
 PROBE_TIMEOUT_S = 2.0
+#: KVM slower than this many times TCG on the probe (and over the floor) is not used.
+SLOW_FACTOR = 5.0
+SLOW_FLOOR_S = 0.5
+#: Part of the cached answer's key: a changed probe asks again.
+_PROBE_VERSION = 2
 # mov al, 0x41; out 0xf4, al; hlt; jmp $-1 -- QEMU exits with (0x41 << 1) | 1.
 _BOOT_SECTOR = bytes([0xB0, 0x41, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD])
 _EXPECTED_EXIT = 131
 
 
-def probe_kvm(qemu: str, runner: Runner, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
-    """Boot a boot sector under KVM; returns (works, reason)."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False, "/dev/kvm is missing or not accessible"
+def _run_boot_sector(qemu: str, runner: Runner, accel: str, timeout_s: float) -> Completed:
     with tempfile.TemporaryDirectory(prefix="vmlease-kvm-probe-") as tmp:
         disk = Path(tmp) / "probe.img"
         disk.write_bytes(_BOOT_SECTOR.ljust(510, b"\0") + b"\x55\xaa")
-        done = runner(
+        return runner(
             [
                 qemu,
                 "-accel",
-                "kvm",
+                accel,
                 "-cpu",
-                "host",
+                "host" if accel == "kvm" else "qemu64",
                 "-M",
                 "pc",
                 "-m",
@@ -58,12 +61,46 @@ def probe_kvm(qemu: str, runner: Runner, timeout_s: float = PROBE_TIMEOUT_S) -> 
             ],
             timeout_s=timeout_s,
         )
-    if done.returncode == _EXPECTED_EXIT:
-        return True, "a KVM guest ran"
+
+
+def probe_kvm(
+    qemu: str,
+    runner: Runner,
+    timeout_s: float = PROBE_TIMEOUT_S,
+    clock: Callable[[], float] = time.monotonic,
+    device: Path = Path("/dev/kvm"),
+) -> tuple[bool, str]:
+    """Boot a boot sector under KVM, and under TCG to compare; returns (works, reason).
+
+    KVM must run it, and not far slower than emulation does: under some nested
+    hypervisors a KVM guest runs, but every VM exit costs so much that a Linux
+    guest takes minutes to boot where TCG takes seconds. Such a host starts even
+    this guest more than ``SLOW_FACTOR`` times slower than TCG does.
+    """
+    if not device.exists():
+        return False, f"{device} is missing (no KVM module, or virtualisation is off)"
+    if not os.access(device, os.R_OK | os.W_OK):
+        return False, (
+            f"{device} is not accessible to you; to use KVM, join its group: "
+            "`sudo usermod -aG kvm $USER`, then log in again"
+        )
+    started = clock()
+    done = _run_boot_sector(qemu, runner, "kvm", timeout_s)
+    kvm_s = clock() - started
     if done.returncode is None:
         return False, f"a KVM guest did not finish within {timeout_s:g} s"
-    last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-    return False, f"QEMU could not run a KVM guest: {last[0]}"
+    if done.returncode != _EXPECTED_EXIT:
+        last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        return False, f"QEMU could not run a KVM guest: {last[0]}"
+    started = clock()
+    emulated = _run_boot_sector(qemu, runner, "tcg", timeout_s)
+    tcg_s = clock() - started
+    if emulated.returncode == _EXPECTED_EXIT and kvm_s > max(SLOW_FLOOR_S, SLOW_FACTOR * tcg_s):
+        return False, (
+            f"a KVM guest ran, but took {kvm_s:.2f} s where emulation took {tcg_s:.2f} s "
+            "(nested virtualisation without hardware support?)"
+        )
+    return True, "a KVM guest ran"
 
 
 def choose_accel(
@@ -76,7 +113,7 @@ def choose_accel(
             raise ConfigError(f"VMLEASE_QEMU_ACCEL must be 'kvm' or 'tcg', not {forced!r}")
         return Accel(forced), "set by VMLEASE_QEMU_ACCEL"
     cache = cache_dir / "accel.json"
-    key = f"{boot_id()}|{qemu_version}"
+    key = f"{boot_id()}|{qemu_version}|{_PROBE_VERSION}"
     try:
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:

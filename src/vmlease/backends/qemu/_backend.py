@@ -59,6 +59,7 @@ from vmlease.backends.qemu._launch import (
     QMP_SOCKET,
     Accel,
     LaunchConfig,
+    find_qboot,
     qemu_argv,
 )
 from vmlease.backends.qemu._processes import (
@@ -254,6 +255,7 @@ class QemuBackend(AgentOperations, Backend):
                     tsc_khz=host_tsc_khz(),
                     tcg_cpu=self._env.get("VMLEASE_QEMU_CPU") or None,
                     version=version,
+                    qboot=find_qboot(qemu),
                 )
             return self._config
 

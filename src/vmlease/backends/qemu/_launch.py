@@ -26,8 +26,25 @@ __all__ = [
     "PIDFILE",
     "QMP_SOCKET",
     "Accel",
+    "find_qboot",
     "qemu_argv",
 ]
+
+#: Where distributions put QEMU's firmware, after the folder beside the binary's own.
+_FIRMWARE_DIRS = ("/usr/share/qemu", "/usr/local/share/qemu")
+
+
+def find_qboot(qemu: str) -> str | None:
+    """qboot's ROM for ``qemu``, if installed. Debian's QEMU 7.2 boots microvm
+    through it by default; from QEMU 8 the default is SeaBIOS, which is slower
+    and needs option ROMs, so built images ask for qboot by name."""
+    beside = Path(qemu).resolve().parent.parent / "share/qemu"
+    for folder in (str(beside), *_FIRMWARE_DIRS):
+        rom = Path(folder) / "qboot.rom"
+        if rom.is_file():
+            return str(rom)
+    return None
+
 
 AGENT_PORT = "org.vmlease.agent"
 DISK = "disk.qcow2"
@@ -55,6 +72,8 @@ class LaunchConfig:
         tcg_cpu: a CPU model that overrides the image's choice under TCG
             (``$VMLEASE_QEMU_CPU``), or None.
         version: the first line of ``qemu --version``.
+        qboot: qboot's ROM, the firmware built images boot through on microvm
+            (``find_qboot``); None to let QEMU pick its own.
     """
 
     qemu: str
@@ -62,6 +81,7 @@ class LaunchConfig:
     tsc_khz: int | None
     tcg_cpu: str | None = None
     version: str = ""
+    qboot: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "accel", Accel(self.accel))  # "kvm" or "tcg" given as text
@@ -104,7 +124,13 @@ def qemu_argv(
             cmdline += f" tsc_early_khz={config.tsc_khz}"
         bus = "device"
         at = [""] * 5
-        machine = ["-M", "microvm,acpi=on,x-option-roms=off"]
+        if config.qboot:
+            # qboot jumps to the PVH entry itself, with no option ROM to load.
+            machine = ["-M", "microvm,acpi=on,x-option-roms=off", "-bios", config.qboot]
+        else:
+            # SeaBIOS (QEMU 8's default for microvm) boots PVH through pvh.bin,
+            # an option ROM: they stay on.
+            machine = ["-M", "microvm,acpi=on"]
         boot = ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline]
         disk_device = "virtio-blk-device,drive=disk0"
     network = spec.network or image.network

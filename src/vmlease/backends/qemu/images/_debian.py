@@ -44,6 +44,7 @@ from vmlease.backends.qemu.images._steps import (
     Steps,
     existing_build,
     guest_file,
+    modules_dir,
     publish,
     require_tools,
     tar_digest,
@@ -253,7 +254,7 @@ class _Builder(Steps):
         (overlay / "usr/sbin").mkdir(parents=True, exist_ok=True)
         shutil.copy2(agent, overlay / "usr/sbin/vmlease-agent")
         (overlay / "usr/lib/modules").mkdir(parents=True, exist_ok=True)
-        shutil.copytree(pkg / "lib/modules" / kver, overlay / "usr/lib/modules" / kver)
+        shutil.copytree(modules_dir(pkg, kver), overlay / "usr/lib/modules" / kver)
 
         def as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
             info.uid = info.gid = 0

@@ -9,12 +9,15 @@ mounting anything, and publish a finished build.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 import shutil
 import struct
+import subprocess
 import tarfile
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -34,6 +37,7 @@ __all__ = [
     "is_static_elf",
     "load_order",
     "missing_tools",
+    "modules_dir",
     "point_current",
     "publish",
     "tar_digest",
@@ -95,29 +99,84 @@ def has_pvh_note(vmlinux: Path) -> bool:
     return False
 
 
-def module_depends(ko: Path) -> list[str]:
+#: Module file endings: plain, or compressed as Debian 13 ships them.
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+def module_stem(path: Path) -> str:
+    """A module file's name without its ending (``virtio_blk`` for ``virtio_blk.ko.xz``)."""
+    return next(path.name[: -len(s)] for s in MODULE_SUFFIXES if path.name.endswith(s))
+
+
+def _module_key(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def module_bytes(path: Path) -> bytes:
+    """A module file's contents, decompressed."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".zst"):
+        tool = find_program("zstd")
+        if tool is None:
+            raise ImageBuildError(f"{path.name} is zstd-compressed: apt-get install zstd")
+        done = subprocess.run(  # binary output: not the text runner
+            [tool, "-d", "-q", "-c", str(path)], capture_output=True, timeout=60, check=False
+        )
+        if done.returncode != 0:
+            raise ImageBuildError(f"cannot decompress {path.name}: {done.stderr.decode()[-500:]}")
+        return done.stdout
+    return data
+
+
+def module_depends(ko: bytes) -> list[str]:
     """The ``depends=`` list from a module's .modinfo section."""
-    m = re.search(rb"(?:^|\0)depends=([^\0]*)\0", ko.read_bytes())
+    m = re.search(rb"(?:^|\0)depends=([^\0]*)\0", ko)
     if not m:
         return []
-    return [d.replace("-", "_") for d in m.group(1).decode().split(",") if d]
+    return [_module_key(d) for d in m.group(1).decode().split(",") if d]
 
 
-def load_order(modules_root: Path, wanted: tuple[str, ...]) -> list[Path]:
-    """``wanted`` and their dependencies, each after what it needs."""
-    index = {p.stem.replace("-", "_"): p for p in modules_root.rglob("*.ko")}
-    order: list[Path] = []
+def modules_dir(pkg: Path, kver: str) -> Path:
+    """Where an unpacked kernel package keeps its modules: ``lib/modules/KVER``
+    (Debian 12) or ``usr/lib/modules/KVER`` (Debian 13)."""
+    for base in ("lib/modules", "usr/lib/modules"):
+        if (pkg / base / kver).is_dir():
+            return pkg / base / kver
+    raise ImageBuildError(f"the kernel package holds no modules for {kver}")
+
+
+def load_order(modules: Path, wanted: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """``wanted`` and their dependencies, each after what it needs, as
+    (file stem, decompressed module); those built into the kernel
+    (``modules.builtin``) are left out."""
+    builtin_list = modules / "modules.builtin"
+    builtin = {
+        _module_key(module_stem(Path(line.strip())))
+        for line in (builtin_list.read_text().splitlines() if builtin_list.exists() else [])
+        if line.strip().endswith(MODULE_SUFFIXES)
+    }
+    index = {
+        _module_key(module_stem(p)): p
+        for p in (modules / "kernel").rglob("*.ko*")
+        if p.name.endswith(MODULE_SUFFIXES)
+    }
+    order: list[tuple[str, bytes]] = []
     seen: set[str] = set()
 
     def visit(name: str) -> None:
-        if name in seen:
+        if name in seen or name in builtin:
             return
         if name not in index:
             raise ImageBuildError(f"kernel module {name} is not in the kernel package")
         seen.add(name)
-        for dep in module_depends(index[name]):
+        data = module_bytes(index[name])
+        for dep in module_depends(data):
             visit(dep)
-        order.append(index[name])
+        order.append((module_stem(index[name]), data))
 
     for name in wanted:
         visit(name)
@@ -154,6 +213,13 @@ COMMON_TOOLS = {
     "lz4": "lz4",
     "mke2fs": "e2fsprogs",
     "qemu-img": "qemu-utils",
+}
+#: The compressions of a bzImage's payload vmlease unpacks, by their magic.
+_KERNEL_COMPRESSIONS = {
+    b"\x02\x21\x4c\x18": "lz4",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x1f\x8b": "gzip",
 }
 #: Drivers the stage-1 initramfs loads to reach the root disk and the agent's port.
 STAGE1_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng")
@@ -241,14 +307,14 @@ class Steps:
         """``out``: busybox, the virtio drivers, and ``stage1-init``, which loads
         them, mounts ``/dev/vda`` and hands over to its ``/sbin/init``."""
         self.say("assembling the initramfs")
-        modules = load_order(pkg / "lib/modules" / kver / "kernel", STAGE1_MODULES)
+        modules = load_order(modules_dir(pkg, kver), STAGE1_MODULES)
         entries: list[tuple[str, int, bytes]] = [
             (d, 0o040755, b"") for d in ("bin", "dev", "proc", "newroot", "lib", "lib/modules")
         ]
         entries.append(("bin/busybox", 0o100755, busybox.read_bytes()))
         entries.append(("init", 0o100755, guest_file("guest/stage1-init")))
-        entries.extend((f"lib/modules/{m.name}", 0o100644, m.read_bytes()) for m in modules)
-        order = "\n".join(m.stem for m in modules) + "\n"
+        entries.extend((f"lib/modules/{stem}.ko", 0o100644, data) for stem, data in modules)
+        order = "".join(f"{stem}\n" for stem, _ in modules)
         entries.append(("lib/modules/load-order", 0o100644, order.encode()))
         out.write_bytes(cpio_newc(entries))
 
@@ -321,19 +387,40 @@ class Steps:
             remove_tree(tree, self.run)
 
     def vmlinux(self, bzimage: Path, out: Path) -> None:
+        """The ELF kernel inside the bzImage ``bzimage``, decompressed to ``out``.
+
+        The compressed payload is where the boot protocol's setup header says
+        (``payload_offset``, ``payload_length``); Debian 12 compresses it with
+        LZ4, Debian 13 with zstd.
+        """
         data = bzimage.read_bytes()
-        pos = data.find(b"\x02\x21\x4c\x18")  # LZ4 legacy frame magic
-        if pos < 0:
+        if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+            raise ImageBuildError(f"{bzimage.name} is not a bzImage kernel")
+        setup_sects = data[0x1F1] or 4
+        offset, length = struct.unpack_from("<II", data, 0x248)
+        start = (setup_sects + 1) * 512 + offset
+        payload = data[start : start + length - 4]  # the last 4 bytes: the size
+        how = next((h for m, h in _KERNEL_COMPRESSIONS.items() if payload.startswith(m)), None)
+        if how is None:
             raise ImageBuildError(
-                f"{bzimage.name} is not an LZ4-compressed kernel; "
-                "pass a Debian cloud kernel package (--kernel-deb)"
+                f"{bzimage.name} is compressed in a way vmlease does not unpack "
+                f"(magic {payload[:6].hex()}); use a Debian cloud kernel package (--kernel-deb)"
             )
-        payload = out.with_suffix(".lz4")
-        payload.write_bytes(data[pos:])
-        # lz4 complains about the bytes after the last block (the bzImage trailer)
-        # but has written the whole kernel by then; the ELF check below decides.
-        self.run(["lz4", "-d", "-f", str(payload), str(out)], timeout_s=120)
-        payload.unlink()
+        if how in ("gzip", "xz"):
+            out.write_bytes(gzip.decompress(payload) if how == "gzip" else lzma.decompress(payload))
+        else:
+            packed = out.with_suffix(f".{how}")
+            packed.write_bytes(payload)
+            try:
+                self.check(
+                    [how, "-d", "-q", "-f", str(packed), str(out)]
+                    if how == "lz4"
+                    else [how, "-d", "-q", "-f", str(packed), "-o", str(out)],
+                    f"decompressing the kernel ({how}; apt-get install {how})",
+                    120,
+                )
+            finally:
+                packed.unlink(missing_ok=True)
         if not out.exists() or not has_pvh_note(out):
             raise ImageBuildError(
                 f"the kernel in {bzimage.name} has no PVH entry point (CONFIG_PVH); "
