@@ -122,10 +122,13 @@ def give_to_sudo_user(path: Path, env: Mapping[str, str] | None = None) -> None:
     who = sudo_user(env)
     if who is None:
         return
-    owner = path if path.exists() else path.parent
-    while not owner.exists() and owner != owner.parent:
-        owner = owner.parent
+    # The nearest folder up from ``path`` that root does not own says whose
+    # cache this is (what root made there, now or under an earlier sudo, is not
+    # a sign: it is what this hands over).
+    owner = path
     try:
+        while owner != owner.parent and (not owner.exists() or owner.stat().st_uid == 0):
+            owner = owner.parent
         if owner.stat().st_uid != who[0]:
             return  # not the user's folder (a shared cache, root's own): leave it be
         for top, dirs, files in os.walk(path):

@@ -49,6 +49,7 @@ class Blocker:
 
 
 def is_root() -> bool:
+    """Whether this process may write any owner (the build needs no namespace)."""
     return os.geteuid() == 0
 
 
@@ -60,8 +61,7 @@ def as_root(argv: Sequence[str]) -> list[str]:
     return command if is_root() else [*NAMESPACE, *command]
 
 
-def _user() -> tuple[str, int]:
-    uid = os.getuid()
+def _user(uid: int) -> tuple[str, int]:
     try:
         return pwd.getpwuid(uid).pw_name, uid
     except KeyError:
@@ -98,12 +98,14 @@ def _userns_knob() -> str:
     return "sudo sysctl -w user.max_user_namespaces=15000"
 
 
-def blockers(runner: Runner, etc: Path = Path("/etc")) -> list[Blocker]:
-    """What stops this user from building Debian images (empty for root, or when
-    nothing does). Probes the namespace for real, in about 10 ms."""
-    if is_root():
+def blockers(runner: Runner, etc: Path = Path("/etc"), uid: int | None = None) -> list[Blocker]:
+    """What stops this user (``uid``, by default this process's) from building
+    Debian images: empty for root, or when nothing does. Probes the namespace
+    for real, in about 10 ms."""
+    uid = os.getuid() if uid is None else uid
+    if uid == 0:
         return []
-    name, uid = _user()
+    name, uid = _user(uid)
     found = []
     tools = [t for t in ("unshare", "newuidmap", "newgidmap") if find_program(t) is None]
     if tools:

@@ -1,0 +1,151 @@
+"""vmlease as a normal user: Debian's PATH for users, no root, sudo only where said.
+
+Each test runs commands as a throwaway user (``tests/support/normal_user.py``)
+with this checkout's vmlease, in that user's own state and cache directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.normal_user import ROOT, NormalUser, unusable_reason
+from vmlease.backends.qemu.images import Image
+
+pytestmark = pytest.mark.skipif(unusable_reason() is not None, reason=str(unusable_reason()))
+
+_DEBIAN_VM = """
+import subprocess, vmlease
+with vmlease.Session() as session:
+    vm = session.create(image="debian-12")
+    vm.run(["sh", "-c", "echo served > /tmp/page"], check=True)
+    vm.run(["sh", "-c", "cd /tmp && nohup python3 -m http.server 8000 >/dev/null 2>&1 &"])
+    vm.wait_for_port(8000)
+    port = vm.forward(8000)
+    page = subprocess.run(["python3", "-c", f"import urllib.request; print(urllib.request."
+                           f"urlopen('http://127.0.0.1:{port}/page', timeout=30).read().decode())"],
+                          capture_output=True, text=True, timeout=60)
+    ssh = subprocess.run(vm.ssh.argv(["hostname"]), capture_output=True, text=True, timeout=120)
+    print(f"page={page.stdout.strip()} ssh={ssh.returncode}:{ssh.stdout.strip()} name={vm.name}")
+"""
+
+
+@pytest.fixture(scope="module")
+def user() -> Iterator[NormalUser]:
+    with NormalUser() as made:
+        yield made
+
+
+def _manifest(image_dir: Path, name: str) -> dict[str, object]:
+    loaded: dict[str, object] = json.loads((image_dir / name / "current/manifest.json").read_text())
+    return loaded
+
+
+def test_the_example_suite_passes_as_a_normal_user(user: NormalUser) -> None:
+    """scripts/example's suite, run the way the user would: tiny built by the user."""
+    built = user.vmlease("image", "build", "tiny")
+    assert "tiny" in built.stdout
+    done = user.run(
+        [
+            user.python,
+            "-m",
+            "pytest",
+            "-c",
+            "examples/pytest.ini",
+            "examples",
+            "--ignore=examples/debian",
+            "-q",
+        ],
+        cwd=ROOT,
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    assert " passed" in done.stdout
+    assert "nothing left behind" in done.stdout
+
+
+def test_a_debian_image_built_by_a_user_is_the_one_root_builds(
+    user: NormalUser, debian_image: Image
+) -> None:
+    """Same inputs, same build id and the same files (owners and modes included)."""
+    user.vmlease("image", "build", "debian-12", timeout_s=900)
+    theirs = _manifest(user.home / ".cache/vmlease/images", "debian-12")
+    assert theirs["build_id"] == debian_image.build_id
+    assert isinstance(theirs["info"], dict)
+    assert theirs["info"]["tree_sha256"] == debian_image.info["tree_sha256"]
+    assert not list((user.home / ".cache/vmlease/images/debian-12").glob(".build-*"))
+
+
+def test_a_debian_vm_serves_through_a_forward_and_answers_ssh_as_a_normal_user(
+    user: NormalUser,
+) -> None:
+    user.vmlease("image", "build", "debian-12", timeout_s=900)  # up to date, or built here
+    done = user.run([user.python, "-c", _DEBIAN_VM], timeout_s=600)
+    fields = dict(f.split("=", 1) for f in done.stdout.split())
+    assert fields["page"] == "served"
+    assert fields["ssh"] == f"0:{fields['name']}"
+    left = user.vmlease("ls", "--json")
+    assert json.loads(left.stdout) == {"vms": []}
+
+
+def test_an_image_built_with_sudo_into_a_users_cache_belongs_to_the_user(
+    user: NormalUser,
+) -> None:
+    cache = user.home / "sudo-cache"
+    user.run(["mkdir", "-p", str(cache)])
+    env = {**_root_env(), "VMLEASE_CACHE_DIR": str(cache)}
+    sudo = {"SUDO_UID": str(user.uid), "SUDO_GID": str(user.gid), "SUDO_USER": user.name}
+    _as_root(["image", "build", "tiny"], {**env, **sudo})
+    assert user.files_not_owned() == []
+    # The user finds it up to date and runs VMs on it.
+    again = user.vmlease("image", "build", "tiny", VMLEASE_CACHE_DIR=str(cache))
+    assert again.returncode == 0
+    made = user.run(
+        [
+            user.python,
+            "-c",
+            "import vmlease\nwith vmlease.Session() as s:\n"
+            "    print(s.create(image='tiny').run(['id', '-u']).stdout.strip())",
+        ],
+        VMLEASE_CACHE_DIR=str(cache),
+    )
+    assert made.stdout.strip() == "0"
+
+
+def test_a_root_owned_cache_is_a_clear_error_for_the_user(user: NormalUser) -> None:
+    """Built as root without sudo's variables: the user is told the path and the fix."""
+    cache = user.home / "root-cache"
+    _as_root(["image", "build", "tiny"], {**_root_env(), "VMLEASE_CACHE_DIR": str(cache)})
+    refused = user.run(
+        [user.python, "-c", "import vmlease\nwith vmlease.Session() as s: s.create(image='tiny')"],
+        VMLEASE_CACHE_DIR=str(cache),
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "chown -R" in refused.stderr
+    assert str(cache) in refused.stderr
+    # A build that is current is found so by anyone who can read it.
+    current = user.vmlease("image", "build", "tiny", VMLEASE_CACHE_DIR=str(cache))
+    assert "up to date" in current.stderr
+    shutil.rmtree(cache)
+    assert user.files_not_owned() == []
+
+
+def _root_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SUDO_")}
+
+
+def _as_root(args: list[str], env: dict[str, str]) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "vmlease", *args],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )

@@ -1,0 +1,178 @@
+"""A throwaway normal user for tests: made with useradd, removed with its files.
+
+Tests run as root (so does CI), which hides everything a normal user meets:
+no ``/usr/sbin`` on PATH, no way to write root's files, ``/dev/kvm`` closed.
+``NormalUser`` makes a user with a home and subordinate ids, as ``adduser``
+does on Debian, and runs commands as that user with Debian's default PATH
+for users and nothing else of root's environment. On leaving, the user's
+processes are killed and the user, its home (subordinate ids' files
+included) and its ``/etc/subuid`` lines are removed.
+
+The user runs this checkout's vmlease with a Python of its own: the
+virtualenv's interpreter when the user may run it, else the system's
+``python3`` of the same version, with the checkout's ``src`` and the
+virtualenv's packages on its path. Where the user can read neither,
+``unusable_reason`` says why, for a skip that names it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["DEBIAN_USER_PATH", "NormalUser", "unusable_reason"]
+
+#: What Debian's /etc/profile and login.defs give a normal user.
+DEBIAN_USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def unusable_reason() -> str | None:
+    """Why throwaway users cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "making a throwaway user needs root"
+    missing = [
+        t for t in ("useradd", "userdel", "runuser") if not shutil.which(t, path=_sbin_path())
+    ]
+    if missing:
+        return f"{', '.join(missing)} missing (apt-get install passwd util-linux)"
+    return None
+
+
+def _sbin_path() -> str:
+    return os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+
+
+def _readable_by_all(path: Path) -> bool:
+    """Whether every folder from / down to ``path`` lets others in."""
+    for part in [path, *path.parents]:
+        if part.exists() and not part.stat().st_mode & 0o001:
+            return False
+    return True
+
+
+class NormalUser:
+    """A throwaway user; use as a context manager."""
+
+    def __init__(self) -> None:
+        self.name = f"vmlt{secrets.token_hex(3)}"
+        self.home = Path("/home") / self.name
+        self.uid = -1
+        self.gid = -1
+        self.python = ""
+        self.pythonpath = ""
+
+    def __enter__(self) -> NormalUser:
+        subprocess.run(
+            ["useradd", "--create-home", "--shell", "/bin/bash", self.name],
+            check=True,
+            env={**os.environ, "PATH": _sbin_path()},
+            capture_output=True,
+        )
+        try:
+            self.uid = int(subprocess.check_output(["id", "-u", self.name]))
+            self.gid = int(subprocess.check_output(["id", "-g", self.name]))
+            self._choose_python()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _choose_python(self) -> None:
+        site = sysconfig.get_paths()["purelib"]
+        src = str(ROOT / "src")
+        if not (_readable_by_all(Path(site)) and _readable_by_all(ROOT / "src")):
+            raise RuntimeError(
+                f"{site} or {src} is not readable by other users: clone the repository "
+                "where others can read it to run the normal-user tests"
+            )
+        own = os.path.realpath(sys.executable)
+        system = shutil.which("python3", path="/usr/bin:/bin") or ""
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        candidates = [own, system]
+        for python in candidates:
+            if not python:
+                continue
+            probe = self.run(
+                [python, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+                check=False,
+            )
+            if probe.returncode == 0 and probe.stdout.strip() == version:
+                self.python = python
+                break
+        else:
+            raise RuntimeError(f"no Python {version} this user may run (apt-get install python3)")
+        self.pythonpath = f"{src}:{site}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A login's environment: Debian's PATH for users, this user's home."""
+        return {
+            "HOME": str(self.home),
+            "USER": self.name,
+            "LOGNAME": self.name,
+            "PATH": DEBIAN_USER_PATH,
+            "LANG": "C.UTF-8",
+            **({"PYTHONPATH": self.pythonpath} if self.pythonpath else {}),
+            **extra,
+        }
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout_s: float = 600,
+        cwd: Path | None = None,
+        **extra_env: str,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` as this user, with ``env()`` and nothing of root's."""
+        done = subprocess.run(
+            ["runuser", "-u", self.name, "--", "env", "-i", *_pairs(self.env(**extra_env)), *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=cwd or self.home,
+            env={**os.environ, "PATH": _sbin_path()},
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"as {self.name}: {' '.join(argv)} exited {done.returncode}\n"
+                f"--- stdout ---\n{done.stdout[-4000:]}\n--- stderr ---\n{done.stderr[-4000:]}"
+            )
+        return done
+
+    def vmlease(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        """``vmlease ARGS`` as this user."""
+        return self.run([self.python, "-m", "vmlease", *args], **kw)  # type: ignore[arg-type]
+
+    def files_not_owned(self) -> list[Path]:
+        """Files under the home that do not belong to this user (a leak of root's)."""
+        found = []
+        for top, dirs, files in os.walk(self.home):
+            for entry in [Path(top), *(Path(top) / n for n in dirs + files)]:
+                if entry.lstat().st_uid != self.uid:
+                    found.append(entry)
+        return found
+
+    def __exit__(self, *_exc: object) -> None:
+        env = {**os.environ, "PATH": _sbin_path()}
+        subprocess.run(["pkill", "-KILL", "-u", self.name], capture_output=True, check=False)
+        for _ in range(50):
+            if subprocess.run(["pgrep", "-u", self.name], capture_output=True).returncode:
+                break
+            subprocess.run(["sleep", "0.1"], check=False)
+        subprocess.run(
+            ["userdel", "--remove", "--force", self.name], capture_output=True, env=env, check=False
+        )
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def _pairs(env: dict[str, str]) -> list[str]:
+    return [f"{k}={v}" for k, v in env.items()]
