@@ -6,28 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.doubles.runner import ScriptedRunner
 from vmlease import ConfigError
 from vmlease._runner import Completed
 from vmlease.backends.qemu._accel import choose_accel, probe_kvm
-
-
-class ScriptedRunner:
-    def __init__(self, returncode: int | None, stderr: str = "") -> None:
-        self.returncode = returncode
-        self.stderr = stderr
-        self.calls: list[list[str]] = []
-
-    def __call__(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout_s: float,
-        cwd: Path | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> Completed:
-        self.calls.append(list(argv))
-        return Completed(tuple(argv), self.returncode, "", self.stderr)
-
 
 kvm_usable = pytest.mark.skipif(
     not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="the probe needs /dev/kvm to exist"

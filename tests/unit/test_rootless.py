@@ -4,32 +4,13 @@ are handed to the user whose cache they are in."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
+from tests.doubles.runner import ScriptedRunner
 from vmlease._paths import give_to_sudo_user, sudo_user
-from vmlease._runner import Completed
 from vmlease.backends.qemu.images._rootless import NAMESPACE, as_root, blockers, has_subids
-
-
-class NamespaceRunner:
-    def __init__(self, returncode: int, stderr: str = "") -> None:
-        self.returncode = returncode
-        self.stderr = stderr
-        self.calls: list[list[str]] = []
-
-    def __call__(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout_s: float,
-        cwd: Path | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> Completed:
-        self.calls.append(list(argv))
-        return Completed(tuple(argv), self.returncode, "", self.stderr)
 
 
 def _etc(tmp_path: Path, subuid: str, subgid: str) -> Path:
@@ -39,13 +20,13 @@ def _etc(tmp_path: Path, subuid: str, subgid: str) -> Path:
 
 
 def test_root_needs_nothing_and_probes_nothing(tmp_path: Path) -> None:
-    runner = NamespaceRunner(1)
+    runner = ScriptedRunner(1)
     assert blockers(runner, _etc(tmp_path, "", ""), uid=0) == []
     assert runner.calls == []
 
 
 def test_missing_subordinate_ids_are_named_with_the_usermod_line(tmp_path: Path) -> None:
-    runner = NamespaceRunner(0)
+    runner = ScriptedRunner(0)
     found = blockers(runner, _etc(tmp_path, "someone:100000:65536\n", ""), uid=54321)
     text = "; ".join(map(str, found))
     assert "usermod --add-subuids 100000-165535" in text
@@ -55,7 +36,7 @@ def test_missing_subordinate_ids_are_named_with_the_usermod_line(tmp_path: Path)
 
 def test_a_namespace_the_kernel_refuses_names_the_sysctl(tmp_path: Path) -> None:
     etc = _etc(tmp_path, "54321:100000:65536\n", "54321:100000:65536\n")
-    runner = NamespaceRunner(1, "unshare: write failed /proc/self/uid_map: Operation not permitted")
+    runner = ScriptedRunner(1, "unshare: write failed /proc/self/uid_map: Operation not permitted")
     [blocker] = blockers(runner, etc, uid=54321)
     assert "Operation not permitted" in blocker.what
     assert blocker.fix.startswith("sudo sysctl -w ")
@@ -64,7 +45,7 @@ def test_a_namespace_the_kernel_refuses_names_the_sysctl(tmp_path: Path) -> None
 
 def test_a_user_with_ids_and_namespaces_is_not_blocked(tmp_path: Path) -> None:
     etc = _etc(tmp_path, "54321:100000:65536\n", "54321:100000:65536\n")
-    assert blockers(NamespaceRunner(0), etc, uid=54321) == []
+    assert blockers(ScriptedRunner(0), etc, uid=54321) == []
 
 
 def test_subordinate_ranges_must_be_whole(tmp_path: Path) -> None:
