@@ -81,8 +81,9 @@ def probe_kvm(
         return False, f"{device} is missing (no KVM module, or virtualisation is off)"
     if not os.access(device, os.R_OK | os.W_OK):
         return False, (
-            f"{device} is not accessible to you; to use KVM, join its group: "
-            "`sudo usermod -aG kvm $USER`, then log in again"
+            f"{device} is not accessible to you; to use KVM, open it to group kvm "
+            f"(`sudo chgrp kvm {device} && sudo chmod 660 {device}`, or a udev rule) "
+            "and join the group: `sudo usermod -aG kvm $USER`, then log in again"
         )
     started = clock()
     done = _run_boot_sector(qemu, runner, "kvm", timeout_s)
@@ -112,7 +113,7 @@ def choose_accel(
         if forced not in tuple(Accel):
             raise ConfigError(f"VMLEASE_QEMU_ACCEL must be 'kvm' or 'tcg', not {forced!r}")
         return Accel(forced), "set by VMLEASE_QEMU_ACCEL"
-    cache = cache_dir / "accel.json"
+    cache = cache_dir / f".accel-{os.getuid()}.json"  # KVM access differs by user
     key = f"{boot_id()}|{qemu_version}|{_PROBE_VERSION}"
     try:
         cached = json.loads(cache.read_text())

@@ -85,6 +85,7 @@ from vmlease.backends.qemu.images import (
     list_images,
     load_build,
     remove_user,
+    rootless_blockers,
 )
 
 __all__ = ["QemuBackend"]
@@ -221,6 +222,19 @@ class QemuBackend(AgentOperations, Backend):
                 )
             )
         checks.append(disk_check("images", self._image_dir))
+        problems = rootless_blockers(self._run)
+        if problems:
+            checks.append(
+                Check(
+                    "image builds",
+                    Severity.WARN,
+                    "Debian images cannot be built as you: "
+                    + "; ".join(map(str, problems))
+                    + " (tiny and imported images still can)",
+                )
+            )
+        else:
+            checks.append(Check("image builds", Severity.OK, "every recipe can build as you"))
         images = list_images(self._image_dir)
         if images:
             names = ", ".join(sorted({i.name for i in images}))
@@ -246,9 +260,10 @@ class QemuBackend(AgentOperations, Backend):
                     raise BackendUnavailable(f"{qemu} --version failed: {done.stderr.strip()}")
                 version = done.stdout.splitlines()[0] if done.stdout else "?"
                 ensure_private_dir(self.root)
-                accel, self.accel_reason = choose_accel(
-                    qemu, version, self._run, self.root, self._env
-                )
+                # The answer is the host's, not a state directory's: it is kept
+                # with the images, which every state directory of this user shares.
+                probes = self._image_dir if self._image_dir.is_dir() else self.root
+                accel, self.accel_reason = choose_accel(qemu, version, self._run, probes, self._env)
                 self._config = LaunchConfig(
                     qemu=qemu,
                     accel=accel,

@@ -24,6 +24,7 @@ from vmlease.backends.qemu.images._catalog import (
 )
 from vmlease.backends.qemu.images._debian import build_debian
 from vmlease.backends.qemu.images._recipes import RECIPES, find_image, recipe
+from vmlease.backends.qemu.images._rootless import blockers as rootless_blockers
 from vmlease.backends.qemu.images._rootless import remove_tree
 from vmlease.backends.qemu.images._tiny import build_tiny
 
@@ -43,4 +44,5 @@ __all__ = [
     "recipe",
     "remove_tree",
     "remove_user",
+    "rootless_blockers",
 ]
