@@ -156,36 +156,42 @@ class Session:
             self._backend.close()
             raise failure
         self._ledger = Ledger(self.state_dir / "ledger.sqlite3")
-        self.owner: Owner = current_owner(self.id)
-        self._backend.serve(self.owner, lease_s=float(max_age_s))
-        self.name_prefix = name_prefix
-        if name_tag:
-            validate_name(name_tag)
-        self.name_tag = name_tag
-        self.boot_timeout_s = float(boot_timeout_s)
-        self.max_age_s = float(max_age_s)
-        self._metrics = Metrics()
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._protect_lock = threading.Lock()
-        self._counter = 0
-        self._vms: dict[int, VM] = {}
-        self._created = 0
-        self._deleted = 0
-        self._failed = 0
-        self._adopted = 0
-        self._closed = False
-        self._opened = False
-        if isinstance(reaper, ReaperLink):
-            self._reaper: ReaperLink | None = reaper
-        else:
-            self._reaper = ReaperLink(self.state_dir) if reaper else None
-        self._places = Semaphore(self.state_dir, "vm", max_vms) if max_vms is not None else None
-        self._place_timeout_s = place_timeout_s
-        self._held: dict[int, Slot] = {}
-        # Ledger writes that failed on a path that had to go on: vm id -> (state, error).
-        self._unrecorded: dict[int, tuple[VMState, str | None]] = {}
-        self.swept: list[Outcome] = self._sweep() if sweep else []
+        try:
+            self.owner: Owner = current_owner(self.id)
+            self._backend.serve(self.owner, lease_s=float(max_age_s))
+            self.name_prefix = name_prefix
+            if name_tag:
+                validate_name(name_tag)
+            self.name_tag = name_tag
+            self.boot_timeout_s = float(boot_timeout_s)
+            self.max_age_s = float(max_age_s)
+            self._metrics = Metrics()
+            self._clock = clock
+            self._lock = threading.Lock()
+            self._protect_lock = threading.Lock()
+            self._counter = 0
+            self._vms: dict[int, VM] = {}
+            self._created = 0
+            self._deleted = 0
+            self._failed = 0
+            self._adopted = 0
+            self._closed = False
+            self._opened = False
+            if isinstance(reaper, ReaperLink):
+                self._reaper: ReaperLink | None = reaper
+            else:
+                self._reaper = ReaperLink(self.state_dir) if reaper else None
+            self._places = Semaphore(self.state_dir, "vm", max_vms) if max_vms is not None else None
+            self._place_timeout_s = place_timeout_s
+            self._held: dict[int, Slot] = {}
+            # Ledger writes that failed on a path that had to go on: vm id -> (state, error).
+            self._unrecorded: dict[int, tuple[VMState, str | None]] = {}
+            self.swept: list[Outcome] = self._sweep() if sweep else []
+        except BaseException:
+            # A session refused on the way up leaves no open ledger or backend behind.
+            self._ledger.close()
+            self._backend.close()
+            raise
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self._backend.name} vms={len(self._vms)}>"
