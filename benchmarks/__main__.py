@@ -10,6 +10,7 @@ python -m benchmarks chaos      faults of the machinery and the host: leaks, tim
 python -m benchmarks guests     debian-12: boots, saved states, resets, commands vs ssh, memory
 python -m benchmarks trims      debian-12: what each boot trim buys (systemd-analyze)
 python -m benchmarks libvirt    the libvirt backend beside direct QEMU; runner SIGKILL to VMs gone
+python -m benchmarks rootless   debian-12 built and started as root and as a normal user
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import chaos, faults, guests, libvirt, reap, spine, startup, suite, trims
+from benchmarks import (
+    chaos,
+    faults,
+    guests,
+    libvirt,
+    reap,
+    rootless,
+    spine,
+    startup,
+    suite,
+    trims,
+)
 
 
 def main() -> int:
@@ -26,7 +38,7 @@ def main() -> int:
     parser.add_argument(
         "which",
         nargs="*",
-        metavar="spine|reap|suite|faults|startup|chaos|guests|trims|libvirt",
+        metavar="spine|reap|suite|faults|startup|chaos|guests|trims|libvirt|rootless",
         help="default: all",
     )
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
@@ -45,7 +57,18 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5 (the figures are medians of at least 5)")
-    names = ["spine", "reap", "suite", "faults", "startup", "chaos", "guests", "trims", "libvirt"]
+    names = [
+        "spine",
+        "reap",
+        "suite",
+        "faults",
+        "startup",
+        "chaos",
+        "guests",
+        "trims",
+        "libvirt",
+        "rootless",
+    ]
     unknown = set(args.which) - set(names)
     if unknown:
         parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose {', '.join(names)}")
@@ -65,6 +88,8 @@ def main() -> int:
         code |= trims.main(runs=args.runs)
     if "libvirt" in which:
         code |= libvirt.main(runs=args.runs, trials=max(10, args.chaos_trials))
+    if "rootless" in which:
+        code |= rootless.main(runs=max(3, args.runs // 2))
     if "chaos" in which:
         code |= chaos.main(trials=args.chaos_trials)
     if "startup" in which:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.libvirtd import missing_tools
 from tests.support.normal_user import ROOT, NormalUser, unusable_reason
 from vmlease.backends.qemu.images import Image
 
@@ -92,6 +93,30 @@ def test_a_debian_vm_serves_through_a_forward_and_answers_ssh_as_a_normal_user(
     assert fields["ssh"] == f"0:{fields['name']}"
     left = user.vmlease("ls", "--json")
     assert json.loads(left.stdout) == {"vms": []}
+
+
+_SESSION_VMS = """
+import vmlease
+with vmlease.Session(backend="libvirt", backend_options={"uris": ["qemu:///session"]}) as s:
+    first = s.create(image="tiny")  # boots, and saves the host's booted state
+    second = s.create(image="tiny")  # starts from it
+    print(first.run(["hostname"]).stdout.strip(), second.run(["hostname"]).stdout.strip(),
+          second.name)
+"""
+
+
+def test_a_libvirt_session_vm_as_a_normal_user(user: NormalUser) -> None:
+    """qemu:///session: the user's own libvirtd, started by libvirt on first use."""
+    if missing_tools().startswith("not installed") or "binding" in missing_tools():
+        pytest.skip(missing_tools())
+    user.vmlease("image", "build", "tiny")
+    done = user.run([user.python, "-c", _SESSION_VMS], timeout_s=300)
+    first, second, name = done.stdout.split()
+    assert second == name
+    assert first != second
+    pool = user.home / ".local/share/libvirt/vmlease"
+    assert pool.is_dir()
+    assert user.files_not_owned() == []
 
 
 def test_an_image_built_with_sudo_into_a_users_cache_belongs_to_the_user(

@@ -307,3 +307,26 @@ def test_a_host_that_does_not_answer_is_skipped_with_one_warning(
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1
     assert "h1/system: connection refused; skipping it" in warned[0]
+
+
+def test_the_pool_directory_follows_the_host_a_session_in_the_users_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    made = Hosts(
+        ["qemu:///system", "qemu:///session", "qemu+ssh://u@h/session", "qemu+tcp://h/system"],
+        pool="vmlease",
+        pool_path=None,
+        keepalive=(5, 3),
+        connect_timeout_s=1,
+    )
+    system, session, remote_session, remote_system = made.hosts
+    assert made.pool_path(system) == "/var/lib/libvirt/vmlease"
+    assert made.pool_path(remote_system) == "/var/lib/libvirt/vmlease"
+    assert made.pool_path(session) == f"{tmp_path}/data/libvirt/vmlease"
+    with pytest.raises(ConfigError, match="pool_path"):
+        made.pool_path(remote_session)
+    given = Hosts(
+        ["qemu:///session"], pool="p", pool_path="/srv/p", keepalive=(5, 3), connect_timeout_s=1
+    )
+    assert given.pool_path(given.hosts[0]) == "/srv/p"

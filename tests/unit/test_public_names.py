@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+#: Third-party tools an integration needs: its names resolve only where the tool is installed.
+OPTIONAL = {"pyinfra"}
+
 PACKAGES = [
     "vmlease",
     "vmlease.backends",
@@ -22,7 +25,12 @@ def test_every_exported_name_resolves_in_a_fresh_interpreter(package: str) -> No
     # A fresh interpreter: names loaded on first use must resolve on their own.
     probe = (
         f"import {package} as p\n"
-        "missing = [n for n in p.__all__ if not hasattr(p, n)]\n"
+        "def resolves(n):\n"
+        "    try:\n"
+        "        return hasattr(p, n)\n"
+        "    except ImportError as e:\n"
+        f"        return e.name in {sorted(OPTIONAL)!r}\n"
+        "missing = [n for n in p.__all__ if not resolves(n)]\n"
         "assert not missing, missing\n"
         "assert len(set(p.__all__)) == len(p.__all__)\n"
         "print(len(p.__all__))\n"
@@ -63,7 +71,12 @@ def test_lazily_loaded_names_are_exported_and_listed_by_dir() -> None:
 def test_every_exported_name_is_defined_where_the_package_says(package: str) -> None:
     module = importlib.import_module(package)
     for name in module.__all__:
-        value = getattr(module, name)
+        try:
+            value = getattr(module, name)
+        except ImportError as exc:
+            if exc.name not in OPTIONAL:
+                raise
+            continue
         defined_in = getattr(value, "__module__", None)
         if defined_in is not None:
             assert defined_in.startswith("vmlease"), (name, defined_in)

@@ -178,7 +178,7 @@ class LibvirtBackend(AgentOperations, Backend):
         self.hosts = Hosts(
             self.uris,
             pool=pool,
-            pool_path=pool_path or f"/var/lib/libvirt/{pool}",
+            pool_path=pool_path,
             keepalive=keepalive,
             connect_timeout_s=connect_timeout_s,
             on_connect=self._on_connect,
@@ -495,7 +495,8 @@ class LibvirtBackend(AgentOperations, Backend):
             if state is not None:
                 flags |= libvirt.VIR_DOMAIN_START_PAUSED
             try:
-                conn.createXML(xml, flags)
+                with self._socket_placeholder(host, files.state):
+                    conn.createXML(xml, flags)
             except libvirt.libvirtError as exc:
                 if (
                     exc.get_error_code()
@@ -523,6 +524,21 @@ class LibvirtBackend(AgentOperations, Backend):
                 self._saving[name] = (host, *claim)
                 self._state_disk[name] = disk_name
         return state
+
+    @contextlib.contextmanager
+    def _socket_placeholder(self, host: Host, path: str) -> Iterator[None]:
+        """An empty file at the state channel's socket path while libvirt starts
+        QEMU: with ``dynamic_ownership`` (libvirt's default) it labels the path of
+        a connect-mode socket then, and fails if there is none. Gone again once
+        QEMU runs, so that QEMU may listen there when it loads a booted state."""
+        placeholder = path.rsplit("/", 1)[-1]
+        self.hosts.delete_volume(host, placeholder)  # left by a runner that died here
+        self.hosts.pool(host).createXML(volume_xml(placeholder, 0, "raw"), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                self.hosts.delete_volume(host, placeholder)
 
     def _start_warm(self, name: str, host: Host, state: HostState, deadline: float) -> None:
         """Load ``state`` into VM ``name`` (created paused, waiting for it), run it,
@@ -802,7 +818,8 @@ class LibvirtBackend(AgentOperations, Backend):
             path = f"{self.hosts.pool_dir(host)}/{saved}"
             try:
                 dom.save(path)
-                conn.restore(path)
+                with self._socket_placeholder(host, _state_socket(self.hosts.pool_dir(host), name)):
+                    conn.restore(path)
                 dom = conn.lookupByName(name)
             except libvirt.libvirtError as exc:
                 raise _error(exc, f"keeping VM {name} on {host.uri}") from exc

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmlease._errors import BackendError, BackendUnavailable, DiskFull, ImageError
+from vmlease._errors import BackendError, BackendUnavailable, ConfigError, DiskFull, ImageError
 from vmlease._paths import megabytes
 from vmlease.backends.libvirt._domain import pool_xml, volume_xml
 from vmlease.backends.qemu.images import Image
@@ -147,14 +148,14 @@ class Hosts:
         uris: Sequence[str],
         *,
         pool: str,
-        pool_path: str,
+        pool_path: str | None,
         keepalive: tuple[int, int],
         connect_timeout_s: float,
         on_connect: Callable[[Host], None] | None = None,
     ) -> None:
         self.hosts = [Host(uri) for uri in uris]
         self.pool_name = pool
-        self.pool_path = pool_path
+        self.given_pool_path = pool_path
         self.keepalive = keepalive
         self.connect_timeout_s = connect_timeout_s
         self.on_connect = on_connect
@@ -233,8 +234,24 @@ class Hosts:
 
     # -- the pool and images ----------------------------------------------
 
+    def pool_path(self, host: Host) -> str:
+        """Where vmlease's pool lives on ``host`` unless told: beside libvirt's own
+        files, which for a user's ``qemu:///session`` are in that user's home."""
+        if self.given_pool_path:
+            return self.given_pool_path
+        parts = urllib.parse.urlsplit(host.uri)
+        if parts.path.rstrip("/") != "/session":
+            return f"/var/lib/libvirt/{self.pool_name}"
+        if parts.netloc:
+            raise ConfigError(
+                f"libvirt host {host.uri}: a remote session's pool directory cannot be told "
+                "from here; give one with Session(backend_options={'pool_path': ...})"
+            )
+        data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
+        return f"{data}/libvirt/{self.pool_name}"
+
     def pool(self, host: Host) -> Any:
-        """vmlease's storage pool on ``host``, defined and started if needed."""
+        """vmlease's storage pool on ``host``, defined, built and started if needed."""
         conn = self.connect(host)
         if host.pool is not None:
             return host.pool
@@ -245,18 +262,23 @@ class Hosts:
             try:
                 owner = _qemu_user(conn)
                 pool = conn.storagePoolDefineXML(
-                    pool_xml(self.pool_name, self.pool_path, owner=owner), 0
+                    pool_xml(self.pool_name, self.pool_path(host), owner=owner), 0
                 )
-                pool.build(0)
                 pool.setAutostart(1)
             except libvirt.libvirtError:  # another runner defined it meanwhile
                 pool = conn.storagePoolLookupByName(self.pool_name)
         if not pool.isActive():
             try:
+                pool.build(0)  # makes the directory (with its owner and mode) if missing
                 pool.create(0)
-            except libvirt.libvirtError:
+            except libvirt.libvirtError as exc:
                 if not pool.isActive():
-                    raise
+                    raise BackendUnavailable(
+                        f"libvirt host {host.uri}: storage pool {self.pool_name} cannot start "
+                        f"({exc.get_error_message()}); fix its directory, or remove the pool "
+                        f"(`virsh -c {host.uri} pool-undefine {self.pool_name}`) and vmlease "
+                        "defines it again"
+                    ) from exc
         host.pool = pool
         return pool
 
