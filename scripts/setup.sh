@@ -51,6 +51,22 @@ if [ ${#missing[@]} -gt 0 ]; then
     ( apt_install "${missing[@]}" ) || echo "setup: libvirt could not be installed; its tests will be skipped" >&2
 fi
 
+# A normal user builds Debian images in a user namespace with subordinate ids
+# (/etc/subuid, /etc/subgid); Debian gives them to users made by useradd, but
+# not every user has them. The next free range of 65536 is added once.
+if [ "$(id -u)" != 0 ]; then
+    me=$(id -un)
+    for kind in subuid subgid; do
+        if ! grep -qE "^($me|$(id -u)):[0-9]+:([0-9]{5,})$" "/etc/$kind" 2>/dev/null; then
+            start=$(awk -F: 'BEGIN {m = 100000} {e = $2 + $3; if (e > m) m = e} END {print m}' \
+                "/etc/$kind" 2>/dev/null || echo 100000)
+            flag=--add-subuids; [ $kind = subgid ] && flag=--add-subgids
+            echo "setup: sudo usermod $flag $start-$((start + 65535)) $me" >&2
+            sudo usermod "$flag" "$start-$((start + 65535))" "$me"
+        fi
+    done
+fi
+
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2
     if ! python3 -m venv .venv >/dev/null 2>&1; then
