@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.libvirtd import missing_tools
-from tests.support.normal_user import ROOT, NormalUser, unusable_reason
+from tests.support.normal_user import NormalUser, unusable_reason
 from vmlease.backends.qemu.images import Image
 
 pytestmark = pytest.mark.skipif(unusable_reason() is not None, reason=str(unusable_reason()))
@@ -64,7 +64,7 @@ def test_the_example_suite_passes_as_a_normal_user(user: NormalUser) -> None:
             "--ignore=examples/debian",
             "-q",
         ],
-        cwd=ROOT,
+        cwd=user.checkout,
         PYTHONDONTWRITEBYTECODE="1",
     )
     assert " passed" in done.stdout

@@ -11,8 +11,8 @@ included) and its ``/etc/subuid`` lines are removed.
 The user runs this checkout's vmlease with a Python of its own: the
 virtualenv's interpreter when the user may run it, else the system's
 ``python3`` of the same version, with the checkout's ``src`` and the
-virtualenv's packages on its path. Where the user can read neither,
-``unusable_reason`` says why, for a skip that names it.
+virtualenv's packages on its path. Where others cannot read those (a
+checkout under ``/root``), the user gets a copy of them and of the examples.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,6 +68,9 @@ class NormalUser:
         self.gid = -1
         self.python = ""
         self.pythonpath = ""
+        #: This checkout, or a copy the user can read.
+        self.checkout = ROOT
+        self._copy: Path | None = None
 
     def __enter__(self) -> NormalUser:
         subprocess.run(
@@ -85,18 +89,26 @@ class NormalUser:
         return self
 
     def _choose_python(self) -> None:
-        site = sysconfig.get_paths()["purelib"]
-        src = str(ROOT / "src")
-        if not (_readable_by_all(Path(site)) and _readable_by_all(ROOT / "src")):
-            raise RuntimeError(
-                f"{site} or {src} is not readable by other users: clone the repository "
-                "where others can read it to run the normal-user tests"
-            )
+        site = Path(sysconfig.get_paths()["purelib"])
+        if _readable_by_all(site) and _readable_by_all(ROOT / "src"):
+            self.checkout = ROOT
+        else:
+            # A checkout (or virtualenv) others cannot read, under /root say: the
+            # user gets a copy of what it runs.
+            self._copy = Path(tempfile.mkdtemp(prefix="vmlease-user-copy-"))
+            self._copy.chmod(0o755)
+            for part in ("src", "examples", "pyproject.toml"):
+                source = ROOT / part
+                if source.is_dir():
+                    shutil.copytree(source, self._copy / part)
+                else:
+                    shutil.copy2(source, self._copy / part)
+            shutil.copytree(site, self._copy / "site-packages", symlinks=True)
+            self.checkout, site = self._copy, self._copy / "site-packages"
         own = os.path.realpath(sys.executable)
         system = shutil.which("python3", path="/usr/bin:/bin") or ""
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        candidates = [own, system]
-        for python in candidates:
+        for python in (own, system):
             if not python:
                 continue
             probe = self.run(
@@ -108,7 +120,7 @@ class NormalUser:
                 break
         else:
             raise RuntimeError(f"no Python {version} this user may run (apt-get install python3)")
-        self.pythonpath = f"{src}:{site}"
+        self.pythonpath = f"{self.checkout / 'src'}:{site}"
 
     def env(self, **extra: str) -> dict[str, str]:
         """A login's environment: Debian's PATH for users, this user's home."""
@@ -172,6 +184,8 @@ class NormalUser:
             ["userdel", "--remove", "--force", self.name], capture_output=True, env=env, check=False
         )
         shutil.rmtree(self.home, ignore_errors=True)
+        if self._copy is not None:
+            shutil.rmtree(self._copy, ignore_errors=True)
 
 
 def _pairs(env: dict[str, str]) -> list[str]:
