@@ -24,7 +24,7 @@ from tests.integration.test_libvirt import (
     sessions_vms_are_gone,
     vm_volumes,
 )
-from tests.support.libvirtd import LibvirtDaemon
+from tests.support.libvirtd import LibvirtDaemon, missing_tools
 from vmlease._spec import VMSpec
 from vmlease.backends.libvirt import LibvirtBackend
 
@@ -35,6 +35,9 @@ STARTED = "started from booted state"
 @pytest.fixture
 def fresh_host() -> Iterator[LibvirtDaemon]:
     """A libvirt host of its own: no booted state on it yet."""
+    why = missing_tools()
+    if why:
+        pytest.skip(f"libvirt: {why}")
     daemon = LibvirtDaemon(cache=libvirt_cache()).start()
     yield daemon
     left = daemon.qemu_pids()

@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cloud_image import build_cloud_image
+from tests.support.cloud_image import missing_tools as cloud_image_tools
 from tests.support.libvirtd import missing_tools
 from tests.support.normal_user import NormalUser, unusable_reason
+from vmlease._paths import image_dir
 from vmlease.backends.qemu.images import Image
 
 pytestmark = pytest.mark.skipif(unusable_reason() is not None, reason=str(unusable_reason()))
@@ -116,6 +119,31 @@ def test_a_libvirt_session_vm_as_a_normal_user(user: NormalUser) -> None:
     assert first != second
     pool = user.home / ".local/share/libvirt/vmlease"
     assert pool.is_dir()
+    assert user.files_not_owned() == []
+
+
+_CLOUDY_VM = """
+import vmlease
+with vmlease.Session() as session:
+    vm = session.create(image="cloudy")
+    print(vm.run(["cloud-init", "status"]).stdout.split()[-1], vm.ssh.user)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_cloud_image_is_imported_and_runs_as_a_normal_user(user: NormalUser) -> None:
+    """The import's seeded first boot, and VMs of the result, as the user."""
+    need = cloud_image_tools()
+    if need:
+        pytest.skip(f"building the test cloud image needs: apt-get install {' '.join(need)}")
+    source = build_cloud_image(image_dir().parent / "test-data")  # built as root, once
+    mine = user.home / "cloud.qcow2"
+    shutil.copyfile(source, mine)
+    os.chown(mine, user.uid, user.gid)
+    user.vmlease("image", "import", "cloudy", str(mine), timeout_s=1100)
+    done = user.run([user.python, "-c", _CLOUDY_VM], timeout_s=300)
+    assert done.stdout.split() == ["done", "vmlease"]
     assert user.files_not_owned() == []
 
 

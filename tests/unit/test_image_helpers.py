@@ -170,7 +170,7 @@ def test_missing_tools_are_all_named_with_one_install_command(
 
 
 def test_a_missing_kernel_package_file_is_named(tmp_path: Path) -> None:
-    if not all(shutil.which(t) for t in ("gcc", "lz4", "mke2fs", "qemu-img", "dpkg-deb")):
+    if not all(find_program(t) for t in ("gcc", "lz4", "mke2fs", "qemu-img", "dpkg-deb")):
         pytest.skip("the image build tools are not installed")
     with pytest.raises(ImageBuildError, match="does not exist"):
         _tiny.build_tiny(tmp_path / "images", kernel_deb=tmp_path / "nope.deb")
