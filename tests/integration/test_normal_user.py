@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import libvirt_cache
 from tests.support.cloud_image import build_cloud_image
 from tests.support.cloud_image import missing_tools as cloud_image_tools
-from tests.support.libvirtd import missing_tools
+from tests.support.libvirtd import LibvirtDaemon, missing_tools
 from tests.support.normal_user import NormalUser, unusable_reason
 from vmlease._paths import image_dir
 from vmlease.backends.qemu.images import Image
@@ -122,6 +123,31 @@ def test_a_libvirt_session_vm_as_a_normal_user(user: NormalUser) -> None:
     assert user.files_not_owned() == []
 
 
+_SYSTEM_VM = """
+import sys, vmlease
+uris = [sys.argv[1]]
+with vmlease.Session(backend="libvirt", backend_options={"uris": uris}) as s:
+    print(s.create(image="tiny").run(["id", "-u"]).stdout.strip())
+"""
+
+
+def test_a_system_libvirt_for_a_user_in_its_group(user: NormalUser) -> None:
+    """qemu:///system as Debian opens it: to members of group libvirt."""
+    if missing_tools():
+        pytest.skip(f"libvirt: {missing_tools()}")
+    if subprocess.run(["getent", "group", "libvirt"], capture_output=True).returncode:
+        pytest.skip("no group libvirt (libvirt-daemon-system makes it)")
+    subprocess.run(["usermod", "-aG", "libvirt", user.name], check=True, env=_root_env_sbin())
+    daemon = LibvirtDaemon(cache=libvirt_cache(), group="libvirt").start()
+    try:
+        user.vmlease("image", "build", "tiny")
+        done = user.run([user.python, "-c", _SYSTEM_VM, daemon.unix_uri], timeout_s=300)
+        assert done.stdout.strip() == "0"  # root in the guest; the user drove it
+        assert daemon.qemu_pids() == []
+    finally:
+        daemon.stop()
+
+
 _CLOUDY_VM = """
 import vmlease
 with vmlease.Session() as session:
@@ -190,6 +216,10 @@ def test_a_root_owned_cache_is_a_clear_error_for_the_user(user: NormalUser) -> N
     assert "up to date" in current.stderr
     shutil.rmtree(cache)
     assert user.files_not_owned() == []
+
+
+def _root_env_sbin() -> dict[str, str]:
+    return {**_root_env(), "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
 
 
 def _root_env() -> dict[str, str]:

@@ -76,7 +76,15 @@ class LibvirtDaemon:
             autodestroy domains with it.
     """
 
-    def __init__(self, *, keepalive: tuple[int, int] = (2, 2), cache: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        keepalive: tuple[int, int] = (2, 2),
+        cache: Path | None = None,
+        group: str | None = None,
+    ) -> None:
+        """``group``: its members may use the daemon's socket too, as Debian's
+        ``libvirt`` group may use ``qemu:///system``; otherwise root alone."""
         self.root = Path(tempfile.mkdtemp(prefix="vml-lv-", dir="/tmp"))
         # libvirtd probes QEMU's capabilities once per cache (about 8 s): the cache
         # is kept beside vmlease's image cache and shared by the daemons.
@@ -86,10 +94,13 @@ class LibvirtDaemon:
         for part in ("etc", "run", "lib", "cache", "log", "sock"):
             (self.root / part).mkdir(mode=0o700)
         interval, count = keepalive
+        access = 'unix_sock_rw_perms = "0700"\n'
+        if group is not None:
+            access = f'unix_sock_group = "{group}"\nunix_sock_rw_perms = "0770"\n'
+            for folder in (self.root, self.root / "sock"):
+                folder.chmod(0o755)
         (self.root / "etc" / "libvirtd.conf").write_text(
-            f'unix_sock_dir = "{self.root / "sock"}"\n'
-            'unix_sock_rw_perms = "0700"\n'
-            'auth_unix_rw = "none"\n'
+            f'unix_sock_dir = "{self.root / "sock"}"\n' + access + 'auth_unix_rw = "none"\n'
             "listen_tls = 0\n"
             "listen_tcp = 1\n"
             'listen_addr = "127.0.0.1"\n'
