@@ -66,6 +66,7 @@ mount --rbind /sys "$root/sys"
 mount --rbind /dev "$root/dev"
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
 mount -t tmpfs -o mode=755 tmpfs "$root/run"
+mkdir -m 1777 "$root/run/lock"  # /var/lock, where libvirt locks its channels' devices
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 mkdir -p "$root/.host"
 cd "$root"
