@@ -439,7 +439,16 @@ class LibvirtBackend(AgentOperations, Backend):
             if warm and self.states is not None:
                 placeholder = DomainFiles("@", "@", volumes.kernel, volumes.initrd, "@")
                 key = state_key(
-                    domain_xml("@", spec, image, placeholder, lease, kvm=self.kvm, tsc_khz=tsc_khz),
+                    domain_xml(
+                        "@",
+                        spec,
+                        image,
+                        placeholder,
+                        lease,
+                        kvm=self.kvm,
+                        tsc_khz=tsc_khz,
+                        qboot=host.qboot,
+                    ),
                     volumes,
                     conn,
                     kvm=self.kvm,
@@ -490,6 +499,7 @@ class LibvirtBackend(AgentOperations, Backend):
                 kvm=self.kvm,
                 tsc_khz=tsc_khz,
                 incoming=state is not None,
+                qboot=host.qboot,
             )
             flags = libvirt.VIR_DOMAIN_START_AUTODESTROY
             if state is not None:
@@ -509,6 +519,13 @@ class LibvirtBackend(AgentOperations, Backend):
                     made.clear()  # the volumes are the other domain's now
                     raise VMAlreadyExists(
                         f"the libvirt backend already has a VM named {name!r} (on {host.uri})"
+                    ) from exc
+                if host.qboot and host.qboot in str(exc):
+                    missing, host.qboot = host.qboot, None
+                    raise BackendError(
+                        f"creating VM {name} on {host.uri}: the host has no {missing}; "
+                        "its VMs boot through QEMU's default firmware from now on",
+                        transient=True,
                     ) from exc
                 raise _error(exc, f"creating VM {name} on {host.uri}") from exc
         except BaseException:

@@ -23,7 +23,10 @@ from vmlease.backends.libvirt._lease import Lease
 from vmlease.backends.qemu._launch import AGENT_PORT
 from vmlease.backends.qemu.images import Image
 
-__all__ = ["QEMU_NAMESPACE", "STATE_PORT", "DomainFiles", "domain_xml"]
+__all__ = ["QBOOT", "QEMU_NAMESPACE", "STATE_PORT", "DomainFiles", "domain_xml"]
+
+#: Where Debian's QEMU keeps qboot, on every host until one says otherwise.
+QBOOT = "/usr/share/qemu/qboot.rom"
 
 #: libvirt's namespace for QEMU command-line additions.
 QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -69,8 +72,13 @@ def domain_xml(
     tsc_khz: int | None = None,
     tcg_cpu: str | None = None,
     incoming: bool = False,
+    qboot: str | None = None,
 ) -> str:
     """The XML of VM ``name``'s domain, its lease in its metadata.
+
+    ``qboot``: the host's qboot ROM, which a built image boots through on
+    microvm (QEMU 8 and later default to SeaBIOS there, whose guests under
+    libvirt 11 powered off at once in most starts); None for QEMU's default.
 
     ``incoming``: QEMU starts waiting for a migration stream (a booted state)
     instead of running the guest.
@@ -96,6 +104,8 @@ def domain_xml(
         cmdline = f"{image.cmdline} vmlease.name={name} systemd.hostname={name}"
         if tsc_khz:
             cmdline += f" tsc_early_khz={tsc_khz}"
+        if qboot:
+            _sub(os_, "loader", qboot, readonly="yes", type="rom")
         _sub(os_, "kernel", files.kernel)
         _sub(os_, "initrd", files.initrd)
         _sub(os_, "cmdline", cmdline)

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from vmlease._errors import BackendError, BackendUnavailable, ConfigError, DiskFull, ImageError
 from vmlease._paths import megabytes
-from vmlease.backends.libvirt._domain import pool_xml, volume_xml
+from vmlease.backends.libvirt._domain import QBOOT, pool_xml, volume_xml
 from vmlease.backends.qemu.images import Image
 
 __all__ = ["Host", "Hosts", "ImageVolumes", "download", "libvirt_module", "volume_mtime"]
@@ -95,6 +95,9 @@ class Host:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: Whether the connection can pass file descriptors: a local Unix socket.
     passes_files: bool = False
+    #: qboot's ROM on this host, for built images on microvm; None once the host
+    #: has said it has none (its QEMU's default firmware is used then).
+    qboot: str | None = QBOOT
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.uri)
