@@ -103,6 +103,23 @@ def test_a_built_image_boots_on_microvm_with_its_lease_in_the_metadata() -> None
     assert {a.get("type") for a in root.iter("address")} == {"virtio-mmio"}
 
 
+def test_a_built_image_names_qboot_as_its_loader_where_the_host_has_it() -> None:
+    lease = Lease.new(OWNER, lease_s=120, now=1000.0)
+    with_qboot = tree(domain_xml("vm-1", VMSpec(), _image(), FILES, lease, qboot="/q/qboot.rom"))
+    loader = with_qboot.find("os/loader")
+    assert loader is not None
+    assert (loader.text, loader.get("type"), loader.get("readonly")) == (
+        "/q/qboot.rom",
+        "rom",
+        "yes",
+    )
+    assert tree(domain_xml("vm-1", VMSpec(), _image(), FILES, lease)).find("os/loader") is None
+    firmware = domain_xml(
+        "vm-2", VMSpec(), _image("firmware", Network.USER), FILES, lease, qboot="/q"
+    )
+    assert tree(firmware).find("os/loader") is None  # an imported image boots its own BIOS
+
+
 def test_an_imported_image_boots_through_the_bios_with_its_devices_in_fixed_slots() -> None:
     lease = Lease.new(OWNER, lease_s=120)
     root = tree(
