@@ -75,11 +75,12 @@ def test_the_example_suite_passes_as_a_normal_user(user: NormalUser) -> None:
     assert "nothing left behind" in done.stdout
 
 
+@pytest.mark.timeout(300)
 def test_a_debian_image_built_by_a_user_is_the_one_root_builds(
     user: NormalUser, debian_image: Image
 ) -> None:
     """Same inputs, same build id and the same files (owners and modes included)."""
-    user.vmlease("image", "build", "debian-12", timeout_s=900)
+    user.vmlease("image", "build", "debian-12", timeout_s=240)
     theirs = _manifest(user.home / ".cache/vmlease/images", "debian-12")
     assert theirs["build_id"] == debian_image.build_id
     assert isinstance(theirs["info"], dict)
@@ -87,11 +88,12 @@ def test_a_debian_image_built_by_a_user_is_the_one_root_builds(
     assert not list((user.home / ".cache/vmlease/images/debian-12").glob(".build-*"))
 
 
+@pytest.mark.timeout(420)
 def test_a_debian_vm_serves_through_a_forward_and_answers_ssh_as_a_normal_user(
     user: NormalUser,
 ) -> None:
-    user.vmlease("image", "build", "debian-12", timeout_s=900)  # up to date, or built here
-    done = user.run([user.python, "-c", _DEBIAN_VM], timeout_s=600)
+    user.vmlease("image", "build", "debian-12", timeout_s=240)  # up to date, or built here
+    done = user.run([user.python, "-c", _DEBIAN_VM], timeout_s=150)
     fields = dict(f.split("=", 1) for f in done.stdout.split())
     assert fields["page"] == "served"
     assert fields["ssh"] == f"0:{fields['name']}"
@@ -109,6 +111,7 @@ with vmlease.Session(backend="libvirt", backend_options={"uris": ["qemu:///sessi
 """
 
 
+@pytest.mark.timeout(420)
 def test_a_libvirt_session_vm_as_a_normal_user(user: NormalUser) -> None:
     """qemu:///session: the user's own libvirtd, started by libvirt on first use."""
     if missing_tools().startswith("not installed") or "binding" in missing_tools():
@@ -131,6 +134,7 @@ with vmlease.Session(backend="libvirt", backend_options={"uris": uris}) as s:
 """
 
 
+@pytest.mark.timeout(420)
 def test_a_system_libvirt_for_a_user_in_its_group(user: NormalUser) -> None:
     """qemu:///system as Debian opens it: to members of group libvirt."""
     if missing_tools():

@@ -143,16 +143,36 @@ class NormalUser:
         cwd: Path | None = None,
         **extra_env: str,
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` as this user, with ``env()`` and nothing of root's."""
-        done = subprocess.run(
-            ["runuser", "-u", self.name, "--", "env", "-i", *_pairs(self.env(**extra_env)), *argv],
-            capture_output=True,
+        """Run ``argv`` as this user, with ``env()`` and nothing of root's.
+
+        Past ``timeout_s`` the user's Python processes are asked for their
+        threads' stacks (``PYTHONFAULTHANDLER``, SIGABRT) and the failure
+        shows them, with the tails of the user's libvirt and QEMU logs.
+        """
+        env = self.env(PYTHONFAULTHANDLER="1", **extra_env)
+        with subprocess.Popen(
+            ["runuser", "-u", self.name, "--", "env", "-i", *_pairs(env), *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout_s,
             cwd=cwd or self.home,
             env={**os.environ, "PATH": _sbin_path()},
-            check=False,
-        )
+        ) as process:
+            try:
+                out, err = process.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                subprocess.run(["pkill", "-ABRT", "-u", self.name, "python"], check=False)
+                try:
+                    out, err = process.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    out, err = process.communicate()
+                raise AssertionError(
+                    f"as {self.name}: {' '.join(argv)} still running after {timeout_s:.0f} s\n"
+                    f"--- stdout ---\n{out[-4000:]}\n--- stderr ---\n{err[-8000:]}\n"
+                    f"{self.log_tails()}"
+                ) from None
+        done = subprocess.CompletedProcess(process.args, process.returncode, out, err)
         if check and done.returncode != 0:
             raise AssertionError(
                 f"as {self.name}: {' '.join(argv)} exited {done.returncode}\n"
@@ -163,6 +183,14 @@ class NormalUser:
     def vmlease(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
         """``vmlease ARGS`` as this user."""
         return self.run([self.python, "-m", "vmlease", *args], **kw)  # type: ignore[arg-type]
+
+    def log_tails(self, lines: int = 30) -> str:
+        """The last lines of the logs this user's libvirt and VMs wrote."""
+        shown = []
+        for log in sorted((self.home / ".cache/libvirt").glob("**/*.log")):
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            shown.append(f"--- {log} ---\n" + "\n".join(text))
+        return "\n".join(shown)
 
     def files_not_owned(self) -> list[Path]:
         """Files under the home that do not belong to this user (a leak of root's)."""

@@ -101,6 +101,45 @@ def test_exec_collects_output_in_order_and_sends_stdin(channel_with: MakeChannel
     assert b"".join(got_stdin) == big
 
 
+def test_a_command_that_exits_mid_stdin_leaves_the_stream_on_a_frame_boundary(
+    channel_with: MakeChannel,
+) -> None:
+    """The command exits while a STDIN frame is half sent: the rest of that frame
+    still goes out, so the next request is read as a request."""
+    seen: list[int] = []
+
+    def peer(sock: socket.socket) -> None:
+        assert read_frame(sock)[0] == proto.EXEC
+        kind, length = struct.unpack(">BI", sock.recv(5, socket.MSG_WAITALL))
+        assert kind == proto.STDIN
+        sock.recv(1000, socket.MSG_WAITALL)  # part of it, then the command is done
+        sock.sendall(frame(proto.EXIT, struct.pack(">iB", 0, 0)))
+        sock.recv(length - 1000, socket.MSG_WAITALL)  # the rest of that frame
+        while True:  # what follows must parse as whole frames up to the next EXEC
+            kind, _ = read_frame(sock)
+            seen.append(kind)
+            if kind == proto.EXEC:
+                sock.sendall(frame(proto.EXIT, struct.pack(">iB", 7, 0)))
+                return
+
+    host, guest = socket.socketpair()
+    host.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    guest.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    thread = threading.Thread(target=peer, args=(guest,), daemon=True)
+    thread.start()
+    ch = AgentChannel(host, name="t")
+    try:
+        first = ch.exec(["true"], stdin=os.urandom(1 << 20), env=None, cwd=None, timeout_s=5)
+        assert first.exit_code == 0
+        assert ch.exec(["next"], stdin=None, env=None, cwd=None, timeout_s=5).exit_code == 7
+    finally:
+        ch.close()
+        guest.close()
+        thread.join(5)
+    assert seen[-1] == proto.EXEC
+    assert set(seen[:-1]) <= {proto.STDIN}
+
+
 def test_exec_timeout_sends_kill_and_reports_it(channel_with: MakeChannel) -> None:
     def peer(sock: socket.socket) -> None:
         read_frame(sock)

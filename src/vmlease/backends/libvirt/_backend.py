@@ -967,9 +967,7 @@ class LibvirtBackend(AgentOperations, Backend):
                 yield channel
             except ChannelError as exc:
                 link.drop()
-                try:
-                    self._find(name)
-                except VMNotFound:
+                if self._ends_soon(name):
                     raise ChannelError(
                         f"VM {name} is gone: its domain ended ({exc}); its console said:\n"
                         f"{self.console_tail(name, 25)}"
@@ -978,6 +976,23 @@ class LibvirtBackend(AgentOperations, Backend):
             finally:
                 link.used = time.monotonic()
                 self._release_when_idle(link)
+
+    def _ends_soon(self, name: str, within_s: float = 3.0) -> bool:
+        """Whether VM ``name``'s domain is gone, or goes within ``within_s``.
+
+        A channel closes a moment before libvirt drops the domain it belonged
+        to (libvirtd stopping ends its clients' VMs), so a failed channel
+        waits that moment before calling the VM alive.
+        """
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                self._find(name)
+            except VMNotFound:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
 
     def _channel(self, name: str, link: _Link, timeout_s: float) -> AgentChannel:
         """The agent channel of VM ``name``, opened and greeted; caller holds ``link.lock``."""

@@ -138,6 +138,7 @@ class AgentChannel:
             raise ChannelError(f"command channel to VM {self._name} is broken: {self._broken}")
         source = iter(outgoing)
         pending = bytearray()
+        cut = False  # part of pending's first frame has gone out
         expired = False
         quiet_since = time.monotonic()
         while True:
@@ -161,10 +162,13 @@ class AgentChannel:
                 except OSError as exc:
                     raise self._fail(str(exc)) from exc
                 del pending[:sent]
+                cut = bool(pending) and (cut or sent > 0)
             if readable:
                 self._recv()
                 for kind, payload in self._frames():
                     if handle(kind, payload):
+                        if cut:
+                            self._finish_frame(pending)
                         return expired
             if deadline is not None and time.monotonic() >= deadline and not (readable or writable):
                 if expired or on_deadline is None:
@@ -172,6 +176,23 @@ class AgentChannel:
                 expired = True
                 pending += on_deadline()
                 deadline = time.monotonic() + _KILL_GRACE_S
+
+    def _finish_frame(self, pending: bytearray) -> None:
+        """Send the rest of a frame cut short by the answer (a command that
+        exited before reading all its input): the agent reads frames whole, so
+        the next request must start on a frame boundary."""
+        deadline = time.monotonic() + _KILL_GRACE_S
+        while pending:
+            _, writable = self._wait(deadline, want_write=True)
+            if writable:
+                try:
+                    del pending[: self._sock.send(pending)]
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise self._fail(str(exc)) from exc
+            elif time.monotonic() >= deadline:
+                raise self._fail("the VM stopped reading in the middle of a request")
 
     # -- operations ------------------------------------------------------
 
