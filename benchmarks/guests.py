@@ -34,9 +34,9 @@ import vmlease
 from benchmarks.spine import bare_disk
 from vmlease._paths import image_dir
 from vmlease._spec import VMSpec
+from vmlease.backends.guest.images import build_debian, find_image
 from vmlease.backends.qemu import QemuBackend
 from vmlease.backends.qemu._launch import qemu_argv
-from vmlease.backends.qemu.images import build_debian, find_image
 
 RESULTS = Path(__file__).parent / "results"
 IMAGE = "debian-12"

@@ -33,9 +33,9 @@ from tests.support.libvirtd import LibvirtDaemon, SSHGate
 from vmlease._paths import image_dir
 from vmlease._spec import VMSpec
 from vmlease.backends import Backend
+from vmlease.backends.guest.images import build_tiny
 from vmlease.backends.libvirt import LibvirtBackend
 from vmlease.backends.qemu import QemuBackend
-from vmlease.backends.qemu.images import build_tiny
 
 RESULTS = Path(__file__).parent / "results"
 RUNNER = Path(__file__).parents[1] / "tests" / "support" / "libvirt_runner.py"

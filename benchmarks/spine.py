@@ -26,9 +26,9 @@ from typing import Any
 import vmlease
 from vmlease._paths import image_dir
 from vmlease._spec import VMSpec
+from vmlease.backends.guest.images import Image, find_image
 from vmlease.backends.qemu import QemuBackend
 from vmlease.backends.qemu._launch import qemu_argv
-from vmlease.backends.qemu.images import Image, find_image
 
 RESULTS = Path(__file__).parent / "results"
 MARKER = b"vmlease: guest "

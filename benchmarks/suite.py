@@ -37,7 +37,7 @@ from typing import Any
 
 import vmlease
 from vmlease._paths import image_dir
-from vmlease.backends.qemu.images import find_image
+from vmlease.backends.guest.images import find_image
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import vmlease
 from vmlease._paths import image_dir
+from vmlease.backends.guest.images import build_debian
+from vmlease.backends.guest.images._debian import CMDLINE, MASKED
 from vmlease.backends.qemu import QemuBackend
-from vmlease.backends.qemu.images import build_debian
-from vmlease.backends.qemu.images._debian import CMDLINE, MASKED
 
 RESULTS = Path(__file__).parent / "results"
 IMAGE = "debian-12"

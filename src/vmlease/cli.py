@@ -22,7 +22,7 @@ from vmlease._paths import image_dir, megabytes, state_dir
 
 if TYPE_CHECKING:
     from vmlease._ledger import Record
-    from vmlease.backends.qemu.images._source import Source
+    from vmlease.backends.guest.images._source import Source
 
 __all__ = ["main"]
 
@@ -298,7 +298,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 def cmd_image_build(args: argparse.Namespace) -> int:
     from vmlease._progress import Progress
-    from vmlease.backends.qemu.images import recipe
+    from vmlease.backends.guest.images import recipe
 
     build = recipe(args.name)
     options: dict[str, object] = {"force": args.force}
@@ -406,7 +406,7 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
 
 
 def _recipes_help() -> str:
-    from vmlease.backends.qemu.images import RECIPES
+    from vmlease.backends.guest.images import RECIPES
 
     return "; ".join(f"{r.name} ({r.summary})" for r in RECIPES.values())
 

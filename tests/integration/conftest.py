@@ -14,7 +14,7 @@ from tests.conftest import _qemu_processes_under
 from tests.doubles.tools import double, doubles_bin  # noqa: F401 - fixtures
 from tests.support.libvirtd import LibvirtDaemon, SSHGate, missing_tools
 from vmlease._paths import image_dir
-from vmlease.backends.qemu.images import Image, build_debian, build_tiny
+from vmlease.backends.guest.images import Image, build_debian, build_tiny
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import vmlease
-from vmlease.backends.qemu.images import Image
+from vmlease.backends.guest.images import Image
 
 pytestmark = pytest.mark.timeout(600)
 

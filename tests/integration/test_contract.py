@@ -32,10 +32,10 @@ from vmlease._ledger import Ledger, VMState
 from vmlease._retry import RetryPolicy
 from vmlease._spec import VMSpec
 from vmlease.backends import Backend
+from vmlease.backends.guest.images import Image
 from vmlease.backends.libvirt import LibvirtBackend
 from vmlease.backends.multipass import MultipassBackend
 from vmlease.backends.qemu import QemuBackend
-from vmlease.backends.qemu.images import Image
 
 pytestmark = pytest.mark.timeout(300)
 

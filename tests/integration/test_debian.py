@@ -13,7 +13,7 @@ import pytest
 
 import vmlease
 from tests.support.ledger import ledger_records
-from vmlease.backends.qemu.images import Image
+from vmlease.backends.guest.images import Image
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -112,7 +112,7 @@ def test_building_again_does_nothing(debian_image: Image) -> None:
 @pytest.mark.slow
 def test_debian_13_builds_boots_and_takes_ssh(session: vmlease.Session, tiny_image: Image) -> None:
     from vmlease._paths import image_dir
-    from vmlease.backends.qemu.images import build_debian
+    from vmlease.backends.guest.images import build_debian
 
     build_debian(image_dir(), "debian-13")
     vm = session.create(image="debian-13")

@@ -21,7 +21,7 @@ from tests.support.killing import leftovers, start_owner, wait_until
 from tests.support.ledger import ledger_records
 from vmlease._cleanup import Action, cleanup
 from vmlease._ledger import Ledger, VMState
-from vmlease.backends.qemu.images import Image
+from vmlease.backends.guest.images import Image
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -14,8 +14,8 @@ import vmlease
 from tests.support.ledger import ledger_records
 from vmlease import BackendTimeout, RetryPolicy
 from vmlease._ledger import VMState
+from vmlease.backends.guest.images import Image
 from vmlease.backends.qemu import QemuBackend
-from vmlease.backends.qemu.images import Image
 from vmlease.testing import FlakyBackend
 
 pytestmark = pytest.mark.timeout(300)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import vmlease
-from vmlease.backends.qemu.images import Image
+from vmlease.backends.guest.images import Image
 
 
 def _banner(port: int) -> bytes:

@@ -23,7 +23,7 @@ import vmlease
 from tests.support.cloud_image import build_cloud_image, missing_tools
 from tests.support.procs import processes_under
 from vmlease._paths import image_dir
-from vmlease.backends.qemu.images import Image, load_current
+from vmlease.backends.guest.images import Image, load_current
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -31,8 +31,8 @@ from vmlease._cleanup import cleanup
 from vmlease._doctor import doctor
 from vmlease._errors import BackendUnavailable, ChannelError, VMNotFound
 from vmlease._spec import VMSpec
+from vmlease.backends.guest.images import Image
 from vmlease.backends.libvirt import LibvirtBackend
-from vmlease.backends.qemu.images import Image
 
 pytestmark = pytest.mark.timeout(300)
 RUNNER = Path(__file__).parents[1] / "support" / "libvirt_runner.py"

@@ -71,7 +71,7 @@ def libvirt_backend(uri: str, state: Path, **options: object) -> Iterator[Libvir
     try:
         yield backend
     finally:
-        for name in list(backend._mine):
+        for name in backend.leases.held():
             with contextlib.suppress(Exception):
                 backend.delete(name)
         backend.close()

@@ -22,7 +22,7 @@ from tests.support.cloud_image import missing_tools as cloud_image_tools
 from tests.support.libvirtd import LibvirtDaemon, missing_tools
 from tests.support.normal_user import NormalUser, unusable_reason
 from vmlease._paths import image_dir
-from vmlease.backends.qemu.images import Image
+from vmlease.backends.guest.images import Image
 
 pytestmark = pytest.mark.skipif(unusable_reason() is not None, reason=str(unusable_reason()))
 

@@ -15,7 +15,7 @@ import pytest
 from tests.support.killing import leftovers
 from tests.support.ledger import ledger_records
 from vmlease._ledger import Ledger, VMState
-from vmlease.backends.qemu.images import Image
+from vmlease.backends.guest.images import Image
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import vmlease
-from vmlease.backends.qemu.images import Image
+from vmlease.backends.guest.images import Image
 
 
 def _cli(state: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import vmlease
-from vmlease.backends.qemu.images import Image
+from vmlease.backends.guest.images import Image
 
 testinfra = pytest.importorskip("testinfra", reason="pip install -e '.[tools]'")
 pytestmark = pytest.mark.timeout(600)

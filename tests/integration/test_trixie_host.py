@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.host_root import HostRoot
-from vmlease.backends.qemu.images._debian import host_mirror
+from vmlease.backends.guest.images._debian import host_mirror
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,8 +15,8 @@ from tests.integration.conftest import assert_nothing_left
 from tests.support.ledger import ledger_of
 from vmlease import VMState
 from vmlease._naming import validate_name
+from vmlease.backends.guest.images import Image
 from vmlease.backends.qemu import QemuBackend
-from vmlease.backends.qemu.images import Image
 
 
 def test_create_run_delete(session: vmlease.Session, state: Path) -> None:

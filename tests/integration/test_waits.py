@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import vmlease
-from vmlease.backends.qemu.images import Image
+from vmlease.backends.guest.images import Image
 
 
 def test_wait_until_succeeds_returns_the_run_that_succeeded(shared_vm: vmlease.VM) -> None:

@@ -16,8 +16,8 @@ import pytest
 
 import vmlease
 from tests.integration.conftest import assert_nothing_left
+from vmlease.backends.guest.images import Image
 from vmlease.backends.qemu import QemuBackend
-from vmlease.backends.qemu.images import Image
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from vmlease.backends.qemu.images._debian import host_mirror
+from vmlease.backends.guest.images._debian import host_mirror
 
 __all__ = ["TOOLS", "build_cloud_image", "missing_tools"]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from vmlease import BootError, ChannelError, GuestFileError
-from vmlease.backends.qemu import _agent as proto
-from vmlease.backends.qemu._agent import AgentChannel
+from vmlease.backends.guest import _agent as proto
+from vmlease.backends.guest._agent import AgentChannel
 
 Peer = Callable[[socket.socket], None]
 

@@ -14,7 +14,8 @@ ROOTS = [
     PACKAGE,
     PACKAGE / "backends",
     PACKAGE / "backends/qemu",
-    PACKAGE / "backends/qemu/images",
+    PACKAGE / "backends/guest",
+    PACKAGE / "backends/guest/images",
     PACKAGE / "backends/libvirt",
 ]
 _CITED = re.compile(

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from vmlease.backends.guest.images import add_user, remove_user
+from vmlease.backends.guest.images._steps import point_current
 from vmlease.backends.qemu._housekeeping import prune, usage
 from vmlease.backends.qemu._states import WarmCache
-from vmlease.backends.qemu.images import add_user, remove_user
-from vmlease.backends.qemu.images._steps import point_current
 from vmlease.cli import main
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from vmlease import ImageBuildError, ImageNotFound
 from vmlease._runner import SubprocessRunner, find_program, search_path
-from vmlease.backends.qemu.images import _steps, _tiny, find_image, list_images
+from vmlease.backends.guest.images import _steps, _tiny, find_image, list_images
 
 
 def _parse_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:

@@ -14,10 +14,10 @@ import pytest
 from vmlease import ChecksumMismatch, DownloadError, ImageImportError
 from vmlease._runner import Completed
 from vmlease._spec import VMSpec
+from vmlease.backends.guest.images import Image
+from vmlease.backends.guest.images._seed import check_user, check_user_data, user_data
+from vmlease.backends.guest.images._source import Download, check_sha256, disk_format
 from vmlease.backends.qemu._launch import Accel, LaunchConfig, find_qboot, qemu_argv
-from vmlease.backends.qemu.images import Image
-from vmlease.backends.qemu.images._seed import check_user, check_user_data, user_data
-from vmlease.backends.qemu.images._source import Download, check_sha256, disk_format
 
 BODY = b"disk bytes " * 1000
 SHA = "5b0bd3b31e9c4a8f2a21c0d8fb0fa8c5a2b8f1e4a5d3e4c7c1f1b9f6f2d9d1a0"

@@ -13,6 +13,7 @@ import pytest
 from vmlease._errors import BackendUnavailable, ConfigError, InvalidSpec
 from vmlease._identity import Owner
 from vmlease._spec import Network, VMSpec
+from vmlease.backends.guest.images import Image
 from vmlease.backends.libvirt._backend import LibvirtBackend, parse_uris
 from vmlease.backends.libvirt._domain import (
     QEMU_NAMESPACE,
@@ -24,7 +25,6 @@ from vmlease.backends.libvirt._domain import (
 from vmlease.backends.libvirt._hosts import RESERVE_BYTES, Host, Hosts, ImageVolumes, _qemu_user
 from vmlease.backends.libvirt._lease import NAMESPACE, Lease, parse_lease
 from vmlease.backends.libvirt._states import state_key
-from vmlease.backends.qemu.images import Image
 
 OWNER = Owner(session_id="abcdefghij", pid=42, start_time=7, boot_id="b-1", host="ci-7")
 MiB = 2**20

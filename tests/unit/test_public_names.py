@@ -15,7 +15,7 @@ PACKAGES = [
     "vmlease",
     "vmlease.backends",
     "vmlease.backends.qemu",
-    "vmlease.backends.qemu.images",
+    "vmlease.backends.guest.images",
     "vmlease.testing",
 ]
 

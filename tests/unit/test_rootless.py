@@ -10,7 +10,7 @@ import pytest
 
 from tests.doubles.runner import ScriptedRunner
 from vmlease._paths import give_to_sudo_user, sudo_user
-from vmlease.backends.qemu.images._rootless import NAMESPACE, as_root, blockers, has_subids
+from vmlease.backends.guest.images._rootless import NAMESPACE, as_root, blockers, has_subids
 
 
 def _etc(tmp_path: Path, subuid: str, subgid: str) -> Path:

@@ -11,10 +11,10 @@ import pytest
 
 from vmlease import ConfigError
 from vmlease._spec import VMSpec
+from vmlease.backends.guest.images import Image
 from vmlease.backends.qemu import QemuBackend
 from vmlease.backends.qemu._launch import Accel, LaunchConfig
 from vmlease.backends.qemu._states import WarmCache, warm_key
-from vmlease.backends.qemu.images import Image
 
 
 def _image(tmp_path: Path, build_id: str = "b1") -> Image:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from vmlease._errors import InvalidSpec
 from vmlease._spec import Network, VMSpec
+from vmlease.backends.guest._agent import AGENT_PORT
+from vmlease.backends.guest.images import Image
 from vmlease.backends.libvirt._lease import Lease
-from vmlease.backends.qemu._launch import AGENT_PORT
-from vmlease.backends.qemu.images import Image
 
 __all__ = ["QBOOT", "QEMU_NAMESPACE", "STATE_PORT", "DomainFiles", "domain_xml"]
 

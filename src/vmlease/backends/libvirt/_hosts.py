@@ -18,15 +18,15 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from vmlease._errors import BackendError, BackendUnavailable, ConfigError, DiskFull, ImageError
 from vmlease._paths import megabytes
+from vmlease.backends.guest.images import Image
 from vmlease.backends.libvirt._domain import QBOOT, pool_xml, volume_xml
-from vmlease.backends.qemu.images import Image
 
 __all__ = ["Host", "Hosts", "ImageVolumes", "download", "libvirt_module", "volume_mtime"]
 
@@ -301,6 +301,21 @@ class Hosts:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
                 return None
             raise
+
+    @contextlib.contextmanager
+    def placeholder(self, host: Host, path: str) -> Iterator[None]:
+        """An empty file at a VM's state channel socket path while libvirt starts
+        QEMU: with ``dynamic_ownership`` (libvirt's default) it labels the path of
+        a connect-mode socket then, and fails if there is none. Gone again once
+        QEMU runs, so that QEMU may listen there when it loads a booted state."""
+        placeholder = path.rsplit("/", 1)[-1]
+        self.delete_volume(host, placeholder)  # left by a runner that died here
+        self.pool(host).createXML(volume_xml(placeholder, 0, "raw"), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                self.delete_volume(host, placeholder)
 
     def delete_volume(self, host: Host, name: str) -> bool:
         """Delete volume ``name`` if it exists; whether it did."""

@@ -134,6 +134,30 @@ class States:
             return HostState(key, base.removeprefix(prefix), disk.path())
         return None
 
+    def pick(
+        self, host: Host, key: str, name: str
+    ) -> tuple[HostState | None, tuple[str, str] | None]:
+        """For VM ``name``: the booted state ``key`` on ``host`` to start from, its
+        memory fetched, or else the claim (key, id) to save one, if nobody else
+        holds it."""
+        state = self.find(host, key)
+        if state is None:
+            id_ = self.claim(host, key)
+            return None, ((key, id_) if id_ is not None else None)
+        self.touch(host, state)
+        try:
+            self.local_memory(host, state)  # fetched before QEMU waits
+        except Exception as exc:
+            log.warning(
+                "cannot fetch booted state %s from %s (%s); VM %s boots",
+                state.base,
+                host.uri,
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                name,
+            )
+            return None, None
+        return state, None
+
     def claim(self, host: Host, key: str) -> str | None:
         """An id to save ``key`` under, or None while another runner saves it."""
         libvirt = libvirt_module()

@@ -3,11 +3,14 @@
 One room with its parts:
 
 - ``_backend.py``: ``QemuBackend``, the primitives;
-- ``_processes.py``: QEMU processes, their pids and pidfds, the agent channel;
+- ``_processes.py``: QEMU processes, their pids and pidfds, each VM's agent link;
 - ``_states.py``: booted states (saving a just-booted guest, starting from it);
+- ``_disks.py``, ``_reach.py``: disks and room; ``vm.json``, forwards and SSH;
 - ``_launch.py``: the command line; ``_accel.py``: KVM or TCG;
-- ``_qmp.py``: the QMP client; ``_agent.py``: the host side of the guest agent;
-- ``images/``: the image recipes, the image cache, the agent's source.
+- ``_qmp.py``: the QMP client; ``_preflight.py``: doctor's checks.
+
+The images, the agent protocol and its channel pool are the guest layer's
+(``backends/guest``), which the libvirt backend shares.
 
 ``QemuBackend`` loads on first use, so the command line can list and build
 images without loading the backend.

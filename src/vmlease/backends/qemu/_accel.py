@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from vmlease._errors import ConfigError
-from vmlease._procfs import boot_id
-from vmlease._runner import Completed, Runner
-from vmlease.backends.qemu._launch import Accel
+from vmlease._errors import BackendUnavailable, ConfigError
+from vmlease._procfs import boot_id, host_tsc_khz
+from vmlease._runner import Completed, Runner, find_program
+from vmlease.backends.qemu._launch import Accel, LaunchConfig, find_qboot
 
-__all__ = ["choose_accel", "probe_kvm"]
+__all__ = ["choose_accel", "probe_config", "probe_kvm", "require_program"]
 
 PROBE_TIMEOUT_S = 2.0
 #: KVM slower than this many times TCG on the probe (and over the floor) is not used.
@@ -130,3 +130,42 @@ def choose_accel(
     except OSError:
         pass  # the probe will simply run again
     return accel, reason
+
+
+_INSTALL = {
+    "qemu-system-x86_64": "apt-get install qemu-system-x86",
+    "qemu-img": "apt-get install qemu-utils",
+}
+
+
+def require_program(program: str, env: Mapping[str, str]) -> str:
+    """Where QEMU's ``program`` is, or BackendUnavailable saying how to install it."""
+    path = find_program(program, env)
+    if path is None:
+        default = "qemu-img" if "img" in Path(program).name else "qemu-system-x86_64"
+        how = _INSTALL[default]
+        hint = "" if program == default else f" (or correct the name {program!r} you gave)"
+        raise BackendUnavailable(f"{program} not found: install it with `{how}`{hint}")
+    return path
+
+
+def probe_config(
+    qemu: str, run: Runner, probes: Path, env: Mapping[str, str]
+) -> tuple[LaunchConfig, str]:
+    """How VMs are launched on this host: the emulator's version, the accelerator
+    (KVM when the probe, cached in ``probes``, says it works), the TSC frequency
+    and the firmware; and why that accelerator."""
+    done = run([qemu, "--version"], timeout_s=10)
+    if done.returncode != 0:
+        raise BackendUnavailable(f"{qemu} --version failed: {done.stderr.strip()}")
+    version = done.stdout.splitlines()[0] if done.stdout else "?"
+    accel, reason = choose_accel(qemu, version, run, probes, env)
+    config = LaunchConfig(
+        qemu=qemu,
+        accel=accel,
+        tsc_khz=host_tsc_khz(),
+        tcg_cpu=env.get("VMLEASE_QEMU_CPU") or None,
+        version=version,
+        qboot=find_qboot(qemu),
+    )
+    return config, reason

@@ -26,42 +26,47 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from vmlease._checks import Check, Severity, disk_check
+from vmlease._checks import Check
 from vmlease._errors import (
     BackendError,
     BackendTimeout,
-    BackendUnavailable,
     BootError,
     ChannelError,
     ConfigError,
-    DiskFull,
-    InvalidSpec,
-    SnapshotNotFound,
     UnsupportedOperation,
     VMAlreadyExists,
     VMLeaseError,
     VMNotFound,
 )
-from vmlease._paths import ensure_private_dir, free_bytes, free_space, megabytes
+from vmlease._paths import ensure_private_dir
 from vmlease._paths import image_dir as default_image_dir
 from vmlease._paths import state_dir as default_state_dir
-from vmlease._procfs import host_tsc_khz, rss_bytes
-from vmlease._runner import Runner, SubprocessRunner, find_program
+from vmlease._runner import Runner, SubprocessRunner
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo, ensure_key
 from vmlease.backends._base import Backend, BackendVM, Capabilities
-from vmlease.backends.qemu._accel import choose_accel
-from vmlease.backends.qemu._agent import AgentChannel, AgentOperations
+from vmlease.backends.guest._agent import AgentChannel, AgentOperations
+from vmlease.backends.guest._monitor import snapshot_outcome
+from vmlease.backends.guest._wakeup import authorize_key, grow_root, name_guest, refresh
+from vmlease.backends.guest.images import (
+    Image,
+    add_user,
+    check_fits,
+    find_image,
+    load_build,
+    remove_user,
+)
+from vmlease.backends.qemu._accel import probe_config, require_program
+from vmlease.backends.qemu._disks import check_room, explain_silence, make_disk
 from vmlease.backends.qemu._imports import import_image
 from vmlease.backends.qemu._launch import (
     CONSOLE_LOG,
     DISK,
     QMP_SOCKET,
-    Accel,
     LaunchConfig,
-    find_qboot,
     qemu_argv,
 )
+from vmlease.backends.qemu._preflight import preflight
 from vmlease.backends.qemu._processes import (
     Processes,
     clear_runtime,
@@ -70,7 +75,15 @@ from vmlease.backends.qemu._processes import (
     running_pid,
     wait_exit,
 )
-from vmlease.backends.qemu._qmp import QMP, host_forwards, try_quit
+from vmlease.backends.qemu._qmp import QMP, try_quit
+from vmlease.backends.qemu._reach import (
+    HOST_KEYS,
+    apply_forwards,
+    read_record,
+    ssh_info,
+    write_private,
+    write_record,
+)
 from vmlease.backends.qemu._states import (
     WarmCache,
     WarmState,
@@ -78,45 +91,16 @@ from vmlease.backends.qemu._states import (
     states_per_image_setting,
     warm_key,
 )
-from vmlease.backends.qemu.images import (
-    Image,
-    add_user,
-    find_image,
-    list_images,
-    load_build,
-    remove_user,
-    rootless_blockers,
-)
 
 __all__ = ["QemuBackend"]
 
-_INSTALL = {
-    "qemu-system-x86_64": "apt-get install qemu-system-x86",
-    "qemu-img": "apt-get install qemu-utils",
-}
 _RECONNECT_TIMEOUT_S = 10.0
-#: A VM's SSH host keys as its guest reported them when it started.
-HOST_KEYS = "ssh_host_keys.pub"
 #: How long a broken channel waits to see whether QEMU is ending (a guest panic).
 _EXIT_GRACE_S = 1.0
-#: Free room under which a paused guest's disk is taken to have filled its file system.
-_LOW_ROOM = 1 << 20
-#: Room a new VM's disk overlay must have to grow into, in bytes.
-DISK_HEADROOM_BYTES = 32 * 2**20
-_SEED_BYTES = 64
 
 log = logging.getLogger("vmlease.qemu")
 #: Long waits a person may want to see coming (the pytest plugin shows them on a terminal).
 progress = logging.getLogger("vmlease.progress")
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``path`` readable by its user alone, whole or not at all."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    tmp.replace(path)
 
 
 class QemuBackend(AgentOperations, Backend):
@@ -158,7 +142,9 @@ class QemuBackend(AgentOperations, Backend):
         self._qemu_img = qemu_img
         self._run = runner or SubprocessRunner()
         self._lock = threading.Lock()
-        self._procs = Processes(self.root, self._run, on_silence=self._explain_silence)
+        self._procs = Processes(
+            self.root, self._run, on_silence=lambda name: explain_silence(self._dir(name))
+        )
         self._config: LaunchConfig | None = None
         self.accel_reason = ""
         if warm_start is None:
@@ -186,91 +172,40 @@ class QemuBackend(AgentOperations, Backend):
 
     # -- set-up ----------------------------------------------------------
 
-    def _require(self, program: str) -> str:
-        path = find_program(program, self._env)
-        if path is None:
-            default = "qemu-img" if "img" in Path(program).name else "qemu-system-x86_64"
-            how = _INSTALL[default]
-            hint = "" if program == default else f" (or correct the name {program!r} you gave)"
-            raise BackendUnavailable(f"{program} not found: install it with `{how}`{hint}")
-        return path
+    @property
+    def qemu(self) -> str:
+        """The system emulator as the user named it."""
+        return self._qemu
+
+    @property
+    def qemu_img(self) -> str:
+        return self._qemu_img
+
+    @property
+    def image_dir(self) -> Path:
+        return self._image_dir
+
+    @property
+    def runner(self) -> Runner:
+        return self._run
+
+    def require(self, program: str) -> str:
+        """Where ``program`` is, or BackendUnavailable saying how to install it."""
+        return require_program(program, self._env)
 
     def preflight(self, *, cheap: bool = False) -> list[Check]:
-        checks = []
-        for program in (self._qemu, self._qemu_img):
-            try:
-                checks.append(Check(f"qemu: {program}", Severity.OK, self._require(program)))
-            except BackendUnavailable as exc:
-                checks.append(
-                    Check(f"qemu: {program}", Severity.FAIL, str(exc), BackendUnavailable)
-                )
-        if cheap or any(c.status is Severity.FAIL for c in checks):
-            return checks
-        try:
-            config = self.launch_config()
-        except VMLeaseError as exc:
-            return [*checks, Check("qemu: accelerator", Severity.FAIL, str(exc), type(exc))]
-        if config.accel is Accel.KVM:
-            checks.append(Check("kvm", Severity.OK, f"KVM works: {self.accel_reason}"))
-        else:
-            checks.append(
-                Check(
-                    "kvm",
-                    Severity.WARN,
-                    f"KVM is not used ({self.accel_reason}); guests run under software "
-                    "emulation (TCG), which works but is slower",
-                )
-            )
-        checks.append(disk_check("images", self._image_dir))
-        problems = rootless_blockers(self._run)
-        if problems:
-            checks.append(
-                Check(
-                    "image builds",
-                    Severity.WARN,
-                    "Debian images cannot be built as you: "
-                    + "; ".join(map(str, problems))
-                    + " (tiny and imported images still can)",
-                )
-            )
-        else:
-            checks.append(Check("image builds", Severity.OK, "every recipe can build as you"))
-        images = list_images(self._image_dir)
-        if images:
-            names = ", ".join(sorted({i.name for i in images}))
-            checks.append(Check("image cache", Severity.OK, f"{self._image_dir}: {names}"))
-        else:
-            checks.append(
-                Check(
-                    "image cache",
-                    Severity.WARN,
-                    f"no images in {self._image_dir}; build the default one with "
-                    "`vmlease image build tiny` (a session would fail to create VMs)",
-                )
-            )
-        return checks
+        return preflight(self, cheap=cheap)
 
     def launch_config(self) -> LaunchConfig:
         """The emulator, accelerator and TSC frequency; probes KVM once per host boot."""
         with self._lock:
             if self._config is None:
-                qemu = self._require(self._qemu)
-                done = self._run([qemu, "--version"], timeout_s=10)
-                if done.returncode != 0:
-                    raise BackendUnavailable(f"{qemu} --version failed: {done.stderr.strip()}")
-                version = done.stdout.splitlines()[0] if done.stdout else "?"
                 ensure_private_dir(self.root)
                 # The answer is the host's, not a state directory's: it is kept
                 # with the images, which every state directory of this user shares.
                 probes = self._image_dir if self._image_dir.is_dir() else self.root
-                accel, self.accel_reason = choose_accel(qemu, version, self._run, probes, self._env)
-                self._config = LaunchConfig(
-                    qemu=qemu,
-                    accel=accel,
-                    tsc_khz=host_tsc_khz(),
-                    tcg_cpu=self._env.get("VMLEASE_QEMU_CPU") or None,
-                    version=version,
-                    qboot=find_qboot(qemu),
+                self._config, self.accel_reason = probe_config(
+                    self.require(self._qemu), self._run, probes, self._env
                 )
             return self._config
 
@@ -298,65 +233,10 @@ class QemuBackend(AgentOperations, Backend):
 
     def check_spec(self, spec: VMSpec) -> None:
         config = self.launch_config()
-        self._require(self._qemu_img)
+        self.require(self._qemu_img)
         image = find_image(self._image_dir, spec.image)
-        if spec.memory_mb < image.min_memory_mb:
-            raise InvalidSpec(
-                f"memory_mb={spec.memory_mb} is too little for image {spec.image!r}: "
-                f"it needs at least {image.min_memory_mb}"
-            )
-        if spec.user is not None and not image.ssh_user:
-            raise InvalidSpec(
-                f"image {spec.image!r} runs no SSH server, so user={spec.user!r} means "
-                "nothing there: leave user out"
-            )
-        if spec.disk_gb is not None:
-            if not image.grow_root:
-                raise InvalidSpec(
-                    f"image {spec.image!r} cannot grow its root file system: leave disk_gb "
-                    "out, or use an image that can (debian-12, debian-13)"
-                )
-            if spec.disk_gb * 2**30 < image.disk_bytes:
-                raise InvalidSpec(
-                    f"disk_gb={spec.disk_gb} is smaller than the {spec.image} image's disk "
-                    f"({image.disk_bytes / 2**30:g} GiB): give at least that"
-                )
-        self._check_room(config, spec, image)
-
-    def _check_room(self, config: LaunchConfig, spec: VMSpec, image: Image) -> None:
-        """DiskFull, before anything starts, if the VM cannot have the room it needs:
-        headroom for its disk overlay to grow (plus the copy of a booted state's
-        disk), and room for the booted state its boot will save, if any."""
-        found = None
-        needs: list[tuple[Path, int, str]] = []
-        if self.warm is not None:
-            found = self.warm.find(warm_key(config, spec, image))
-            if found is None:
-                state = spec.memory_mb * 2**20 + DISK_HEADROOM_BYTES
-                needs.append((self.warm.root, state, "for the booted state it saves"))
-        copied = found.disk.stat().st_size if found is not None else 0
-        needs.append((self.root, DISK_HEADROOM_BYTES + copied, "for its disk"))
-        by_fs: dict[int, tuple[Path, int, list[str]]] = {}
-        for path, need, why in needs:
-            where = path
-            while not where.exists() and where != where.parent:
-                where = where.parent
-            dev = where.stat().st_dev
-            _, total, whys = by_fs.get(dev, (path, 0, []))
-            by_fs[dev] = (path, total + need, [*whys, f"{megabytes(need)} {why}"])
-        for path, need, whys in by_fs.values():
-            free = free_bytes(path)
-            if free is not None and free < need:
-                raise DiskFull(
-                    f"not enough room for a VM of image {spec.image!r}: {megabytes(free)} free "
-                    f"at {path}, {megabytes(need)} needed ({', '.join(whys)}). Free space "
-                    "(`vmlease image prune` removes unused images and saved states), or "
-                    "point VMLEASE_STATE_DIR (VMs) or VMLEASE_IMAGE_DIR (images) at a "
-                    "larger disk",
-                    path=str(path),
-                    free_bytes=free,
-                    needed_bytes=need,
-                )
+        check_fits(image, spec)
+        check_room(self.root, self.warm, config, spec, image)
 
     def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
         config = self.launch_config()
@@ -383,7 +263,7 @@ class QemuBackend(AgentOperations, Backend):
             found = self.warm.find(key) if self.warm is not None and key else None
             if found is not None:
                 record["warm"] = found.key
-                (vm_dir / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
+                write_record(vm_dir, record)
                 if self._start_warm(name, vm_dir, launch, found, deadline):
                     return
                 del record["warm"]
@@ -396,8 +276,15 @@ class QemuBackend(AgentOperations, Backend):
                     spec.cpus,
                     spec.memory_mb,
                 )
-            self._make_disk(name, vm_dir, image, max(1.0, deadline - time.monotonic()))
-            (vm_dir / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
+            make_disk(
+                self._run,
+                self.require(self._qemu_img),
+                name,
+                vm_dir,
+                image,
+                max(1.0, deadline - time.monotonic()),
+            )
+            write_record(vm_dir, record)
             self._procs.launch(name, launch, max(1.0, deadline - time.monotonic()), qemu=self._qemu)
             self._booting[name] = image.ready
             if key is not None:
@@ -411,34 +298,6 @@ class QemuBackend(AgentOperations, Backend):
             shutil.rmtree(vm_dir, ignore_errors=True)
             remove_user(image.path, vm_dir)
             raise
-
-    def _make_disk(self, name: str, vm_dir: Path, image: Image, timeout_s: float) -> None:
-        qemu_img = self._require(self._qemu_img)
-        argv = [
-            qemu_img,
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            str(image.disk),
-            "-F",
-            "qcow2",
-            str(vm_dir / DISK),
-        ]
-        limit = min(timeout_s, 60.0)
-        done = self._run(argv, timeout_s=limit)
-        if done.returncode is None:
-            raise BackendTimeout(
-                f"creating the disk of VM {name} took longer than {limit:g} s", command=argv
-            )
-        if done.returncode != 0:
-            raise BackendError(
-                f"cannot create the disk of VM {name}: {done.stderr.strip()}",
-                command=argv,
-                exit_code=done.returncode,
-                stderr=done.stderr,
-            )
 
     def _start_warm(
         self, name: str, vm_dir: Path, launch: list[str], found: WarmState, deadline: float
@@ -485,41 +344,6 @@ class QemuBackend(AgentOperations, Backend):
             clear_runtime(vm_dir)
             return False
 
-    def _refresh_guest(self, channel: AgentChannel) -> None:
-        """After a restore or a start from a saved state: today's time and fresh randomness."""
-        channel.set_time(time.time(), _RECONNECT_TIMEOUT_S, seed=os.urandom(_SEED_BYTES))
-
-    def _explain_silence(self, name: str) -> None:
-        """A command in VM ``name`` has said nothing for a while. If QEMU paused the
-        guest on a host I/O error (its disk image could not grow), it will never
-        answer: raise DiskFull (or BackendError for another I/O error) now."""
-        vm_dir = self._dir(name)
-        try:
-            with QMP(vm_dir / QMP_SOCKET, timeout_s=2.0) as qmp:
-                if qmp.execute("query-status", timeout_s=2.0).get("status") != "io-error":
-                    return
-                devices = qmp.execute("query-block", timeout_s=2.0) or []
-        except VMLeaseError:
-            return  # cannot tell from here: keep waiting
-        errors = {
-            str(d.get("io-status")) for d in devices if d.get("io-status") not in (None, "ok")
-        }
-        disk = vm_dir / DISK
-        free = free_bytes(vm_dir)
-        if "nospace" in errors or (free is not None and free < _LOW_ROOM):
-            raise DiskFull(
-                f"VM {name} is paused: its disk {disk} could not grow, the file system "
-                f"holding it is full ({free_space(vm_dir)} free). Free space there "
-                "(`vmlease image prune`, or delete files), or point VMLEASE_STATE_DIR at "
-                "a larger disk; this VM cannot go on and is deleted with its session",
-                path=str(disk),
-                free_bytes=free,
-            )
-        raise BackendError(
-            f"VM {name} is paused: QEMU met a host I/O error on its disk {disk} "
-            f"({', '.join(sorted(errors)) or 'io-error'}); check that file system"
-        )
-
     def wait_ready(self, name: str, timeout_s: float) -> None:
         live = self._procs.attach(name)
         with live.lock:
@@ -532,8 +356,11 @@ class QemuBackend(AgentOperations, Backend):
                     # listening), which is also when its booted state is worth saving.
                     channel.come_up(ready, deadline)
                 self._authorize(name, channel, deadline)
-                if ready:
-                    self._name_guest(name, channel)
+                image = self._image_of(name)
+                if ready and image is not None and image.boot == "firmware":
+                    # A PVH image has its name from the kernel command line; an
+                    # imported image boots with the name it was imported as.
+                    name_guest(channel, name)
             except (BootError, ChannelError) as exc:
                 tail = self.console_tail(name, 20)
                 raise BootError(f"{exc}\n--- console (last lines) ---\n{tail}") from exc
@@ -606,24 +433,10 @@ class QemuBackend(AgentOperations, Backend):
             raise VMNotFound(f"the qemu backend has no VM named {name!r}")
 
     def list(self, *, timeout_s: float = 30.0) -> list[BackendVM]:
-        if not self.root.is_dir():
-            return []
-        found = []
-        for vm_dir in sorted(self.root.iterdir()):
-            if not (vm_dir / "vm.json").is_file():
-                continue
-            pid = running_pid(vm_dir)
-            detail = {"dir": str(vm_dir)}
-            # What the guest costs the host: its disk overlay's blocks, QEMU's memory.
-            with contextlib.suppress(OSError):
-                detail["disk_bytes"] = str((vm_dir / DISK).stat().st_blocks * 512)
-            if pid is not None:
-                detail["pid"] = str(pid)
-                rss = rss_bytes(pid)
-                if rss is not None:
-                    detail["memory_bytes"] = str(rss)
-            found.append(BackendVM(vm_dir.name, "running" if pid else "stopped", detail))
-        return found
+        return [
+            BackendVM(name, "running" if pid else "stopped", detail)
+            for name, pid, detail in self._procs.listing()
+        ]
 
     @contextlib.contextmanager
     def _agent(self, name: str) -> Iterator[AgentChannel]:
@@ -672,49 +485,23 @@ class QemuBackend(AgentOperations, Backend):
 
     def _authorize(self, name: str, channel: AgentChannel, deadline: float) -> None:
         """Authorize this state directory's key in a guest with an SSH server, at every
-        start: a VM started from a saved state carries whoever saved it."""
+        start (a VM started from a saved state carries whoever saved it), and keep its
+        host keys for `vmlease ssh` from any process (the agent's channel has one
+        client at a time: the VM's session)."""
         image = self._image_of(name)
         if image is None or not image.ssh_user:
             return
-        user = self._ssh_user(name, image)
         _key, public = ensure_key(self._state_dir, self._run)
-        script = (
-            'entry=$(getent passwd "$1") || { echo "no user $1" >&2; exit 3; }; '
-            'home=$(echo "$entry" | cut -d: -f6) && umask 077 && mkdir -p "$home/.ssh" '
-            '&& cat > "$home/.ssh/authorized_keys" && chown -R "$1:" "$home/.ssh" '
-            "&& cat /etc/ssh/ssh_host_*_key.pub"
+        host_keys = authorize_key(
+            channel,
+            name,
+            image=image.name,
+            image_user=image.ssh_user,
+            user=self._ssh_user(name, image),
+            public_key=public,
+            deadline=deadline,
         )
-        done = channel.exec(
-            ["sh", "-c", script, "sh", user],
-            stdin=(public + "\n").encode(),
-            env=None,
-            cwd=None,
-            timeout_s=max(1.0, deadline - time.monotonic()),
-        )
-        if done.exit_code == 3:
-            raise InvalidSpec(
-                f"image {image.name!r} has no user {user!r} (user= names who vm.ssh logs in "
-                f"as): leave user out for the image's own ({image.ssh_user}), or name one "
-                "it has (root, or the user it was imported with)"
-            )
-        if done.exit_code != 0:
-            raise BootError(
-                f"VM {name}: cannot authorize the SSH key for {user}: "
-                f"{done.stderr.decode(errors='replace').strip()}"
-            )
-        # Its host keys, read through the agent, kept for `vmlease ssh` from any process
-        # (the agent's channel has one client at a time: the VM's session).
-        _write_private(self._dir(name) / HOST_KEYS, done.stdout.decode(errors="replace"))
-
-    def _name_guest(self, name: str, channel: AgentChannel) -> None:
-        """After a boot, give the guest its VM's name: a PVH image has it from the
-        kernel command line, an imported image boots with the name it was imported as."""
-        image = self._image_of(name)
-        if image is None or image.boot != "firmware":
-            return
-        done = channel.exec(["hostname", name], stdin=None, env=None, cwd=None, timeout_s=10.0)
-        if done.exit_code != 0:
-            raise BootError(f"VM {name}: naming the guest failed: {done.stderr!r}")
+        write_private(self._dir(name) / HOST_KEYS, host_keys)
 
     def _grow_root(self, name: str, channel: AgentChannel, deadline: float) -> None:
         """Give the VM the disk its spec asked for, once: QMP grows the disk (the guest
@@ -729,14 +516,9 @@ class QemuBackend(AgentOperations, Backend):
         limit = max(1.0, deadline - time.monotonic())
         with QMP(self._dir(name) / QMP_SOCKET, timeout_s=limit) as qmp:
             qmp.execute("block_resize", {"device": "disk0", "size": want * 2**30}, timeout_s=limit)
-        done = channel.exec(image.grow_root, stdin=None, env=None, cwd=None, timeout_s=limit)
-        if done.exit_code != 0:
-            raise BootError(
-                f"VM {name}: growing its root file system to {want} GiB failed: "
-                f"{(done.stdout + done.stderr).decode(errors='replace').strip()[-1000:]}"
-            )
+        grow_root(channel, name, image.grow_root, want, deadline)
         record["grown"] = want
-        (self._dir(name) / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_record(self._dir(name), record)
 
     def ssh(self, name: str, *, timeout_s: float = 60.0) -> SSHInfo:
         image = self._image_of(name)
@@ -746,17 +528,8 @@ class QemuBackend(AgentOperations, Backend):
                 "reach it with vm.run or `vmlease exec`"
             )
         port = self.forward(name, 22, timeout_s=timeout_s)
-        try:
-            lines = (self._dir(name) / HOST_KEYS).read_text().splitlines()
-        except FileNotFoundError:
-            lines = []
-        keys = [line.split()[:2] for line in lines if len(line.split()) >= 2]
-        if not keys:
-            raise ChannelError(f"VM {name}: its SSH host keys were not read when it started")
-        known = self._dir(name) / "known_hosts"
-        _write_private(known, "".join(f"[127.0.0.1]:{port} {kind} {key}\n" for kind, key in keys))
         key, _public = ensure_key(self._state_dir, self._run)
-        return SSHInfo("127.0.0.1", port, self._ssh_user(name, image), key, known)
+        return ssh_info(self._dir(name), port, self._ssh_user(name, image), key)
 
     def _ssh_user(self, name: str, image: Image) -> str:
         """Who ``vm.ssh`` logs in as: the VM's spec's user, or else its image's."""
@@ -764,47 +537,14 @@ class QemuBackend(AgentOperations, Backend):
         return str(spec.get("user") or image.ssh_user)
 
     def _read_record(self, name: str) -> dict[str, Any]:
-        try:
-            record: dict[str, Any] = json.loads((self._dir(name) / "vm.json").read_text())
-        except FileNotFoundError as exc:
-            raise VMNotFound(f"the qemu backend has no VM named {name!r}") from exc
-        return record
+        return read_record(self._dir(name))
 
     def _apply_forwards(
         self, name: str, wanted: dict[int, int], timeout_s: float
     ) -> dict[int, int]:
-        """Make every ``guest: host`` forward of ``wanted`` (and those recorded) exist
-        on 127.0.0.1; host port 0 lets the kernel choose. Returns all the VM's
-        forwards, which ``vm.json`` keeps, so a restore or a restart brings them back.
-        Caller holds the VM's lock."""
-        record = self._read_record(name)
-        forwards = {int(k): int(v) for k, v in record.get("forwards", {}).items()}
-        for guest, host in wanted.items():
-            forwards.setdefault(guest, host)
-        if not forwards:
-            return forwards
-        with QMP(self._dir(name) / QMP_SOCKET, timeout_s=timeout_s) as qmp:
-            present = host_forwards(qmp.hmp("info usernet", timeout_s=timeout_s))
-            for guest, host in sorted(forwards.items()):
-                if present.get(guest):
-                    continue
-                said = qmp.hmp(
-                    f"hostfwd_add net0 tcp:127.0.0.1:{host}-:{guest}", timeout_s=timeout_s
-                )
-                if said and host:  # the recorded port is taken now: take another
-                    said = qmp.hmp(
-                        f"hostfwd_add net0 tcp:127.0.0.1:0-:{guest}", timeout_s=timeout_s
-                    )
-                if said:
-                    raise BackendError(f"VM {name}: cannot forward port {guest}: {said}")
-            present = host_forwards(qmp.hmp("info usernet", timeout_s=timeout_s))
-        missing = sorted(set(forwards) - set(present))
-        if missing:
-            raise BackendError(f"VM {name}: QEMU does not list forwards for ports {missing}")
-        forwards = {guest: present[guest] for guest in forwards}
-        record["forwards"] = {str(k): v for k, v in sorted(forwards.items())}
-        (self._dir(name) / "vm.json").write_text(json.dumps(record, indent=2) + "\n")
-        return forwards
+        """The VM's forwards, ``wanted`` added (see ``_reach.apply_forwards``); caller
+        holds the VM's lock."""
+        return apply_forwards(self._dir(name), wanted, timeout_s)
 
     def _hmp(self, name: str, command: str, timeout_s: float) -> None:
         """Run a human-monitor command; its output is empty on success, the error otherwise.
@@ -820,10 +560,7 @@ class QemuBackend(AgentOperations, Backend):
             text = str(said or "").strip()
             if text and not qmp.execute("query-status", timeout_s=timeout_s).get("running"):
                 qmp.execute("cont", timeout_s=timeout_s)
-        if text:
-            if "does not exist" in text or "not found" in text.lower():
-                raise SnapshotNotFound(f"VM {name}: {text}")
-            raise BackendError(f"VM {name}: {command} failed: {text}")
+        snapshot_outcome(name, command, text)
 
     def snapshot(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
         """Save memory and disk as ``tag`` inside the VM's qcow2 disk (``savevm``)."""
@@ -840,7 +577,7 @@ class QemuBackend(AgentOperations, Backend):
             # channel, and give it today's time instead of the snapshot's.
             channel = self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
             channel.handshake(_RECONNECT_TIMEOUT_S)
-            self._refresh_guest(channel)
+            refresh(channel, _RECONNECT_TIMEOUT_S)
             self._apply_forwards(name, {}, timeout_s)  # as they were before the restore
 
     def console_tail(self, name: str, lines: int = 40) -> str:

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmlease._runner import SubprocessRunner
+from vmlease.backends.guest.images import Build, all_builds, remove_tree
 from vmlease.backends.qemu._imports import BOOT_DIR
 from vmlease.backends.qemu._processes import kill_all
 from vmlease.backends.qemu._states import StateInfo, WarmCache, states_per_image_setting
-from vmlease.backends.qemu.images import Build, all_builds, remove_tree
 
 __all__ = ["ImageUsage", "Removal", "prune", "usage"]
 

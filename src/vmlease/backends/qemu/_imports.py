@@ -39,18 +39,16 @@ from vmlease._errors import (
 from vmlease._runner import Runner
 from vmlease._spec import Network, VMSpec
 from vmlease._ssh import ensure_key
-from vmlease.backends.qemu._agent import AgentChannel
-from vmlease.backends.qemu._launch import CONSOLE_LOG, DISK, LaunchConfig, qemu_argv
-from vmlease.backends.qemu._processes import Live, Processes, kill_all, wait_exit
-from vmlease.backends.qemu.images import RECIPES, Image, load_current
-from vmlease.backends.qemu.images._seed import (
+from vmlease.backends.guest._agent import AgentChannel
+from vmlease.backends.guest.images import RECIPES, Image, load_current
+from vmlease.backends.guest.images._seed import (
     check_user,
     check_user_data,
     meta_data,
     user_data,
     write_seed,
 )
-from vmlease.backends.qemu.images._source import (
+from vmlease.backends.guest.images._source import (
     Download,
     Opener,
     Source,
@@ -59,7 +57,7 @@ from vmlease.backends.qemu.images._source import (
     is_url,
     sha256_of,
 )
-from vmlease.backends.qemu.images._steps import (
+from vmlease.backends.guest.images._steps import (
     Progress,
     Steps,
     existing_build,
@@ -67,6 +65,8 @@ from vmlease.backends.qemu.images._steps import (
     publish,
     require_tools,
 )
+from vmlease.backends.qemu._launch import CONSOLE_LOG, DISK, LaunchConfig, qemu_argv
+from vmlease.backends.qemu._processes import Live, Processes, kill_all, wait_exit
 
 __all__ = ["BOOT_DIR", "IMAGE_NAME", "import_image"]
 

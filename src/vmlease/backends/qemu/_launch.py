@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmlease._spec import Network, VMSpec
-from vmlease.backends.qemu.images import Image
+from vmlease.backends.guest._agent import AGENT_PORT
+from vmlease.backends.guest.images import Image
 
 __all__ = [
     "AGENT_SOCKET",
@@ -46,7 +47,6 @@ def find_qboot(qemu: str) -> str | None:
     return None
 
 
-AGENT_PORT = "org.vmlease.agent"
 DISK = "disk.qcow2"
 QMP_SOCKET = "qmp.sock"
 AGENT_SOCKET = "agent.sock"

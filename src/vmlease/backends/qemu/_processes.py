@@ -7,52 +7,50 @@ watched with a pidfd, so a VM that dies while booting or mid-command fails
 a wait at once instead of at a timeout.
 
 This process keeps one :class:`Live` handle per running VM it has talked to:
-the pidfd, a lock that serialises use of the VM, and the agent channel.
-
-The agent's port takes one host connection at a time (QEMU queues the next),
-so a channel nobody has used for ``IDLE_RELEASE_S`` is closed: another
-process (``vmlease exec``, a pyinfra deploy, ``vmlease ssh``'s key refresh)
-then gets the VM, and this process connects again on its next command
-(a new handshake, a few milliseconds). Back-to-back commands keep it.
+the pidfd, and the VM's agent link (``guest._channels``), whose lock
+serialises use of the VM. The agent's port takes one host connection at a
+time (QEMU queues the next), so the link's channel is closed when idle, by
+the rule all QEMU-based backends share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmlease._errors import BackendError, BackendTimeout, ChannelError, VMNotFound
-from vmlease._procfs import cmdline, pids_with_arg
+from vmlease._procfs import cmdline, pids_with_arg, rss_bytes
 from vmlease._runner import Runner
 from vmlease._unix import connect_unix
-from vmlease.backends.qemu._agent import AgentChannel
-from vmlease.backends.qemu._launch import AGENT_SOCKET, CONSOLE_LOG, PIDFILE, QMP_SOCKET
+from vmlease.backends.guest._agent import AgentChannel
+from vmlease.backends.guest._channels import Channels, Link
+from vmlease.backends.qemu._launch import AGENT_SOCKET, CONSOLE_LOG, DISK, PIDFILE, QMP_SOCKET
+from vmlease.backends.qemu._reach import RECORD
 
 __all__ = ["Live", "Processes"]
 
 #: The longest ``qemu -daemonize`` may take to return (it has opened its sockets by then).
 LAUNCH_TIMEOUT_S = 30.0
-RECORD = "vm.json"
-#: A channel unused this long is closed, so that other processes may reach the VM.
-IDLE_RELEASE_S = 0.25
 
 
 @dataclass
 class Live:
-    """This process's handles on a running VM."""
+    """This process's handles on a running VM: its process and its agent link."""
 
     pid: int
     pidfd: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    channel: AgentChannel | None = None
-    used: float = 0.0  # when the channel was last asked for (monotonic)
-    timer: threading.Timer | None = None
+    link: Link = field(default_factory=Link)
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held for one operation on the VM (its channel's one user at a time)."""
+        return self.link.lock
 
 
 def running_pid(vm_dir: Path) -> int | None:
@@ -129,6 +127,7 @@ class Processes:
         self._on_silence = on_silence
         self._lock = threading.Lock()
         self._live: dict[str, Live] = {}
+        self._channels = Channels()
 
     def dir(self, name: str) -> Path:
         return self.root / name
@@ -152,7 +151,8 @@ class Processes:
                 pidfd = os.pidfd_open(pid)
             except ProcessLookupError as exc:
                 raise BackendError(f"VM {name} is not running") from exc
-            live = Live(pid=pid, pidfd=pidfd)
+            self._channels.forget(name)
+            live = Live(pid=pid, pidfd=pidfd, link=self._channels.link(name))
             self._live[name] = live
             return live
 
@@ -160,71 +160,46 @@ class Processes:
         """Drop this process's handle on ``name`` (the VM runs on)."""
         with self._lock:
             live = self._live.pop(name, None)
+        self._channels.forget(name)
         if live is not None:
-            if live.timer is not None:
-                live.timer.cancel()
-            if live.channel is not None:
-                live.channel.close()
-                live.channel = None
             os.close(live.pidfd)
 
     def channel(self, name: str, live: Live, timeout_s: float) -> AgentChannel:
         """The agent channel of a running VM, connected and greeted; caller holds ``live.lock``."""
-        live.used = time.monotonic()
-        self._release_when_idle(live, IDLE_RELEASE_S)
-        if live.channel is not None and not live.channel.broken:
-            return live.channel
-        if live.channel is not None:
-            live.channel.close()
-            live.channel = None
-        try:
-            sock = connect_unix(self.dir(name) / AGENT_SOCKET, timeout_s)
-        except OSError as exc:
-            raise ChannelError(
-                f"cannot connect to the command channel of VM {name}: {exc}"
-            ) from exc
         on_silence = self._on_silence
-        channel = AgentChannel(
-            sock,
-            name=name,
-            abort_fd=live.pidfd,
-            watch=(lambda: on_silence(name)) if on_silence is not None else None,
-        )
-        try:
-            channel.handshake(timeout_s)
-        except BaseException:
-            channel.close()
-            raise
-        live.channel = channel
-        return channel
 
-    def _release_when_idle(self, live: Live, after_s: float) -> None:
-        """Close ``live``'s channel once nobody has used it for IDLE_RELEASE_S."""
-        if live.timer is not None and live.timer.is_alive():
-            return
-
-        def release() -> None:
-            if not live.lock.acquire(blocking=False):
-                live.timer = None
-                self._release_when_idle(live, IDLE_RELEASE_S)  # busy: look again later
-                return
+        def opener(limit: float) -> tuple[AgentChannel, None]:
             try:
-                idle = time.monotonic() - live.used
-                live.timer = None
-                if live.channel is None:
-                    return
-                if idle < IDLE_RELEASE_S:
-                    self._release_when_idle(live, IDLE_RELEASE_S - idle)
-                    return
-                live.channel.close()
-                live.channel = None
-            finally:
-                live.lock.release()
+                sock = connect_unix(self.dir(name) / AGENT_SOCKET, limit)
+            except OSError as exc:
+                raise ChannelError(
+                    f"cannot connect to the command channel of VM {name}: {exc}"
+                ) from exc
+            watch = (lambda: on_silence(name)) if on_silence is not None else None
+            return AgentChannel(sock, name=name, abort_fd=live.pidfd, watch=watch), None
 
-        timer = threading.Timer(after_s, release)
-        timer.daemon = True
-        live.timer = timer
-        timer.start()
+        return self._channels.channel(live.link, opener, timeout_s)
+
+    def listing(self) -> list[tuple[str, int | None, dict[str, str]]]:
+        """Every VM directory under the root: its name, its QEMU's pid if it runs,
+        and what it costs the host (its disk overlay's blocks, QEMU's memory)."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for vm_dir in sorted(self.root.iterdir()):
+            if not (vm_dir / RECORD).is_file():
+                continue
+            pid = running_pid(vm_dir)
+            detail = {"dir": str(vm_dir)}
+            with contextlib.suppress(OSError):
+                detail["disk_bytes"] = str((vm_dir / DISK).stat().st_blocks * 512)
+            if pid is not None:
+                detail["pid"] = str(pid)
+                rss = rss_bytes(pid)
+                if rss is not None:
+                    detail["memory_bytes"] = str(rss)
+            found.append((vm_dir.name, pid, detail))
+        return found
 
     def launch(self, name: str, argv: list[str], timeout_s: float, *, qemu: str) -> None:
         """Start the QEMU of ``name`` (``-daemonize``: it returns once its sockets are open).

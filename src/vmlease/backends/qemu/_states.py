@@ -38,9 +38,9 @@ from pathlib import Path
 
 from vmlease._errors import BackendError, BackendTimeout, ConfigError, VMLeaseError
 from vmlease._spec import VMSpec
+from vmlease.backends.guest.images import Image
 from vmlease.backends.qemu._launch import CONSOLE_LOG, QMP_SOCKET, LaunchConfig, qemu_argv
 from vmlease.backends.qemu._qmp import QMP
-from vmlease.backends.qemu.images import Image
 
 __all__ = [
     "Pruned",

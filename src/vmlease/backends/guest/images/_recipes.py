@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from vmlease._errors import ConfigError, ImageNotFound
-from vmlease.backends.qemu.images import _debian, _tiny
-from vmlease.backends.qemu.images._catalog import Image, Recipe, list_images, load_current
+from vmlease.backends.guest.images import _debian, _tiny
+from vmlease.backends.guest.images._catalog import Image, Recipe, list_images, load_current
 
 __all__ = ["RECIPES", "find_image", "recipe"]
 

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from vmlease._runner import Runner, SubprocessRunner
-from vmlease.backends.qemu.images._catalog import Image, Recipe, load_current
-from vmlease.backends.qemu.images._steps import (
+from vmlease.backends.guest.images._catalog import Image, Recipe, load_current
+from vmlease.backends.guest.images._steps import (
     COMMON_TOOLS,
     STAGE1_MODULES,
     Progress,

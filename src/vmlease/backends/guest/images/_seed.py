@@ -21,7 +21,7 @@ from pathlib import Path
 from vmlease._errors import ImageImportError
 from vmlease._runner import Runner, find_program
 from vmlease._spec import USER_RULE
-from vmlease.backends.qemu.images._steps import Steps
+from vmlease.backends.guest.images._steps import Steps
 
 __all__ = ["USER_RULE", "check_user", "check_user_data", "meta_data", "user_data", "write_seed"]
 

@@ -1,4 +1,4 @@
-"""Host side of the guest agent channel (see ``vmlease/images/agent.c`` for the protocol).
+"""Host side of the guest agent channel (see ``images/agent.c`` for the protocol).
 
 One channel per VM, one operation at a time (callers hold a lock). Sending
 and receiving run in one ``select`` loop, so a command can read a large stdin
@@ -20,7 +20,10 @@ from pathlib import Path
 from vmlease._errors import BootError, ChannelError, GuestFileError
 from vmlease.backends._base import ExecResult
 
-__all__ = ["AgentChannel", "AgentOperations"]
+__all__ = ["AGENT_PORT", "AgentChannel", "AgentOperations"]
+
+#: The virtio-serial port the guest agent listens on, by name.
+AGENT_PORT = "org.vmlease.agent"
 
 HELLO, EXEC, STDIN, STDOUT, STDERR, EXIT, KILL, PUT, DATA, GET, OK, ERR, SYNC, SETTIME = range(
     1, 15
@@ -213,7 +216,10 @@ class AgentChannel:
             except ChannelError as exc:
                 raise BootError(f"VM {self._name} stopped before it was ready: {exc}") from exc
             if writable and not sent:
-                self._sock.sendall(out[0])
+                try:
+                    self._sock.sendall(out[0])
+                except OSError as exc:
+                    raise BootError(f"VM {self._name} closed its channel while booting") from exc
                 sent = True
             if readable:
                 try:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmlease._errors import ConfigError, ImageNotFound
+from vmlease._errors import ConfigError, ImageNotFound, InvalidSpec
 from vmlease._paths import give_to_sudo_user
-from vmlease._spec import Network
+from vmlease._spec import Network, VMSpec
 
 __all__ = [
     "Build",
@@ -31,6 +31,7 @@ __all__ = [
     "Recipe",
     "add_user",
     "all_builds",
+    "check_fits",
     "list_images",
     "load_build",
     "load_current",
@@ -236,3 +237,29 @@ class Recipe:
             return self.build(image_dir, **options)
         finally:
             give_to_sudo_user(image_dir)
+
+
+def check_fits(image: Image, spec: VMSpec) -> None:
+    """InvalidSpec if ``spec`` asks ``image`` for what it cannot give: less memory
+    than it needs, an SSH user without an SSH server, a disk it cannot grow into."""
+    if spec.memory_mb < image.min_memory_mb:
+        raise InvalidSpec(
+            f"memory_mb={spec.memory_mb} is too little for image {spec.image!r}: "
+            f"it needs at least {image.min_memory_mb}"
+        )
+    if spec.user is not None and not image.ssh_user:
+        raise InvalidSpec(
+            f"image {spec.image!r} runs no SSH server, so user={spec.user!r} means "
+            "nothing there: leave user out"
+        )
+    if spec.disk_gb is not None:
+        if not image.grow_root:
+            raise InvalidSpec(
+                f"image {spec.image!r} cannot grow its root file system: leave disk_gb "
+                "out, or use an image that can (debian-12, debian-13)"
+            )
+        if spec.disk_gb * 2**30 < image.disk_bytes:
+            raise InvalidSpec(
+                f"disk_gb={spec.disk_gb} is smaller than the {spec.image} image's disk "
+                f"({image.disk_bytes / 2**30:g} GiB): give at least that"
+            )

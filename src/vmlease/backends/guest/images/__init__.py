@@ -1,32 +1,34 @@
-"""QEMU's images: the recipes vmlease builds locally, and the image cache.
+"""The images VMs of both QEMU-based backends boot: the recipes vmlease builds
+locally, and the image cache.
 
 - ``_catalog.py``: the cache (``<name>/<build-id>/``, ``<name>/current``);
 - ``_recipes.py``: the recipes by name, and finding an image with advice;
 - ``_steps.py``: build steps recipes share (tools, the agent, root disks);
 - ``_tiny.py``: the ``tiny`` recipe; each further recipe is a module beside it;
 - ``_rootless.py``: building as a normal user, through a user namespace;
-- ``agent.c``: the guest agent (the other end of ``backends/qemu/_agent.py``);
+- ``agent.c``: the guest agent (the other end of ``backends/guest/_agent.py``);
 - ``guest/``: boot scripts for the tiny image.
 """
 
 from __future__ import annotations
 
-from vmlease.backends.qemu.images._catalog import (
+from vmlease.backends.guest.images._catalog import (
     Build,
     Image,
     Recipe,
     add_user,
     all_builds,
+    check_fits,
     list_images,
     load_build,
     load_current,
     remove_user,
 )
-from vmlease.backends.qemu.images._debian import build_debian
-from vmlease.backends.qemu.images._recipes import RECIPES, find_image, recipe
-from vmlease.backends.qemu.images._rootless import blockers as rootless_blockers
-from vmlease.backends.qemu.images._rootless import remove_tree
-from vmlease.backends.qemu.images._tiny import build_tiny
+from vmlease.backends.guest.images._debian import build_debian
+from vmlease.backends.guest.images._recipes import RECIPES, find_image, recipe
+from vmlease.backends.guest.images._rootless import blockers as rootless_blockers
+from vmlease.backends.guest.images._rootless import remove_tree
+from vmlease.backends.guest.images._tiny import build_tiny
 
 __all__ = [
     "RECIPES",
@@ -37,6 +39,7 @@ __all__ = [
     "all_builds",
     "build_debian",
     "build_tiny",
+    "check_fits",
     "find_image",
     "list_images",
     "load_build",

@@ -36,9 +36,9 @@ from pathlib import Path
 
 from vmlease._errors import ImageBuildError
 from vmlease._runner import Runner, SubprocessRunner
-from vmlease.backends.qemu.images._catalog import Image, Recipe, load_current
-from vmlease.backends.qemu.images._rootless import blockers, is_root, remove_tree
-from vmlease.backends.qemu.images._steps import (
+from vmlease.backends.guest.images._catalog import Image, Recipe, load_current
+from vmlease.backends.guest.images._rootless import blockers, is_root, remove_tree
+from vmlease.backends.guest.images._steps import (
     COMMON_TOOLS,
     Progress,
     Steps,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from vmlease._errors import ImageBuildError
 from vmlease._runner import Completed, Runner, find_program
-from vmlease.backends.qemu.images._rootless import as_root, remove_tree
+from vmlease.backends.guest.images._rootless import as_root, remove_tree
 
 __all__ = [
     "Progress",
@@ -49,7 +49,7 @@ Progress = Callable[[str], None]
 
 def guest_file(name: str) -> bytes:
     """A file shipped for guests (the agent's source, boot scripts), by its path here."""
-    return (resources.files("vmlease.backends.qemu.images") / name).read_bytes()
+    return (resources.files("vmlease.backends.guest.images") / name).read_bytes()
 
 
 def missing_tools(tools: Mapping[str, str]) -> dict[str, str]:

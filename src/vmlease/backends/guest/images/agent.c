@@ -5,7 +5,7 @@
  * "org.vmlease.agent"): runs commands with stdin/stdout/stderr and exit
  * status, and copies files in and out. Built statically by
  * `vmlease image build tiny`; the host side lives in
- * vmlease/backends/qemu/_agent.py.
+ * vmlease/backends/guest/_agent.py.
  *
  * Wire format, both directions: frames of
  *     u8 type | u32 length (big-endian) | length bytes of payload

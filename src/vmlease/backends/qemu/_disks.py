@@ -1,0 +1,121 @@
+"""A QEMU VM's disk: room for it before anything starts, its overlay, and what a
+paused guest's disk error means."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vmlease._errors import BackendError, BackendTimeout, DiskFull, VMLeaseError
+from vmlease._paths import free_bytes, free_space, megabytes
+from vmlease._runner import Runner
+from vmlease._spec import VMSpec
+from vmlease.backends.guest.images import Image
+from vmlease.backends.qemu._launch import DISK, QMP_SOCKET, LaunchConfig
+from vmlease.backends.qemu._qmp import QMP
+from vmlease.backends.qemu._states import WarmCache, warm_key
+
+__all__ = ["DISK_HEADROOM_BYTES", "check_room", "explain_silence", "make_disk"]
+
+#: Room a new VM's disk overlay must have to grow into, in bytes.
+DISK_HEADROOM_BYTES = 32 * 2**20
+#: Free room under which a paused guest's disk is taken to have filled its file system.
+_LOW_ROOM = 1 << 20
+
+
+def check_room(
+    root: Path, warm: WarmCache | None, config: LaunchConfig, spec: VMSpec, image: Image
+) -> None:
+    """DiskFull, before anything starts, if the VM cannot have the room it needs:
+    headroom for its disk overlay to grow (plus the copy of a booted state's
+    disk), and room for the booted state its boot will save, if any."""
+    found = None
+    needs: list[tuple[Path, int, str]] = []
+    if warm is not None:
+        found = warm.find(warm_key(config, spec, image))
+        if found is None:
+            state = spec.memory_mb * 2**20 + DISK_HEADROOM_BYTES
+            needs.append((warm.root, state, "for the booted state it saves"))
+    copied = found.disk.stat().st_size if found is not None else 0
+    needs.append((root, DISK_HEADROOM_BYTES + copied, "for its disk"))
+    by_fs: dict[int, tuple[Path, int, list[str]]] = {}
+    for path, need, why in needs:
+        where = path
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        dev = where.stat().st_dev
+        _, total, whys = by_fs.get(dev, (path, 0, []))
+        by_fs[dev] = (path, total + need, [*whys, f"{megabytes(need)} {why}"])
+    for path, need, whys in by_fs.values():
+        free = free_bytes(path)
+        if free is not None and free < need:
+            raise DiskFull(
+                f"not enough room for a VM of image {spec.image!r}: {megabytes(free)} free "
+                f"at {path}, {megabytes(need)} needed ({', '.join(whys)}). Free space "
+                "(`vmlease image prune` removes unused images and saved states), or "
+                "point VMLEASE_STATE_DIR (VMs) or VMLEASE_IMAGE_DIR (images) at a "
+                "larger disk",
+                path=str(path),
+                free_bytes=free,
+                needed_bytes=need,
+            )
+
+
+def make_disk(
+    run: Runner, qemu_img: str, name: str, vm_dir: Path, image: Image, timeout_s: float
+) -> None:
+    """VM ``name``'s disk: a qcow2 overlay on its image's base disk."""
+    argv = [
+        qemu_img,
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        str(image.disk),
+        "-F",
+        "qcow2",
+        str(vm_dir / DISK),
+    ]
+    limit = min(timeout_s, 60.0)
+    done = run(argv, timeout_s=limit)
+    if done.returncode is None:
+        raise BackendTimeout(
+            f"creating the disk of VM {name} took longer than {limit:g} s", command=argv
+        )
+    if done.returncode != 0:
+        raise BackendError(
+            f"cannot create the disk of VM {name}: {done.stderr.strip()}",
+            command=argv,
+            exit_code=done.returncode,
+            stderr=done.stderr,
+        )
+
+
+def explain_silence(vm_dir: Path) -> None:
+    """A command in VM ``name`` has said nothing for a while. If QEMU paused the
+    guest on a host I/O error (its disk image could not grow), it will never
+    answer: raise DiskFull (or BackendError for another I/O error) now."""
+    name = vm_dir.name
+    try:
+        with QMP(vm_dir / QMP_SOCKET, timeout_s=2.0) as qmp:
+            if qmp.execute("query-status", timeout_s=2.0).get("status") != "io-error":
+                return
+            devices = qmp.execute("query-block", timeout_s=2.0) or []
+    except VMLeaseError:
+        return  # cannot tell from here: keep waiting
+    errors = {str(d.get("io-status")) for d in devices if d.get("io-status") not in (None, "ok")}
+    disk = vm_dir / DISK
+    free = free_bytes(vm_dir)
+    if "nospace" in errors or (free is not None and free < _LOW_ROOM):
+        raise DiskFull(
+            f"VM {name} is paused: its disk {disk} could not grow, the file system "
+            f"holding it is full ({free_space(vm_dir)} free). Free space there "
+            "(`vmlease image prune`, or delete files), or point VMLEASE_STATE_DIR at "
+            "a larger disk; this VM cannot go on and is deleted with its session",
+            path=str(disk),
+            free_bytes=free,
+        )
+    raise BackendError(
+        f"VM {name} is paused: QEMU met a host I/O error on its disk {disk} "
+        f"({', '.join(sorted(errors)) or 'io-error'}); check that file system"
+    )
