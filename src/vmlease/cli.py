@@ -10,70 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from vmlease import __version__
 from vmlease._errors import ConfigError, VMLeaseError
-from vmlease._paths import image_dir, megabytes, state_dir
+from vmlease._imagecli import add_image_commands
+from vmlease._paths import megabytes, state_dir
+from vmlease._present import Commands, age, seconds, table
 
 if TYPE_CHECKING:
     from vmlease._ledger import Record
-    from vmlease.backends.guest.images._source import Source
 
 __all__ = ["main"]
-
-
-def _age(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
-    return value
-
-
-def _fit(cell: str, width: int) -> str:
-    return cell if len(cell) <= width else cell[: max(width - 1, 0)] + "…"
-
-
-def _table(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], *, width: int | None = None
-) -> str:
-    """Columns padded to their widest cell. On a terminal (or given ``width``) a table
-    wider than the screen has its widest columns cut, with "…", until it fits; piped
-    output keeps every cell whole, for grep and scripts."""
-    if width is None and sys.stdout.isatty():
-        width = shutil.get_terminal_size().columns
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    if width is not None:
-        least = [max(len(h), 4) for h in headers]
-        while sum(widths) + 2 * (len(widths) - 1) > width:
-            widest = max(range(len(widths)), key=lambda i: widths[i] - least[i])
-            if widths[widest] <= least[widest]:
-                break  # as narrow as it sensibly gets
-            widths[widest] -= 1
-    lines = ["  ".join(_fit(h, w).ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += [
-        "  ".join(_fit(c, w).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in rows
-    ]
-    return "\n".join(lines)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -88,7 +38,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print("no VMs")
         return 0
     print(
-        _table(
+        table(
             [
                 "NAME",
                 "BACKEND",
@@ -110,7 +60,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     "-"
                     if r.record.state is VMState.GONE
                     else f"{r.status.value} (pid {r.record.owner.pid})",
-                    _age(r.age_s),
+                    age(r.age_s),
                     "-" if r.memory_bytes is None else megabytes(r.memory_bytes),
                     "-" if r.disk_bytes is None else megabytes(r.disk_bytes),
                     r.record.owner.session_id,
@@ -160,7 +110,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         print("nothing to clean up")
     else:
         print(
-            _table(
+            table(
                 ["NAME", "BACKEND", "WHY", "ACTION", "ERROR"],
                 [[o.name, o.backend, o.why, o.action, o.error or ""] for o in outcomes],
             )
@@ -296,135 +246,16 @@ def cmd_lock(args: argparse.Namespace) -> int:
     return run_holding(Lock(args.name, state_dir=state_dir()), args.program, timeout_s=args.timeout)
 
 
-def cmd_image_build(args: argparse.Namespace) -> int:
-    from vmlease._progress import Progress
-    from vmlease.backends.guest.images import recipe
-
-    build = recipe(args.name)
-    options: dict[str, object] = {"force": args.force}
-    if args.kernel_deb:
-        options["kernel_deb"] = Path(args.kernel_deb)
-    with Progress(sys.stderr) as progress:  # live on a terminal, plain lines in logs
-        image = build(image_dir(), progress=progress, **options)
-    print(image.path)
-    return 0
-
-
-def cmd_image_import(args: argparse.Namespace) -> int:
-    import signal
-
-    from vmlease._errors import DownloadError
-    from vmlease._progress import Progress
-    from vmlease._retry import Retrier, RetryPolicy
-    from vmlease.backends.qemu import QemuBackend
-
-    retrier = Retrier(RetryPolicy.parse(os.environ.get("VMLEASE_RETRY", "")))
-
-    def retry(attempt: Callable[[], Source]) -> Source:
-        return retrier.call(
-            "download",
-            lambda _limit: attempt(),
-            timeout_s=retrier.policy.total_s,
-            transient=lambda exc: isinstance(exc, DownloadError) and exc.transient,
-            subject=args.source,
-        )
-
-    def terminated(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt  # unwinds: the first boot's QEMU and the work go
-
-    backend = QemuBackend()
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        with Progress(sys.stderr) as progress:
-            image = backend.import_image(
-                args.name,
-                args.source,
-                progress=progress,
-                sha256=args.sha256,
-                user=args.user,
-                user_data_file=Path(args.user_data) if args.user_data else None,
-                seed=not args.no_seed,
-                force=args.force,
-                retry=retry,
-                timeout_s=args.timeout,
-            )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(image.path)
-    return 0
-
-
-def cmd_image_ls(args: argparse.Namespace) -> int:
-    from vmlease.backends.qemu._housekeeping import usage
-
-    images = usage(image_dir())
-    if args.json:
-        print(json.dumps({"images": [i.as_dict() for i in images]}, indent=2))
-        return 0
-    if not images:
-        print(f"no images in {image_dir()}; build one with `vmlease image build tiny`")
-        return 0
-    rows = []
-    for i in images:
-        current = i.current
-        older = [b for b in i.builds if not b.current]
-        rows.append(
-            [
-                i.name,
-                current.image.build_id if current else "-",
-                megabytes(current.image.size_bytes) if current else "-",
-                f"{len(older)} ({megabytes(sum(b.image.size_bytes for b in older))})",
-                f"{len(i.states)} ({megabytes(i.states_bytes)})",
-                str(sum(len(b.users) for b in i.builds)),
-                megabytes(i.size_bytes),
-            ]
-        )
-    print(_table(["NAME", "BUILD", "SIZE", "OLDER BUILDS", "SAVED STATES", "VMS", "TOTAL"], rows))
-    print(f"in {image_dir()}; `vmlease image prune` removes what no VM can use")
-    return 0
-
-
-def cmd_image_prune(args: argparse.Namespace) -> int:
-    from vmlease.backends.qemu._housekeeping import prune
-
-    removed = prune(image_dir(), dry_run=args.dry_run, everything=args.all)
-    freed = megabytes(sum(r.size_bytes for r in removed))
-    if args.json:
-        print(json.dumps({"dry_run": args.dry_run, "removed": [r.as_dict() for r in removed]}))
-        return 0
-    if not removed:
-        print("nothing to prune")
-        return 0
-    print(
-        _table(
-            ["WHAT", "NAME", "SIZE", "WHY"],
-            [[r.what, r.name, megabytes(r.size_bytes), r.why] for r in removed],
-        )
-    )
-    print(f"{'would free' if args.dry_run else 'freed'} {freed}")
-    return 0
-
-
-def _recipes_help() -> str:
-    from vmlease.backends.guest.images import RECIPES
-
-    return "; ".join(f"{r.name} ({r.summary})" for r in RECIPES.values())
-
-
-def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
-    """The parser. ``for_images=False`` leaves the image recipes out of the help
-    (loading them costs more than the other commands' whole start)."""
-    parser = argparse.ArgumentParser(
-        prog="vmlease", description="Disposable virtual machines for test suites."
-    )
-    parser.add_argument("--version", action="version", version=f"vmlease {__version__}")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
-
+def _add_ls(sub: Commands) -> None:
+    """``vmlease ls``."""
     ls = sub.add_parser("ls", help="list the VMs vmlease owns")
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.add_argument("--all", action="store_true", help="include deleted VMs")
     ls.set_defaults(func=cmd_ls)
 
+
+def _add_cleanup(sub: Commands) -> None:
+    """``vmlease cleanup``."""
     clean = sub.add_parser(
         "cleanup",
         help="delete VMs whose owners died or whose lease expired",
@@ -438,7 +269,7 @@ def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
     clean.add_argument("--yes", action="store_true", help="do not ask (with --all)")
     clean.add_argument(
         "--max-age",
-        type=_seconds,
+        type=seconds,
         metavar="SECONDS",
         help="treat VMs older than this as expired (default: the lease each VM was given)",
     )
@@ -453,17 +284,23 @@ def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
     clean.add_argument("--json", action="store_true", help="print JSON")
     clean.set_defaults(func=cmd_cleanup)
 
+
+def _add_exec(sub: Commands) -> None:
+    """``vmlease exec``."""
     run = sub.add_parser(
         "exec",
         help="run a command in a VM vmlease owns (a kept one, say); its exit code is ours",
         usage="vmlease exec [--timeout S] NAME -- COMMAND [ARG...]",
     )
     run.add_argument(
-        "--timeout", type=_seconds, metavar="S", help="kill the command after S seconds"
+        "--timeout", type=seconds, metavar="S", help="kill the command after S seconds"
     )
     run.add_argument("name", help="the VM, as `vmlease ls` names it")
     run.set_defaults(func=cmd_exec)
 
+
+def _add_doctor(sub: Commands) -> None:
+    """``vmlease doctor``."""
     doc = sub.add_parser(
         "doctor",
         help="check this machine is ready for VMs, and say what to do if not",
@@ -475,6 +312,9 @@ def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
     doc.add_argument("--json", action="store_true", help="print JSON")
     doc.set_defaults(func=cmd_doctor)
 
+
+def _add_lock(sub: Commands) -> None:
+    """``vmlease lock``."""
     lock = sub.add_parser(
         "lock",
         help="run a command holding a named lock (shared by every process of this user)",
@@ -483,11 +323,14 @@ def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
         "A holder that dies frees the lock at once; a wait that runs out names the holder.",
     )
     lock.add_argument(
-        "--timeout", type=_seconds, metavar="S", help="give up after waiting S seconds (exit 1)"
+        "--timeout", type=seconds, metavar="S", help="give up after waiting S seconds (exit 1)"
     )
     lock.add_argument("name", help="the lock's name: letters, digits, '_', '.', '-'")
     lock.set_defaults(func=cmd_lock)
 
+
+def _add_ssh(sub: Commands) -> None:
+    """``vmlease ssh`` and ``ssh-config``."""
     ssh = sub.add_parser(
         "ssh",
         help="open a shell in a VM over SSH, or run a command there",
@@ -504,6 +347,9 @@ def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
     sshc.add_argument("names", nargs="*", metavar="NAME", help="default: every running VM")
     sshc.set_defaults(func=cmd_ssh_config)
 
+
+def _add_inventory(sub: Commands) -> None:
+    """``vmlease inventory``."""
     inv = sub.add_parser(
         "inventory",
         help="print an inventory of running VMs for Ansible (or as JSON)",
@@ -519,68 +365,23 @@ def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
     )
     inv.set_defaults(func=cmd_inventory)
 
-    image = sub.add_parser("image", help="build and list images")
-    isub = image.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
-    build = isub.add_parser("build", help="build an image (idempotent)")
-    build.add_argument(
-        "name",
-        help="the image to build: "
-        + (_recipes_help() if for_images else "see `vmlease image build --help`"),
+
+def build_parser(*, for_images: bool = True) -> argparse.ArgumentParser:
+    """The parser. ``for_images=False`` leaves the image recipes out of the help
+    (loading them costs more than the other commands' whole start)."""
+    parser = argparse.ArgumentParser(
+        prog="vmlease", description="Disposable virtual machines for test suites."
     )
-    build.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    build.add_argument("--kernel-deb", metavar="FILE", help="use this Debian kernel package")
-    build.set_defaults(func=cmd_image_build)
-    imp = isub.add_parser(
-        "import",
-        help="import a cloud image (qcow2 or raw, a file or an http(s) URL)",
-        description="Imports a distribution's cloud image: downloads it (when SOURCE is a "
-        "URL) and checks it against --sha256, boots it once with a cloud-init seed that "
-        "creates the SSH user and installs the vmlease agent, waits for cloud-init to "
-        "finish, and keeps the result as image NAME. Its VMs never run cloud-init again. "
-        "Idempotent: the same source and options find the image up to date.",
-    )
-    imp.add_argument("name", help="the image's name (what VMs ask for: image=NAME)")
-    imp.add_argument("source", help="a local qcow2 or raw disk, or an http(s) URL to one")
-    imp.add_argument(
-        "--sha256", metavar="HEX", help="the source's SHA-256; a mismatch keeps nothing"
-    )
-    imp.add_argument(
-        "--user",
-        default="vmlease",
-        help="the SSH user the seed creates (passwordless sudo, key only; default vmlease)",
-    )
-    imp.add_argument(
-        "--user-data", metavar="FILE", help="your own cloud-config (or script) for the first boot"
-    )
-    imp.add_argument(
-        "--no-seed",
-        action="store_true",
-        help="boot without a cloud-init seed (the image already runs the vmlease agent)",
-    )
-    imp.add_argument("--force", action="store_true", help="import again even if up to date")
-    imp.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=900.0,
-        help="seconds the first boot may take, cloud-init included (default 900)",
-    )
-    imp.set_defaults(func=cmd_image_import)
-    ils = isub.add_parser("ls", help="list cached images, their saved states and their sizes")
-    ils.add_argument("--json", action="store_true", help="print JSON")
-    ils.set_defaults(func=cmd_image_ls)
-    prune = isub.add_parser(
-        "prune",
-        help="remove image builds, saved states and downloads that no VM can use",
-        description="Removes builds that new VMs do not use and no VM's disk lies on, "
-        "saved booted states of such builds (and beyond the cap per image), unused "
-        "downloads, and leftovers of interrupted builds. Current builds stay unless --all.",
-    )
-    prune.add_argument("--dry-run", action="store_true", help="say what would be removed")
-    prune.add_argument(
-        "--all", action="store_true", help="also remove current builds that no VM uses"
-    )
-    prune.add_argument("--json", action="store_true", help="print JSON")
-    prune.set_defaults(func=cmd_image_prune)
+    parser.add_argument("--version", action="version", version=f"vmlease {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    _add_ls(sub)
+    _add_cleanup(sub)
+    _add_exec(sub)
+    _add_doctor(sub)
+    _add_lock(sub)
+    _add_ssh(sub)
+    _add_inventory(sub)
+    add_image_commands(sub, for_images=for_images)
     return parser
 
 

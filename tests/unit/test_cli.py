@@ -109,7 +109,7 @@ def test_cleanup_rejects_a_bad_max_age(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_a_table_wider_than_the_terminal_is_cut_to_fit() -> None:
-    from vmlease.cli import _table
+    from vmlease._present import table as _table
 
     rows = [["vmlease-abc-1", "running", "r" + "x" * 60], ["b", "stopped", "short"]]
     whole = _table(["NAME", "STATE", "SESSION"], rows)

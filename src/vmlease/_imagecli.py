@@ -1,0 +1,200 @@
+"""``vmlease image``: build, import, list and prune images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vmlease._paths import image_dir, megabytes
+from vmlease._present import Commands, seconds, table
+
+if TYPE_CHECKING:
+    from vmlease.backends.guest.images._source import Source
+
+__all__ = ["add_image_commands"]
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from vmlease._progress import Progress
+    from vmlease.backends.guest.images import recipe
+
+    build = recipe(args.name)
+    options: dict[str, object] = {"force": args.force}
+    if args.kernel_deb:
+        options["kernel_deb"] = Path(args.kernel_deb)
+    with Progress(sys.stderr) as progress:  # live on a terminal, plain lines in logs
+        image = build(image_dir(), progress=progress, **options)
+    print(image.path)
+    return 0
+
+
+def cmd_image_import(args: argparse.Namespace) -> int:
+    import signal
+
+    from vmlease._errors import DownloadError
+    from vmlease._progress import Progress
+    from vmlease._retry import Retrier, RetryPolicy
+    from vmlease.backends.qemu import QemuBackend
+
+    retrier = Retrier(RetryPolicy.parse(os.environ.get("VMLEASE_RETRY", "")))
+
+    def retry(attempt: Callable[[], Source]) -> Source:
+        return retrier.call(
+            "download",
+            lambda _limit: attempt(),
+            timeout_s=retrier.policy.total_s,
+            transient=lambda exc: isinstance(exc, DownloadError) and exc.transient,
+            subject=args.source,
+        )
+
+    def terminated(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds: the first boot's QEMU and the work go
+
+    backend = QemuBackend()
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with Progress(sys.stderr) as progress:
+            image = backend.import_image(
+                args.name,
+                args.source,
+                progress=progress,
+                sha256=args.sha256,
+                user=args.user,
+                user_data_file=Path(args.user_data) if args.user_data else None,
+                seed=not args.no_seed,
+                force=args.force,
+                retry=retry,
+                timeout_s=args.timeout,
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(image.path)
+    return 0
+
+
+def cmd_image_ls(args: argparse.Namespace) -> int:
+    from vmlease.backends.qemu._housekeeping import usage
+
+    images = usage(image_dir())
+    if args.json:
+        print(json.dumps({"images": [i.as_dict() for i in images]}, indent=2))
+        return 0
+    if not images:
+        print(f"no images in {image_dir()}; build one with `vmlease image build tiny`")
+        return 0
+    rows = []
+    for i in images:
+        current = i.current
+        older = [b for b in i.builds if not b.current]
+        rows.append(
+            [
+                i.name,
+                current.image.build_id if current else "-",
+                megabytes(current.image.size_bytes) if current else "-",
+                f"{len(older)} ({megabytes(sum(b.image.size_bytes for b in older))})",
+                f"{len(i.states)} ({megabytes(i.states_bytes)})",
+                str(sum(len(b.users) for b in i.builds)),
+                megabytes(i.size_bytes),
+            ]
+        )
+    print(table(["NAME", "BUILD", "SIZE", "OLDER BUILDS", "SAVED STATES", "VMS", "TOTAL"], rows))
+    print(f"in {image_dir()}; `vmlease image prune` removes what no VM can use")
+    return 0
+
+
+def cmd_image_prune(args: argparse.Namespace) -> int:
+    from vmlease.backends.qemu._housekeeping import prune
+
+    removed = prune(image_dir(), dry_run=args.dry_run, everything=args.all)
+    freed = megabytes(sum(r.size_bytes for r in removed))
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "removed": [r.as_dict() for r in removed]}))
+        return 0
+    if not removed:
+        print("nothing to prune")
+        return 0
+    print(
+        table(
+            ["WHAT", "NAME", "SIZE", "WHY"],
+            [[r.what, r.name, megabytes(r.size_bytes), r.why] for r in removed],
+        )
+    )
+    print(f"{'would free' if args.dry_run else 'freed'} {freed}")
+    return 0
+
+
+def _recipes_help() -> str:
+    from vmlease.backends.guest.images import RECIPES
+
+    return "; ".join(f"{r.name} ({r.summary})" for r in RECIPES.values())
+
+
+def add_image_commands(sub: Commands, *, for_images: bool) -> None:
+    """``vmlease image build|import|ls|prune`` on the top parser's ``sub``."""
+    image = sub.add_parser("image", help="build and list images")
+    isub = image.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
+    build = isub.add_parser("build", help="build an image (idempotent)")
+    build.add_argument(
+        "name",
+        help="the image to build: "
+        + (_recipes_help() if for_images else "see `vmlease image build --help`"),
+    )
+    build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    build.add_argument("--kernel-deb", metavar="FILE", help="use this Debian kernel package")
+    build.set_defaults(func=cmd_image_build)
+    imp = isub.add_parser(
+        "import",
+        help="import a cloud image (qcow2 or raw, a file or an http(s) URL)",
+        description="Imports a distribution's cloud image: downloads it (when SOURCE is a "
+        "URL) and checks it against --sha256, boots it once with a cloud-init seed that "
+        "creates the SSH user and installs the vmlease agent, waits for cloud-init to "
+        "finish, and keeps the result as image NAME. Its VMs never run cloud-init again. "
+        "Idempotent: the same source and options find the image up to date.",
+    )
+    imp.add_argument("name", help="the image's name (what VMs ask for: image=NAME)")
+    imp.add_argument("source", help="a local qcow2 or raw disk, or an http(s) URL to one")
+    imp.add_argument(
+        "--sha256", metavar="HEX", help="the source's SHA-256; a mismatch keeps nothing"
+    )
+    imp.add_argument(
+        "--user",
+        default="vmlease",
+        help="the SSH user the seed creates (passwordless sudo, key only; default vmlease)",
+    )
+    imp.add_argument(
+        "--user-data", metavar="FILE", help="your own cloud-config (or script) for the first boot"
+    )
+    imp.add_argument(
+        "--no-seed",
+        action="store_true",
+        help="boot without a cloud-init seed (the image already runs the vmlease agent)",
+    )
+    imp.add_argument("--force", action="store_true", help="import again even if up to date")
+    imp.add_argument(
+        "--timeout",
+        type=seconds,
+        default=900.0,
+        help="seconds the first boot may take, cloud-init included (default 900)",
+    )
+    imp.set_defaults(func=cmd_image_import)
+    ils = isub.add_parser("ls", help="list cached images, their saved states and their sizes")
+    ils.add_argument("--json", action="store_true", help="print JSON")
+    ils.set_defaults(func=cmd_image_ls)
+    prune = isub.add_parser(
+        "prune",
+        help="remove image builds, saved states and downloads that no VM can use",
+        description="Removes builds that new VMs do not use and no VM's disk lies on, "
+        "saved booted states of such builds (and beyond the cap per image), unused "
+        "downloads, and leftovers of interrupted builds. Current builds stay unless --all.",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed")
+    prune.add_argument(
+        "--all", action="store_true", help="also remove current builds that no VM uses"
+    )
+    prune.add_argument("--json", action="store_true", help="print JSON")
+    prune.set_defaults(func=cmd_image_prune)
