@@ -54,9 +54,10 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from vmlease._ledger import VMState
     from vmlease._locks import Lock
+    from vmlease._metrics import SessionStats
     from vmlease._pyinfra import run_pyinfra
     from vmlease._retry import RetryPolicy, Timeouts
-    from vmlease._session import Session, SessionStats
+    from vmlease._session import Session
     from vmlease._spec import VMSpec
     from vmlease._testinfra import as_testinfra_host
     from vmlease._vm import VM, CommandResult, TranscriptEntry
@@ -68,7 +69,7 @@ _LAZY = {
     "CommandResult": "vmlease._vm",
     "TranscriptEntry": "vmlease._vm",
     "Session": "vmlease._session",
-    "SessionStats": "vmlease._session",
+    "SessionStats": "vmlease._metrics",
     "RetryPolicy": "vmlease._retry",
     "Lock": "vmlease._locks",
     "Timeouts": "vmlease._retry",

@@ -43,6 +43,7 @@ __all__ = [
     "find_reapable",
     "mark_prefix",
     "status",
+    "sweep",
 ]
 
 
@@ -371,4 +372,24 @@ def _sweep(backends: Backends, names: Sequence[str], *, dry_run: bool) -> list[O
     for name in names:
         for gone in backends(name).sweep(dry_run=dry_run):
             outcomes.append(Outcome(gone, name, "its lease ran out (any runner's)", action))
+    return outcomes
+
+
+def sweep(ledger: Ledger, backends: Callable[[], Backends], *, by: str) -> list[Outcome]:
+    """Delete the ledger's VMs whose owners are provably dead, and those past their
+    lease, logging each; ``by`` says who swept (a session). ``backends`` makes
+    the backends the deletes need, closed afterwards."""
+    rows = [(r, why.value) for r, why in find_reapable(ledger)]
+    if not rows:
+        return []
+    made = backends()
+    try:
+        outcomes = delete_records(ledger, rows, made, reason=f"swept by {by}")
+    finally:
+        made.close()
+    for o in outcomes:
+        level = logging.WARNING if o.action.needs_a_person else logging.INFO
+        log.log(
+            level, "sweep: %s %s (%s)%s", o.action, o.name, o.why, f": {o.error}" if o.error else ""
+        )
     return outcomes

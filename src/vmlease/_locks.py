@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,14 @@ from vmlease._paths import ensure_private_dir
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._procfs import own_command
 
-__all__ = ["Holder", "Lock", "Semaphore", "Slot", "run_holding"]
+__all__ = [
+    "Holder",
+    "Lock",
+    "Places",
+    "Semaphore",
+    "Slot",
+    "run_holding",
+]
 
 _POLL_S = 0.05
 _LOCK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -257,3 +265,42 @@ def run_holding(lock: Lock, argv: Sequence[str], *, timeout_s: float | None = No
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     return 128 - code if code < 0 else code
+
+
+class Places:
+    """The places under a limit of VMs at once that one session's VMs hold, by
+    ledger id; without a limit, none is needed.
+
+    Args:
+        state_dir: the state directory whose sessions share the limit.
+        limit: at most this many VMs at once (None: no limit).
+        timeout_s: how long taking a place may wait.
+    """
+
+    def __init__(self, state_dir: Path, limit: int | None, timeout_s: float) -> None:
+        self._semaphore = Semaphore(state_dir, "vm", limit) if limit is not None else None
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._held: dict[int, Slot] = {}
+
+    @property
+    def limited(self) -> bool:
+        return self._semaphore is not None
+
+    def take(self) -> Slot | None:
+        """A place, waited for up to ``timeout_s``; None without a limit."""
+        if self._semaphore is None:
+            return None
+        return self._semaphore.acquire(self._timeout_s)
+
+    def hold(self, vm_id: int, place: Slot | None) -> None:
+        """VM ``vm_id`` holds ``place`` until it is given back."""
+        if place is not None:
+            with self._lock:
+                self._held[vm_id] = place
+
+    def give_back(self, vm_id: int) -> None:
+        with self._lock:
+            place = self._held.pop(vm_id, None)
+        if place is not None:
+            place.release()

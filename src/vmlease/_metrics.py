@@ -10,7 +10,7 @@ import statistics
 import threading
 from dataclasses import dataclass
 
-__all__ = ["Metrics", "OpStats"]
+__all__ = ["Metrics", "OpStats", "SessionStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +52,17 @@ class Metrics:
                 )
                 for op, s in sorted(self._samples.items())
             }
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStats:
+    """Where a session's time went. Times in seconds."""
+
+    session_id: str
+    created: int
+    deleted: int
+    failed: int
+    ops: dict[str, OpStats]
+    retries: dict[str, int]
+    longest_s: dict[str, float]
+    adopted: int = 0

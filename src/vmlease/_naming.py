@@ -18,6 +18,7 @@ __all__ = [
     "NAME_RULE",
     "is_generated",
     "new_session_id",
+    "session_id_of",
     "validate_name",
     "vm_name",
 ]
@@ -76,3 +77,14 @@ def is_generated(name: str, session_id: str) -> bool:
     """
     tail = rf"-{re.escape(session_id)}-(?:[A-Za-z0-9-]+-)?[0-9]+"
     return bool(session_id) and re.fullmatch(rf"[A-Za-z][A-Za-z0-9-]*{tail}", name) is not None
+
+
+def session_id_of(given: object) -> str:
+    """``given`` as a session id, checked: it is part of VM names."""
+    try:
+        return validate_name(given)
+    except InvalidName:
+        raise InvalidName(
+            f"invalid session id {given!r}: a session id is part of VM names, so it follows "
+            f"their rule ({NAME_RULE})"
+        ) from None

@@ -17,65 +17,44 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from vmlease import _signals
 from vmlease import backends as _backends
 from vmlease._checks import first_failure
-from vmlease._cleanup import Outcome, delete_records, find_reapable, mark_prefix
+from vmlease._cleanup import Outcome, mark_prefix
+from vmlease._cleanup import sweep as sweep_dead
+from vmlease._creating import CreateAttempts, claim
 from vmlease._errors import (
     BackendError,
     ConfigError,
-    InvalidName,
     LedgerError,
     UnsupportedOperation,
-    VMAlreadyExists,
     VMLeaseError,
     VMNotFound,
     VMStateError,
 )
 from vmlease._identity import Owner, current_owner
 from vmlease._ledger import Ledger, Record, VMState
-from vmlease._locks import Semaphore, Slot
-from vmlease._metrics import Metrics, OpStats
-from vmlease._naming import NAME_RULE, new_session_id, validate_name, vm_name
+from vmlease._locks import Places, Slot
+from vmlease._metrics import Metrics, SessionStats
+from vmlease._naming import new_session_id, session_id_of, validate_name, vm_name
 from vmlease._paths import ensure_private_dir
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._reaper import ReaperLink
 from vmlease._retry import Retrier, RetryPolicy
 from vmlease._spec import Network, VMSpec, parse_network
-from vmlease._vm import VM, Capability
+from vmlease._vm import UNSUPPORTED, VM, Capability
 from vmlease.backends import Backend, Backends, Fault
 
-__all__ = ["Session", "SessionStats"]
+__all__ = ["Session"]
 
 T = TypeVar("T")
 log = logging.getLogger("vmlease")
 
 DEFAULT_BOOT_TIMEOUT_S = 120.0
-_UNSUPPORTED: dict[Capability, str] = {
-    "snapshots": "cannot take or restore snapshots; use a fresh VM per test instead",
-    "stop_start": "cannot stop and start a VM; delete it and create another instead",
-    "forwards": "cannot forward ports; reach the VM through vm.run instead",
-    "ssh": "cannot reach VMs with SSH; reach them through vm.run instead",
-}
 DEFAULT_MAX_AGE_S = 6 * 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class SessionStats:
-    """Where a session's time went. Times in seconds."""
-
-    session_id: str
-    created: int
-    deleted: int
-    failed: int
-    ops: dict[str, OpStats]
-    retries: dict[str, int]
-    longest_s: dict[str, float]
-    adopted: int = 0
 
 
 class Session:
@@ -140,7 +119,7 @@ class Session:
             raise ConfigError(f"retry must be a vmlease.RetryPolicy, not {retry!r}")
         self.retry_policy = retry or RetryPolicy()
         self._retrier = Retrier(self.retry_policy, sleep=sleep, clock=clock)
-        self.id = _session_id(session_id) if session_id is not None else new_session_id()
+        self.id = session_id_of(session_id) if session_id is not None else new_session_id()
         self.state_dir = ensure_private_dir(
             Path(state_dir) if state_dir is not None else default_state_dir()
         )
@@ -181,12 +160,13 @@ class Session:
                 self._reaper: ReaperLink | None = reaper
             else:
                 self._reaper = ReaperLink(self.state_dir) if reaper else None
-            self._places = Semaphore(self.state_dir, "vm", max_vms) if max_vms is not None else None
-            self._place_timeout_s = place_timeout_s
-            self._held: dict[int, Slot] = {}
+            self._places = Places(self.state_dir, max_vms, place_timeout_s)
             # Ledger writes that failed on a path that had to go on: vm id -> (state, error).
             self._unrecorded: dict[int, tuple[VMState, str | None]] = {}
-            self.swept: list[Outcome] = self._sweep() if sweep else []
+            # VMs of owners that are provably dead, and VMs past their lease, go now.
+            self.swept: list[Outcome] = (
+                sweep_dead(self._ledger, self._backends, by=f"session {self.id}") if sweep else []
+            )
         except BaseException:
             # A session refused on the way up leaves no open ledger or backend behind.
             self._ledger.close()
@@ -302,7 +282,7 @@ class Session:
     def _vm_supports(self, capability: Capability) -> None:
         if not getattr(self._backend.capabilities, capability):
             raise UnsupportedOperation(
-                f"the {self._backend.name} backend {_UNSUPPORTED[capability]}"
+                f"the {self._backend.name} backend {UNSUPPORTED[capability]}"
             )
 
     def _vm_transition(self, vm: VM, state: VMState) -> None:
@@ -324,30 +304,6 @@ class Session:
 
     def _backends(self) -> Backends:
         return Backends(self.state_dir, known={self._backend.name: self._backend})
-
-    def _sweep(self) -> list[Outcome]:
-        """Delete VMs of owners that are provably dead, and VMs past their lease."""
-        rows = [(r, why.value) for r, why in find_reapable(self._ledger)]
-        if not rows:
-            return []
-        backends = self._backends()
-        try:
-            outcomes = delete_records(
-                self._ledger, rows, backends, reason=f"swept by session {self.id}"
-            )
-        finally:
-            backends.close()
-        for o in outcomes:
-            level = logging.WARNING if o.action.needs_a_person else logging.INFO
-            log.log(
-                level,
-                "sweep: %s %s (%s)%s",
-                o.action,
-                o.name,
-                o.why,
-                f": {o.error}" if o.error else "",
-            )
-        return outcomes
 
     def prepare(self) -> None:
         """Register with the reaper and install the signal handlers now rather than
@@ -422,9 +378,14 @@ class Session:
         vm = VM(self, record.id, vm_name_, spec)
         with self._lock:
             self._vms[record.id] = vm
-            if place is not None:
-                self._held[record.id] = place
-        attempt = _CreateAttempts(self, vm_name_, spec)
+        self._places.hold(record.id, place)
+        attempt = CreateAttempts(
+            self._backend,
+            vm_name_,
+            spec,
+            boot_timeout_s=self.boot_timeout_s,
+            delete_timeout_s=self.retry_policy.timeouts.delete_s,
+        )
         try:
             self._transition(record.id, VMState.CREATING)
             self._call(
@@ -477,48 +438,24 @@ class Session:
 
     def _take_place(self) -> Slot | None:
         """A place under ``max_vms``, waited for (and timed as ``wait``)."""
-        if self._places is None:
-            return None
-        places = self._places
-        return self._timed("wait", lambda: places.acquire(self._place_timeout_s))
-
-    def _give_back_place(self, vm_id: int) -> None:
-        with self._lock:
-            place = self._held.pop(vm_id, None)
-        if place is not None:
-            place.release()
+        return self._timed("wait", self._places.take) if self._places.limited else None
 
     def _claim(self, name: str | None, spec: VMSpec) -> Record:
-        """Write the ledger row for a new VM. A generated name gets the next
-        counter no live VM's name uses (processes may share a session id)."""
-        if name is not None:
-            return self._ledger.claim(
-                name=name,
-                backend=self._backend.name,
-                owner=self.owner,
-                spec=spec.to_json(),
-                expires_at=time.time() + self.max_age_s,
-            )
-        asked: list[int] = []
-
-        def generated(counter: int) -> str:
-            asked.append(counter)
-            candidate = vm_name(self.name_prefix, self.id, counter, self.name_tag)
-            self._backend.validate_name(candidate)
-            return candidate
-
+        """Write the ledger row for a new VM (see ``_creating.claim``)."""
         with self._lock:
             first = self._counter + 1
-        record = self._ledger.claim(
-            name=generated,
-            backend=self._backend.name,
-            owner=self.owner,
-            spec=spec.to_json(),
-            expires_at=time.time() + self.max_age_s,
+        record, counter = claim(
+            self._ledger,
+            self._backend,
+            self.owner,
+            spec,
+            name=name,
+            names=lambda n: vm_name(self.name_prefix, self.id, n, self.name_tag),
             first=first,
+            expires_at=time.time() + self.max_age_s,
         )
         with self._lock:
-            self._counter = max(self._counter, asked[-1])
+            self._counter = max(self._counter, counter)
         return record
 
     def _abandon(self, vm_id: int, name: str, exc: BaseException, *, ours: bool) -> None:
@@ -536,7 +473,7 @@ class Session:
             except VMLeaseError:
                 return  # stays failed: the reaper or a later cleanup retries the delete
         self._record(vm_id, VMState.GONE, error=f"{type(exc).__name__}: {exc}")
-        self._give_back_place(vm_id)
+        self._places.give_back(vm_id)
         with self._lock:
             self._vms.pop(vm_id, None)
 
@@ -567,7 +504,7 @@ class Session:
                 raise
             self._record(vm_id, VMState.GONE)
             vm.last_state = VMState.GONE
-        self._give_back_place(vm_id)
+        self._places.give_back(vm_id)
         self._deleted += 1
         with self._lock:
             self._vms.pop(vm_id, None)
@@ -589,7 +526,7 @@ class Session:
             subject=name,
         )
         self._ledger.transition(vm.ledger_id, VMState.KEPT, detail=why)
-        self._give_back_place(vm.ledger_id)
+        self._places.give_back(vm.ledger_id)
         with self._lock:
             self._vms.pop(vm.ledger_id, None)
         vm.last_state = VMState.KEPT
@@ -651,61 +588,3 @@ class Session:
                 raise
         finally:
             self._ledger.close()
-
-
-def _session_id(given: object) -> str:
-    try:
-        return validate_name(given)
-    except InvalidName:
-        raise InvalidName(
-            f"invalid session id {given!r}: a session id is part of VM names, so it follows "
-            f"their rule ({NAME_RULE})"
-        ) from None
-
-
-class _CreateAttempts:
-    """The create step of ``Session.create``, called once per attempt.
-
-    A create that failed transiently (a timeout, say) may have made the VM
-    anyway, so the next attempt can meet "already exists". That VM is ours:
-    it is adopted if it answers, or deleted so that the attempt after can
-    make it again. "Already exists" on the first attempt means another
-    program's VM has the name, which is never touched.
-    """
-
-    def __init__(self, session: Session, name: str, spec: VMSpec) -> None:
-        self._session = session
-        self._name = name
-        self._spec = spec
-        self.may_exist = False  # whether an earlier attempt may have made the VM
-        self.adopted = False
-
-    def __call__(self, limit_s: float) -> None:
-        session, name = self._session, self._name
-        try:
-            session._backend.create(name, self._spec, timeout_s=limit_s)
-        except VMAlreadyExists:
-            if not self.may_exist:
-                raise
-            self._adopt_or_clear(limit_s)
-            return
-        except BaseException:
-            self.may_exist = True
-            raise
-        self.may_exist = True
-
-    def _adopt_or_clear(self, limit_s: float) -> None:
-        session, name = self._session, self._name
-        try:
-            session._backend.wait_ready(name, min(limit_s, session.boot_timeout_s))
-        except VMLeaseError as exc:
-            log.warning("VM %s, made by a create that failed, does not answer: %s", name, exc)
-            with contextlib.suppress(VMNotFound):
-                session._backend.delete(name, timeout_s=session.retry_policy.timeouts.delete_s)
-            raise BackendError(
-                f"VM {name} was made by a create that failed, and did not answer; "
-                "it was deleted, to be made again",
-                transient=True,
-            ) from exc
-        log.warning("adopted VM %s, made by a create that failed", name)
-        self.adopted = True

@@ -33,11 +33,18 @@ from vmlease._ssh import SSHInfo
 from vmlease._waits import Check, listening_probe, poll, port_number
 from vmlease.backends import Backend, ExecResult
 
-__all__ = ["VM", "Capability", "CommandResult", "TranscriptEntry", "VMHost"]
+__all__ = ["UNSUPPORTED", "VM", "Capability", "CommandResult", "TranscriptEntry", "VMHost"]
 
 T = TypeVar("T")
 #: The optional operations a handle may ask about (fields of ``Capabilities``).
 Capability = Literal["snapshots", "stop_start", "forwards", "ssh"]
+#: What a backend without a capability cannot do, and what to do instead.
+UNSUPPORTED: dict[Capability, str] = {
+    "snapshots": "cannot take or restore snapshots; use a fresh VM per test instead",
+    "stop_start": "cannot stop and start a VM; delete it and create another instead",
+    "forwards": "cannot forward ports; reach the VM through vm.run instead",
+    "ssh": "cannot reach VMs with SSH; reach them through vm.run instead",
+}
 
 DEFAULT_STOP_TIMEOUT_S = 30.0
 #: How long the waits wait unless told otherwise, in seconds.

@@ -1,0 +1,124 @@
+"""A session's create: claiming the VM's name in the ledger, one attempt of the
+backend's create, and adopting what an earlier attempt made.
+
+A create that failed transiently may have made its VM anyway; that VM is the
+session's own (its name was claimed in the ledger first), so the next
+attempt adopts it if it answers, or deletes it to make it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+from vmlease._errors import BackendError, VMAlreadyExists, VMLeaseError, VMNotFound
+from vmlease._identity import Owner
+from vmlease._ledger import Ledger, Record
+from vmlease._spec import VMSpec
+from vmlease.backends import Backend
+
+__all__ = ["CreateAttempts", "claim"]
+
+log = logging.getLogger("vmlease")
+
+
+def claim(
+    ledger: Ledger,
+    backend: Backend,
+    owner: Owner,
+    spec: VMSpec,
+    *,
+    name: str | None,
+    names: Callable[[int], str],
+    first: int,
+    expires_at: float,
+) -> tuple[Record, int]:
+    """Write the ledger row for a new VM, before the backend makes it: named
+    ``name``, or else ``names(n)`` for the first counter ``n >= first`` that no
+    live VM's name uses (processes may share a session id). Returns the row
+    and the counter used (``first - 1`` for a given name)."""
+    if name is not None:
+        record = ledger.claim(
+            name=name,
+            backend=backend.name,
+            owner=owner,
+            spec=spec.to_json(),
+            expires_at=expires_at,
+        )
+        return record, first - 1
+    asked: list[int] = []
+
+    def generated(counter: int) -> str:
+        asked.append(counter)
+        candidate = names(counter)
+        backend.validate_name(candidate)
+        return candidate
+
+    record = ledger.claim(
+        name=generated,
+        backend=backend.name,
+        owner=owner,
+        spec=spec.to_json(),
+        expires_at=expires_at,
+        first=first,
+    )
+    return record, asked[-1]
+
+
+class CreateAttempts:
+    """The create step of ``Session.create``, called once per attempt.
+
+    A create that failed transiently (a timeout, say) may have made the VM
+    anyway, so the next attempt can meet "already exists". That VM is ours:
+    it is adopted if it answers, or deleted so that the attempt after can
+    make it again. "Already exists" on the first attempt means another
+    program's VM has the name, which is never touched.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        name: str,
+        spec: VMSpec,
+        *,
+        boot_timeout_s: float,
+        delete_timeout_s: float,
+    ) -> None:
+        self._backend = backend
+        self._name = name
+        self._spec = spec
+        self._boot_timeout_s = boot_timeout_s
+        self._delete_timeout_s = delete_timeout_s
+        self.may_exist = False  # whether an earlier attempt may have made the VM
+        self.adopted = False
+
+    def __call__(self, limit_s: float) -> None:
+        name = self._name
+        try:
+            self._backend.create(name, self._spec, timeout_s=limit_s)
+        except VMAlreadyExists:
+            if not self.may_exist:
+                raise
+            self._adopt_or_clear(limit_s)
+            return
+        except BaseException:
+            self.may_exist = True
+            raise
+        self.may_exist = True
+
+    def _adopt_or_clear(self, limit_s: float) -> None:
+        name = self._name
+        try:
+            self._backend.wait_ready(name, min(limit_s, self._boot_timeout_s))
+        except VMLeaseError as exc:
+            log.warning("VM %s, made by a create that failed, does not answer: %s", name, exc)
+            with contextlib.suppress(VMNotFound):
+                self._backend.delete(name, timeout_s=self._delete_timeout_s)
+            raise BackendError(
+                f"VM {name} was made by a create that failed, and did not answer; "
+                "it was deleted, to be made again",
+                transient=True,
+            ) from exc
+        log.warning("adopted VM %s, made by a create that failed", name)
+        self.adopted = True
