@@ -342,9 +342,7 @@ class TestRun:
             "retries": dict(stats.retries) if stats is not None else {},
             "longest_op_s": dict(stats.longest_s) if stats is not None else {},
             "adopted": stats.adopted if stats is not None else 0,
-            "faults": sum(getattr(self._session.backend, "injected", {}).values())
-            if self._session is not None
-            else 0,
+            "faults": self._session.backend.injected_faults() if self._session is not None else 0,
         }
 
 

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import io
 
+from tests.doubles.clock import FakeClock
 from vmlease._progress import Progress
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_in_a_log_every_step_is_one_plain_line() -> None:
@@ -25,7 +18,7 @@ def test_in_a_log_every_step_is_one_plain_line() -> None:
 
 def test_on_a_terminal_a_step_is_rewritten_in_place_with_its_time() -> None:
     out = io.StringIO()
-    clock = Clock()
+    clock = FakeClock()
     with Progress(out, live=True, tick_s=3600, clock=clock) as progress:
         progress("installing Debian")
         clock.now = 30.0

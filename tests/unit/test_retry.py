@@ -7,30 +7,16 @@ import random
 
 import pytest
 
+from tests.doubles.clock import FakeClock
 from vmlease import BackendError, BackendTimeout, ConfigError, RetryPolicy, Timeouts
 from vmlease._retry import Retrier
-
-
-class FakeTime:
-    """A clock that moves only when something sleeps or works."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 def transient(exc: BaseException) -> bool:
     return isinstance(exc, BackendError) and exc.transient
 
 
-def failing(times: int, *, cost_s: float = 0.0, clock: FakeTime | None = None) -> object:
+def failing(times: int, *, cost_s: float = 0.0, clock: FakeClock | None = None) -> object:
     calls: list[float] = []
 
     def fn(limit_s: float) -> str:
@@ -45,12 +31,12 @@ def failing(times: int, *, cost_s: float = 0.0, clock: FakeTime | None = None) -
     return fn
 
 
-def retrier(policy: RetryPolicy, t: FakeTime) -> Retrier:
+def retrier(policy: RetryPolicy, t: FakeClock) -> Retrier:
     return Retrier(policy, sleep=t.sleep, clock=t.clock, rng=random.Random(1))
 
 
 def test_transient_failures_are_retried_until_one_succeeds() -> None:
-    t = FakeTime()
+    t = FakeClock()
     fn = failing(3)
     r = retrier(RetryPolicy(attempts=5), t)
     assert r.call("create", fn, timeout_s=10, transient=transient) == "done"  # type: ignore[arg-type]
@@ -59,7 +45,7 @@ def test_transient_failures_are_retried_until_one_succeeds() -> None:
 
 
 def test_waits_grow_exponentially_with_bounded_jitter() -> None:
-    t = FakeTime()
+    t = FakeClock()
     policy = RetryPolicy(attempts=6, wait_initial_s=0.5, wait_max_s=3.0, wait_jitter_s=0.25)
     retrier(policy, t).call("exec", failing(5), timeout_s=10, transient=transient)  # type: ignore[arg-type]
     floors = [0.5, 1.0, 2.0, 3.0, 3.0]
@@ -69,7 +55,7 @@ def test_waits_grow_exponentially_with_bounded_jitter() -> None:
 
 
 def test_a_permanent_failure_surfaces_at_once() -> None:
-    t = FakeTime()
+    t = FakeClock()
     calls = []
 
     def fn(limit_s: float) -> None:
@@ -84,7 +70,7 @@ def test_a_permanent_failure_surfaces_at_once() -> None:
 
 
 def test_giving_up_after_the_attempts_says_so() -> None:
-    t = FakeTime()
+    t = FakeClock()
     fn = failing(10)
     with pytest.raises(BackendError, match="flaky 3") as info:
         retrier(RetryPolicy(attempts=3), t).call("start", fn, timeout_s=5, transient=transient)  # type: ignore[arg-type]
@@ -93,7 +79,7 @@ def test_giving_up_after_the_attempts_says_so() -> None:
 
 
 def test_an_operation_and_its_retries_stay_inside_the_total_time() -> None:
-    t = FakeTime()
+    t = FakeClock()
     fn = failing(100, cost_s=4.0, clock=t)  # every attempt uses up its limit and fails
     policy = RetryPolicy(attempts=100, total_s=20.0, wait_initial_s=1.0, wait_max_s=2.0)
     with pytest.raises(BackendError):
@@ -108,7 +94,7 @@ def test_an_operation_and_its_retries_stay_inside_the_total_time() -> None:
 def test_retries_are_logged_with_operation_attempt_and_reason(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    t = FakeTime()
+    t = FakeClock()
     with caplog.at_level(logging.WARNING, logger="vmlease.retry"):
         retrier(RetryPolicy(), t).call(
             "delete",
@@ -124,7 +110,7 @@ def test_retries_are_logged_with_operation_attempt_and_reason(
 
 
 def test_without_waits_retries_at_once() -> None:
-    t = FakeTime()
+    t = FakeClock()
     policy = RetryPolicy(attempts=4).without_waits()
     retrier(policy, t).call("exec", failing(3), timeout_s=1, transient=transient)  # type: ignore[arg-type]
     assert t.slept == [0.0, 0.0, 0.0]

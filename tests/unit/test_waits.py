@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from tests.doubles.clock import FakeClock
 from vmlease import ConfigError, WaitTimeout
 from vmlease._waits import Check, listening_probe, poll, port_number
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-
-
 def test_poll_returns_the_first_passing_value() -> None:
-    clock = Clock()
+    clock = FakeClock()
     answers = iter([Check(None, "not yet"), Check(None, "no"), Check(7)])
     value = poll(
         "w",
@@ -38,7 +26,7 @@ def test_poll_returns_the_first_passing_value() -> None:
 
 
 def test_a_timeout_shows_the_last_check_and_the_console() -> None:
-    clock = Clock()
+    clock = FakeClock()
     with pytest.raises(WaitTimeout) as info:
         poll(
             "VM x: port 80",
@@ -59,7 +47,7 @@ def test_a_timeout_shows_the_last_check_and_the_console() -> None:
 
 
 def test_a_final_check_stops_at_once() -> None:
-    clock = Clock()
+    clock = FakeClock()
     with pytest.raises(WaitTimeout, match="cannot happen any more"):
         poll(
             "unit",

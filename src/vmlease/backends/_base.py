@@ -216,5 +216,10 @@ class Backend(abc.ABC):
         the ledger's owners decide."""
         return []
 
+    def injected_faults(self) -> int:
+        """How many faults a fault-injecting wrapper has injected so far (0 for a
+        real backend), for a run's summary."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections this object holds (the VMs keep running)."""

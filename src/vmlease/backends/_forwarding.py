@@ -1,0 +1,117 @@
+"""A backend that hands every operation to another: the base of wrappers.
+
+A wrapper (fault injection, say) subclasses :class:`ForwardingBackend` and
+overrides only the operations it changes. Its VMs are the inner backend's:
+recorded, reaped and cleaned up under that backend's name.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from vmlease._checks import Check
+from vmlease._identity import Owner
+from vmlease._spec import VMSpec
+from vmlease._ssh import SSHInfo
+from vmlease.backends._base import Backend, BackendVM, ExecResult, Fault
+
+__all__ = ["ForwardingBackend"]
+
+
+class ForwardingBackend(Backend):
+    """Every operation of ``inner``, unchanged.
+
+    Args:
+        inner: the backend that does the work.
+    """
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.capabilities = inner.capabilities
+
+    def injected_faults(self) -> int:
+        return self.inner.injected_faults()
+
+    def serve(self, owner: Owner, *, lease_s: float) -> None:
+        self.inner.serve(owner, lease_s=lease_s)
+
+    def validate_name(self, name: str) -> str:
+        return self.inner.validate_name(name)
+
+    def classify(self, exc: BaseException) -> Fault:
+        return self.inner.classify(exc)
+
+    def check_spec(self, spec: VMSpec) -> None:
+        self.inner.check_spec(spec)
+
+    def preflight(self, *, cheap: bool = False) -> builtins.list[Check]:
+        return self.inner.preflight(cheap=cheap)
+
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
+        self.inner.create(name, spec, timeout_s=timeout_s)
+
+    def wait_ready(self, name: str, timeout_s: float) -> None:
+        self.inner.wait_ready(name, timeout_s)
+
+    def start(self, name: str, *, timeout_s: float = 120.0) -> None:
+        self.inner.start(name, timeout_s=timeout_s)
+
+    def stop(self, name: str, timeout_s: float) -> None:
+        self.inner.stop(name, timeout_s)
+
+    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
+        self.inner.delete(name, timeout_s=timeout_s)
+
+    def list(self, *, timeout_s: float = 30.0) -> builtins.list[BackendVM]:
+        return self.inner.list(timeout_s=timeout_s)
+
+    def exec(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        timeout_s: float | None,
+    ) -> ExecResult:
+        return self.inner.exec(name, argv, stdin=stdin, env=env, cwd=cwd, timeout_s=timeout_s)
+
+    def put(self, name: str, local: Path, remote: str) -> None:
+        self.inner.put(name, local, remote)
+
+    def get(self, name: str, remote: str, local: Path) -> None:
+        self.inner.get(name, remote, local)
+
+    def mark(self, name: str, token: str, *, timeout_s: float = 60.0) -> str | None:
+        return self.inner.mark(name, token, timeout_s=timeout_s)
+
+    def identity(self, name: str, *, timeout_s: float = 30.0) -> str | None:
+        return self.inner.identity(name, timeout_s=timeout_s)
+
+    def forward(self, name: str, guest_port: int, *, timeout_s: float = 30.0) -> int:
+        return self.inner.forward(name, guest_port, timeout_s=timeout_s)
+
+    def ssh(self, name: str, *, timeout_s: float = 60.0) -> SSHInfo:
+        return self.inner.ssh(name, timeout_s=timeout_s)
+
+    def console_tail(self, name: str, lines: int = 40) -> str:
+        return self.inner.console_tail(name, lines)
+
+    def snapshot(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+        self.inner.snapshot(name, tag, timeout_s=timeout_s)
+
+    def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+        self.inner.restore(name, tag, timeout_s=timeout_s)
+
+    def keep(self, name: str, *, timeout_s: float = 120.0) -> None:
+        self.inner.keep(name, timeout_s=timeout_s)
+
+    def sweep(self, *, dry_run: bool = False) -> builtins.list[str]:
+        return self.inner.sweep(dry_run=dry_run)
+
+    def close(self) -> None:
+        self.inner.close()
