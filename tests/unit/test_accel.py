@@ -12,7 +12,8 @@ from vmlease._runner import Completed
 from vmlease.backends.qemu._accel import choose_accel, probe_kvm
 
 kvm_usable = pytest.mark.skipif(
-    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="the probe needs a /dev/kvm this user may open"
+    not os.access("/dev/kvm", os.R_OK | os.W_OK),
+    reason="the probe needs a /dev/kvm this user may open",
 )
 
 
