@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable
+from typing import Any
 
+from vmlease._cleanup import mark_prefix
 from vmlease._errors import BackendError, VMAlreadyExists, VMLeaseError, VMNotFound
 from vmlease._identity import Owner
 from vmlease._ledger import Ledger, Record
 from vmlease._spec import VMSpec
 from vmlease.backends import Backend
 
-__all__ = ["CreateAttempts", "claim"]
+__all__ = ["CreateAttempts", "claim", "mark"]
 
 log = logging.getLogger("vmlease")
 
@@ -122,3 +125,29 @@ class CreateAttempts:
             ) from exc
         log.warning("adopted VM %s, made by a create that failed", name)
         self.adopted = True
+
+
+def mark(backend: Backend, ledger: Ledger, record: Record, call: Callable[..., Any]) -> None:
+    """On a backend whose VMs live among the user's own, mark the new VM as ours
+    and record the mark, for cleanup to compare before deleting; ``call`` runs
+    the backend's operation with the session's retries and timing.
+
+    A VM that cannot be marked still serves; cleanup then knows it by its
+    generated name alone (an explicitly named one it leaves for the user).
+    """
+    if not backend.capabilities.shared_namespace:
+        return
+    name = record.name
+    token = mark_prefix(record) + secrets.token_hex(8)
+    try:
+        made = call(
+            "mark",
+            lambda limit: backend.mark(name, token, timeout_s=limit),
+            timeout_s=60.0,
+            subject=name,
+        )
+    except VMLeaseError as exc:
+        log.warning("%s: could not mark %s as vmlease's (%s)", backend.name, name, exc)
+        return
+    if made:
+        ledger.set_instance_id(record.id, made)

@@ -39,6 +39,7 @@ def cmd_image_import(args: argparse.Namespace) -> int:
     from vmlease._errors import DownloadError
     from vmlease._progress import Progress
     from vmlease._retry import Retrier, RetryPolicy
+    from vmlease._session import Session
     from vmlease.backends.qemu import QemuBackend
 
     retrier = Retrier(RetryPolicy.parse(os.environ.get("VMLEASE_RETRY", "")))
@@ -58,10 +59,17 @@ def cmd_image_import(args: argparse.Namespace) -> int:
     backend = QemuBackend()
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        with Progress(sys.stderr) as progress:
+        # The first boot is a VM of a session's: recorded first and reaped if
+        # this process dies, like any VM.
+        with (
+            Session(backend=backend) as session,
+            session.vm_for(f"import {args.name}") as boot_vm,
+            Progress(sys.stderr) as progress,
+        ):
             image = backend.import_image(
                 args.name,
                 args.source,
+                boot_vm=boot_vm,
                 progress=progress,
                 sha256=args.sha256,
                 user=args.user,

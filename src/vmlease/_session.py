@@ -13,19 +13,18 @@ import atexit
 import contextlib
 import logging
 import os
-import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from vmlease import _signals
 from vmlease import backends as _backends
 from vmlease._checks import first_failure
-from vmlease._cleanup import Outcome, mark_prefix
+from vmlease._cleanup import Outcome
 from vmlease._cleanup import sweep as sweep_dead
-from vmlease._creating import CreateAttempts, claim
+from vmlease._creating import CreateAttempts, claim, mark
 from vmlease._errors import (
     BackendError,
     ConfigError,
@@ -413,28 +412,8 @@ class Session:
         return vm
 
     def _mark(self, record: Record) -> None:
-        """On a backend whose VMs live among the user's own, mark the new VM as
-        ours and record the mark, for cleanup to compare before deleting.
-
-        A VM that cannot be marked still serves; cleanup then knows it by its
-        generated name alone (an explicitly named one it leaves for the user).
-        """
-        if not self._backend.capabilities.shared_namespace:
-            return
-        name = record.name
-        token = mark_prefix(record) + secrets.token_hex(8)
-        try:
-            mark = self._call(
-                "mark",
-                lambda limit: self._backend.mark(name, token, timeout_s=limit),
-                timeout_s=60.0,
-                subject=name,
-            )
-        except VMLeaseError as exc:
-            log.warning("%s: could not mark %s as vmlease's (%s)", self._backend.name, name, exc)
-            return
-        if mark:
-            self._ledger.set_instance_id(record.id, mark)
+        """Mark a new VM as ours where VMs live among the user's own (``_creating.mark``)."""
+        mark(self._backend, self._ledger, record, self._call)
 
     def _take_place(self) -> Slot | None:
         """A place under ``max_vms``, waited for (and timed as ``wait``)."""
@@ -516,6 +495,22 @@ class Session:
             timeout_s=self.retry_policy.timeouts.delete_s,
             subject=name,
         )
+
+    @contextlib.contextmanager
+    def vm_for(self, purpose: str) -> Iterator[str]:
+        """A VM name this session owns, for a VM its backend makes outside
+        :meth:`create` (an image import's first boot, say): recorded in the
+        ledger first and protected like any VM, so the reaper deletes it if
+        this process dies; deleted on leaving."""
+        self._protect()
+        record = self._claim(None, VMSpec(image=purpose))
+        self._transition(record.id, VMState.CREATING)
+        try:
+            yield record.name
+        finally:
+            with contextlib.suppress(VMNotFound):
+                self._backend_delete(record.name)
+            self._record(record.id, VMState.GONE)
 
     def _vm_keep(self, vm: VM, why: str) -> None:
         name = vm.name

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 
 import vmlease
 from tests.support.cloud_image import build_cloud_image, missing_tools
+from tests.support.killing import reapers_under, wait_until
 from tests.support.procs import processes_under
 from vmlease._paths import image_dir
 from vmlease.backends.guest.images import Image, load_current
@@ -97,9 +99,13 @@ def images() -> Iterator[Path]:
 
 
 def vmlease_cli(
-    images: Path, *args: str, retry: str = "", timeout: float = 900
+    images: Path,
+    *args: str,
+    retry: str = "",
+    timeout: float = 900,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VMLEASE_IMAGE_DIR": str(images)}
+    env = {**os.environ, "VMLEASE_IMAGE_DIR": str(images), **(env or {})}
     if retry:
         env["VMLEASE_RETRY"] = retry
     return subprocess.run(
@@ -224,6 +230,41 @@ def _nothing_kept(images: Path, name: str) -> None:
     home = images / name
     left = sorted(p.name for p in home.iterdir()) if home.is_dir() else []
     assert left == [], f"an import that failed left {left} in {home}"
+
+
+def test_a_killed_import_leaves_no_qemu_running_and_nothing_in_the_ledger(
+    images: Path, server: Served, cloud_source: Path, tmp_path: Path
+) -> None:
+    """SIGKILL of `vmlease image import` mid-boot: its first boot is a VM of a session's,
+    so the reaper deletes it as it does any dead owner's VM."""
+    state = tmp_path / "state"
+    env = {**os.environ, "VMLEASE_IMAGE_DIR": str(images), "VMLEASE_STATE_DIR": str(state)}
+    url = f"{server.url}/cloud.qcow2"
+    argv = [sys.executable, "-m", "vmlease", "image", "import", "killed", url]
+    with subprocess.Popen(
+        [*argv, "--sha256", _sha256(cloud_source)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    ) as importer:
+
+        def first_boot() -> list[int]:  # wherever it runs
+            return processes_under(state, b"qemu-system") + processes_under(
+                images / "killed", b"qemu-system"
+            )
+
+        try:
+            assert wait_until(first_boot, 300), "the import's first boot never started"
+        finally:
+            importer.kill()
+            importer.wait()
+    killed = time.monotonic()
+    assert wait_until(lambda: not first_boot(), 10), "the killed import's QEMU still runs"
+    gone_after = time.monotonic() - killed
+    listed = vmlease_cli(images, "ls", "--json", env={"VMLEASE_STATE_DIR": str(state)})
+    assert json.loads(listed.stdout) == {"vms": []}, (listed.stdout, gone_after)
+    assert wait_until(lambda: not reapers_under(state), 15)
 
 
 def test_a_checksum_mismatch_keeps_nothing(images: Path, server: Served) -> None:

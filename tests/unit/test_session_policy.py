@@ -362,3 +362,39 @@ def test_a_vm_that_cannot_be_marked_still_serves(
         assert record.instance_id is None
     assert "could not mark" in caplog.text
     assert "read-only file system" in caplog.text
+
+
+def test_a_vm_made_outside_create_is_recorded_first_and_deleted_on_leaving(
+    fake: FakeBackend, session: Session
+) -> None:
+    """An image import's first boot: the session owns it while the import runs."""
+    ledger = ledger_of(session)
+    with session.vm_for("import cloudy") as name:
+        [row] = ledger.records()
+        assert (row.name, row.state) == (name, VMState.CREATING)
+        fake.vms[name] = "running"  # what the import's first boot is
+    assert name not in fake.vms
+    assert fake.ops()[-1] == "delete"
+    assert ledger.records() == []
+    [gone] = ledger.records(include_gone=True)
+    assert gone.state is VMState.GONE
+
+
+def test_a_vm_made_outside_create_is_deleted_when_its_work_fails(
+    fake: FakeBackend, session: Session
+) -> None:
+    ledger = ledger_of(session)
+
+    def failing_import() -> None:
+        with session.vm_for("import cloudy") as name:
+            fake.vms[name] = "running"
+            raise RuntimeError("the import failed")
+
+    with pytest.raises(RuntimeError):
+        failing_import()
+    assert fake.vms == {}
+    assert ledger.records() == []
+    # Nothing was made (the import failed before its boot): nothing to delete, no error.
+    with session.vm_for("import other"):
+        pass
+    assert ledger.records() == []

@@ -217,8 +217,18 @@ class QemuBackend(AgentOperations, Backend):
         self._booting.pop(name, None)
         self._procs.forget(name)
 
-    def import_image(self, name: str, source: str, **options: Any) -> Image:
-        """Import a cloud image as ``name`` (see ``_imports.import_image`` for the options)."""
+    def import_image(
+        self, name: str, source: str, *, boot_vm: str | None = None, **options: Any
+    ) -> Image:
+        """Import a cloud image as ``name`` (see ``_imports.import_image`` for the options).
+
+        ``boot_vm`` names the first boot as one of this backend's VMs, which a
+        session owns (``Session.vm_for``): a killed import's QEMU is then
+        deleted like any orphaned VM.
+        """
+        if boot_vm is not None:
+            ensure_private_dir(self.root)
+            options.update(boot_root=self.root, boot_name=boot_vm)
         return import_image(
             self._image_dir,
             name,

@@ -127,8 +127,15 @@ def import_image(
     retry: Retry | None = None,
     opener: Opener | None = None,
     timeout_s: float = 900.0,
+    boot_root: Path | None = None,
+    boot_name: str = BOOT_DIR,
 ) -> Image:
-    """Import ``source`` as image ``name`` (or find it up to date); returns the image."""
+    """Import ``source`` as image ``name`` (or find it up to date); returns the image.
+
+    The first boot runs as VM ``boot_name`` under ``boot_root`` (the backend's
+    VM directories, so that the VM's owner, a session, deletes it like any
+    other if the import dies), or else inside the import's work directory.
+    """
     say = progress or (lambda _line: None)
     if not IMAGE_NAME.fullmatch(name):
         raise ImageImportError(
@@ -198,10 +205,10 @@ def import_image(
         if not force and existing_build(image_dir, name, bid):
             say(f"{name} image up to date ({bid})")
             return load_current(image_dir, name)
-        first = _FirstBoot(work, name, bid, config, runner, say)
+        first = _FirstBoot(work, name, bid, config, runner, say, boot_root, boot_name)
         steps = Steps(runner, say)
         say(f"converting the {fmt} disk ({size / 2**30:.1f} GiB) to qcow2")
-        first.vm_dir.mkdir(mode=0o700)
+        first.make_dir()
         steps.check(
             [
                 "qemu-img",
@@ -212,7 +219,7 @@ def import_image(
                 "qcow2",
                 "--",
                 str(path),
-                str(first.vm_dir / DISK),
+                str(first.disk),
             ],
             f"converting {source} to qcow2",
             600,
@@ -245,7 +252,7 @@ def import_image(
         facts = first.run(seed_iso, user, time.monotonic() + timeout_s)
         out = work / "out"
         out.mkdir()
-        (first.vm_dir / DISK).rename(out / "disk.qcow2")
+        first.disk.rename(out / "disk.qcow2")
         manifest = {
             "name": name,
             "build_id": bid,
@@ -289,17 +296,22 @@ class _FirstBoot:
         config: LaunchConfig,
         runner: Runner,
         say: Progress,
+        root: Path | None = None,
+        vm_name: str = BOOT_DIR,
     ) -> None:
-        self.procs = Processes(work, runner)
-        self.name = BOOT_DIR
-        self.vm_dir = work / self.name
+        self.procs = Processes(root or work, runner)
+        self.name = vm_name
+        self.vm_dir = (root or work) / vm_name
+        # The disk stays with the import's work (the same file system as the image
+        # cache); the VM's directory, wherever it is, points at it.
+        self.disk = work / f"{BOOT_DIR}.qcow2"
         self.image = Image(
             name=name,
             build_id=build_id,
             path=work,
             kernel=work,
             initrd=work,
-            disk=self.vm_dir / DISK,
+            disk=self.disk,
             cmdline="",
             min_memory_mb=MIN_MEMORY_MB,
             tcg_cpu="max",
@@ -310,6 +322,11 @@ class _FirstBoot:
         )
         self.config = config
         self.say = say
+
+    def make_dir(self) -> None:
+        """The VM's directory, with its disk a link to the import's."""
+        self.vm_dir.mkdir(mode=0o700, parents=False)
+        (self.vm_dir / DISK).symlink_to(self.disk)
 
     def run(self, seed: Path | None, user: str, deadline: float) -> dict[str, str]:
         (self.vm_dir / "vm.json").write_text("{}\n")
