@@ -41,15 +41,6 @@ def claim(
     ``name``, or else ``names(n)`` for the first counter ``n >= first`` that no
     live VM's name uses (processes may share a session id). Returns the row
     and the counter used (``first - 1`` for a given name)."""
-    if name is not None:
-        record = ledger.claim(
-            name=name,
-            backend=backend.name,
-            owner=owner,
-            spec=spec.to_json(),
-            expires_at=expires_at,
-        )
-        return record, first - 1
     asked: list[int] = []
 
     def generated(counter: int) -> str:
@@ -59,14 +50,14 @@ def claim(
         return candidate
 
     record = ledger.claim(
-        name=generated,
+        name=name if name is not None else generated,
         backend=backend.name,
         owner=owner,
         spec=spec.to_json(),
         expires_at=expires_at,
         first=first,
     )
-    return record, asked[-1]
+    return record, asked[-1] if asked else first - 1
 
 
 class CreateAttempts:

@@ -10,7 +10,6 @@ is reported gone, with its console's last lines).
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,6 +17,7 @@ from vmlease._errors import ChannelError, VMNotFound
 from vmlease.backends.guest._agent import AGENT_PORT, AgentChannel
 from vmlease.backends.guest._channels import Channels, Link, Opener
 from vmlease.backends.guest._monitor import snapshot_outcome
+from vmlease.backends.guest._wakeup import refresh
 from vmlease.backends.libvirt._domains import Domains, error, words
 from vmlease.backends.libvirt._hosts import libvirt_module
 from vmlease.backends.libvirt._stream import StreamSocket
@@ -26,7 +26,6 @@ __all__ = ["CHANNEL_TIMEOUT_S", "Agents"]
 
 #: How long opening and greeting a VM's agent may take.
 CHANNEL_TIMEOUT_S = 10.0
-_SEED_BYTES = 64
 
 
 class Agents:
@@ -140,7 +139,7 @@ class Agents:
             link.drop()
             self._monitor(name, f"loadvm {tag}")
             channel = self.channels.channel(link, self._opener(name), CHANNEL_TIMEOUT_S)
-            channel.set_time(time.time(), CHANNEL_TIMEOUT_S, seed=os.urandom(_SEED_BYTES))
+            refresh(channel, CHANNEL_TIMEOUT_S)
             self.channels.done(link)
 
     def _monitor(self, name: str, command: str) -> None:
