@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmlease._errors import BackendError, BackendTimeout
+from vmlease._errors import BackendError, BackendTimeout, VMLeaseError
 from vmlease.backends.libvirt._domain import STATE_PORT, volume_xml
 from vmlease.backends.libvirt._hosts import (
     UNUSED_S,
@@ -145,9 +145,10 @@ class States:
             id_ = self.claim(host, key)
             return None, ((key, id_) if id_ is not None else None)
         self.touch(host, state)
+        libvirt = libvirt_module()
         try:
             self.local_memory(host, state)  # fetched before QEMU waits
-        except Exception as exc:
+        except (VMLeaseError, OSError, libvirt.libvirtError) as exc:
             log.warning(
                 "cannot fetch booted state %s from %s (%s); VM %s boots",
                 state.base,
