@@ -1,6 +1,8 @@
 """Reaching a VM by name from another process (``vmlease exec``, ``vmlease ssh``,
-``vmlease ssh-config``): a kept VM, or one a running session owns. Only VMs in
-the ledger can be reached."""
+``vmlease ssh-config``, the connectors): a kept VM, or one a running session
+owns. Only VMs in the ledger can be reached. Backends are asked to
+:meth:`~vmlease.backends.Backend.visit`, so these commands run beside the
+owner's instead of in turns with them."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from vmlease import backends as _backends
 from vmlease._errors import ConfigError, VMLeaseError, VMNotFound, VMStateError
 from vmlease._ledger import Ledger, Record, VMState
 from vmlease._ssh import SSHInfo
-from vmlease.backends import ExecResult
+from vmlease.backends import Backend, ExecResult
 
 __all__ = ["Attached", "Reachable", "exec_in", "inventory", "live_names", "ssh_info"]
 
@@ -29,7 +31,7 @@ def exec_in(
     if not argv:
         raise ConfigError("no command given: vmlease exec NAME -- COMMAND [ARG...]")
     record = _running(state_dir, name, "to run commands")
-    backend = _backends.get(record.backend, state_dir=state_dir)
+    backend = _visitor(state_dir, record)
     try:
         return backend.exec(name, list(argv), stdin=stdin, env=None, cwd=None, timeout_s=timeout_s)
     finally:
@@ -47,7 +49,7 @@ class Attached:
     def __init__(self, state_dir: Path, name: str) -> None:
         record = _running(state_dir, name, "to be reached")
         self.name = name
-        self._backend = _backends.get(record.backend, state_dir=state_dir)
+        self._backend = _visitor(state_dir, record)
 
     def exec(
         self, argv: Sequence[str], *, stdin: bytes | None = None, timeout_s: float | None = None
@@ -64,6 +66,13 @@ class Attached:
 
     def close(self) -> None:
         self._backend.close()
+
+
+def _visitor(state_dir: Path, record: Record) -> Backend:
+    """A backend object that reaches ``record``'s VM as a visitor."""
+    backend = _backends.get(record.backend, state_dir=state_dir)
+    backend.visit()
+    return backend
 
 
 def _running(state_dir: Path, name: str, what: str) -> Record:
@@ -86,7 +95,7 @@ def _running(state_dir: Path, name: str, what: str) -> Record:
 def ssh_info(state_dir: Path, name: str) -> SSHInfo:
     """How to reach VM ``name`` with SSH; its port 22 is forwarded (and recorded) first."""
     record = _running(state_dir, name, "to reach it with SSH")
-    backend = _backends.get(record.backend, state_dir=state_dir)
+    backend = _visitor(state_dir, record)
     try:
         info = backend.ssh(name)
     finally:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import vmlease
+from tests.support.visitors import check_side_by_side
 
 
 def vmlease_cli(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
@@ -76,6 +77,12 @@ def test_exec_reaches_a_vm_its_live_session_is_using(session: vmlease.Session, s
     done = vmlease_cli("exec", vm.name, "--", "cat", "/tmp/mark", state=state)
     assert (done.returncode, done.stdout) == (0, "before\n"), done.stderr
     assert vm.run(["echo", "after"]).stdout == "after\n"  # and the session gets it back
+
+
+def test_a_long_exec_and_the_owners_commands_run_side_by_side(
+    session: vmlease.Session, state: Path
+) -> None:
+    check_side_by_side(session.create(), state)
 
 
 def test_cleanup_where_no_vm_was_ever_made_does_nothing_and_says_so(tmp_path: Path) -> None:

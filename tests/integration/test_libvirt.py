@@ -26,6 +26,7 @@ import vmlease
 from tests.integration.conftest import libvirt_cache
 from tests.support.libvirtd import LibvirtDaemon, SSHGate, destroy_domain, foreign_domain
 from tests.support.suites import EVERY_FIXTURE
+from tests.support.visitors import check_side_by_side
 from vmlease._checks import Severity
 from vmlease._cleanup import cleanup
 from vmlease._doctor import doctor
@@ -290,6 +291,17 @@ def test_a_libvirtd_restart_fails_the_vm_clearly_and_the_session_carries_on(
         assert after.run(["echo", "again"]).stdout == "again\n"
     assert domains(libvirt_daemon.unix_uri) == {}
     assert vm_volumes(libvirt_daemon) == []
+
+
+def test_a_long_exec_and_the_owners_commands_run_side_by_side_under_libvirt(
+    libvirt_daemon: LibvirtDaemon, state: Path
+) -> None:
+    uri = libvirt_daemon.unix_uri
+    with vmlease.Session(
+        backend="libvirt", state_dir=state, backend_options={"uris": [uri]}
+    ) as session:
+        check_side_by_side(session.create(), state, {"VMLEASE_LIBVIRT_URIS": uri})
+    assert domains(uri) == {}
 
 
 def test_kept_vms_outlive_their_runner_until_the_lease_and_another_runner_reaps_them(

@@ -221,5 +221,10 @@ class Backend(abc.ABC):
         real backend), for a run's summary."""
         return 0
 
+    def visit(self) -> None:  # noqa: B027 - optional hook
+        """From now on this object reaches VMs that another process owns (``vmlease
+        exec``, a connector): a backend with a second way into its guests takes
+        it, so that its commands and the owner's run side by side."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections this object holds (the VMs keep running)."""

@@ -113,5 +113,8 @@ class ForwardingBackend(Backend):
     def sweep(self, *, dry_run: bool = False) -> builtins.list[str]:
         return self.inner.sweep(dry_run=dry_run)
 
+    def visit(self) -> None:
+        self.inner.visit()
+
     def close(self) -> None:
         self.inner.close()

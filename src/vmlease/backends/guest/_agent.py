@@ -20,10 +20,12 @@ from pathlib import Path
 from vmlease._errors import BootError, ChannelError, GuestFileError
 from vmlease.backends._base import ExecResult
 
-__all__ = ["AGENT_PORT", "AgentChannel", "AgentOperations"]
+__all__ = ["AGENT_PORT", "VISITOR_PORT", "AgentChannel", "AgentOperations"]
 
-#: The virtio-serial port the guest agent listens on, by name.
+#: The virtio-serial port the owning session reaches the guest agent on, by name.
 AGENT_PORT = "org.vmlease.agent"
+#: The port other processes (``vmlease exec``, connectors) reach it on, beside the owner.
+VISITOR_PORT = "org.vmlease.agent.visitor"
 
 HELLO, EXEC, STDIN, STDOUT, STDERR, EXIT, KILL, PUT, DATA, GET, OK, ERR, SYNC, SETTIME = range(
     1, 15

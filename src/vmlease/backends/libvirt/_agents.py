@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from vmlease._errors import ChannelError, VMNotFound
-from vmlease.backends.guest._agent import AGENT_PORT, AgentChannel
+from vmlease.backends.guest._agent import AGENT_PORT, VISITOR_PORT, AgentChannel
 from vmlease.backends.guest._channels import Channels, Link, Opener
 from vmlease.backends.guest._monitor import snapshot_outcome
 from vmlease.backends.guest._wakeup import refresh
@@ -41,6 +41,12 @@ class Agents:
         self._domains = domains
         self._console_tail = console_tail
         self.channels = Channels()
+        self._port = AGENT_PORT
+
+    def visit(self) -> None:
+        """Open channels on the agents' visitors' port from now on, beside the
+        VMs' owners (a domain without that port is reached on its owner's)."""
+        self._port = VISITOR_PORT
 
     def link(self, name: str) -> Link:
         return self.channels.link(name)
@@ -98,10 +104,13 @@ class Agents:
             deadline = time.monotonic() + timeout_s
             host, dom = self._domains.find(name)
             conn = self._domains.hosts.connect(host)
+            port = self._port
+            if port != AGENT_PORT and port not in dom.XMLDesc(0):
+                port = AGENT_PORT  # made by an older vmlease, or its image's agent has one port
             while True:
                 stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
                 try:
-                    dom.openChannel(AGENT_PORT, stream, 0)
+                    dom.openChannel(port, stream, 0)
                     break
                 except libvirt.libvirtError as exc:
                     with contextlib.suppress(libvirt.libvirtError):

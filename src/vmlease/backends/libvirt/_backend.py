@@ -576,6 +576,9 @@ class LibvirtBackend(AgentOperations, Backend):
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def visit(self) -> None:
+        self.agents.visit()
+
     def close(self) -> None:
         self.leases.close()
         self.agents.channels.close()

@@ -1,11 +1,7 @@
-"""A libvirt domain's XML for a VM of a vmlease image.
-
-The same images as the QEMU backend, booted the same way: a built image
-(``tiny``, Debian) on ``microvm`` with its kernel and initramfs and
-virtio-mmio devices; an imported image on ``q35`` through the BIOS, with its
-PCI devices in the slots it was first booted with (the guest names its
-network interface by slot). The agent's virtio-serial port is a ``unix``
-channel and the serial console a ``pty`` logged to a file in the pool, so
+"""A libvirt domain's XML for a VM of a vmlease image: the guest layer's machine
+description (``guest/_machine.py``) rendered as libvirt XML, so VMs boot as
+under the QEMU backend. The agent's virtio-serial ports are ``unix``
+channels and the serial console a ``pty`` logged to a file in the pool, so
 both are reachable through libvirt streams from any client, remote ones
 included. A second ``unix`` channel, ``org.vmlease.state``, is how a VM
 started from a booted state receives its memory (``_states.py``).
@@ -14,12 +10,12 @@ started from a booted state receives its memory (``_states.py``).
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vmlease._errors import InvalidSpec
 from vmlease._spec import Network, VMSpec
-from vmlease.backends.guest._agent import AGENT_PORT
+from vmlease.backends.guest._machine import MAC, TB_CACHE_MIB, Machine, Slot, describe
 from vmlease.backends.guest.images import Image
 from vmlease.backends.libvirt._lease import Lease
 
@@ -83,45 +79,58 @@ def domain_xml(
     ``incoming``: QEMU starts waiting for a migration stream (a booted state)
     instead of running the guest.
     """
-    network = spec.network or image.network
-    if network is Network.RESTRICTED:
+    if (spec.network or image.network) is Network.RESTRICTED:
         raise InvalidSpec(
             "the libvirt backend offers network='user' and network='none'; "
             "'restricted' (no traffic out) needs the qemu backend"
         )
-    firmware = image.boot == "firmware"
-    root = ET.Element("domain", {"type": "kvm" if kvm else "qemu"})
-    _sub(root, "name", name)
+    machine = describe(name, spec, image, kvm=kvm, tsc_khz=tsc_khz, tcg_cpu=tcg_cpu, qboot=qboot)
+    return render(
+        replace(machine, kernel=files.kernel, initrd=files.initrd),
+        files,
+        lease,
+        emulator=emulator,
+        incoming=incoming,
+    )
+
+
+def render(
+    machine: Machine,
+    files: DomainFiles,
+    lease: Lease,
+    *,
+    emulator: str | None = None,
+    incoming: bool = False,
+) -> str:
+    """``machine`` as a libvirt domain, its kernel and disks at ``files``."""
+    root = ET.Element("domain", {"type": "kvm" if machine.kvm else "qemu"})
+    _sub(root, "name", machine.name)
     metadata = _sub(root, "metadata")
     metadata.append(ET.fromstring(lease.to_domain_xml()))  # noqa: S314 - made here
-    _sub(root, "memory", str(spec.memory_mb), unit="MiB")
-    _sub(root, "vcpu", str(spec.cpus))
+    _sub(root, "memory", str(machine.memory_mb), unit="MiB")
+    _sub(root, "vcpu", str(machine.cpus))
     os_ = _sub(root, "os")
-    _sub(os_, "type", "hvm", arch="x86_64", machine="q35" if firmware else "microvm")
-    if firmware:
+    _sub(os_, "type", "hvm", arch="x86_64", machine=machine.machine_type)
+    if machine.firmware:
         _sub(os_, "boot", dev="hd")
     else:
-        cmdline = f"{image.cmdline} vmlease.name={name} systemd.hostname={name}"
-        if tsc_khz:
-            cmdline += f" tsc_early_khz={tsc_khz}"
-        if qboot:
-            _sub(os_, "loader", qboot, readonly="yes", type="rom")
-        _sub(os_, "kernel", files.kernel)
-        _sub(os_, "initrd", files.initrd)
-        _sub(os_, "cmdline", cmdline)
+        if machine.qboot:
+            _sub(os_, "loader", machine.qboot, readonly="yes", type="rom")
+        _sub(os_, "kernel", machine.kernel)
+        _sub(os_, "initrd", machine.initrd)
+        _sub(os_, "cmdline", machine.cmdline)
     features = _sub(root, "features")
     _sub(features, "acpi")
-    if not kvm:
-        # As under the qemu backend: TCG's translation cache grows to 1 GiB unless capped.
-        tcg = _sub(features, "tcg")
-        _sub(tcg, "tb-cache", "64", unit="MiB")
-    if kvm:
+    if machine.kvm:
         _sub(root, "cpu", mode="host-passthrough")
-    elif (tcg_cpu or image.tcg_cpu) == "max":
-        _sub(root, "cpu", mode="maximum")  # QEMU's -cpu max, which libvirt names so
     else:
-        cpu = _sub(root, "cpu", mode="custom", match="exact")
-        _sub(cpu, "model", tcg_cpu or image.tcg_cpu, fallback="allow")
+        tcg = _sub(features, "tcg")
+        _sub(tcg, "tb-cache", str(TB_CACHE_MIB), unit="MiB")
+        if machine.cpu == "max":
+            _sub(root, "cpu", mode="maximum")  # QEMU's -cpu max, which libvirt names so
+        else:
+            cpu = _sub(root, "cpu", mode="custom", match="exact")
+            _sub(cpu, "model", machine.cpu, fallback="allow")
     # A guest that reboots or crashes ends, as under the qemu backend (-no-reboot).
     for event in ("on_reboot", "on_crash"):
         _sub(root, event, "destroy")
@@ -129,41 +138,33 @@ def domain_xml(
     if emulator:
         _sub(devices, "emulator", emulator)
 
-    def place(device: ET.Element, slot: int) -> None:
-        if firmware:
-            _sub(
-                device,
-                "address",
-                type="pci",
-                domain="0x0000",
-                bus="0x00",
-                slot=f"{slot:#04x}",
-                function="0x0",
-            )
-        else:
+    def place(device: ET.Element, at: Slot) -> None:
+        slot = machine.slot(at)
+        if slot is None:
             _sub(device, "address", type="virtio-mmio")
+        else:
+            pci = {"domain": "0x0000", "bus": "0x00", "slot": f"{slot:#04x}", "function": "0x0"}
+            _sub(device, "address", type="pci", **pci)
 
     disk = _sub(devices, "disk", type="file", device="disk")
     # Disposable disks: a host crash loses nothing anyone needs, so skip flushes.
     _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe")
     _sub(disk, "source", file=files.disk)
     _sub(disk, "target", dev="vda", bus="virtio")
-    place(disk, 3)
-    if network is not Network.NONE:
+    place(disk, Slot.DISK)
+    if machine.network is not Network.NONE:
         nic = _sub(devices, "interface", type="user")
-        # QEMU's own default, as under the qemu backend: an imported image's network
-        # configuration names the address it was first booted with. User-mode
-        # networks are each VM's own, so every VM may have it.
-        _sub(nic, "mac", address="52:54:00:12:34:56")
+        _sub(nic, "mac", address=MAC)
         _sub(nic, "model", type="virtio")
-        place(nic, 4)
+        place(nic, Slot.NETWORK)
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
-    place(rng, 5)
+    place(rng, Slot.RNG)
     serial_bus = _sub(devices, "controller", type="virtio-serial", index="0")
-    place(serial_bus, 6)
-    channel = _sub(devices, "channel", type="unix")
-    _sub(channel, "target", type="virtio", name=AGENT_PORT)
+    place(serial_bus, Slot.SERIAL)
+    for port in machine.ports:
+        channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "target", type="virtio", name=port)
     if files.state:
         state = _sub(devices, "channel", type="unix")
         source = _sub(state, "source", mode="connect", path=files.state)

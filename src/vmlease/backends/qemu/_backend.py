@@ -85,10 +85,9 @@ from vmlease.backends.qemu._reach import (
     write_record,
 )
 from vmlease.backends.qemu._states import (
-    WarmCache,
     WarmState,
     load_state,
-    states_per_image_setting,
+    warm_cache,
     warm_key,
 )
 
@@ -147,22 +146,8 @@ class QemuBackend(AgentOperations, Backend):
         )
         self._config: LaunchConfig | None = None
         self.accel_reason = ""
-        if warm_start is None:
-            setting = self._env.get("VMLEASE_QEMU_WARM", "on").strip().lower()
-            if setting not in ("on", "off"):
-                raise ConfigError(f"VMLEASE_QEMU_WARM must be 'on' or 'off', not {setting!r}")
-            warm_start = setting == "on"
-        keep = (
-            states_per_image
-            if states_per_image is not None
-            else states_per_image_setting(self._env)
-        )
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ConfigError(
-                f"states_per_image must be a whole number of at least 1, not {keep!r}"
-            )
-        self.warm = (
-            WarmCache(self._image_dir / "_warm", keep_per_image=keep) if warm_start else None
+        self.warm = warm_cache(
+            self._image_dir, self._env, warm_start=warm_start, states_per_image=states_per_image
         )
         # VMs booted by this process whose booted state is to be saved: name -> key.
         self._save_after_boot: dict[str, tuple[str, Image]] = {}
@@ -596,6 +581,9 @@ class QemuBackend(AgentOperations, Backend):
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def visit(self) -> None:
+        self._procs.visit()
 
     def close(self) -> None:
         self._procs.close()

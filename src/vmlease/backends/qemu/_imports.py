@@ -40,7 +40,7 @@ from vmlease._runner import Runner
 from vmlease._spec import Network, VMSpec
 from vmlease._ssh import ensure_key
 from vmlease.backends.guest._agent import AgentChannel
-from vmlease.backends.guest.images import RECIPES, Image, load_current
+from vmlease.backends.guest.images import AGENT_PROTOCOL, RECIPES, Image, load_current
 from vmlease.backends.guest.images._seed import (
     check_user,
     check_user_data,
@@ -276,6 +276,8 @@ def import_image(
                 "format": fmt,
                 "os": facts.get("os", "?"),
                 "seeded": "yes" if seed else "no",
+                # A seeded image runs the agent vmlease gave it; another, its own.
+                **({"agent_protocol": AGENT_PROTOCOL} if seed else {}),
                 "user_data": hashlib.sha256(extra).hexdigest()[:16] if extra else "",
                 "import": IMPORT_VERSION,
             },

@@ -1,9 +1,6 @@
-"""The QEMU command line for a VM: microvm, PVH kernel, virtio-mmio devices.
-
-Figures behind the choices are in docs/architecture.md: ``-M microvm`` with a
-PVH ``vmlinux`` boots in about 1.5 s under TCG, against 2.2 s for ``-M pc``;
-``tsc_early_khz`` avoids a boot hang on microvm ("Unable to calibrate against
-PIT"); the command channel is a virtio-serial port (1 ms round trips).
+"""The QEMU command line for a VM: the guest layer's machine description
+(``guest/_machine.py``) rendered as QEMU's arguments. The agent's ports are
+Unix sockets of QEMU's (1 ms round trips).
 
 Sockets are given as names relative to the VM directory (QEMU runs there),
 since a Unix socket path may not exceed 107 bytes; every other path is
@@ -17,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmlease._spec import Network, VMSpec
-from vmlease.backends.guest._agent import AGENT_PORT
+from vmlease.backends.guest._agent import AGENT_PORT, VISITOR_PORT
+from vmlease.backends.guest._machine import MAC, TB_CACHE_MIB, Machine, Slot, describe
 from vmlease.backends.guest.images import Image
 
 __all__ = [
@@ -25,10 +23,13 @@ __all__ = [
     "CONSOLE_LOG",
     "DISK",
     "PIDFILE",
+    "PORT_SOCKETS",
     "QMP_SOCKET",
+    "VISITOR_SOCKET",
     "Accel",
     "find_qboot",
     "qemu_argv",
+    "render",
 ]
 
 #: Where distributions put QEMU's firmware, after the folder beside the binary's own.
@@ -50,6 +51,9 @@ def find_qboot(qemu: str) -> str | None:
 DISK = "disk.qcow2"
 QMP_SOCKET = "qmp.sock"
 AGENT_SOCKET = "agent.sock"
+VISITOR_SOCKET = "visitor.sock"
+#: The socket of each agent port, by the port's name.
+PORT_SOCKETS = {AGENT_PORT: AGENT_SOCKET, VISITOR_PORT: VISITOR_SOCKET}
 CONSOLE_LOG = "console.log"
 PIDFILE = "qemu.pid"
 
@@ -101,48 +105,54 @@ def qemu_argv(
     ``seed`` is a read-only disk to attach as well (an imported image's
     cloud-init seed, on its first boot).
     """
-    if config.accel is Accel.KVM:
+    machine = describe(
+        name,
+        spec,
+        image,
+        kvm=config.accel is Accel.KVM,
+        tsc_khz=config.tsc_khz,
+        tcg_cpu=config.tcg_cpu,
+        qboot=config.qboot,
+    )
+    return render(machine, config.qemu, vm_dir, seed=seed)
+
+
+def render(machine: Machine, qemu: str, vm_dir: Path, *, seed: Path | None = None) -> list[str]:
+    """``machine`` as a QEMU command line, run by ``qemu`` in ``vm_dir``."""
+    if machine.kvm:
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
-        # The translation cache grows to 1 GiB unless capped: 64 MiB keeps an idle
-        # 512 MB Debian guest's QEMU near 280 MB, against over 1 GB.
-        accel = ["-accel", "tcg,thread=multi,tb-size=64", "-cpu", config.tcg_cpu or image.tcg_cpu]
-    if image.boot == "firmware":
-        # An imported image boots as it would anywhere: the BIOS, its boot loader,
-        # its kernel and initramfs, on a PC with PCI devices.
-        bus = "pci"
-        # Fixed slots: the guest names its network interface by slot (enp0s4), and
-        # the first boot's extra seed disk must not move it.
-        at = ["", ",addr=0x4", ",addr=0x5", ",addr=0x6", ",addr=0x8"]
-        machine = ["-M", "q35"]
+        tcg = f"tcg,thread=multi,tb-size={TB_CACHE_MIB}"
+        accel = ["-accel", tcg, "-cpu", machine.cpu]
+    bus = "pci" if machine.firmware else "device"
+
+    def at(device: Slot) -> str:
+        slot = machine.slot(device)
+        return "" if slot is None else f",addr={slot:#x}"
+
+    if machine.firmware:
+        platform = ["-M", "q35"]
         boot: list[str] = []
-        disk_device = "virtio-blk-pci,drive=disk0,bootindex=0,addr=0x3"
+        disk_device = f"virtio-blk-pci,drive=disk0,bootindex=0{at(Slot.DISK)}"
     else:
-        # The tiny image's init reads vmlease.name; systemd reads systemd.hostname.
-        cmdline = f"{image.cmdline} vmlease.name={name} systemd.hostname={name}"
-        if config.tsc_khz:
-            cmdline += f" tsc_early_khz={config.tsc_khz}"
-        bus = "device"
-        at = [""] * 5
-        if config.qboot:
+        if machine.qboot:
             # qboot jumps to the PVH entry itself, with no option ROM to load.
-            machine = ["-M", "microvm,acpi=on,x-option-roms=off", "-bios", config.qboot]
+            platform = ["-M", "microvm,acpi=on,x-option-roms=off", "-bios", machine.qboot]
         else:
             # SeaBIOS (QEMU 8's default for microvm) boots PVH through pvh.bin,
             # an option ROM: they stay on.
-            machine = ["-M", "microvm,acpi=on"]
-        boot = ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline]
+            platform = ["-M", "microvm,acpi=on"]
+        boot = ["-kernel", machine.kernel, "-initrd", machine.initrd, "-append", machine.cmdline]
         disk_device = "virtio-blk-device,drive=disk0"
-    network = spec.network or image.network
     net: list[str] = []
-    if network is not Network.NONE:
+    if machine.network is not Network.NONE:
         # User-mode networking: no root, no bridges; "restricted" lets nothing out.
-        restrict = ",restrict=on" if network is Network.RESTRICTED else ""
+        restrict = ",restrict=on" if machine.network is Network.RESTRICTED else ""
         net = [
             "-netdev",
             f"user,id=net0{restrict}",
             "-device",
-            f"virtio-net-{bus},netdev=net0{at[1]}",
+            f"virtio-net-{bus},netdev=net0,mac={MAC}{at(Slot.NETWORK)}",
         ]
     extra: list[str] = []
     if seed is not None:
@@ -150,18 +160,26 @@ def qemu_argv(
             "-drive",
             f"id=seed,file={seed},if=none,format=raw,readonly=on",
             "-device",
-            f"virtio-blk-{bus},drive=seed{at[4]}",
+            f"virtio-blk-{bus},drive=seed{at(Slot.SEED)}",
+        ]
+    ports: list[str] = []
+    for index, port in enumerate(machine.ports):
+        ports += [
+            "-chardev",
+            f"socket,id=agent{index},path={PORT_SOCKETS[port]},server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev=agent{index},name={port}",
         ]
     return [
-        config.qemu,
+        qemu,
         "-name",
-        name,
-        *machine,
+        machine.name,
+        *platform,
         *accel,
         "-smp",
-        str(spec.cpus),
+        str(machine.cpus),
         "-m",
-        str(spec.memory_mb),
+        str(machine.memory_mb),
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -181,14 +199,11 @@ def qemu_argv(
         disk_device,
         *extra,
         "-device",
-        f"virtio-rng-{bus}{at[2]}",
+        f"virtio-rng-{bus}{at(Slot.RNG)}",
         *net,
         "-device",
-        f"virtio-serial-{bus}{at[3]}",
-        "-chardev",
-        f"socket,id=agent,path={AGENT_SOCKET},server=on,wait=off",
-        "-device",
-        f"virtserialport,chardev=agent,name={AGENT_PORT}",
+        f"virtio-serial-{bus}{at(Slot.SERIAL)}",
+        *ports,
         "-qmp",
         f"unix:{QMP_SOCKET},server=on,wait=off",
         "-pidfile",

@@ -8,9 +8,11 @@ a wait at once instead of at a timeout.
 
 This process keeps one :class:`Live` handle per running VM it has talked to:
 the pidfd, and the VM's agent link (``guest._channels``), whose lock
-serialises use of the VM. The agent's port takes one host connection at a
-time (QEMU queues the next), so the link's channel is closed when idle, by
-the rule all QEMU-based backends share.
+serialises this process's use of the VM. The agent has two ports, each
+taking one host connection at a time (QEMU queues the next): the owner's
+(``agent.sock``) and the visitors' (``visitor.sock``, after :meth:`Processes.visit`).
+A link's channel is closed when idle, by the rule all QEMU-based backends
+share, so that visitors take turns on theirs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from vmlease._runner import Runner
 from vmlease._unix import connect_unix
 from vmlease.backends.guest._agent import AgentChannel
 from vmlease.backends.guest._channels import Channels, Link
-from vmlease.backends.qemu._launch import AGENT_SOCKET, CONSOLE_LOG, DISK, PIDFILE, QMP_SOCKET
+from vmlease.backends.qemu._launch import (
+    AGENT_SOCKET,
+    CONSOLE_LOG,
+    DISK,
+    PIDFILE,
+    QMP_SOCKET,
+    VISITOR_SOCKET,
+)
 from vmlease.backends.qemu._reach import RECORD
 
 __all__ = ["Live", "Processes"]
@@ -100,7 +109,7 @@ def kill_all(vm_dir: Path) -> int:
 
 def clear_runtime(vm_dir: Path) -> None:
     """Remove what a QEMU that ran leaves behind: its sockets and pidfile."""
-    for leftover in (QMP_SOCKET, AGENT_SOCKET, PIDFILE):
+    for leftover in (QMP_SOCKET, AGENT_SOCKET, VISITOR_SOCKET, PIDFILE):
         (vm_dir / leftover).unlink(missing_ok=True)
 
 
@@ -128,6 +137,13 @@ class Processes:
         self._lock = threading.Lock()
         self._live: dict[str, Live] = {}
         self._channels = Channels()
+        self._socket = AGENT_SOCKET
+
+    def visit(self) -> None:
+        """Reach the agents through their visitors' port from now on, beside the
+        processes that own the VMs (a VM whose machine has no such port is
+        reached through its owner's, in turns)."""
+        self._socket = VISITOR_SOCKET
 
     def dir(self, name: str) -> Path:
         return self.root / name
@@ -169,8 +185,11 @@ class Processes:
         on_silence = self._on_silence
 
         def opener(limit: float) -> tuple[AgentChannel, None]:
+            path = self.dir(name) / self._socket
+            if not path.exists():
+                path = self.dir(name) / AGENT_SOCKET
             try:
-                sock = connect_unix(self.dir(name) / AGENT_SOCKET, limit)
+                sock = connect_unix(path, limit)
             except OSError as exc:
                 raise ChannelError(
                     f"cannot connect to the command channel of VM {name}: {exc}"

@@ -49,6 +49,7 @@ __all__ = [
     "WarmState",
     "load_state",
     "states_per_image_setting",
+    "warm_cache",
     "warm_key",
 ]
 
@@ -76,6 +77,26 @@ def states_per_image_setting(env: Mapping[str, str]) -> int:
         raise ConfigError(
             f"VMLEASE_QEMU_STATES must be a whole number of at least 1, not {text!r}"
         ) from None
+
+
+def warm_cache(
+    image_dir: Path,
+    env: Mapping[str, str],
+    *,
+    warm_start: bool | None,
+    states_per_image: int | None,
+) -> WarmCache | None:
+    """The saved booted states VMs start from, as the settings ask: None when warm
+    starts are off (``warm_start`` False, or ``$VMLEASE_QEMU_WARM=off``)."""
+    if warm_start is None:
+        setting = env.get("VMLEASE_QEMU_WARM", "on").strip().lower()
+        if setting not in ("on", "off"):
+            raise ConfigError(f"VMLEASE_QEMU_WARM must be 'on' or 'off', not {setting!r}")
+        warm_start = setting == "on"
+    keep = states_per_image if states_per_image is not None else states_per_image_setting(env)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ConfigError(f"states_per_image must be a whole number of at least 1, not {keep!r}")
+    return WarmCache(image_dir / "_warm", keep_per_image=keep) if warm_start else None
 
 
 def warm_key(config: LaunchConfig, spec: VMSpec, image: Image) -> str:

@@ -13,6 +13,7 @@ locally, and the image cache.
 from __future__ import annotations
 
 from vmlease.backends.guest.images._catalog import (
+    AGENT_PROTOCOL,
     Build,
     Image,
     Recipe,
@@ -31,6 +32,7 @@ from vmlease.backends.guest.images._rootless import remove_tree
 from vmlease.backends.guest.images._tiny import build_tiny
 
 __all__ = [
+    "AGENT_PROTOCOL",
     "RECIPES",
     "Build",
     "Image",

@@ -26,6 +26,7 @@ from vmlease._paths import give_to_sudo_user
 from vmlease._spec import Network, VMSpec
 
 __all__ = [
+    "AGENT_PROTOCOL",
     "Build",
     "Image",
     "Recipe",
@@ -39,6 +40,12 @@ __all__ = [
 ]
 
 _USERS = ".users"
+
+
+#: The protocol of the agent built from ``agent.c``, as images record it in
+#: ``info["agent_protocol"]``. From 2 on, the agent serves a second port, for
+#: processes other than the VM's owner.
+AGENT_PROTOCOL = "2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +95,15 @@ class Image:
     disk_bytes: int = 0
     grow_root: tuple[str, ...] = ()
     boot: str = "pvh"
+
+    @property
+    def serves_visitors(self) -> bool:
+        """Whether the image's agent serves the second port (an image made by an
+        older vmlease, or imported with an agent of its own, may not)."""
+        try:
+            return int(self.info.get("agent_protocol", "1")) >= 2
+        except ValueError:
+            return False
 
 
 def _load(build: Path) -> Image:

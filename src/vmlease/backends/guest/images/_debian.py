@@ -36,7 +36,7 @@ from pathlib import Path
 
 from vmlease._errors import ImageBuildError
 from vmlease._runner import Runner, SubprocessRunner
-from vmlease.backends.guest.images._catalog import Image, Recipe, load_current
+from vmlease.backends.guest.images._catalog import AGENT_PROTOCOL, Image, Recipe, load_current
 from vmlease.backends.guest.images._rootless import blockers, is_root, remove_tree
 from vmlease.backends.guest.images._steps import (
     COMMON_TOOLS,
@@ -227,7 +227,7 @@ class _Builder(Steps):
                     "mirror": self.mirror,
                     "kernel_package": deb.name,
                     "kernel_release": kver,
-                    "agent_protocol": "1",
+                    "agent_protocol": AGENT_PROTOCOL,
                     "recipe": RECIPE_VERSION,
                     "tree_sha256": tree,
                 },

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from vmlease._runner import Runner, SubprocessRunner
-from vmlease.backends.guest.images._catalog import Image, Recipe, load_current
+from vmlease.backends.guest.images._catalog import AGENT_PROTOCOL, Image, Recipe, load_current
 from vmlease.backends.guest.images._steps import (
     COMMON_TOOLS,
     STAGE1_MODULES,
@@ -111,7 +111,7 @@ class _Builder(Steps):
                     "kernel_package": deb.name,
                     "kernel_release": kver,
                     "busybox": str(busybox),
-                    "agent_protocol": "1",
+                    "agent_protocol": AGENT_PROTOCOL,
                     "recipe": RECIPE_VERSION,
                 },
             }

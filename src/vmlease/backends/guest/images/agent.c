@@ -1,9 +1,12 @@
 /*
  * vmlease-agent: the guest side of the vmlease command channel.
  *
- * Serves one host at a time over a virtio-serial port (name
- * "org.vmlease.agent"): runs commands with stdin/stdout/stderr and exit
- * status, and copies files in and out. Built statically by
+ * Serves the host over virtio-serial ports: runs commands with
+ * stdin/stdout/stderr and exit status, and copies files in and out. Each
+ * port takes one host connection at a time and is served by a process of
+ * its own: "org.vmlease.agent" is the owning session's, and
+ * "org.vmlease.agent.visitor" (where the machine has it) other processes'
+ * (`vmlease exec`, connectors), so neither waits for the other. Built statically by
  * `vmlease image build tiny`; the host side lives in
  * vmlease/backends/guest/_agent.py.
  *
@@ -60,8 +63,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_VERSION "1"
+#define AGENT_VERSION "2"
 #define PORT_NAME "org.vmlease.agent"
+#define VISITOR_PORT_NAME "org.vmlease.agent.visitor"
 #define MAX_FRAME (1u << 20)
 #define CHUNK (64u * 1024u)
 #define STDIN_HIGH_WATER (1u << 20)
@@ -486,7 +490,7 @@ static void finish_if_done(void) {
     finish_job();
 }
 
-static int open_port(void) {
+static int open_port(const char *wanted) {
     DIR *d = opendir("/sys/class/virtio-ports");
     if (!d) return -1;
     struct dirent *e;
@@ -499,7 +503,7 @@ static int open_port(void) {
         if (!f) continue;
         if (fgets(name, sizeof name, f)) name[strcspn(name, "\n")] = 0;
         fclose(f);
-        if (strcmp(name, PORT_NAME) == 0) {
+        if (strcmp(name, wanted) == 0) {
             snprintf(path, sizeof path, "/dev/%s", e->d_name);
             fd = open(path, O_RDWR | O_CLOEXEC);
         }
@@ -511,8 +515,24 @@ static int open_port(void) {
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
     setenv("PATH", DEFAULT_PATH, 1);
-    for (int i = 0; i < 500 && (port = open_port()) < 0; i++) sleep_ms(10);
-    if (port < 0) die("open " PORT_NAME);
+    /* The visitors' port is served by a child of its own; a machine without
+     * it (an older vmlease's) leaves the child nothing to do. */
+    const char *wanted = PORT_NAME;
+    pid_t child = fork();
+    if (child == 0) {
+        /* Twice, so that init, not this process, reaps it. */
+        if (fork() != 0) _exit(0);
+        wanted = VISITOR_PORT_NAME;
+    } else if (child > 0) {
+        while (waitpid(child, NULL, 0) < 0 && errno == EINTR) {}
+    } else {
+        fprintf(stderr, "vmlease-agent: fork: %s\n", strerror(errno));
+    }
+    for (int i = 0; i < 500 && (port = open_port(wanted)) < 0; i++) sleep_ms(10);
+    if (port < 0) {
+        if (child == 0) return 0;
+        die("open " PORT_NAME);
+    }
     incap = MAX_FRAME + 4096;
     inbuf = malloc(incap);
     if (!inbuf) die("malloc");

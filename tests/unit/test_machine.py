@@ -1,0 +1,75 @@
+"""One machine description, two renderings: QEMU's arguments and libvirt's XML
+must describe the same machine."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from vmlease._identity import Owner
+from vmlease._spec import Network, VMSpec
+from vmlease.backends.guest._agent import AGENT_PORT, VISITOR_PORT
+from vmlease.backends.guest._machine import MAC, Slot, describe
+from vmlease.backends.guest.images import AGENT_PROTOCOL, Image
+from vmlease.backends.libvirt._domain import DomainFiles, domain_xml
+from vmlease.backends.libvirt._lease import Lease
+from vmlease.backends.qemu._launch import Accel, LaunchConfig, qemu_argv
+
+OWNER = Owner(session_id="s", pid=1, start_time=2, boot_id="b", host="h")
+FILES = DomainFiles(disk="/pool/d", console="/pool/c", kernel="/pool/k", initrd="/pool/i")
+
+
+def _image(boot: str, protocol: str | None) -> Image:
+    p = Path("/img")
+    info = {} if protocol is None else {"agent_protocol": protocol}
+    return Image(
+        "i", "b", p, p / "k", p / "i", p / "d", "console=ttyS0", 256, "max", 0, info,
+        network=Network.USER, boot=boot,
+    )  # fmt: skip
+
+
+def _both(image: Image) -> tuple[list[str], ET.Element]:
+    spec = VMSpec(image="i", cpus=2, memory_mb=384)
+    argv = qemu_argv(LaunchConfig("qemu", Accel.TCG, 2000000), Path("/vm"), "n", spec, image)
+    lease = Lease.new(OWNER, lease_s=60, now=0.0)
+    xml = domain_xml("n", spec, image, FILES, lease, tsc_khz=2000000)
+    return argv, ET.fromstring(xml)  # noqa: S314 - XML made here
+
+
+@pytest.mark.parametrize("boot", ["pvh", "firmware"])
+def test_qemu_and_libvirt_render_the_same_machine(boot: str) -> None:
+    image = _image(boot, AGENT_PROTOCOL)
+    argv, dom = _both(image)
+    machine = describe("n", VMSpec(image="i"), image, kvm=False, tsc_khz=2000000)
+    assert dom.find("os/type").get("machine") == machine.machine_type  # type: ignore[union-attr]
+    assert any(a.startswith(machine.machine_type) for a in argv)
+    # The same agent ports, by name.
+    ports = [a.split("name=")[1] for a in argv if a.startswith("virtserialport,")]
+    channels = [c.get("name") for c in dom.iterfind("devices/channel/target")]
+    assert ports == channels == [AGENT_PORT, VISITOR_PORT]
+    # The same kernel command line, shape and network card.
+    if boot == "pvh":
+        assert argv[argv.index("-append") + 1] == dom.findtext("os/cmdline")
+    assert argv[argv.index("-m") + 1] == dom.findtext("memory") == "384"
+    assert argv[argv.index("-smp") + 1] == dom.findtext("vcpu") == "2"
+    assert any(f"mac={MAC}" in a for a in argv)
+    assert dom.find("devices/interface/mac").get("address") == MAC  # type: ignore[union-attr]
+    # The same PCI slots on q35, none on microvm.
+    qemu_slots = sorted(int(s, 16) for s in re.findall(r",addr=(0x[0-9a-f]+)", " ".join(argv)))
+    xml_slots = sorted(int(a.get("slot", "0"), 16) for a in dom.iter("address") if a.get("slot"))
+    if boot == "firmware":
+        assert qemu_slots == xml_slots == sorted([Slot.DISK, Slot.NETWORK, Slot.RNG, Slot.SERIAL])
+    else:
+        assert qemu_slots == xml_slots == []
+
+
+@pytest.mark.parametrize("protocol", [None, "1", "x"])
+def test_an_image_with_an_older_agent_gets_the_owners_port_only(protocol: str | None) -> None:
+    argv, dom = _both(_image("pvh", protocol))
+    assert [a for a in argv if a.startswith("virtserialport,")] == [
+        f"virtserialport,chardev=agent0,name={AGENT_PORT}"
+    ]
+    assert [c.get("name") for c in dom.iterfind("devices/channel/target")] == [AGENT_PORT]
