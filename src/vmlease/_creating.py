@@ -19,6 +19,7 @@ from vmlease._errors import BackendError, VMAlreadyExists, VMLeaseError, VMNotFo
 from vmlease._identity import Owner
 from vmlease._ledger import Ledger, Record
 from vmlease._spec import VMSpec
+from vmlease._timeouts import DEFAULT
 from vmlease.backends import Backend
 
 __all__ = ["CreateAttempts", "claim", "mark"]
@@ -118,10 +119,18 @@ class CreateAttempts:
         self.adopted = True
 
 
-def mark(backend: Backend, ledger: Ledger, record: Record, call: Callable[..., Any]) -> None:
+def mark(
+    backend: Backend,
+    ledger: Ledger,
+    record: Record,
+    call: Callable[..., Any],
+    *,
+    timeout_s: float = DEFAULT.mark_s,
+) -> None:
     """On a backend whose VMs live among the user's own, mark the new VM as ours
     and record the mark, for cleanup to compare before deleting; ``call`` runs
-    the backend's operation with the session's retries and timing.
+    the backend's operation with the session's retries and timing, each
+    attempt within ``timeout_s``.
 
     A VM that cannot be marked still serves; cleanup then knows it by its
     generated name alone (an explicitly named one it leaves for the user).
@@ -134,7 +143,7 @@ def mark(backend: Backend, ledger: Ledger, record: Record, call: Callable[..., A
         made = call(
             "mark",
             lambda limit: backend.mark(name, token, timeout_s=limit),
-            timeout_s=60.0,
+            timeout_s=timeout_s,
             subject=name,
         )
     except VMLeaseError as exc:

@@ -45,6 +45,15 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def is_stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, or a debugger holds it)."""
+    try:
+        raw = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return raw[raw.rfind(")") + 2 :][:1] in ("T", "t")
+
+
 def rss_bytes(pid: int) -> int | None:
     """The memory ``pid`` holds (its resident set), or None if it is gone."""
     try:

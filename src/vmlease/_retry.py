@@ -23,6 +23,7 @@ from typing import TypeVar
 import tenacity
 
 from vmlease._errors import BackendTimeout, ConfigError
+from vmlease._timeouts import Timeouts
 
 __all__ = ["Retrier", "RetryPolicy", "RetryStats", "Timeouts"]
 
@@ -36,27 +37,6 @@ def _positive(owner: str, name: str, value: object, *, zero: bool = False) -> No
         return
     least = "0 or more" if zero else "more than 0"
     raise ConfigError(f"{owner}.{name} must be a number of seconds, {least}, not {value!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """How long one attempt of each backend operation may take before it
-    counts as hung (and, like any transient failure, is retried).
-
-    Booting has its own limit (``Session(boot_timeout_s=...)``) and commands
-    theirs (``VM.run(timeout_s=...)``).
-    """
-
-    create_s: float = 300.0
-    start_s: float = 120.0
-    stop_s: float = 60.0
-    delete_s: float = 60.0
-    snapshot_s: float = 120.0
-    list_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            _positive("Timeouts", f.name, getattr(self, f.name))
 
 
 @dataclass(frozen=True, slots=True)

@@ -413,7 +413,13 @@ class Session:
 
     def _mark(self, record: Record) -> None:
         """Mark a new VM as ours where VMs live among the user's own (``_creating.mark``)."""
-        mark(self._backend, self._ledger, record, self._call)
+        mark(
+            self._backend,
+            self._ledger,
+            record,
+            self._call,
+            timeout_s=self.retry_policy.timeouts.mark_s,
+        )
 
     def _take_place(self) -> Slot | None:
         """A place under ``max_vms``, waited for (and timed as ``wait``)."""
@@ -517,7 +523,7 @@ class Session:
         self._call(
             "keep",
             lambda limit: self._backend.keep(name, timeout_s=limit),
-            timeout_s=120.0,
+            timeout_s=self.retry_policy.timeouts.mark_s,
             subject=name,
         )
         self._ledger.transition(vm.ledger_id, VMState.KEPT, detail=why)

@@ -240,16 +240,22 @@ class VM:
         data = input.encode() if isinstance(input, str) else input
         self._require(VMState.READY)
         start = time.monotonic()
+        answer_s = self._host.retry_policy.timeouts.answer_s
+
+        def attempt(backend: Backend, limit: float) -> ExecResult:
+            # The command's own limit, cut to what the session's policy has left;
+            # the backend answers within it plus the guest's time to report a kill.
+            command_s = None if timeout_s is None else max(0.1, limit - answer_s)
+            return backend.exec(self.name, args, stdin=data, env=env, cwd=cwd, timeout_s=command_s)
+
         try:
             # Only a failure the backend calls transient is retried, and for
             # exec that means the command never started: it is not run twice.
             raw: ExecResult = self._host._vm_op(
                 self,
                 "exec",
-                lambda backend, _limit: backend.exec(
-                    self.name, args, stdin=data, env=env, cwd=cwd, timeout_s=timeout_s
-                ),
-                timeout_s=math.inf,
+                attempt,
+                timeout_s=math.inf if timeout_s is None else timeout_s + answer_s,
             )
         except VMLeaseError:
             self._note(TranscriptEntry(args, None, time.monotonic() - start, "", "(channel error)"))
@@ -288,10 +294,14 @@ class VM:
         self.transcript.append(entry)
         del self.transcript[:-TRANSCRIPT_LIMIT]
 
-    def put(self, local: str | os.PathLike[str], remote: str) -> None:
+    def put(
+        self, local: str | os.PathLike[str], remote: str, *, timeout_s: float | None = None
+    ) -> None:
         """Copy the local file ``local`` to ``remote`` in the VM (binary-safe, any size).
 
         The guest file appears whole or not at all; its mode follows the local file.
+        A copy that takes longer than ``timeout_s`` (default: the session's
+        ``Timeouts.copy_s``) fails with ChannelError and leaves no partial file.
         """
         path = Path(local)
         if not path.is_file():
@@ -302,14 +312,17 @@ class VM:
         self._host._vm_op(
             self,
             "put",
-            lambda backend, _limit: backend.put(self.name, path, remote),
-            timeout_s=math.inf,
+            lambda backend, limit: backend.put(self.name, path, remote, timeout_s=limit),
+            timeout_s=self._copy_limit(timeout_s),
         )
 
-    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
+    def get(
+        self, remote: str, local: str | os.PathLike[str], *, timeout_s: float | None = None
+    ) -> None:
         """Copy ``remote`` from the VM to the local file ``local`` (binary-safe, any size).
 
-        ``local`` is replaced only once the whole file has arrived.
+        ``local`` is replaced only once the whole file has arrived, within
+        ``timeout_s`` (default: the session's ``Timeouts.copy_s``).
         """
         path = Path(local)
         if not path.parent.is_dir():
@@ -322,9 +335,16 @@ class VM:
         self._host._vm_op(
             self,
             "get",
-            lambda backend, _limit: backend.get(self.name, remote, path),
-            timeout_s=math.inf,
+            lambda backend, limit: backend.get(self.name, remote, path, timeout_s=limit),
+            timeout_s=self._copy_limit(timeout_s),
         )
+
+    def _copy_limit(self, timeout_s: float | None) -> float:
+        if timeout_s is None:
+            return self._host.retry_policy.timeouts.copy_s
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
+        return float(timeout_s)
 
     def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Shut the VM down; its disk is kept for :meth:`start`."""
@@ -424,7 +444,7 @@ class VM:
             self,
             "forward",
             lambda backend, limit: backend.forward(self.name, port, timeout_s=limit),
-            timeout_s=30.0,
+            timeout_s=self._host.retry_policy.timeouts.forward_s,
         )
         self._host._vm_forwarded(self, port, host_port)
         return host_port
@@ -441,7 +461,7 @@ class VM:
             self,
             "ssh",
             lambda backend, limit: backend.ssh(self.name, timeout_s=limit),
-            timeout_s=60.0,
+            timeout_s=self._host.retry_policy.timeouts.forward_s,
         )
         self._host._vm_forwarded(self, 22, info.port)
         return info

@@ -97,10 +97,10 @@ class FakeBackend(Backend):
             return ExecResult(137, b"", b"", timed_out=True)
         return ExecResult(0, (stdin or b"") + " ".join(argv).encode(), b"")
 
-    def put(self, name: str, local: Path, remote: str) -> None:
+    def put(self, name: str, local: Path, remote: str, *, timeout_s: float = 300.0) -> None:
         self._do("put", name, local, remote)
 
-    def get(self, name: str, remote: str, local: Path) -> None:
+    def get(self, name: str, remote: str, local: Path, *, timeout_s: float = 300.0) -> None:
         self._do("get", name, remote, local)
         local.write_bytes(b"from " + remote.encode())
 

@@ -304,6 +304,38 @@ def test_a_long_exec_and_the_owners_commands_run_side_by_side_under_libvirt(
     assert domains(uri) == {}
 
 
+def test_a_stopped_libvirtd_ends_each_operation_at_its_deadline(
+    libvirt_daemon: LibvirtDaemon, state: Path
+) -> None:
+    """libvirtd stopped (SIGSTOP) for less than its keepalive's bound: a command,
+    a snapshot and a listing each fail at their deadline, naming the operation;
+    once it goes on, so does the VM, and nothing is left."""
+    uri = libvirt_daemon.unix_uri
+    policy = vmlease.RetryPolicy(attempts=1, timeouts=vmlease.Timeouts(snapshot_s=2, list_s=2))
+    with vmlease.Session(
+        backend="libvirt", state_dir=state, backend_options={"uris": [uri]}, retry=policy
+    ) as session:
+        vm = session.create()
+        vm.run(["true"], check=True)
+        pid = libvirt_daemon.libvirtd_pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(vmlease.ChannelError, match=rf"VM {vm.name}: command \['true'\]"):
+                vm.run(["true"], timeout_s=3)
+            took = time.monotonic() - started
+            assert took < 5, f"{took:.1f} s"
+            with pytest.raises(vmlease.BackendTimeout, match=f"VM {vm.name}: savevm"):
+                vm.snapshot("s")
+            with pytest.raises(vmlease.BackendTimeout, match="listing VMs"):
+                session.backend.list(timeout_s=2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert vm.run(["echo", "back"]).stdout == "back\n"
+    assert domains(uri) == {}
+    assert vm_volumes(libvirt_daemon) == []
+
+
 def test_kept_vms_outlive_their_runner_until_the_lease_and_another_runner_reaps_them(
     libvirt_daemon: LibvirtDaemon,
     libvirt_uri: str,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import vmlease
 from tests.integration.conftest import assert_nothing_left
 from tests.support.killing import leftovers, start_owner, wait_until
 from tests.support.ledger import ledger_records
+from vmlease._attach import exec_in
 
 
 def test_qemu_killed_from_outside_is_reported_as_gone(
@@ -50,3 +52,59 @@ def test_a_hung_owners_vm_is_reaped_once_its_lease_runs_out(
     finally:
         os.kill(owner.proc.pid, signal.SIGKILL)
         owner.finish()
+
+
+def _qemu_pid(state: Path, vm: vmlease.VM) -> int:
+    return int((state / "qemu" / vm.name / "qemu.pid").read_text())
+
+
+def test_a_stopped_qemu_ends_each_operation_at_its_deadline(state: Path, tmp_path: Path) -> None:
+    """A QEMU that stops (SIGSTOP) answers neither its agent nor its monitor: a
+    command, a copy and a snapshot each fail at their deadline, saying which
+    operation of which VM and why; once QEMU goes on, so does the VM."""
+    policy = vmlease.RetryPolicy(attempts=1, timeouts=vmlease.Timeouts(snapshot_s=3))
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(4 << 20))
+    with vmlease.Session(state_dir=state, retry=policy) as session:
+        vm = session.create()
+        vm.run(["true"], check=True)
+        pid = _qemu_pid(state, vm)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            said = rf"VM {vm.name}: command \['true'\].* within .*QEMU process .* is stopped"
+            with pytest.raises(vmlease.ChannelError, match=said):
+                vm.run(["true"], timeout_s=3)
+            took = time.monotonic() - started
+            assert took < 5, f"{took:.1f} s"
+            with pytest.raises(vmlease.ChannelError, match=f"VM {vm.name}: put of {big}"):
+                vm.put(big, "/root/big", timeout_s=3)
+            with pytest.raises(vmlease.BackendTimeout, match="savevm"):
+                vm.snapshot("s")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert vm.run(["echo", "back"]).stdout == "back\n"
+        assert vm.run(["test", "-e", "/root/big"]).exit_code == 1  # no partial file
+    assert_nothing_left(state)
+
+
+def test_a_guest_agent_that_stops_reading_fails_a_put_at_its_deadline(
+    session: vmlease.Session, state: Path, tmp_path: Path
+) -> None:
+    vm = session.create()
+    # The agent serving this session's port stops itself a moment after answering.
+    agent = vm.run(["sh", "-c", 'echo "$PPID"; (sleep 1; kill -STOP "$PPID") >/dev/null 2>&1 &'])
+    pid = agent.stdout.strip()
+    time.sleep(1.5)
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(8 << 20))  # more than the channel's buffers hold
+    started = time.monotonic()
+    with pytest.raises(vmlease.ChannelError, match=f"VM {vm.name}: put of {big} to /root/big"):
+        vm.put(big, "/root/big", timeout_s=3)
+    took = time.monotonic() - started
+    assert took < 5, f"{took:.1f} s"
+    # Another process's way in still works: it wakes the agent up again.
+    assert exec_in(state, vm.name, ["kill", "-CONT", pid]).exit_code == 0
+    assert vm.run(["echo", "back"]).stdout == "back\n"
+    listing = vm.run(["ls", "-a", "/root"]).stdout
+    assert "big" not in listing, listing  # the partial upload was removed

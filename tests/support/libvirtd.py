@@ -227,6 +227,9 @@ class LibvirtDaemon:
                 self._daemon.wait()
         self._daemon = None
 
+    def libvirtd_pid(self) -> int:
+        return int((self.root / "libvirtd.pid").read_text().split()[0])
+
     def restart(self, sig: int = signal.SIGTERM) -> None:
         self.stop_libvirtd(sig)
         self.start_libvirtd()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -204,3 +206,52 @@ def test_info_usernet_is_read_for_host_forwards() -> None:
     )
     assert host_forwards(text) == {22: 40123, 8080: 40124}
     assert host_forwards("") == {}
+
+
+def test_a_guest_that_never_reports_a_killed_command_fails_at_its_deadline(
+    channel_with: MakeChannel,
+) -> None:
+    stop = threading.Event()
+
+    def peer(sock: socket.socket) -> None:
+        stop.wait(5)  # reads nothing, answers nothing: a stopped VM
+
+    ch, _t = channel_with(peer)
+    started = time.monotonic()
+    with pytest.raises(ChannelError, match=r"VM t: command \['sleep', '9'\] got no answer"):
+        ch.exec(["sleep", "9"], stdin=None, env=None, cwd=None, timeout_s=0.2, answer_s=0.2)
+    stop.set()
+    assert time.monotonic() - started < 2.0  # 0.2 s, then 0.2 s for the kill's answer
+    assert ch.broken
+
+
+def test_a_guest_that_stops_reading_a_put_fails_it_at_its_deadline(
+    channel_with: MakeChannel, tmp_path: Path
+) -> None:
+    stop = threading.Event()
+
+    def peer(sock: socket.socket) -> None:
+        read_frame(sock)  # the PUT, then nothing more is read
+        stop.wait(5)
+
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(8 << 20))  # more than the socket buffers hold
+    ch, _t = channel_with(peer)
+    started = time.monotonic()
+    with pytest.raises(ChannelError, match=re.escape(f"VM t: put of {big} to /x got no answer")):
+        ch.put(big, "/x", 0o644, time.monotonic() + 0.5)
+    stop.set()
+    assert time.monotonic() - started < 2.0
+    assert ch.broken
+
+
+def test_an_operation_that_runs_out_of_time_says_why_the_vm_may_be_silent() -> None:
+    host, guest = socket.socketpair()
+    try:
+        ch = AgentChannel(host, name="t", explain=lambda: "its QEMU process is stopped")
+        said = r"got no answer within .*; its QEMU process is stopped"
+        with pytest.raises(ChannelError, match=said):
+            ch.sync(0.2)
+    finally:
+        host.close()
+        guest.close()

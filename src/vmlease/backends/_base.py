@@ -23,6 +23,7 @@ from vmlease._identity import Owner
 from vmlease._naming import validate_name
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo
+from vmlease._timeouts import DEFAULT
 
 __all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult", "Fault"]
 
@@ -112,7 +113,7 @@ class Backend(abc.ABC):
         return Fault.PERMANENT
 
     @abc.abstractmethod
-    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
         """Create and start the VM; may return before it is ready (see wait_ready).
 
         Raises VMAlreadyExists if the backend already has a VM of that name,
@@ -125,7 +126,7 @@ class Backend(abc.ABC):
         """Block until the VM answers commands; BootError if it cannot within ``timeout_s``."""
 
     @abc.abstractmethod
-    def start(self, name: str, *, timeout_s: float = 120.0) -> None:
+    def start(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
         """Start a stopped VM (wait_ready follows)."""
 
     @abc.abstractmethod
@@ -133,11 +134,11 @@ class Backend(abc.ABC):
         """Shut the VM down, keeping its disk."""
 
     @abc.abstractmethod
-    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
+    def delete(self, name: str, *, timeout_s: float = DEFAULT.delete_s) -> None:
         """Destroy the VM and everything the backend kept for it. VMNotFound if unknown."""
 
     @abc.abstractmethod
-    def list(self, *, timeout_s: float = 30.0) -> list[BackendVM]:
+    def list(self, *, timeout_s: float = DEFAULT.list_s) -> list[BackendVM]:
         """Every VM the backend has, ours or not."""
 
     @abc.abstractmethod
@@ -152,17 +153,22 @@ class Backend(abc.ABC):
         timeout_s: float | None,
     ) -> ExecResult:
         """Run ``argv`` in the guest. A command that outlives ``timeout_s`` is killed
-        and reported with ``timed_out=True``; a missing command exits 127."""
+        and reported with ``timed_out=True``; a missing command exits 127. The
+        call returns (or raises) within ``timeout_s`` plus ``DEFAULT.answer_s``."""
 
     @abc.abstractmethod
-    def put(self, name: str, local: Path, remote: str) -> None:
+    def put(
+        self, name: str, local: Path, remote: str, *, timeout_s: float = DEFAULT.copy_s
+    ) -> None:
         """Copy the local file ``local`` to ``remote`` in the guest (binary-safe)."""
 
     @abc.abstractmethod
-    def get(self, name: str, remote: str, local: Path) -> None:
+    def get(
+        self, name: str, remote: str, local: Path, *, timeout_s: float = DEFAULT.copy_s
+    ) -> None:
         """Copy ``remote`` from the guest to the local file ``local`` (binary-safe)."""
 
-    def mark(self, name: str, token: str, *, timeout_s: float = 60.0) -> str | None:
+    def mark(self, name: str, token: str, *, timeout_s: float = DEFAULT.mark_s) -> str | None:
         """Make the new VM ``name`` recognisable as vmlease's, once it answers.
 
         Returns what :meth:`identity` will report for this VM while it
@@ -172,7 +178,7 @@ class Backend(abc.ABC):
         """
         return None
 
-    def identity(self, name: str, *, timeout_s: float = 30.0) -> str | None:
+    def identity(self, name: str, *, timeout_s: float = DEFAULT.mark_s) -> str | None:
         """What :meth:`mark` returned for the VM now called ``name``.
 
         ``""`` when that VM carries no mark (it is not one vmlease made), None
@@ -181,13 +187,13 @@ class Backend(abc.ABC):
         """
         return None
 
-    def forward(self, name: str, guest_port: int, *, timeout_s: float = 30.0) -> int:
+    def forward(self, name: str, guest_port: int, *, timeout_s: float = DEFAULT.forward_s) -> int:
         """Make TCP ``guest_port`` in VM ``name`` reachable on 127.0.0.1 (never 0.0.0.0);
         returns the host port, chosen by the kernel so that nothing races for it.
         Forwarding a port twice returns the same host port."""
         raise UnsupportedOperation(f"the {self.name} backend cannot forward ports")
 
-    def ssh(self, name: str, *, timeout_s: float = 60.0) -> SSHInfo:
+    def ssh(self, name: str, *, timeout_s: float = DEFAULT.forward_s) -> SSHInfo:
         """How to reach VM ``name`` with SSH (its port 22 forwarded, its host key known)."""
         raise UnsupportedOperation(f"the {self.name} backend cannot reach VMs with SSH")
 
@@ -195,15 +201,15 @@ class Backend(abc.ABC):
         """The last lines the VM wrote to its console, for diagnosis ("" if none)."""
         return ""
 
-    def snapshot(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+    def snapshot(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         """Save the VM's memory and disk state as ``tag``."""
         raise UnsupportedOperation(f"the {self.name} backend cannot take snapshots")
 
-    def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+    def restore(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         """Bring the VM back to the state saved as ``tag``."""
         raise UnsupportedOperation(f"the {self.name} backend cannot restore snapshots")
 
-    def keep(self, name: str, *, timeout_s: float = 120.0) -> None:  # noqa: B027 - optional hook
+    def keep(self, name: str, *, timeout_s: float = DEFAULT.mark_s) -> None:  # noqa: B027 - optional hook
         """VM ``name`` is kept for a person: from now on it must outlive this
         process, until its lease runs out or ``vmlease cleanup`` deletes it. A
         backend whose VMs end with their creator's connection (libvirt's

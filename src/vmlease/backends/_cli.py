@@ -29,6 +29,7 @@ from vmlease._errors import (
 )
 from vmlease._runner import Completed, Runner, SubprocessRunner, find_program
 from vmlease._spec import VMSpec
+from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import Backend, ExecResult
 
 __all__ = ["MARK_PATH", "BinaryRunner", "CliBackend", "Rule", "env_argv", "run_binary"]
@@ -250,8 +251,8 @@ class CliBackend(Backend):
             return ExecResult(exit_code=124, stdout=out, stderr=err, timed_out=True)
         return ExecResult(exit_code=code, stdout=out, stderr=err)
 
-    def _checked(self, name: str, argv: Sequence[str], what: str) -> None:
-        done = self.run_in_guest(name, argv, timeout_s=60.0)
+    def _checked(self, name: str, argv: Sequence[str], what: str, timeout_s: float) -> None:
+        done = self.run_in_guest(name, argv, timeout_s=timeout_s)
         if done.exit_code != 0:
             raise GuestFileError(
                 f"VM {name}: {what} failed: {done.stderr.decode(errors='replace').strip()}"
@@ -259,7 +260,7 @@ class CliBackend(Backend):
 
     # -- ownership -----------------------------------------------------------
 
-    def mark(self, name: str, token: str, *, timeout_s: float = 60.0) -> str | None:
+    def mark(self, name: str, token: str, *, timeout_s: float = DEFAULT.mark_s) -> str | None:
         """Write ``token`` to :data:`MARK_PATH` in the guest (atomically) and return it."""
         script = 'mkdir -p "${1%/*}" && printf "%s\\n" "$2" > "$1.part" && mv -f "$1.part" "$1"'
         done = self._script(name, script, token, timeout_s=timeout_s)
@@ -270,7 +271,7 @@ class CliBackend(Backend):
             )
         return token
 
-    def identity(self, name: str, *, timeout_s: float = 30.0) -> str | None:
+    def identity(self, name: str, *, timeout_s: float = DEFAULT.mark_s) -> str | None:
         """The token in the guest's :data:`MARK_PATH`; "" if it has none, None if
         the guest cannot be asked (stopped, unreachable)."""
         script = 'if [ -f "$1" ]; then cat "$1"; else echo "$2"; fi'
@@ -290,11 +291,11 @@ class CliBackend(Backend):
         argv = ["sh", "-c", script, "sh", MARK_PATH, arg]
         return self.exec(name, argv, stdin=None, env=None, cwd=None, timeout_s=timeout_s)
 
-    def copy_in(self, name: str, local: Path, staged: str) -> None:
+    def copy_in(self, name: str, local: Path, staged: str, timeout_s: float) -> None:
         """Copy ``local`` to the staging path ``staged`` in the guest (as the tool's user)."""
         raise NotImplementedError
 
-    def copy_out(self, name: str, staged: str, local: Path) -> None:
+    def copy_out(self, name: str, staged: str, local: Path, timeout_s: float) -> None:
         """Copy the staging path ``staged`` from the guest to ``local``."""
         raise NotImplementedError
 
@@ -302,32 +303,38 @@ class CliBackend(Backend):
         # A path in the guest, unguessable, removed after use.
         return f"/tmp/.vmlease-{secrets.token_hex(8)}"  # noqa: S108
 
-    def put(self, name: str, local: Path, remote: str) -> None:
+    def put(
+        self, name: str, local: Path, remote: str, *, timeout_s: float = DEFAULT.copy_s
+    ) -> None:
         if not local.is_file():
             raise GuestFileError(f"cannot copy {local} into VM {name}: not a file")
+        deadline = time.monotonic() + timeout_s
         staged = self.staging_path()
         mode = f"{local.stat().st_mode & 0o7777:o}"
         try:
-            self.copy_in(name, local, staged)
+            self.copy_in(name, local, staged, _left(deadline))
             # Written beside the target and renamed over it: the file appears whole or not at all.
             script = (
                 'cp "$1" "$2.vmlease-part" && chmod "$3" "$2.vmlease-part" '
                 '&& mv -f "$2.vmlease-part" "$2"'
             )
-            self._checked(
-                name, ["sh", "-c", script, "sh", staged, remote, mode], f"writing {remote}"
-            )
+            argv = ["sh", "-c", script, "sh", staged, remote, mode]
+            self._checked(name, argv, f"writing {remote}", _left(deadline))
         finally:
-            self.run_in_guest(name, ["rm", "-f", staged], timeout_s=60.0)
+            self.run_in_guest(name, ["rm", "-f", staged], timeout_s=_left(deadline))
 
-    def get(self, name: str, remote: str, local: Path) -> None:
+    def get(
+        self, name: str, remote: str, local: Path, *, timeout_s: float = DEFAULT.copy_s
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
         staged = self.staging_path()
         try:
             script = 'cp "$1" "$2" && chmod 0644 "$2"'
-            self._checked(name, ["sh", "-c", script, "sh", remote, staged], f"reading {remote}")
-            self.copy_out(name, staged, local)
+            argv = ["sh", "-c", script, "sh", remote, staged]
+            self._checked(name, argv, f"reading {remote}", _left(deadline))
+            self.copy_out(name, staged, local, _left(deadline))
         finally:
-            self.run_in_guest(name, ["rm", "-f", staged], timeout_s=60.0)
+            self.run_in_guest(name, ["rm", "-f", staged], timeout_s=_left(deadline))
 
     def raise_channel(self, name: str, result: ExecResult, why: str) -> None:
         raise ChannelError(
@@ -335,3 +342,8 @@ class CliBackend(Backend):
             exit_code=result.exit_code,
             transient=True,
         )
+
+
+def _left(deadline: float) -> float:
+    """What is left until ``deadline``, at least a second (to clean up after a late step)."""
+    return max(1.0, deadline - time.monotonic())

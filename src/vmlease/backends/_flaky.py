@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from vmlease._errors import BackendError, BackendTimeout, ConfigError
 from vmlease._spec import VMSpec
+from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import Backend, BackendVM, ExecResult
 from vmlease.backends._forwarding import ForwardingBackend
 
@@ -156,7 +157,7 @@ class FlakyBackend(ForwardingBackend):
 
     # -- operations that fault ----------------------------------------------------
 
-    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
         what = self._draw("create")
         if what == "fail":
             raise BackendError(f"create {name}: injected failure (FlakyBackend)", transient=True)
@@ -167,18 +168,18 @@ class FlakyBackend(ForwardingBackend):
     def wait_ready(self, name: str, timeout_s: float) -> None:
         self._faulty("wait_ready", name, timeout_s, lambda: self.inner.wait_ready(name, timeout_s))
 
-    def start(self, name: str, *, timeout_s: float = 120.0) -> None:
+    def start(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
         self._faulty("start", name, timeout_s, lambda: self.inner.start(name, timeout_s=timeout_s))
 
     def stop(self, name: str, timeout_s: float) -> None:
         self._faulty("stop", name, timeout_s, lambda: self.inner.stop(name, timeout_s))
 
-    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
+    def delete(self, name: str, *, timeout_s: float = DEFAULT.delete_s) -> None:
         self._faulty(
             "delete", name, timeout_s, lambda: self.inner.delete(name, timeout_s=timeout_s)
         )
 
-    def list(self, *, timeout_s: float = 30.0) -> list[BackendVM]:
+    def list(self, *, timeout_s: float = DEFAULT.list_s) -> list[BackendVM]:
         return self._faulty("list", "", timeout_s, lambda: self.inner.list(timeout_s=timeout_s))
 
     def exec(
@@ -198,13 +199,21 @@ class FlakyBackend(ForwardingBackend):
             lambda: self.inner.exec(name, argv, stdin=stdin, env=env, cwd=cwd, timeout_s=timeout_s),
         )
 
-    def put(self, name: str, local: Path, remote: str) -> None:
-        self._faulty("put", name, None, lambda: self.inner.put(name, local, remote))
+    def put(
+        self, name: str, local: Path, remote: str, *, timeout_s: float = DEFAULT.copy_s
+    ) -> None:
+        self._faulty(
+            "put", name, timeout_s, lambda: self.inner.put(name, local, remote, timeout_s=timeout_s)
+        )
 
-    def get(self, name: str, remote: str, local: Path) -> None:
-        self._faulty("get", name, None, lambda: self.inner.get(name, remote, local))
+    def get(
+        self, name: str, remote: str, local: Path, *, timeout_s: float = DEFAULT.copy_s
+    ) -> None:
+        self._faulty(
+            "get", name, timeout_s, lambda: self.inner.get(name, remote, local, timeout_s=timeout_s)
+        )
 
-    def snapshot(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+    def snapshot(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         self._faulty(
             "snapshot",
             name,
@@ -212,12 +221,12 @@ class FlakyBackend(ForwardingBackend):
             lambda: self.inner.snapshot(name, tag, timeout_s=timeout_s),
         )
 
-    def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+    def restore(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         self._faulty(
             "restore", name, timeout_s, lambda: self.inner.restore(name, tag, timeout_s=timeout_s)
         )
 
-    def forward(self, name: str, guest_port: int, *, timeout_s: float = 30.0) -> int:
+    def forward(self, name: str, guest_port: int, *, timeout_s: float = DEFAULT.forward_s) -> int:
         return self._faulty(
             "forward",
             name,

@@ -15,6 +15,7 @@ from vmlease._checks import Check
 from vmlease._identity import Owner
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo
+from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import Backend, BackendVM, ExecResult, Fault
 
 __all__ = ["ForwardingBackend"]
@@ -50,22 +51,22 @@ class ForwardingBackend(Backend):
     def preflight(self, *, cheap: bool = False) -> builtins.list[Check]:
         return self.inner.preflight(cheap=cheap)
 
-    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
         self.inner.create(name, spec, timeout_s=timeout_s)
 
     def wait_ready(self, name: str, timeout_s: float) -> None:
         self.inner.wait_ready(name, timeout_s)
 
-    def start(self, name: str, *, timeout_s: float = 120.0) -> None:
+    def start(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
         self.inner.start(name, timeout_s=timeout_s)
 
     def stop(self, name: str, timeout_s: float) -> None:
         self.inner.stop(name, timeout_s)
 
-    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
+    def delete(self, name: str, *, timeout_s: float = DEFAULT.delete_s) -> None:
         self.inner.delete(name, timeout_s=timeout_s)
 
-    def list(self, *, timeout_s: float = 30.0) -> builtins.list[BackendVM]:
+    def list(self, *, timeout_s: float = DEFAULT.list_s) -> builtins.list[BackendVM]:
         return self.inner.list(timeout_s=timeout_s)
 
     def exec(
@@ -80,34 +81,38 @@ class ForwardingBackend(Backend):
     ) -> ExecResult:
         return self.inner.exec(name, argv, stdin=stdin, env=env, cwd=cwd, timeout_s=timeout_s)
 
-    def put(self, name: str, local: Path, remote: str) -> None:
-        self.inner.put(name, local, remote)
+    def put(
+        self, name: str, local: Path, remote: str, *, timeout_s: float = DEFAULT.copy_s
+    ) -> None:
+        self.inner.put(name, local, remote, timeout_s=timeout_s)
 
-    def get(self, name: str, remote: str, local: Path) -> None:
-        self.inner.get(name, remote, local)
+    def get(
+        self, name: str, remote: str, local: Path, *, timeout_s: float = DEFAULT.copy_s
+    ) -> None:
+        self.inner.get(name, remote, local, timeout_s=timeout_s)
 
-    def mark(self, name: str, token: str, *, timeout_s: float = 60.0) -> str | None:
+    def mark(self, name: str, token: str, *, timeout_s: float = DEFAULT.mark_s) -> str | None:
         return self.inner.mark(name, token, timeout_s=timeout_s)
 
-    def identity(self, name: str, *, timeout_s: float = 30.0) -> str | None:
+    def identity(self, name: str, *, timeout_s: float = DEFAULT.mark_s) -> str | None:
         return self.inner.identity(name, timeout_s=timeout_s)
 
-    def forward(self, name: str, guest_port: int, *, timeout_s: float = 30.0) -> int:
+    def forward(self, name: str, guest_port: int, *, timeout_s: float = DEFAULT.forward_s) -> int:
         return self.inner.forward(name, guest_port, timeout_s=timeout_s)
 
-    def ssh(self, name: str, *, timeout_s: float = 60.0) -> SSHInfo:
+    def ssh(self, name: str, *, timeout_s: float = DEFAULT.forward_s) -> SSHInfo:
         return self.inner.ssh(name, timeout_s=timeout_s)
 
     def console_tail(self, name: str, lines: int = 40) -> str:
         return self.inner.console_tail(name, lines)
 
-    def snapshot(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+    def snapshot(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         self.inner.snapshot(name, tag, timeout_s=timeout_s)
 
-    def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+    def restore(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         self.inner.restore(name, tag, timeout_s=timeout_s)
 
-    def keep(self, name: str, *, timeout_s: float = 120.0) -> None:
+    def keep(self, name: str, *, timeout_s: float = DEFAULT.mark_s) -> None:
         self.inner.keep(name, timeout_s=timeout_s)
 
     def sweep(self, *, dry_run: bool = False) -> builtins.list[str]:

@@ -30,6 +30,7 @@ from vmlease._errors import (
     VMNotFound,
 )
 from vmlease._spec import VMSpec
+from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import BackendVM, Capabilities, ExecResult
 from vmlease.backends._cli import CliBackend, Rule, env_argv
 
@@ -105,7 +106,7 @@ class MultipassBackend(CliBackend):
 
     # -- lifecycle ---------------------------------------------------------
 
-    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
         args = [
             "launch",
             self.image_ref(spec),
@@ -125,7 +126,7 @@ class MultipassBackend(CliBackend):
             args += ["--cloud-init", str(self._cloud_init)]
         self.call(args, timeout_s=timeout_s, subject=f"launching {name}")
 
-    def start(self, name: str, *, timeout_s: float = 120.0) -> None:
+    def start(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
         self.call(
             ["start", name, "--timeout", str(max(1, int(timeout_s) - 5))],
             timeout_s=timeout_s,
@@ -137,17 +138,17 @@ class MultipassBackend(CliBackend):
             raise ValueError("stop needs an instance name")
         self.call(["stop", name], timeout_s=timeout_s, subject=f"stopping {name}")
 
-    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
+    def delete(self, name: str, *, timeout_s: float = DEFAULT.delete_s) -> None:
         # One named instance, purged: never `multipass purge`, never `--all`.
         if not name or name.startswith("-"):
             raise ValueError(f"delete needs one instance name, not {name!r}")
         self.call(["delete", "--purge", name], timeout_s=timeout_s, subject=f"deleting {name}")
 
-    def list(self, *, timeout_s: float = 30.0) -> list[BackendVM]:
+    def list(self, *, timeout_s: float = DEFAULT.list_s) -> list[BackendVM]:
         done = self.call(["list", "--format", "json"], timeout_s=timeout_s)
         return parse_list(done.stdout)
 
-    def info(self, name: str, *, timeout_s: float = 30.0) -> dict[str, Any]:
+    def info(self, name: str, *, timeout_s: float = DEFAULT.list_s) -> dict[str, Any]:
         done = self.call(["info", name, "--format", "json"], timeout_s=timeout_s, subject=name)
         return parse_info(done.stdout, name)
 
@@ -191,11 +192,11 @@ class MultipassBackend(CliBackend):
                 self.raise_channel(name, result, "the SSH connection to the instance failed")
         return result
 
-    def copy_in(self, name: str, local: Path, staged: str) -> None:
-        self.call(["transfer", str(local), f"{name}:{staged}"], timeout_s=300.0, subject=name)
+    def copy_in(self, name: str, local: Path, staged: str, timeout_s: float) -> None:
+        self.call(["transfer", str(local), f"{name}:{staged}"], timeout_s=timeout_s, subject=name)
 
-    def copy_out(self, name: str, staged: str, local: Path) -> None:
-        self.call(["transfer", f"{name}:{staged}", str(local)], timeout_s=300.0, subject=name)
+    def copy_out(self, name: str, staged: str, local: Path, timeout_s: float) -> None:
+        self.call(["transfer", f"{name}:{staged}", str(local)], timeout_s=timeout_s, subject=name)
 
 
 def _number(value: Any) -> int | None:

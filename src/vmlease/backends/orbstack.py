@@ -27,6 +27,7 @@ from vmlease._errors import (
     VMNotFound,
 )
 from vmlease._spec import VMSpec
+from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import BackendVM, Capabilities, ExecResult
 from vmlease.backends._cli import CliBackend, Rule, env_argv
 
@@ -94,7 +95,7 @@ class OrbStackBackend(CliBackend):
 
     # -- lifecycle ---------------------------------------------------------
 
-    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
         args = ["create"]
         if self._arch:
             args += ["--arch", self._arch]
@@ -103,7 +104,7 @@ class OrbStackBackend(CliBackend):
         args += [self.image_ref(spec), name]
         self.call(args, timeout_s=timeout_s, subject=f"creating {name}")
 
-    def start(self, name: str, *, timeout_s: float = 120.0) -> None:
+    def start(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
         self.call(["start", name], timeout_s=timeout_s, subject=f"starting {name}")
 
     def stop(self, name: str, timeout_s: float) -> None:
@@ -112,26 +113,26 @@ class OrbStackBackend(CliBackend):
             raise ValueError("stop needs a machine name")
         self.call(["stop", name], timeout_s=timeout_s, subject=f"stopping {name}")
 
-    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
+    def delete(self, name: str, *, timeout_s: float = DEFAULT.delete_s) -> None:
         if not name:
             raise ValueError("delete needs a machine name")
         self.call(["delete", "--force", name], timeout_s=timeout_s, subject=f"deleting {name}")
 
-    def list(self, *, timeout_s: float = 30.0) -> list[BackendVM]:
+    def list(self, *, timeout_s: float = DEFAULT.list_s) -> list[BackendVM]:
         done = self.call(["list", "--format", "json"], timeout_s=timeout_s)
         return parse_list(done.stdout)
 
-    def info(self, name: str, *, timeout_s: float = 30.0) -> BackendVM:
+    def info(self, name: str, *, timeout_s: float = DEFAULT.list_s) -> BackendVM:
         done = self.call(["info", name, "--format", "json"], timeout_s=timeout_s, subject=name)
         return parse_info(done.stdout)
 
     # -- ownership -----------------------------------------------------------
 
-    def mark(self, name: str, token: str, *, timeout_s: float = 60.0) -> str | None:
+    def mark(self, name: str, token: str, *, timeout_s: float = DEFAULT.mark_s) -> str | None:
         """OrbStack gives every machine its own id: that is the mark (``token`` is unused)."""
         return self.identity(name, timeout_s=timeout_s) or None
 
-    def identity(self, name: str, *, timeout_s: float = 30.0) -> str | None:
+    def identity(self, name: str, *, timeout_s: float = DEFAULT.mark_s) -> str | None:
         """The machine's id (a new machine of the same name has another)."""
         return self.info(name, timeout_s=timeout_s).detail.get("id") or None
 
@@ -164,11 +165,15 @@ class OrbStackBackend(CliBackend):
             self.raise_channel(name, result, "orbctl could not reach the machine")
         return result
 
-    def copy_in(self, name: str, local: Path, staged: str) -> None:
-        self.call(["push", "--machine", name, str(local), staged], timeout_s=300.0, subject=name)
+    def copy_in(self, name: str, local: Path, staged: str, timeout_s: float) -> None:
+        self.call(
+            ["push", "--machine", name, str(local), staged], timeout_s=timeout_s, subject=name
+        )
 
-    def copy_out(self, name: str, staged: str, local: Path) -> None:
-        self.call(["pull", "--machine", name, staged, str(local)], timeout_s=300.0, subject=name)
+    def copy_out(self, name: str, staged: str, local: Path, timeout_s: float) -> None:
+        self.call(
+            ["pull", "--machine", name, staged, str(local)], timeout_s=timeout_s, subject=name
+        )
 
 
 def _record(raw: Mapping[str, Any]) -> BackendVM:

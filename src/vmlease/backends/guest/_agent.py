@@ -7,6 +7,7 @@ while its output streams back without either side blocking the other.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import select
@@ -14,13 +15,14 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from vmlease._errors import BootError, ChannelError, GuestFileError
+from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import ExecResult
 
-__all__ = ["AGENT_PORT", "VISITOR_PORT", "AgentChannel", "AgentOperations"]
+__all__ = ["AGENT_PORT", "OPEN_TIMEOUT_S", "VISITOR_PORT", "AgentChannel", "AgentOperations"]
 
 #: The virtio-serial port the owning session reaches the guest agent on, by name.
 AGENT_PORT = "org.vmlease.agent"
@@ -32,7 +34,8 @@ HELLO, EXEC, STDIN, STDOUT, STDERR, EXIT, KILL, PUT, DATA, GET, OK, ERR, SYNC, S
 )
 _HEADER = struct.Struct(">BI")
 _CHUNK = 256 * 1024
-_KILL_GRACE_S = 10.0
+#: How long opening and greeting a channel may take, at most.
+OPEN_TIMEOUT_S = 10.0
 #: How long a conversation may be silent before ``watch`` is asked why.
 WATCH_EVERY_S = 1.0
 
@@ -60,6 +63,8 @@ class AgentChannel:
         watch: called when a conversation has been silent for
             ``WATCH_EVERY_S``; it raises if the VM cannot answer (QEMU paused it
             on a host I/O error, say). The channel is then broken.
+        explain: why the VM may be silent (``"its QEMU process is stopped"``),
+            or ""; added to the error of an operation that ran out of time.
     """
 
     def __init__(
@@ -69,14 +74,18 @@ class AgentChannel:
         name: str,
         abort_fd: int | None = None,
         watch: Callable[[], None] | None = None,
+        explain: Callable[[], str] | None = None,
     ) -> None:
         self._sock = sock
+        self._explain = explain
         self._sock.setblocking(False)
         self._name = name
         self._abort_fd = abort_fd
         self._watch = watch
         self._buf = bytearray()
         self._broken: str | None = None
+        #: The last operation ran out of time (the VM may be alive, but silent).
+        self.late = False
 
     def close(self) -> None:
         self._sock.close()
@@ -126,19 +135,33 @@ class AgentChannel:
             del self._buf[:end]
             yield kind, payload
 
+    def _late(self, what: str, limit: float | None) -> ChannelError:
+        """The error of ``what`` that ran out of its ``limit``; the channel is broken."""
+        why = self._explain() if self._explain is not None else ""
+        within = f" within {limit:g} s" if limit is not None else " in time"
+        self._broken = f"{what}: no answer{within}"
+        self.late = True
+        return ChannelError(
+            f"VM {self._name}: {what} got no answer{within}{f'; {why}' if why else ''}"
+        )
+
     def _converse(
         self,
         outgoing: Iterable[bytes],
         handle: Callable[[int, bytes], bool],
         deadline: float | None,
         on_deadline: Callable[[], bytes] | None = None,
+        *,
+        what: str,
+        answer_s: float = DEFAULT.answer_s,
     ) -> bool:
         """Send ``outgoing`` while handing received frames to ``handle`` until it returns True.
 
         At ``deadline``, ``on_deadline`` (if given) supplies bytes to send and
-        the conversation gets a grace period; without it, ChannelError.
-        Returns True if the deadline passed.
+        the conversation gets ``answer_s`` more; without it, or after that,
+        ChannelError naming ``what``. Returns True if the deadline passed.
         """
+        limit = None if deadline is None else max(0.0, deadline - time.monotonic())
         if self._broken:
             raise ChannelError(f"command channel to VM {self._name} is broken: {self._broken}")
         source = iter(outgoing)
@@ -173,20 +196,20 @@ class AgentChannel:
                 for kind, payload in self._frames():
                     if handle(kind, payload):
                         if cut:
-                            self._finish_frame(pending)
+                            self._finish_frame(pending, answer_s)
                         return expired
             if deadline is not None and time.monotonic() >= deadline and not (readable or writable):
                 if expired or on_deadline is None:
-                    raise self._fail("no answer in time")
+                    raise self._late(what, limit if not expired else (limit or 0.0) + answer_s)
                 expired = True
                 pending += on_deadline()
-                deadline = time.monotonic() + _KILL_GRACE_S
+                deadline = time.monotonic() + answer_s
 
-    def _finish_frame(self, pending: bytearray) -> None:
+    def _finish_frame(self, pending: bytearray, within_s: float) -> None:
         """Send the rest of a frame cut short by the answer (a command that
         exited before reading all its input): the agent reads frames whole, so
         the next request must start on a frame boundary."""
-        deadline = time.monotonic() + _KILL_GRACE_S
+        deadline = time.monotonic() + within_s
         while pending:
             _, writable = self._wait(deadline, want_write=True)
             if writable:
@@ -239,8 +262,10 @@ class AgentChannel:
                         self._broken = None
                         return version
             if time.monotonic() >= deadline:
+                why = self._explain() if self._explain is not None else ""
                 raise BootError(
-                    f"VM {self._name} did not answer on its command channel within {timeout_s:g} s"
+                    f"VM {self._name} did not answer on its command channel within "
+                    f"{timeout_s:g} s{f'; {why}' if why else ''}"
                 )
 
     def exec(
@@ -251,7 +276,10 @@ class AgentChannel:
         env: Mapping[str, str] | None,
         cwd: str | None,
         timeout_s: float | None,
+        answer_s: float = DEFAULT.answer_s,
     ) -> ExecResult:
+        """Run ``argv``; killed at ``timeout_s``, after which the guest has
+        ``answer_s`` to say so before the channel counts as dead."""
         env_items = [f"{k}={v}" for k, v in (env or {}).items()]
         cwd_raw = (cwd or "").encode()
         request = _strings(argv) + _strings(env_items) + struct.pack(">I", len(cwd_raw)) + cwd_raw
@@ -282,11 +310,18 @@ class AgentChannel:
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         timed_out = self._converse(
-            outgoing(), handle, deadline, on_deadline=lambda: _frame(KILL, struct.pack(">I", 9))
+            outgoing(),
+            handle,
+            deadline,
+            on_deadline=lambda: _frame(KILL, struct.pack(">I", 9)),
+            what=f"command {list(argv)}",
+            answer_s=answer_s,
         )
         return ExecResult(code[0], b"".join(out), b"".join(err), timed_out=timed_out)
 
-    def put(self, local: Path, remote: str, mode: int) -> None:
+    def put(self, local: Path, remote: str, mode: int, deadline: float | None = None) -> None:
+        """Copy ``local`` to ``remote`` (mode ``mode``), done by ``deadline``."""
+
         def outgoing() -> Iterator[bytes]:
             yield _frame(PUT, struct.pack(">I", mode) + remote.encode())
             with local.open("rb") as f:
@@ -301,11 +336,12 @@ class AgentChannel:
                 error.append(payload.decode(errors="replace"))
             return kind in (OK, ERR)
 
-        self._converse(outgoing(), handle, None)
+        self._converse(outgoing(), handle, deadline, what=f"put of {local} to {remote}")
         if error:
             raise GuestFileError(f"VM {self._name}: {error[0]}")
 
-    def get(self, remote: str, local: Path) -> None:
+    def get(self, remote: str, local: Path, deadline: float | None = None) -> None:
+        """Copy ``remote`` to ``local`` (replaced only once it is whole), done by ``deadline``."""
         error: list[str] = []
         tmp = local.with_name(f".{local.name}.vmlease-part")
         with tmp.open("wb") as f:
@@ -322,7 +358,8 @@ class AgentChannel:
                 return False
 
             try:
-                self._converse([_frame(GET, remote.encode())], handle, None)
+                request = [_frame(GET, remote.encode())]
+                self._converse(request, handle, deadline, what=f"get of {remote} to {local}")
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -362,7 +399,8 @@ class AgentChannel:
                 error.append(body.decode(errors="replace"))
             return kind in (OK, ERR)
 
-        self._converse([_frame(SETTIME, payload)], handle, time.monotonic() + timeout_s)
+        deadline = time.monotonic() + timeout_s
+        self._converse([_frame(SETTIME, payload)], handle, deadline, what="setting the clock")
         if error:
             raise ChannelError(f"VM {self._name}: {error[0]}")
 
@@ -388,17 +426,35 @@ class AgentChannel:
     def sync(self, timeout_s: float) -> None:
         """Ask the guest to flush its file systems to disk."""
         self._converse(
-            [_frame(SYNC)], lambda kind, _p: kind in (OK, ERR), time.monotonic() + timeout_s
+            [_frame(SYNC)],
+            lambda kind, _p: kind in (OK, ERR),
+            time.monotonic() + timeout_s,
+            what="sync",
         )
 
 
 class AgentOperations:
     """``exec``, ``put`` and ``get`` through the guest agent, for a backend that
-    mixes this in and gives ``_agent(name)``: VM ``name``'s channel, held for
-    one operation."""
+    mixes this in and gives ``_agent(name, timeout_s)``: VM ``name``'s channel,
+    opened within ``timeout_s`` and held for one operation. Each operation
+    ends by its deadline, the channel's opening included."""
 
-    def _agent(self, name: str) -> AbstractContextManager[AgentChannel]:
+    def _agent(self, name: str, timeout_s: float) -> AbstractContextManager[AgentChannel]:
         raise NotImplementedError
+
+    @contextmanager
+    def _for(self, name: str, what: str, deadline: float | None) -> Iterator[AgentChannel]:
+        """VM ``name``'s channel for ``what``, opened by ``deadline``; a channel that
+        cannot be opened is a ChannelError naming the operation."""
+        limit = OPEN_TIMEOUT_S if deadline is None else _opening(deadline)
+        try:
+            opened = self._agent(name, limit)
+            channel = opened.__enter__()
+        except BootError as exc:
+            raise ChannelError(f"VM {name}: {what}: {exc}") from exc
+        with contextlib.ExitStack() as stack:
+            stack.push(opened)
+            yield channel
 
     def exec(
         self,
@@ -410,13 +466,26 @@ class AgentOperations:
         cwd: str | None,
         timeout_s: float | None,
     ) -> ExecResult:
-        with self._agent(name) as channel:
-            return channel.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout_s=timeout_s)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._for(name, f"command {list(argv)}", deadline) as channel:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return channel.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout_s=left)
 
-    def put(self, name: str, local: Path, remote: str) -> None:
-        with self._agent(name) as channel:
-            channel.put(local, remote, local.stat().st_mode & 0o7777)
+    def put(
+        self, name: str, local: Path, remote: str, *, timeout_s: float = DEFAULT.copy_s
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._for(name, f"put of {local} to {remote}", deadline) as channel:
+            channel.put(local, remote, local.stat().st_mode & 0o7777, deadline)
 
-    def get(self, name: str, remote: str, local: Path) -> None:
-        with self._agent(name) as channel:
-            channel.get(remote, local)
+    def get(
+        self, name: str, remote: str, local: Path, *, timeout_s: float = DEFAULT.copy_s
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._for(name, f"get of {remote} to {local}", deadline) as channel:
+            channel.get(remote, local, deadline)
+
+
+def _opening(deadline: float) -> float:
+    """How long opening a channel may take of what is left until ``deadline``."""
+    return max(0.1, min(OPEN_TIMEOUT_S, deadline - time.monotonic()))

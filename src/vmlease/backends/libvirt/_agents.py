@@ -10,14 +10,16 @@ is reported gone, with its console's last lines).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 
-from vmlease._errors import ChannelError, VMNotFound
+from vmlease._errors import BackendTimeout, ChannelError, VMNotFound
 from vmlease.backends.guest._agent import AGENT_PORT, VISITOR_PORT, AgentChannel
 from vmlease.backends.guest._channels import Channels, Link, Opener
 from vmlease.backends.guest._monitor import snapshot_outcome
 from vmlease.backends.guest._wakeup import refresh
+from vmlease.backends.libvirt._bounded import within
 from vmlease.backends.libvirt._domains import Domains, error, words
 from vmlease.backends.libvirt._hosts import libvirt_module
 from vmlease.backends.libvirt._stream import StreamSocket
@@ -70,7 +72,8 @@ class Agents:
                 yield channel
             except ChannelError as exc:
                 link.drop()
-                if self._ends_soon(name):
+                # A VM that ran out of time is silent, not known to be gone.
+                if not channel.late and self._ends_soon(name):
                     raise ChannelError(
                         f"VM {name} is gone: its domain ended ({exc}); its console said:\n"
                         f"{self._console_tail(name, 25)}"
@@ -89,9 +92,12 @@ class Agents:
         deadline = time.monotonic() + within_s
         while True:
             try:
-                self._domains.find(name)
+                left = max(0.1, deadline - time.monotonic())
+                within(left, f"looking for VM {name}", lambda: self._domains.find(name))
             except VMNotFound:
                 return True
+            except BackendTimeout:
+                return False  # libvirt does not answer: cannot tell
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.2)
@@ -100,6 +106,17 @@ class Agents:
         """How to open VM ``name``'s agent channel: a libvirt stream on its port."""
 
         def opener(timeout_s: float) -> tuple[AgentChannel, Callable[[], None]]:
+            def close(opened: tuple[AgentChannel, Callable[[], None]]) -> None:
+                opened[0].close()
+                opened[1]()
+
+            what = f"opening the command channel of VM {name}"
+            try:
+                return within(timeout_s, what, lambda: open_(timeout_s), late=close)
+            except BackendTimeout as exc:
+                raise ChannelError(str(exc)) from exc
+
+        def open_(timeout_s: float) -> tuple[AgentChannel, Callable[[], None]]:
             libvirt = libvirt_module()
             deadline = time.monotonic() + timeout_s
             host, dom = self._domains.find(name)
@@ -123,13 +140,20 @@ class Agents:
                         raise VMNotFound(f"VM {name} is gone from {host.uri}") from exc
                     time.sleep(0.1)
             bridge = StreamSocket(stream, libvirt, name)
-            return AgentChannel(bridge.sock, name=name), bridge.close
+
+            def close() -> None:
+                # Ending a stream waits on libvirtd, which may not answer: not here.
+                threading.Thread(
+                    target=bridge.close, name="vmlease-stream-close", daemon=True
+                ).start()
+
+            return AgentChannel(bridge.sock, name=name), close
 
         return opener
 
     # -- snapshots ---------------------------------------------------------------
 
-    def snapshot(self, name: str, tag: str) -> None:
+    def snapshot(self, name: str, tag: str, timeout_s: float) -> None:
         """Save memory and disk as ``tag`` inside the VM's qcow2 overlay (``savevm``).
 
         Through the domain's monitor rather than ``virDomainSnapshotCreateXML``:
@@ -138,31 +162,37 @@ class Agents:
         outlive a runner that dies. ``savevm`` and ``loadvm`` keep the process.
         """
         with self.channels.link(name).lock:
-            self._monitor(name, f"savevm {tag}")
+            self._monitor(name, f"savevm {tag}", timeout_s)
 
-    def restore(self, name: str, tag: str) -> None:
+    def restore(self, name: str, tag: str, timeout_s: float) -> None:
         """Bring memory and disk back to ``tag`` (``loadvm``); then today's time and
         fresh randomness."""
+        deadline = time.monotonic() + timeout_s
         link = self.channels.link(name)
         with link.lock:
             link.drop()
-            self._monitor(name, f"loadvm {tag}")
-            channel = self.channels.channel(link, self._opener(name), CHANNEL_TIMEOUT_S)
-            refresh(channel, CHANNEL_TIMEOUT_S)
+            self._monitor(name, f"loadvm {tag}", timeout_s)
+            left = max(0.1, min(CHANNEL_TIMEOUT_S, deadline - time.monotonic()))
+            channel = self.channels.channel(link, self._opener(name), left)
+            refresh(channel, left)
             self.channels.done(link)
 
-    def _monitor(self, name: str, command: str) -> None:
-        """Run a human-monitor command in VM ``name``'s QEMU; its output is empty on
-        success. ``loadvm`` leaves the guest stopped when it fails: resume it."""
+    def _monitor(self, name: str, command: str, timeout_s: float) -> None:
+        """Run a human-monitor command in VM ``name``'s QEMU within ``timeout_s``; its
+        output is empty on success. ``loadvm`` leaves the guest stopped when it
+        fails: resume it."""
         libvirt = libvirt_module()
         import libvirt_qemu
 
-        host, dom, _lease = self._domains.ours(name)
-        hmp = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
-        try:
-            said = str(libvirt_qemu.qemuMonitorCommand(dom, command, hmp) or "").strip()
-            if said and dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
-                dom.resume()
-        except libvirt.libvirtError as exc:
-            raise error(exc, f"VM {name}: {command} on {host.uri}") from exc
-        snapshot_outcome(name, command, said)
+        def run() -> str:
+            host, dom, _lease = self._domains.ours(name)
+            hmp = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+            try:
+                said = str(libvirt_qemu.qemuMonitorCommand(dom, command, hmp) or "").strip()
+                if said and dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
+                    dom.resume()
+            except libvirt.libvirtError as exc:
+                raise error(exc, f"VM {name}: {command} on {host.uri}") from exc
+            return said
+
+        snapshot_outcome(name, command, within(timeout_s, f"VM {name}: {command}", run))

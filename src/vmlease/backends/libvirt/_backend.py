@@ -47,11 +47,13 @@ from vmlease._identity import Owner
 from vmlease._paths import image_dir as default_image_dir
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._spec import Network, VMSpec
+from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import Backend, BackendVM, Capabilities
 from vmlease.backends.guest._agent import AgentChannel, AgentOperations
 from vmlease.backends.guest._wakeup import name_guest
 from vmlease.backends.guest.images import Image, check_fits, find_image
 from vmlease.backends.libvirt._agents import CHANNEL_TIMEOUT_S, Agents
+from vmlease.backends.libvirt._bounded import within
 from vmlease.backends.libvirt._domain import DomainFiles, domain_xml, volume_xml
 from vmlease.backends.libvirt._domains import (
     Domains,
@@ -188,7 +190,7 @@ class LibvirtBackend(AgentOperations, Backend):
                 "'restricted' (no traffic out) needs the qemu backend"
             )
 
-    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
         deadline = time.monotonic() + timeout_s
         image = find_image(self._image_dir, spec.image)
         for host in self.hosts.answering():
@@ -399,19 +401,22 @@ class LibvirtBackend(AgentOperations, Backend):
         if saving is not None:
             self._save_state(name, *saving)
 
-    def start(self, name: str, *, timeout_s: float = 120.0) -> None:
+    def start(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
         raise UnsupportedOperation("the libvirt backend's VMs cannot be stopped and started")
 
     def stop(self, name: str, timeout_s: float) -> None:
         raise UnsupportedOperation("the libvirt backend's VMs cannot be stopped and started")
 
-    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
+    def delete(self, name: str, *, timeout_s: float = DEFAULT.delete_s) -> None:
         """Destroy VM ``name``'s domain and delete its volumes.
 
         A domain without vmlease's lease is never touched (VMNotFound). When the
         domain is gone already (its runner's connection ended), its volumes
         on the recorded host are still deleted.
         """
+        within(timeout_s, f"deleting VM {name}", lambda: self._delete(name))
+
+    def _delete(self, name: str) -> None:
         self.agents.channels.forget(name)
         if self.domains.recorded_host(name) is None:
             # Every VM made with this state directory was recorded before it was made.
@@ -469,7 +474,10 @@ class LibvirtBackend(AgentOperations, Backend):
             host.placed.pop(name, None)
         self.domains.forget(name)
 
-    def list(self, *, timeout_s: float = 30.0) -> builtins.list[BackendVM]:
+    def list(self, *, timeout_s: float = DEFAULT.list_s) -> builtins.list[BackendVM]:
+        return within(timeout_s, "listing VMs", self._list)
+
+    def _list(self) -> builtins.list[BackendVM]:
         libvirt = libvirt_module()
         found = []
         for host in self.hosts.answering():
@@ -497,11 +505,11 @@ class LibvirtBackend(AgentOperations, Backend):
 
     # -- ownership -------------------------------------------------------------
 
-    def mark(self, name: str, token: str, *, timeout_s: float = 60.0) -> str | None:
-        return self.leases.mark(name, token)
+    def mark(self, name: str, token: str, *, timeout_s: float = DEFAULT.mark_s) -> str | None:
+        return within(timeout_s, f"marking VM {name}", lambda: self.leases.mark(name, token))
 
-    def identity(self, name: str, *, timeout_s: float = 30.0) -> str | None:
-        return self.leases.identity(name)
+    def identity(self, name: str, *, timeout_s: float = DEFAULT.mark_s) -> str | None:
+        return within(timeout_s, f"identifying VM {name}", lambda: self.leases.identity(name))
 
     def renew(self) -> None:
         """Push the leases of this object's VMs on (see ``_leases.py``)."""
@@ -514,12 +522,15 @@ class LibvirtBackend(AgentOperations, Backend):
     def sweep_host(self, host: Host, *, dry_run: bool = False) -> builtins.list[str]:
         return self.leases.sweep_host(host, dry_run=dry_run)
 
-    def keep(self, name: str, *, timeout_s: float = 120.0) -> None:
+    def keep(self, name: str, *, timeout_s: float = DEFAULT.mark_s) -> None:
         """Detach VM ``name`` from this process: saved to a file in the pool and
         restored at once, it runs on without autodestroy (libvirt cannot drop
         that flag from a running domain), its lease now the session's whole
         lease. A process that dies in between leaves a domain whose short lease
         runs out, or a state file the sweep deletes."""
+        within(timeout_s, f"keeping VM {name}", lambda: self._keep(name))
+
+    def _keep(self, name: str) -> None:
         libvirt = libvirt_module()
         host, dom, lease = self.domains.ours(name)
         if lease.kept:
@@ -545,21 +556,20 @@ class LibvirtBackend(AgentOperations, Backend):
                     self.hosts.delete_volume(host, saved)
             self.leases.write(host, dom, self.leases.kept(lease))
 
-    # -- the agent channel and snapshots -------------------------------------------
-
+    # -- the agent channel and snapshots -----------------------------------------
     def _agent(
-        self, name: str, timeout_s: float = CHANNEL_TIMEOUT_S
+        self, name: str, timeout_s: float
     ) -> contextlib.AbstractContextManager[AgentChannel]:
         return self.agents.agent(name, timeout_s)
 
-    def snapshot(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+    def snapshot(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         """Save memory and disk as ``tag`` (``savevm``; see ``_agents.py``)."""
-        self.agents.snapshot(name, tag)
+        self.agents.snapshot(name, tag, timeout_s)
 
-    def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+    def restore(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         """Bring memory and disk back to ``tag`` (``loadvm``); then today's time and
         fresh randomness."""
-        self.agents.restore(name, tag)
+        self.agents.restore(name, tag, timeout_s)
 
     # -- diagnosis ---------------------------------------------------------------
 

@@ -41,9 +41,11 @@ from vmlease._errors import (
 from vmlease._paths import ensure_private_dir
 from vmlease._paths import image_dir as default_image_dir
 from vmlease._paths import state_dir as default_state_dir
+from vmlease._procfs import is_stopped
 from vmlease._runner import Runner, SubprocessRunner
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo, ensure_key
+from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import Backend, BackendVM, Capabilities
 from vmlease.backends.guest._agent import AgentChannel, AgentOperations
 from vmlease.backends.guest._monitor import snapshot_outcome
@@ -72,6 +74,7 @@ from vmlease.backends.qemu._processes import (
     clear_runtime,
     kill,
     kill_all,
+    monitor_command,
     running_pid,
     wait_exit,
 )
@@ -233,7 +236,7 @@ class QemuBackend(AgentOperations, Backend):
         check_fits(image, spec)
         check_room(self.root, self.warm, config, spec, image)
 
-    def create(self, name: str, spec: VMSpec, *, timeout_s: float = 300.0) -> None:
+    def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
         config = self.launch_config()
         image = find_image(self._image_dir, spec.image)
         vm_dir = self._dir(name)
@@ -365,7 +368,7 @@ class QemuBackend(AgentOperations, Backend):
             # After the save: the saved state keeps the image's own disk size.
             self._grow_root(name, channel, deadline)
 
-    def start(self, name: str, *, timeout_s: float = 120.0) -> None:
+    def start(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
         vm_dir = self._dir(name)
         try:
             record = json.loads((vm_dir / "vm.json").read_text())
@@ -402,7 +405,7 @@ class QemuBackend(AgentOperations, Backend):
         self._forget(name)
         clear_runtime(vm_dir)
 
-    def delete(self, name: str, *, timeout_s: float = 60.0) -> None:
+    def delete(self, name: str, *, timeout_s: float = DEFAULT.delete_s) -> None:
         """Kill the VM's QEMU and remove its directory.
 
         The owner may have died while QEMU was starting, with no pidfile
@@ -427,15 +430,16 @@ class QemuBackend(AgentOperations, Backend):
         if not existed and not killed:
             raise VMNotFound(f"the qemu backend has no VM named {name!r}")
 
-    def list(self, *, timeout_s: float = 30.0) -> list[BackendVM]:
+    def list(self, *, timeout_s: float = DEFAULT.list_s) -> list[BackendVM]:
         return [
             BackendVM(name, "running" if pid else "stopped", detail)
             for name, pid, detail in self._procs.listing()
         ]
 
     @contextlib.contextmanager
-    def _agent(self, name: str) -> Iterator[AgentChannel]:
-        """The agent channel of running VM ``name``, held for one operation.
+    def _agent(self, name: str, timeout_s: float = _RECONNECT_TIMEOUT_S) -> Iterator[AgentChannel]:
+        """The agent channel of running VM ``name``, opened within ``timeout_s`` and
+        held for one operation.
 
         If the channel breaks because the VM ended (its QEMU was killed from
         outside, or the guest panicked and QEMU exited), the error says the
@@ -443,10 +447,12 @@ class QemuBackend(AgentOperations, Backend):
         """
         live = self._procs.attach(name)
         with live.lock:
+            channel = self._procs.channel(name, live, timeout_s)
             try:
-                yield self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
+                yield channel
             except ChannelError as exc:
-                if not wait_exit(live, _EXIT_GRACE_S):
+                # A VM that ran out of time is silent, not known to be gone.
+                if channel.late or is_stopped(live.pid) or not wait_exit(live, _EXIT_GRACE_S):
                     raise
                 raise ChannelError(
                     f"VM {name} is gone: its QEMU process ended ({exc}); its console "
@@ -459,7 +465,7 @@ class QemuBackend(AgentOperations, Backend):
         at = max((i for i, line in enumerate(tail) if "Kernel panic" in line), default=-1)
         return "\n".join(tail[at : at + lines] if at >= 0 else tail[-lines:])
 
-    def forward(self, name: str, guest_port: int, *, timeout_s: float = 30.0) -> int:
+    def forward(self, name: str, guest_port: int, *, timeout_s: float = DEFAULT.forward_s) -> int:
         record = self._read_record(name)
         if record.get("network", "none") == "none":
             raise ConfigError(
@@ -515,7 +521,7 @@ class QemuBackend(AgentOperations, Backend):
         record["grown"] = want
         write_record(self._dir(name), record)
 
-    def ssh(self, name: str, *, timeout_s: float = 60.0) -> SSHInfo:
+    def ssh(self, name: str, *, timeout_s: float = DEFAULT.forward_s) -> SSHInfo:
         image = self._image_of(name)
         if image is None or not image.ssh_user:
             raise UnsupportedOperation(
@@ -542,28 +548,15 @@ class QemuBackend(AgentOperations, Backend):
         return apply_forwards(self._dir(name), wanted, timeout_s)
 
     def _hmp(self, name: str, command: str, timeout_s: float) -> None:
-        """Run a human-monitor command; its output is empty on success, the error otherwise.
+        snapshot_outcome(name, command, monitor_command(self._dir(name), command, timeout_s))
 
-        ``loadvm`` stops the guest before it looks for the snapshot and does
-        not start it again when that fails, so after a failure a stopped
-        guest is resumed.
-        """
-        with QMP(self._dir(name) / QMP_SOCKET, timeout_s=timeout_s) as qmp:
-            said = qmp.execute(
-                "human-monitor-command", {"command-line": command}, timeout_s=timeout_s
-            )
-            text = str(said or "").strip()
-            if text and not qmp.execute("query-status", timeout_s=timeout_s).get("running"):
-                qmp.execute("cont", timeout_s=timeout_s)
-        snapshot_outcome(name, command, text)
-
-    def snapshot(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+    def snapshot(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         """Save memory and disk as ``tag`` inside the VM's qcow2 disk (``savevm``)."""
         live = self._procs.attach(name)
         with live.lock:
             self._hmp(name, f"savevm {tag}", timeout_s)
 
-    def restore(self, name: str, tag: str, *, timeout_s: float = 120.0) -> None:
+    def restore(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         """Bring memory and disk back to ``tag`` (``loadvm``); then reset clock and randomness."""
         live = self._procs.attach(name)
         with live.lock:

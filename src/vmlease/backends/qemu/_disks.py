@@ -97,10 +97,11 @@ def explain_silence(vm_dir: Path) -> None:
     answer: raise DiskFull (or BackendError for another I/O error) now."""
     name = vm_dir.name
     try:
-        with QMP(vm_dir / QMP_SOCKET, timeout_s=2.0) as qmp:
-            if qmp.execute("query-status", timeout_s=2.0).get("status") != "io-error":
+        # Briefly: this runs while an operation waits, which has its own deadline.
+        with QMP(vm_dir / QMP_SOCKET, timeout_s=0.5) as qmp:
+            if qmp.execute("query-status", timeout_s=0.5).get("status") != "io-error":
                 return
-            devices = qmp.execute("query-block", timeout_s=2.0) or []
+            devices = qmp.execute("query-block", timeout_s=1.0) or []
     except VMLeaseError:
         return  # cannot tell from here: keep waiting
     errors = {str(d.get("io-status")) for d in devices if d.get("io-status") not in (None, "ok")}

@@ -22,12 +22,13 @@ import os
 import select
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmlease._errors import BackendError, BackendTimeout, ChannelError, VMNotFound
-from vmlease._procfs import cmdline, pids_with_arg, rss_bytes
+from vmlease._procfs import cmdline, is_stopped, pids_with_arg, rss_bytes
 from vmlease._runner import Runner
 from vmlease._unix import connect_unix
 from vmlease.backends.guest._agent import AgentChannel
@@ -40,9 +41,10 @@ from vmlease.backends.qemu._launch import (
     QMP_SOCKET,
     VISITOR_SOCKET,
 )
+from vmlease.backends.qemu._qmp import QMP
 from vmlease.backends.qemu._reach import RECORD
 
-__all__ = ["Live", "Processes"]
+__all__ = ["Live", "Processes", "monitor_command"]
 
 #: The longest ``qemu -daemonize`` may take to return (it has opened its sockets by then).
 LAUNCH_TIMEOUT_S = 30.0
@@ -194,8 +196,20 @@ class Processes:
                 raise ChannelError(
                     f"cannot connect to the command channel of VM {name}: {exc}"
                 ) from exc
-            watch = (lambda: on_silence(name)) if on_silence is not None else None
-            return AgentChannel(sock, name=name, abort_fd=live.pidfd, watch=watch), None
+
+            def watch() -> None:
+                if on_silence is not None and not is_stopped(live.pid):
+                    on_silence(name)
+
+            def explain() -> str:
+                if is_stopped(live.pid):
+                    return f"its QEMU process ({live.pid}) is stopped (SIGSTOP, or a debugger)"
+                return ""
+
+            channel = AgentChannel(
+                sock, name=name, abort_fd=live.pidfd, watch=watch, explain=explain
+            )
+            return channel, None
 
         return self._channels.channel(live.link, opener, timeout_s)
 
@@ -253,3 +267,28 @@ class Processes:
     def close(self) -> None:
         for name in list(self._live):
             self.forget(name)
+
+
+def monitor_command(vm_dir: Path, command: str, timeout_s: float) -> str:
+    """Run a human-monitor command in the QEMU of ``vm_dir``; its output ("" on
+    success). ``loadvm`` stops the guest before it looks for the snapshot and
+    does not start it again when that fails, so after a failure a stopped guest
+    is resumed. BackendTimeout, naming the command, when the monitor does not
+    answer within ``timeout_s`` (saying so when QEMU is stopped)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        with QMP(vm_dir / QMP_SOCKET, timeout_s=timeout_s) as qmp:
+            left = max(0.1, deadline - time.monotonic())
+            text = qmp.hmp(command, timeout_s=left)
+            if text and not qmp.execute("query-status", timeout_s=left).get("running"):
+                qmp.execute("cont", timeout_s=left)
+            return text
+    except BackendError as exc:
+        if not isinstance(exc.__cause__, TimeoutError):
+            raise
+        pid = running_pid(vm_dir)
+        why = "; its QEMU process is stopped" if pid is not None and is_stopped(pid) else ""
+        raise BackendTimeout(
+            f"VM {vm_dir.name}: {command} got no answer from QEMU's monitor within "
+            f"{timeout_s:g} s{why}"
+        ) from exc

@@ -23,8 +23,12 @@ class QMP:
         except OSError as exc:
             raise BackendError(f"cannot connect to QMP at {path}: {exc}") from exc
         self._file = self._sock.makefile("rwb")
-        self._read(time.monotonic() + timeout_s)  # greeting
-        self.execute("qmp_capabilities", timeout_s=timeout_s)
+        try:
+            self._read(time.monotonic() + timeout_s)  # greeting
+            self.execute("qmp_capabilities", timeout_s=timeout_s)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         self._file.close()
