@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +13,7 @@ from vmlease._paths import image_dir, megabytes
 from vmlease._present import Commands, seconds, table
 
 if TYPE_CHECKING:
-    from vmlease.backends.guest.images._source import Source
+    pass
 
 __all__ = ["add_image_commands"]
 
@@ -34,54 +33,24 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def cmd_image_import(args: argparse.Namespace) -> int:
-    import signal
-
-    from vmlease._errors import DownloadError
     from vmlease._progress import Progress
-    from vmlease._retry import Retrier, RetryPolicy
+    from vmlease._retry import RetryPolicy
     from vmlease._session import Session
-    from vmlease.backends.qemu import QemuBackend
 
-    retrier = Retrier(RetryPolicy.parse(os.environ.get("VMLEASE_RETRY", "")))
-
-    def retry(attempt: Callable[[], Source]) -> Source:
-        return retrier.call(
-            "download",
-            lambda _limit: attempt(),
-            timeout_s=retrier.policy.total_s,
-            transient=lambda exc: isinstance(exc, DownloadError) and exc.transient,
-            subject=args.source,
+    policy = RetryPolicy.parse(os.environ.get("VMLEASE_RETRY", ""))
+    with Session(backend="qemu", retry=policy) as session, Progress(sys.stderr) as progress:
+        path = session.import_image(
+            args.name,
+            args.source,
+            progress=progress,
+            sha256=args.sha256,
+            user=args.user,
+            user_data_file=Path(args.user_data) if args.user_data else None,
+            seed=not args.no_seed,
+            force=args.force,
+            timeout_s=args.timeout,
         )
-
-    def terminated(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt  # unwinds: the first boot's QEMU and the work go
-
-    backend = QemuBackend()
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        # The first boot is a VM of a session's: recorded first and reaped if
-        # this process dies, like any VM.
-        with (
-            Session(backend=backend) as session,
-            session.vm_for(f"import {args.name}") as boot_vm,
-            Progress(sys.stderr) as progress,
-        ):
-            image = backend.import_image(
-                args.name,
-                args.source,
-                boot_vm=boot_vm,
-                progress=progress,
-                sha256=args.sha256,
-                user=args.user,
-                user_data_file=Path(args.user_data) if args.user_data else None,
-                seed=not args.no_seed,
-                force=args.force,
-                retry=retry,
-                timeout_s=args.timeout,
-            )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(image.path)
+    print(path)
     return 0
 
 

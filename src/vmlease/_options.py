@@ -7,11 +7,12 @@ importing the machinery that makes VMs.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmlease._errors import ConfigError
-from vmlease._spec import Network, parse_network
+from vmlease._spec import VMSpec
 
 __all__ = ["KEEP_CHOICES", "Keep", "RunOptions"]
 
@@ -41,9 +42,8 @@ class RunOptions:
 
     Attributes:
         backend: backend name.
-        image: the image VMs get unless a test asks for another.
-        network: the network VMs get unless a test asks for another (None: the
-            image's own default).
+        spec: what VMs are unless a test asks otherwise (``--vm-image``,
+            ``--vm-network``).
         keep: ``never``, ``failed`` (keep the VMs of failed tests) or ``always``.
         max_vms: at most this many VMs at once across the run's workers.
         max_age_s: each VM's lease, in seconds.
@@ -54,12 +54,13 @@ class RunOptions:
             (``failure_rate=0.3,hang_rate=0.05,seed=1``; see vmlease.testing).
         retry: the retry policy and time limits (``attempts=8,total_s=300,
             create_s=600``; see RetryPolicy.parse).
-        libvirt_uris: the libvirt backend's hosts, comma-separated (None: its default).
+        backend_options: options for making the backend (``--vm-libvirt-uris``
+            gives the libvirt backend's ``uris``); a backend that does not take
+            one says so.
     """
 
     backend: str = "qemu"
-    image: str = "tiny"
-    network: Network | None = None
+    spec: VMSpec = field(default_factory=VMSpec)
     keep: Keep = Keep.NEVER
     max_vms: int | None = None
     max_age_s: float | None = None
@@ -68,11 +69,12 @@ class RunOptions:
     state_dir: Path | None = None
     faults: str | None = None
     retry: str | None = None
-    libvirt_uris: str | None = None
+    backend_options: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", Keep.parse(self.keep))
-        object.__setattr__(self, "network", parse_network(self.network))
+        if not isinstance(self.spec, VMSpec):
+            raise ConfigError(f"spec must be a VMSpec, not {self.spec!r}")
         if self.max_vms is not None and (
             isinstance(self.max_vms, bool) or not isinstance(self.max_vms, int) or self.max_vms < 1
         ):

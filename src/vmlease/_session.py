@@ -43,7 +43,7 @@ from vmlease._paths import ensure_private_dir
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._reaper import ReaperLink
 from vmlease._retry import Retrier, RetryPolicy
-from vmlease._spec import Network, VMSpec, parse_network
+from vmlease._spec import Network, VMSpec
 from vmlease._vm import UNSUPPORTED, VM, Capability
 from vmlease.backends import Backend, Backends, Fault
 
@@ -117,6 +117,7 @@ class Session:
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigError(f"retry must be a vmlease.RetryPolicy, not {retry!r}")
         self.retry_policy = retry or RetryPolicy()
+        self._timeouts = self.retry_policy.timeouts
         self._retrier = Retrier(self.retry_policy, sleep=sleep, clock=clock)
         self.id = session_id_of(session_id) if session_id is not None else new_session_id()
         self.state_dir = ensure_private_dir(
@@ -149,10 +150,7 @@ class Session:
             self._protect_lock = threading.Lock()
             self._counter = 0
             self._vms: dict[int, VM] = {}
-            self._created = 0
-            self._deleted = 0
-            self._failed = 0
-            self._adopted = 0
+            self._created = self._deleted = self._failed = self._adopted = 0
             self._closed = False
             self._opened = False
             if isinstance(reaper, ReaperLink):
@@ -338,6 +336,7 @@ class Session:
         network: Network | str | None = None,
         disk_gb: int | None = None,
         user: str | None = None,
+        spec: VMSpec | None = None,
     ) -> VM:
         """Create a VM and return it once it answers commands (for a full
         system: once it is up, its SSH server included).
@@ -345,20 +344,22 @@ class Session:
         ``network`` is ``"user"``, ``"none"`` or ``"restricted"`` (outbound
         traffic refused); by default the image's (user for Debian, none for
         tiny). ``disk_gb`` grows the root disk and file system (Debian, imported
-        images). ``user`` is who ``vm.ssh`` logs in as (default the image's). The
-        ledger records the VM before the backend is asked for it. If anything
-        fails, the VM is deleted again and its row says why.
+        images). ``user`` is who ``vm.ssh`` logs in as (default the image's).
+        ``spec`` gives all of these at once, as a :class:`VMSpec` (the keywords
+        are then left out). The ledger records the VM before the backend is
+        asked for it. If anything fails, the VM is deleted again and its row
+        says why.
         """
         if self._closed:
             raise VMStateError(f"session {self.id} is closed")
-        spec = VMSpec(
-            image=image,
-            cpus=cpus,
-            memory_mb=memory_mb,
-            network=parse_network(network),
-            disk_gb=disk_gb,
-            user=user,
-        )
+        asked = {"image": image, "cpus": cpus, "memory_mb": memory_mb}
+        asked.update(network=network, disk_gb=disk_gb, user=user)
+        if spec is None:
+            spec = VMSpec.of(**asked)
+        elif not isinstance(spec, VMSpec):
+            raise ConfigError(f"spec must be a VMSpec, not {spec!r}")
+        elif VMSpec.of(**asked) != VMSpec():
+            raise ConfigError("give a VM's spec whole (spec=...) or by keywords, not both")
         timeout = self.boot_timeout_s if boot_timeout_s is None else boot_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             raise ConfigError(f"boot_timeout_s must be a positive number, not {timeout!r}")
@@ -406,20 +407,11 @@ class Session:
         if attempt.adopted:
             self._adopted += 1
             self._ledger.note(record.id, VMState.CREATING, "adopted after a failed create")
-        self._mark(record)
+        # Where VMs live among the user's own, marked as ours (``_creating.mark``).
+        mark(self._backend, self._ledger, record, self._call, timeout_s=self._timeouts.mark_s)
         self._transition(record.id, VMState.READY)
         self._created += 1
         return vm
-
-    def _mark(self, record: Record) -> None:
-        """Mark a new VM as ours where VMs live among the user's own (``_creating.mark``)."""
-        mark(
-            self._backend,
-            self._ledger,
-            record,
-            self._call,
-            timeout_s=self.retry_policy.timeouts.mark_s,
-        )
 
     def _take_place(self) -> Slot | None:
         """A place under ``max_vms``, waited for (and timed as ``wait``)."""
@@ -517,6 +509,17 @@ class Session:
             with contextlib.suppress(VMNotFound):
                 self._backend_delete(record.name)
             self._record(record.id, VMState.GONE)
+
+    def import_image(self, name: str, source: str, **options: Any) -> Path:
+        """Import the image at ``source`` as ``name`` (the backend's ``import_image``): its first
+        boot is this session's VM, each download retried under the session's policy."""
+
+        def retry(attempt: Callable[[], T]) -> T:
+            total = self.retry_policy.total_s
+            return self._call("download", lambda _: attempt(), timeout_s=total, subject=source)
+
+        with self.vm_for(f"import {name}") as boot_vm:
+            return self._backend.import_image(name, source, boot_vm=boot_vm, retry=retry, **options)
 
     def _vm_keep(self, vm: VM, why: str) -> None:
         name = vm.name

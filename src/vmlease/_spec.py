@@ -5,12 +5,21 @@ from __future__ import annotations
 import enum
 import json
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from vmlease._errors import InvalidSpec
 
-__all__ = ["MAX_CPUS", "MAX_MEMORY_MB", "USER_RULE", "Network", "VMSpec", "parse_network"]
+__all__ = [
+    "MAX_CPUS",
+    "MAX_MEMORY_MB",
+    "USER_RULE",
+    "Network",
+    "VMSpec",
+    "parse_network",
+    "spec_fields",
+]
 
 MAX_CPUS = 256
 MAX_MEMORY_MB = 1024 * 1024
@@ -91,6 +100,23 @@ class VMSpec:
                 f"starting with a letter or '_', at most 32 characters), not {self.user!r}"
             )
 
+    def asking(self, asked: Mapping[str, object]) -> VMSpec:
+        """This spec with what a request ``asked`` for (a marker's, a factory's
+        keyword arguments); a value of None keeps this spec's. InvalidSpec names
+        a field the spec does not have, or a value it refuses."""
+        unknown = sorted(set(asked) - spec_fields())
+        if unknown:
+            raise InvalidSpec(
+                f"a VM has no {', '.join(unknown)}; it takes {', '.join(sorted(spec_fields()))}"
+            )
+        changes: dict[str, Any] = {k: v for k, v in asked.items() if v is not None}
+        return replace(self, **changes)
+
+    @classmethod
+    def of(cls, **values: Any) -> VMSpec:
+        """A spec from values as a person gives them (a network by its word)."""
+        return cls().asking(values)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -98,3 +124,8 @@ class VMSpec:
     def from_json(cls, text: str) -> VMSpec:
         data: dict[str, Any] = json.loads(text)
         return cls(**data)
+
+
+def spec_fields() -> frozenset[str]:
+    """The names a VM request may use: the fields of :class:`VMSpec`."""
+    return frozenset(f.name for f in fields(VMSpec))

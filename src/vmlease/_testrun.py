@@ -22,7 +22,7 @@ import contextlib
 import enum
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +35,7 @@ from vmlease._options import KEEP_CHOICES, Keep, RunOptions
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._retry import RetryPolicy
 from vmlease._session import Session
-from vmlease._spec import VMSpec, parse_network
+from vmlease._spec import VMSpec
 from vmlease._vm import VM
 from vmlease.backends import Backend
 
@@ -118,35 +118,12 @@ class TestRun:
     def used(self) -> bool:
         return self._session is not None
 
-    def spec(
-        self,
-        image: str | None = None,
-        cpus: int | None = None,
-        memory_mb: int | None = None,
-        network: str | None = None,
-        disk_gb: int | None = None,
-        user: str | None = None,
-    ) -> VMSpec:
-        """The run's default spec with what a test asked for."""
-        default = VMSpec(image=self.options.image)
-        return VMSpec(
-            image=default.image if image is None else image,
-            cpus=default.cpus if cpus is None else cpus,
-            memory_mb=default.memory_mb if memory_mb is None else memory_mb,
-            network=self.options.network if network is None else parse_network(network),
-            disk_gb=disk_gb,
-            user=user,
-        )
+    def spec(self, asked: Mapping[str, object] | None = None) -> VMSpec:
+        """The run's default spec with what a test ``asked`` for."""
+        return self.options.spec.asking(asked or {})
 
     def _create(self, spec: VMSpec) -> VM:
-        vm = self.session.create(
-            image=spec.image,
-            cpus=spec.cpus,
-            memory_mb=spec.memory_mb,
-            network=spec.network,
-            disk_gb=spec.disk_gb,
-            user=spec.user,
-        )
+        vm = self.session.create(spec=spec)
         self._count("created", 1)
         return vm
 
@@ -351,12 +328,11 @@ def _session_for(options: RunOptions) -> Session:
     if options.max_age_s is not None:
         kwargs["max_age_s"] = options.max_age_s
     backend: str | Backend = options.backend
-    made: dict[str, Any] = {}
-    if options.backend == "libvirt" and options.libvirt_uris:
-        made["uris"] = options.libvirt_uris
-    if made:
+    if options.backend_options:
         backend = backends.get(
-            options.backend, state_dir=options.state_dir or default_state_dir(), **made
+            options.backend,
+            state_dir=options.state_dir or default_state_dir(),
+            **options.backend_options,
         )
     if options.faults:
         from vmlease.testing import FlakyBackend, check_faults

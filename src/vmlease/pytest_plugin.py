@@ -24,7 +24,7 @@ import pytest
 from vmlease._errors import ConfigError
 from vmlease._naming import new_session_id
 from vmlease._options import Keep, RunOptions
-from vmlease._spec import parse_network
+from vmlease._spec import VMSpec, spec_fields
 
 if TYPE_CHECKING:
     # The machinery that makes VMs loads when a test first asks for one, so a
@@ -70,7 +70,7 @@ _SETTINGS = {
         "failure_rate=0.3,hang_rate=0.05,hang_s=1,seed=7 (see vmlease.testing)",
     ),
 }
-_MARKER_ARGS = {"image", "cpus", "memory_mb", "network", "disk_gb", "user", "fresh"}
+_MARKER_ARGS = spec_fields() | {"fresh"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -111,6 +111,13 @@ def _number(config: pytest.Config, name: str, kind: Callable[[str], Any]) -> Any
         ) from None
 
 
+def _backend_options(config: pytest.Config) -> dict[str, str]:
+    """What the run's backend is made with. The libvirt backend reads
+    ``$VMLEASE_LIBVIRT_URIS`` itself; the flag and the ini setting are passed on."""
+    uris = config.getoption("vm_libvirt_uris") or config.getini("vm_libvirt_uris")
+    return {"uris": uris} if isinstance(uris, str) and uris else {}
+
+
 def _options(config: pytest.Config) -> RunOptions:
     workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
     if workerinput is not None:
@@ -123,13 +130,14 @@ def _options(config: pytest.Config) -> RunOptions:
     try:
         return RunOptions(
             backend=_setting(config, "vm_backend") or "qemu",
-            image=_setting(config, "vm_image") or "tiny",
-            network=parse_network(_setting(config, "vm_network")),
+            spec=VMSpec.of(
+                image=_setting(config, "vm_image"), network=_setting(config, "vm_network")
+            ),
             keep=Keep.parse(_setting(config, "vm_keep") or "never"),
             max_vms=_number(config, "vm_max", int),
             max_age_s=_number(config, "vm_max_age", float),
             faults=_setting(config, "vm_faults"),
-            libvirt_uris=_setting(config, "vm_libvirt_uris"),
+            backend_options=_backend_options(config),
             retry=_setting(config, "vm_retry"),
             session_id=session_id,
             worker=worker,
@@ -141,9 +149,9 @@ def _options(config: pytest.Config) -> RunOptions:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "vm(image=None, cpus=None, memory_mb=None, network=None, disk_gb=None, user=None, "
-        "fresh=False): the VM the `vm` fixture gives this test (network: user, none or "
-        "restricted; user: who vm.ssh logs in as); fresh=True for a new VM of its own",
+        f"vm({', '.join(f'{f}=None' for f in sorted(spec_fields()))}, fresh=False): the VM "
+        "the `vm` fixture gives this test (network: user, none or restricted; user: who "
+        "vm.ssh logs in as); fresh=True for a new VM of its own",
     )
     config.stash[_OPTIONS] = _options(config)
     config.stash[_SUMMARY] = {}
@@ -203,7 +211,7 @@ def vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     or with ``@pytest.mark.vm(fresh=True)`` (or a backend without snapshots) a new one."""
     run = _run(request)
     kwargs, fresh = _marker_spec(request)
-    spec = run.spec(**kwargs)
+    spec = run.spec(kwargs)
     use = run.fresh_vm(spec) if fresh else run.clean_vm(spec)
     _track(request, [use])
     yield use.vm
@@ -235,15 +243,8 @@ def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
     run = _run(request)
     uses: list[Use] = []
 
-    def make(
-        image: str | None = None,
-        cpus: int | None = None,
-        memory_mb: int | None = None,
-        network: str | None = None,
-        disk_gb: int | None = None,
-        user: str | None = None,
-    ) -> VM:
-        use = run.fresh_vm(run.spec(image, cpus, memory_mb, network, disk_gb, user))
+    def make(**asked: Any) -> VM:
+        use = run.fresh_vm(run.spec(asked))
         uses.append(use)
         _track(request, [use])
         return use.vm
@@ -258,16 +259,8 @@ def vm_pool(request: pytest.FixtureRequest) -> Iterator[Callable[..., list[VM]]]
     run = _run(request)
     uses: list[Use] = []
 
-    def make(
-        n: int,
-        image: str | None = None,
-        cpus: int | None = None,
-        memory_mb: int | None = None,
-        network: str | None = None,
-        disk_gb: int | None = None,
-        user: str | None = None,
-    ) -> list[VM]:
-        made = run.pool(n, run.spec(image, cpus, memory_mb, network, disk_gb, user))
+    def make(n: int, **asked: Any) -> list[VM]:
+        made = run.pool(n, run.spec(asked))
         uses.extend(made)
         _track(request, made)
         return [u.vm for u in made]

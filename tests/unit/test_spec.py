@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from vmlease import InvalidSpec, VMSpec
+from tests.doubles.fakes import FakeBackend
+from vmlease import ConfigError, InvalidSpec, Session, VMSpec
+from vmlease._spec import Network
 
 
 def test_defaults() -> None:
@@ -45,3 +49,27 @@ def test_bad_fields_are_rejected_with_the_field_named(
 def test_json_round_trip() -> None:
     spec = VMSpec(image="tiny", cpus=2, memory_mb=512, disk_gb=8, user="deploy_1")
     assert VMSpec.from_json(spec.to_json()) == spec
+
+
+def test_a_request_is_laid_over_the_defaults_and_none_keeps_them() -> None:
+    base = VMSpec(image="debian-12", memory_mb=512, network=Network.NONE)
+    asked = base.asking({"cpus": 2, "memory_mb": None, "network": "user"})
+    assert asked == VMSpec(image="debian-12", cpus=2, memory_mb=512, network=Network.USER)
+    assert VMSpec.of(image=None, network="restricted").network is Network.RESTRICTED
+
+
+def test_a_request_for_a_field_a_vm_does_not_have_names_the_fields_it_has() -> None:
+    with pytest.raises(InvalidSpec, match="a VM has no colour; it takes cpus, disk_gb, image"):
+        VMSpec().asking({"colour": "blue"})
+    with pytest.raises(InvalidSpec, match="memory_mb must be at least 1"):
+        VMSpec().asking({"memory_mb": 0})
+
+
+def test_a_session_takes_a_spec_whole_or_by_keywords_not_both(tmp_path: Path) -> None:
+    with Session(backend=FakeBackend(), state_dir=tmp_path) as session:
+        vm = session.create(spec=VMSpec(cpus=2, memory_mb=300))
+        assert (vm.spec.cpus, vm.spec.memory_mb) == (2, 300)
+        with pytest.raises(ConfigError, match=r"whole .* or by keywords, not both"):
+            session.create(cpus=2, spec=VMSpec())
+        with pytest.raises(ConfigError, match="spec must be a VMSpec"):
+            session.create(spec={"cpus": 2})  # type: ignore[arg-type]

@@ -13,9 +13,10 @@ from __future__ import annotations
 import abc
 import builtins
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmlease._checks import Check
 from vmlease._errors import BackendError, UnsupportedOperation
@@ -25,7 +26,11 @@ from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo
 from vmlease._timeouts import DEFAULT
 
-__all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult", "Fault"]
+__all__ = ["Backend", "BackendVM", "Capabilities", "ExecResult", "Fault", "Retry"]
+
+#: Runs one attempt (and those after it, while they fail transiently) under a
+#: session's retry policy: how a backend's own retryable steps are retried.
+Retry = Callable[[Callable[[], Any]], Any]
 
 
 class Fault(enum.Enum):
@@ -221,6 +226,18 @@ class Backend(abc.ABC):
         their names (with ``dry_run``, those it would delete). By default none:
         the ledger's owners decide."""
         return []
+
+    def import_image(
+        self, name: str, source: str, *, boot_vm: str, retry: Retry, **options: Any
+    ) -> Path:
+        """Import the cloud image at ``source`` (a URL or a file) as image ``name``
+        and return where it now is. Its first boot is this backend's VM
+        ``boot_vm``, which a session owns; ``retry`` runs each download attempt
+        under the session's policy. The options are the backend's own."""
+        raise UnsupportedOperation(
+            f"the {self.name} backend cannot import images; import them with the qemu "
+            "backend, whose image cache the libvirt backend uploads from"
+        )
 
     def injected_faults(self) -> int:
         """How many faults a fault-injecting wrapper has injected so far (0 for a

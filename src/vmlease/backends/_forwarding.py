@@ -10,13 +10,14 @@ from __future__ import annotations
 import builtins
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from vmlease._checks import Check
 from vmlease._identity import Owner
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo
 from vmlease._timeouts import DEFAULT
-from vmlease.backends._base import Backend, BackendVM, ExecResult, Fault
+from vmlease.backends._base import Backend, BackendVM, ExecResult, Fault, Retry
 
 __all__ = ["ForwardingBackend"]
 
@@ -117,6 +118,11 @@ class ForwardingBackend(Backend):
 
     def sweep(self, *, dry_run: bool = False) -> builtins.list[str]:
         return self.inner.sweep(dry_run=dry_run)
+
+    def import_image(
+        self, name: str, source: str, *, boot_vm: str, retry: Retry, **options: Any
+    ) -> Path:
+        return self.inner.import_image(name, source, boot_vm=boot_vm, retry=retry, **options)
 
     def visit(self) -> None:
         self.inner.visit()

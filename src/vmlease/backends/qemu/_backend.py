@@ -33,6 +33,7 @@ from vmlease._errors import (
     BootError,
     ChannelError,
     ConfigError,
+    DownloadError,
     UnsupportedOperation,
     VMAlreadyExists,
     VMLeaseError,
@@ -46,7 +47,7 @@ from vmlease._runner import Runner, SubprocessRunner
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo, ensure_key
 from vmlease._timeouts import DEFAULT
-from vmlease.backends._base import Backend, BackendVM, Capabilities
+from vmlease.backends._base import Backend, BackendVM, Capabilities, Fault, Retry
 from vmlease.backends.guest._agent import AgentChannel, AgentOperations
 from vmlease.backends.guest._monitor import snapshot_outcome
 from vmlease.backends.guest._wakeup import authorize_key, grow_root, name_guest, refresh
@@ -206,17 +207,11 @@ class QemuBackend(AgentOperations, Backend):
         self._procs.forget(name)
 
     def import_image(
-        self, name: str, source: str, *, boot_vm: str | None = None, **options: Any
-    ) -> Image:
-        """Import a cloud image as ``name`` (see ``_imports.import_image`` for the options).
-
-        ``boot_vm`` names the first boot as one of this backend's VMs, which a
-        session owns (``Session.vm_for``): a killed import's QEMU is then
-        deleted like any orphaned VM.
-        """
-        if boot_vm is not None:
-            ensure_private_dir(self.root)
-            options.update(boot_root=self.root, boot_name=boot_vm)
+        self, name: str, source: str, *, boot_vm: str, retry: Retry, **options: Any
+    ) -> Path:
+        """Import a cloud image as ``name`` (see ``_imports.import_image`` for the
+        options); its first boot is this backend's VM ``boot_vm``."""
+        ensure_private_dir(self.root)
         return import_image(
             self._image_dir,
             name,
@@ -224,8 +219,16 @@ class QemuBackend(AgentOperations, Backend):
             config=self.launch_config(),
             state_dir=self._state_dir,
             runner=self._run,
+            boot_root=self.root,
+            boot_name=boot_vm,
+            retry=retry,
             **options,
-        )
+        ).path
+
+    def classify(self, exc: BaseException) -> Fault:
+        if isinstance(exc, DownloadError):  # a source that did not answer, or broke off
+            return Fault.TRANSIENT if exc.transient else Fault.PERMANENT
+        return super().classify(exc)
 
     # -- the Backend primitives ------------------------------------------
 
