@@ -13,7 +13,7 @@ from vmlease._paths import image_dir, megabytes
 from vmlease._present import Commands, seconds, table
 
 if TYPE_CHECKING:
-    pass
+    from vmlease.backends import Backend
 
 __all__ = ["add_image_commands"]
 
@@ -54,29 +54,43 @@ def cmd_image_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_image_ls(args: argparse.Namespace) -> int:
-    from vmlease.backends.qemu._housekeeping import usage
+def _cache() -> Backend:
+    """The backend whose image cache ``vmlease image`` looks after (QEMU's, which
+    the libvirt backend uploads from)."""
+    from vmlease.backends import get
 
-    images = usage(image_dir())
+    return get("qemu")
+
+
+def _n(value: object) -> int:
+    return int(value) if isinstance(value, int | float | str) else 0
+
+
+def _items(value: object) -> list[dict[str, object]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def cmd_image_ls(args: argparse.Namespace) -> int:
+    images = _cache().image_usage()
     if args.json:
-        print(json.dumps({"images": [i.as_dict() for i in images]}, indent=2))
+        print(json.dumps({"images": images}, indent=2))
         return 0
     if not images:
         print(f"no images in {image_dir()}; build one with `vmlease image build tiny`")
         return 0
     rows = []
     for i in images:
-        current = i.current
-        older = [b for b in i.builds if not b.current]
+        builds, states = _items(i["builds"]), _items(i["states"])
+        older = [b for b in builds if not b["current"]]
         rows.append(
             [
-                i.name,
-                current.image.build_id if current else "-",
-                megabytes(current.image.size_bytes) if current else "-",
-                f"{len(older)} ({megabytes(sum(b.image.size_bytes for b in older))})",
-                f"{len(i.states)} ({megabytes(i.states_bytes)})",
-                str(sum(len(b.users) for b in i.builds)),
-                megabytes(i.size_bytes),
+                str(i["name"]),
+                str(i.get("build_id", "-")),
+                megabytes(_n(i["size_bytes"])) if "build_id" in i else "-",
+                f"{len(older)} ({megabytes(sum(_n(b['size_bytes']) for b in older))})",
+                f"{len(states)} ({megabytes(sum(_n(s['size_bytes']) for s in states))})",
+                str(sum(_n(b["vms"]) for b in builds)),
+                megabytes(_n(i["total_bytes"])),
             ]
         )
     print(table(["NAME", "BUILD", "SIZE", "OLDER BUILDS", "SAVED STATES", "VMS", "TOTAL"], rows))
@@ -85,12 +99,10 @@ def cmd_image_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_image_prune(args: argparse.Namespace) -> int:
-    from vmlease.backends.qemu._housekeeping import prune
-
-    removed = prune(image_dir(), dry_run=args.dry_run, everything=args.all)
-    freed = megabytes(sum(r.size_bytes for r in removed))
+    removed = _cache().prune_images(dry_run=args.dry_run, everything=args.all)
+    freed = megabytes(sum(_n(r["size_bytes"]) for r in removed))
     if args.json:
-        print(json.dumps({"dry_run": args.dry_run, "removed": [r.as_dict() for r in removed]}))
+        print(json.dumps({"dry_run": args.dry_run, "removed": removed}))
         return 0
     if not removed:
         print("nothing to prune")
@@ -98,7 +110,10 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
     print(
         table(
             ["WHAT", "NAME", "SIZE", "WHY"],
-            [[r.what, r.name, megabytes(r.size_bytes), r.why] for r in removed],
+            [
+                [str(r["what"]), str(r["name"]), megabytes(_n(r["size_bytes"])), str(r["why"])]
+                for r in removed
+            ],
         )
     )
     print(f"{'would free' if args.dry_run else 'freed'} {freed}")

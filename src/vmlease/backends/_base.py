@@ -239,6 +239,20 @@ class Backend(abc.ABC):
             "backend, whose image cache the libvirt backend uploads from"
         )
 
+    def image_usage(self) -> builtins.list[dict[str, object]]:
+        """What the backend's image cache holds, image by image (``vmlease image
+        ls``): each image's name, current build, builds and saved states, with
+        their sizes."""
+        raise UnsupportedOperation(f"the {self.name} backend keeps no image cache")
+
+    def prune_images(
+        self, *, dry_run: bool = False, everything: bool = False
+    ) -> builtins.list[dict[str, object]]:
+        """Remove what no VM can use from the image cache (``vmlease image
+        prune``); returns what went (with ``dry_run``, what would): each one's
+        kind, name, size and why."""
+        raise UnsupportedOperation(f"the {self.name} backend keeps no image cache")
+
     def injected_faults(self) -> int:
         """How many faults a fault-injecting wrapper has injected so far (0 for a
         real backend), for a run's summary."""

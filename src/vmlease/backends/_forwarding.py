@@ -124,6 +124,14 @@ class ForwardingBackend(Backend):
     ) -> Path:
         return self.inner.import_image(name, source, boot_vm=boot_vm, retry=retry, **options)
 
+    def image_usage(self) -> builtins.list[dict[str, object]]:
+        return self.inner.image_usage()
+
+    def prune_images(
+        self, *, dry_run: bool = False, everything: bool = False
+    ) -> builtins.list[dict[str, object]]:
+        return self.inner.prune_images(dry_run=dry_run, everything=everything)
+
     def visit(self) -> None:
         self.inner.visit()
 

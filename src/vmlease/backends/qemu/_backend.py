@@ -61,6 +61,7 @@ from vmlease.backends.guest.images import (
 )
 from vmlease.backends.qemu._accel import probe_config, require_program
 from vmlease.backends.qemu._disks import check_room, explain_silence, make_disk
+from vmlease.backends.qemu._housekeeping import prune, usage
 from vmlease.backends.qemu._imports import import_image
 from vmlease.backends.qemu._launch import (
     CONSOLE_LOG,
@@ -224,6 +225,15 @@ class QemuBackend(AgentOperations, Backend):
             retry=retry,
             **options,
         ).path
+
+    def image_usage(self) -> list[dict[str, object]]:
+        return [u.as_dict() for u in usage(self._image_dir)]
+
+    def prune_images(
+        self, *, dry_run: bool = False, everything: bool = False
+    ) -> list[dict[str, object]]:
+        removed = prune(self._image_dir, dry_run=dry_run, everything=everything)
+        return [r.as_dict() for r in removed]
 
     def classify(self, exc: BaseException) -> Fault:
         if isinstance(exc, DownloadError):  # a source that did not answer, or broke off
