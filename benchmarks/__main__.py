@@ -11,6 +11,7 @@ python -m benchmarks guests     debian-12: boots, saved states, resets, commands
 python -m benchmarks trims      debian-12: what each boot trim buys (systemd-analyze)
 python -m benchmarks libvirt    the libvirt backend beside direct QEMU; runner SIGKILL to VMs gone
 python -m benchmarks rootless   debian-12 built and started as root and as a normal user
+python -m benchmarks deadlines  the owner's command beside another process's; a stopped QEMU
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from benchmarks import (
     chaos,
+    deadlines,
     faults,
     guests,
     libvirt,
@@ -38,7 +40,7 @@ def main() -> int:
     parser.add_argument(
         "which",
         nargs="*",
-        metavar="spine|reap|suite|faults|startup|chaos|guests|trims|libvirt|rootless",
+        metavar="spine|reap|suite|faults|startup|chaos|guests|trims|libvirt|rootless|deadlines",
         help="default: all",
     )
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
@@ -68,6 +70,7 @@ def main() -> int:
         "trims",
         "libvirt",
         "rootless",
+        "deadlines",
     ]
     unknown = set(args.which) - set(names)
     if unknown:
@@ -90,6 +93,8 @@ def main() -> int:
         code |= libvirt.main(runs=args.runs, trials=max(10, args.chaos_trials))
     if "rootless" in which:
         code |= rootless.main(runs=max(3, args.runs // 2))
+    if "deadlines" in which:
+        code |= deadlines.main(runs=max(3, args.runs // 2))
     if "chaos" in which:
         code |= chaos.main(trials=args.chaos_trials)
     if "startup" in which:
