@@ -73,3 +73,9 @@ def test_an_image_with_an_older_agent_gets_the_owners_port_only(protocol: str | 
         f"virtserialport,chardev=agent0,name={AGENT_PORT}"
     ]
     assert [c.get("name") for c in dom.iterfind("devices/channel/target")] == [AGENT_PORT]
+
+
+def test_the_visitors_port_name_is_no_longer_than_the_owners() -> None:
+    # libvirt names a channel's socket after its port, under the user's home;
+    # a Unix socket path may not exceed 107 bytes.
+    assert len(VISITOR_PORT) <= len(AGENT_PORT)

@@ -27,7 +27,9 @@ __all__ = ["AGENT_PORT", "OPEN_TIMEOUT_S", "VISITOR_PORT", "AgentChannel", "Agen
 #: The virtio-serial port the owning session reaches the guest agent on, by name.
 AGENT_PORT = "org.vmlease.agent"
 #: The port other processes (``vmlease exec``, connectors) reach it on, beside the owner.
-VISITOR_PORT = "org.vmlease.agent.visitor"
+#: No longer than the owner's: libvirt puts the name in a socket path (at most 107 bytes)
+#: under the user's home.
+VISITOR_PORT = "org.vmlease.visit"
 
 HELLO, EXEC, STDIN, STDOUT, STDERR, EXIT, KILL, PUT, DATA, GET, OK, ERR, SYNC, SETTIME = range(
     1, 15

@@ -5,7 +5,7 @@
  * stdin/stdout/stderr and exit status, and copies files in and out. Each
  * port takes one host connection at a time and is served by a process of
  * its own: "org.vmlease.agent" is the owning session's, and
- * "org.vmlease.agent.visitor" (where the machine has it) other processes'
+ * "org.vmlease.visit" (where the machine has it) other processes'
  * (`vmlease exec`, connectors), so neither waits for the other. Built statically by
  * `vmlease image build tiny`; the host side lives in
  * vmlease/backends/guest/_agent.py.
@@ -65,7 +65,7 @@
 
 #define AGENT_VERSION "2"
 #define PORT_NAME "org.vmlease.agent"
-#define VISITOR_PORT_NAME "org.vmlease.agent.visitor"
+#define VISITOR_PORT_NAME "org.vmlease.visit"
 #define MAX_FRAME (1u << 20)
 #define CHUNK (64u * 1024u)
 #define STDIN_HIGH_WATER (1u << 20)
