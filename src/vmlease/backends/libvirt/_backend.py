@@ -28,6 +28,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from vmlease._checks import Check
@@ -40,7 +41,6 @@ from vmlease._errors import (
     InvalidSpec,
     UnsupportedOperation,
     VMAlreadyExists,
-    VMLeaseError,
     VMNotFound,
 )
 from vmlease._identity import Owner
@@ -63,7 +63,7 @@ from vmlease.backends.libvirt._domains import (
     tsc_khz,
     words,
 )
-from vmlease.backends.libvirt._hosts import Host, Hosts, download, libvirt_module
+from vmlease.backends.libvirt._hosts import Host, Hosts, libvirt_module
 from vmlease.backends.libvirt._leases import Leases
 from vmlease.backends.libvirt._preflight import preflight
 from vmlease.backends.libvirt._states import HostState, States, state_key
@@ -191,6 +191,11 @@ class LibvirtBackend(AgentOperations, Backend):
             )
 
     def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
+        # Given up at the deadline, a create may still make its domain: the name is
+        # the session's, which adopts or deletes it (as after any hung create).
+        within(timeout_s, f"creating VM {name}", lambda: self._create(name, spec, timeout_s))
+
+    def _create(self, name: str, spec: VMSpec, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         image = find_image(self._image_dir, spec.image)
         for host in self.hosts.answering():
@@ -557,9 +562,8 @@ class LibvirtBackend(AgentOperations, Backend):
             self.leases.write(host, dom, self.leases.kept(lease))
 
     # -- the agent channel and snapshots -----------------------------------------
-    def _agent(
-        self, name: str, timeout_s: float
-    ) -> contextlib.AbstractContextManager[AgentChannel]:
+
+    def _agent(self, name: str, timeout_s: float) -> AbstractContextManager[AgentChannel]:
         return self.agents.agent(name, timeout_s)
 
     def snapshot(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
@@ -574,17 +578,7 @@ class LibvirtBackend(AgentOperations, Backend):
     # -- diagnosis ---------------------------------------------------------------
 
     def console_tail(self, name: str, lines: int = 40) -> str:
-        try:
-            host = self.domains.recorded_host(name) or self.domains.find(name)[0]
-            vol = self.hosts.volume(host, f"{name}.console")
-            if vol is None:
-                return ""
-            size = int(vol.info()[2])
-            tail = download(self.hosts.connect(host), vol, max(0, size - (1 << 20)))
-            text = tail.decode(errors="replace")
-        except (VMLeaseError, Exception):
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return self.domains.console_tail(name, lines)
 
     def visit(self) -> None:
         self.agents.visit()

@@ -17,7 +17,7 @@ from typing import Any
 
 from vmlease._errors import BackendError, VMNotFound
 from vmlease._paths import ensure_private_dir
-from vmlease.backends.libvirt._hosts import Host, Hosts, libvirt_module
+from vmlease.backends.libvirt._hosts import Host, Hosts, download, libvirt_module
 from vmlease.backends.libvirt._lease import NAMESPACE, Lease, parse_lease
 
 __all__ = [
@@ -110,6 +110,21 @@ class Domains:
                 "(it has no vmlease lease in its metadata): left alone"
             )
         return host, dom, lease
+
+    def console_tail(self, name: str, lines: int) -> str:
+        """The last ``lines`` of VM ``name``'s console log (its volume's last MiB); ""
+        when it cannot be read."""
+        try:
+            host = self.recorded_host(name) or self.find(name)[0]
+            vol = self.hosts.volume(host, f"{name}.console")
+            if vol is None:
+                return ""
+            size = int(vol.info()[2])
+            tail = download(self.hosts.connect(host), vol, max(0, size - (1 << 20)))
+            text = tail.decode(errors="replace")
+        except Exception:  # VMLeaseError or libvirt's: nothing to show
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def destroy(self, host: Host, name: str, dom: Any = None) -> None:
         """Destroy VM ``name``'s domain (one of ours); gone already is fine."""
