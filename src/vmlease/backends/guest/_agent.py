@@ -449,13 +449,11 @@ class AgentOperations:
         """VM ``name``'s channel for ``what``, opened by ``deadline``; a channel that
         cannot be opened is a ChannelError naming the operation."""
         limit = OPEN_TIMEOUT_S if deadline is None else _opening(deadline)
-        try:
-            opened = self._agent(name, limit)
-            channel = opened.__enter__()
-        except BootError as exc:
-            raise ChannelError(f"VM {name}: {what}: {exc}") from exc
         with contextlib.ExitStack() as stack:
-            stack.push(opened)
+            try:
+                channel = stack.enter_context(self._agent(name, limit))
+            except BootError as exc:
+                raise ChannelError(f"VM {name}: {what}: {exc}") from exc
             yield channel
 
     def exec(
