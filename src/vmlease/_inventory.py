@@ -28,10 +28,13 @@ class InventoryRow:
         status: ``alive``, ``orphaned`` (owner dead), ``expired`` (past its
             lease) or ``unknown`` (owned from another host).
         age_s: seconds since the row was written.
-        memory_bytes: the host memory the VM holds (QEMU's resident set), if
-            the backend tells.
+        memory_bytes: the host memory the VM holds (QEMU's proportional set:
+            memory it shares with other VMs, such as a booted state's, counted
+            as its share), if the backend tells.
         disk_bytes: the host disk its own disk takes (an overlay on its image:
             what it wrote), if the backend tells.
+        start: how it started, if the backend tells (QEMU: ``booted``, ``mapped
+            state`` or ``stream state``).
     """
 
     record: Record
@@ -41,6 +44,7 @@ class InventoryRow:
     age_s: float
     memory_bytes: int | None = None
     disk_bytes: int | None = None
+    start: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         r = self.record
@@ -62,6 +66,7 @@ class InventoryRow:
             "forwards": {str(k): v for k, v in sorted(r.forwards.items())},
             "memory_bytes": self.memory_bytes,
             "disk_bytes": self.disk_bytes,
+            "start": self.start,
         }
 
 
@@ -103,6 +108,7 @@ def inventory(state_dir: Path, *, include_gone: bool = False) -> list[InventoryR
                 now - r.created_at,
                 memory_bytes=_number(detail.get("memory_bytes")),
                 disk_bytes=_number(detail.get("disk_bytes")),
+                start=detail.get("start"),
             )
         )
     return rows

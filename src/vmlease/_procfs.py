@@ -16,11 +16,11 @@ __all__ = [
     "boot_id",
     "cmdline",
     "host_tsc_khz",
+    "memory_bytes",
     "own_command",
     "pids",
     "pids_with_arg",
     "process_start_time",
-    "rss_bytes",
 ]
 
 PROC = Path("/proc")
@@ -54,14 +54,20 @@ def is_stopped(pid: int) -> bool:
     return raw[raw.rfind(")") + 2 :][:1] in ("T", "t")
 
 
-def rss_bytes(pid: int) -> int | None:
-    """The memory ``pid`` holds (its resident set), or None if it is gone."""
-    try:
-        for line in (PROC / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
+def memory_bytes(pid: int) -> int | None:
+    """The memory ``pid`` really holds, or None if it is gone: its proportional
+    set (PSS: each page it shares with other processes counted as its share), so
+    that VMs mapping one booted state's memory are not each charged for all of
+    it; its resident set where the kernel has no ``smaps_rollup``."""
+    for name, field in (("smaps_rollup", "Pss:"), ("status", "VmRSS:")):
+        try:
+            for line in (PROC / str(pid) / name).read_text().splitlines():
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, IndexError):
+            return None
     return None
 
 

@@ -294,6 +294,9 @@ class Session:
     def _vm_note(self, vm: VM, detail: str) -> None:
         self._ledger.note(vm.ledger_id, VMState.READY, detail)
 
+    def _vm_can_reset(self, vm: VM) -> bool:
+        return self._backend.capabilities.resets and self._backend.can_reset(vm.name)
+
     def _vm_console(self, vm: VM, lines: int) -> str:
         return self._backend.console_tail(vm.name, lines)
 

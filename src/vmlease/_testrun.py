@@ -3,11 +3,13 @@ what to keep, what to report. The pytest plugin is a thin face on this.
 
 The kinds of VM a test can get:
 
-- *clean* (the ``vm`` fixture): VMs snapshotted right after boot and
-  restored to that snapshot between tests, so isolation costs a restore
-  instead of a boot. Two per worker and spec take turns: while a test runs
-  on one, the other is restored (and run once, so its first command is not
-  slow) in a background thread, which takes the restore off the test's path.
+- *clean* (the ``vm`` fixture): VMs reset between tests, so isolation costs a
+  reset instead of a boot. Where the backend can (``VM.can_reset``: QEMU VMs
+  started from a mapped booted state) a reset starts the VM again from that
+  state; otherwise the VM is snapshotted right after it is made and restored
+  to that snapshot. Two per worker and spec take turns: while a test runs
+  on one, the other is reset (and run once, so its first command is not
+  slow) in a background thread, which takes the reset off the test's path.
   Under a VM limit (``max_vms``) there is one, restored between tests.
   Backends without snapshots give a fresh VM per test instead.
 - *fresh* (``@pytest.mark.vm(fresh=True)``, ``vm_factory``, ``vm_pool``): made
@@ -77,6 +79,8 @@ class _Counts:
     created: int = 0
     reused: int = 0
     restored: int = 0
+    #: Of the resets (``restored``), those that started the VM again from its state.
+    reset_by_start: int = 0
     deleted: int = 0
     kept: list[str] = field(default_factory=list)
 
@@ -97,6 +101,7 @@ class TestRun:
         self._clean_specs: dict[str, VMSpec] = {}  # VM name -> spec, for clean VMs
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmlease-reset")
         self._workers: dict[VMSpec, VM] = {}
+        self._by_start: set[str] = set()  # clean VMs reset by a new start, not a snapshot
         self._keep_at_end: set[str] = set()
         self._handed: set[str] = set()
         self.counts = _Counts()
@@ -166,19 +171,29 @@ class TestRun:
 
     def _new_clean(self, spec: VMSpec) -> VM:
         vm = self._create(spec)
-        vm.snapshot(CLEAN_TAG)
+        if vm.can_reset:
+            self._by_start.add(vm.name)
+        else:
+            vm.snapshot(CLEAN_TAG)
         return vm
 
     def _reset(self, vm: VM) -> VM:
-        """Back to the clean snapshot, warmed up; deleted if that fails."""
+        """Back to how it was made (a new start from its state, or its clean
+        snapshot), warmed up; deleted if that fails."""
+        by_start = vm.name in self._by_start
         try:
-            vm.restore(CLEAN_TAG)
-            vm.run(["true"])  # the first command after a restore is slow; take it here
+            if by_start:
+                vm.reset()
+            else:
+                vm.restore(CLEAN_TAG)
+            vm.run(["true"])  # the first command after a reset is slow; take it here
         except VMLeaseError:
             vm.delete()
             self._count("deleted", 1)
             raise
         self._count("restored", 1)
+        if by_start:
+            self._count("reset_by_start", 1)
         return vm
 
     def fresh_vm(self, spec: VMSpec) -> Use:
@@ -309,11 +324,14 @@ class TestRun:
             "created": self.counts.created,
             "reused": self.counts.reused,
             "restored": self.counts.restored,
+            "reset_by_start": self.counts.reset_by_start,
             "deleted": self.counts.deleted,
             "kept": list(self.counts.kept),
             "boot_s": total("create", "boot", "mark"),
-            "restore_s": total("restore", "snapshot"),
-            "vm_ops_s": total("create", "boot", "mark", "restore", "snapshot", "delete", "wait"),
+            "restore_s": total("restore", "snapshot", "reset"),
+            "vm_ops_s": total(
+                "create", "boot", "mark", "restore", "snapshot", "reset", "delete", "wait"
+            ),
             "exec_s": total("exec", "put", "get"),
             "close_s": time.monotonic() - started,
             "retries": dict(stats.retries) if stats is not None else {},

@@ -139,6 +139,9 @@ class VMHost(Protocol):
     def _vm_state(self, vm: VM) -> VMState | None:
         """The VM's state in the ledger; None once the session has ended."""
 
+    def _vm_can_reset(self, vm: VM) -> bool:
+        """Whether the backend can reset the VM without a snapshot."""
+
     def _vm_op(
         self,
         vm: VM,
@@ -431,6 +434,29 @@ class VM:
             timeout_s=self._host.retry_policy.timeouts.snapshot_s,
         )
         self._host._vm_note(self, f"restored {tag}")
+
+    def reset(self) -> None:
+        """Bring the VM back to the moment it was made and ready: memory, disk, name,
+        SSH key and forwards as they were; snapshots taken since are gone.
+
+        Without a snapshot: the backend starts the VM again from the saved booted
+        state it started from. UnsupportedOperation where it cannot (see
+        ``can_reset``); there, ``snapshot`` after creating and ``restore`` do it.
+        """
+        self._require(VMState.READY)
+        self._host._vm_op(
+            self,
+            "reset",
+            lambda backend, limit: backend.reset(self.name, timeout_s=limit),
+            timeout_s=self._host.retry_policy.timeouts.start_s,
+        )
+        self._host._vm_note(self, "reset")
+
+    @property
+    def can_reset(self) -> bool:
+        """Whether ``reset`` works for this VM (the QEMU backend: it started from a
+        saved booted state whose memory is mapped)."""
+        return self._host._vm_can_reset(self)
 
     def forward(self, guest_port: int) -> int:
         """Forward TCP ``guest_port`` of the VM to 127.0.0.1 (only there) and return

@@ -48,6 +48,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 "AGE",
                 "MEM",
                 "DISK",
+                "START",
                 "SESSION",
                 "PORTS",
             ],
@@ -63,6 +64,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     age(r.age_s),
                     "-" if r.memory_bytes is None else megabytes(r.memory_bytes),
                     "-" if r.disk_bytes is None else megabytes(r.disk_bytes),
+                    r.start or "-",
                     r.record.owner.session_id,
                     ",".join(f"127.0.0.1:{h}->{g}" for g, h in sorted(r.record.forwards.items())),
                 ]

@@ -376,6 +376,13 @@ def pytest_terminal_summary(
         f"{summary.get('restored', 0)} restored, {summary.get('deleted', 0)} deleted, "
         f"{len(summary.get('kept', []))} kept"
     )
+    restored = summary.get("restored", 0)
+    if restored:
+        by_start = summary.get("reset_by_start", 0)
+        write(
+            f"resets: {by_start} by a new start from the mapped booted state, "
+            f"{restored - by_start} by restoring a snapshot"
+        )
     retries = summary.get("retries", {})
     if retries or summary.get("faults"):
         by_op = ", ".join(f"{op} {n}" for op, n in sorted(retries.items()))
@@ -387,7 +394,7 @@ def pytest_terminal_summary(
         )
     write(
         f"time: {summary.get('boot_s', 0.0):.1f} s starting VMs, "
-        f"{summary.get('restore_s', 0.0):.1f} s snapshotting and restoring, "
+        f"{summary.get('restore_s', 0.0):.1f} s snapshotting and resetting, "
         f"{tests_s:.1f} s in tests"
     )
     report_path = config.getoption("vm_report")

@@ -53,6 +53,16 @@ def state(state_root: Path, request: pytest.FixtureRequest, tiny_image: Image) -
 
 
 @pytest.fixture
+def images(tmp_path: Path, tiny_image: Image) -> Path:
+    """An image directory of this test's own, the tiny image linked in: its saved
+    booted states start empty and are its own."""
+    path = tmp_path / "images"
+    path.mkdir()
+    (path / "tiny").symlink_to(tiny_image.path.parent)
+    return path
+
+
+@pytest.fixture
 def session(state: Path) -> Iterator[vmlease.Session]:
     with vmlease.Session(state_dir=state) as s:
         yield s

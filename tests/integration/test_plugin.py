@@ -48,6 +48,38 @@ def names_in_ledger(state: Path) -> list[str]:
     return [r.name for r in ledger_records(state)]
 
 
+@pytest.mark.parametrize(("mode", "by_start", "by_snapshot"), [("mapped", 2, 0), ("stream", 0, 2)])
+def test_clean_vms_are_reset_by_a_new_start_or_else_by_a_snapshot(
+    suite: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    by_start: int,
+    by_snapshot: int,
+) -> None:
+    """Mapped booted states: a reset is a new start from the state; the fall back
+    (states held as streams): a snapshot after the VM is made, restored."""
+    monkeypatch.setenv("VMLEASE_QEMU_MEMORY", mode)
+    suite.makepyfile(
+        """
+        def test_write(vm):
+            vm.run(["sh", "-c", "echo x > /root/mark"], check=True)
+
+        def test_clean(vm):
+            assert vm.run(["ls", "/root/mark"]).exit_code != 0
+            vm.run(["sh", "-c", "echo x > /root/mark"], check=True)
+        """
+    )
+    result = run(suite)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            f"*resets: {by_start} by a new start from the mapped booted state, "
+            f"{by_snapshot} by restoring a snapshot*",
+            "*nothing left behind*",
+        ]
+    )
+
+
 def test_vm_is_clean_for_every_test_and_worker_vm_carries_state(
     suite: pytest.Pytester, state: Path
 ) -> None:

@@ -255,3 +255,62 @@ def test_an_operation_that_runs_out_of_time_says_why_the_vm_may_be_silent() -> N
     finally:
         host.close()
         guest.close()
+
+
+def test_a_protocol_3_agent_is_woken_in_one_exchange(channel_with: MakeChannel) -> None:
+    got: list[tuple[int, bytes]] = []
+
+    def peer(sock: socket.socket) -> None:
+        _kind, nonce = read_frame(sock)
+        sock.sendall(frame(proto.HELLO, nonce + b"vmlease-agent 3"))
+        got.append(read_frame(sock))
+        sock.sendall(frame(proto.OK))
+
+    ch, t = channel_with(peer)
+    ch.handshake(5.0)
+    before = time.time()
+    ch.wake_as("vm-7", "k1", 5.0)
+    t.join()
+    [(kind, payload)] = got
+    assert kind == proto.WAKE
+    seconds, _nanos, seed_len = struct.unpack_from(">QII", payload)
+    assert abs(seconds - before) <= 1
+    assert seed_len == 64
+    rest = payload[16 + seed_len :]
+    (name_len,) = struct.unpack_from(">I", rest)
+    assert rest[4 : 4 + name_len] == b"vm-7"
+    assert rest[4 + name_len :] == b"vmlease: guest vm-7 up, started from booted state k1\n"
+
+
+def test_an_older_agent_is_woken_by_its_clock_and_a_command(channel_with: MakeChannel) -> None:
+    kinds: list[int] = []
+
+    def peer(sock: socket.socket) -> None:
+        kind, nonce = read_frame(sock)
+        sock.sendall(frame(proto.HELLO, nonce + b"vmlease-agent 2"))
+        kind, _ = read_frame(sock)
+        kinds.append(kind)
+        sock.sendall(frame(proto.OK))
+        kind, _ = read_frame(sock)
+        kinds.append(kind)
+        sock.sendall(frame(proto.EXIT, struct.pack(">iB", 0, 0)))
+
+    ch, t = channel_with(peer)
+    ch.handshake(5.0)
+    ch.wake_as("vm-7", "k1", 5.0)
+    t.join()
+    assert kinds == [proto.SETTIME, proto.EXEC]
+
+
+def test_an_agent_that_refuses_to_wake_is_a_channel_error(channel_with: MakeChannel) -> None:
+    def peer(sock: socket.socket) -> None:
+        _kind, nonce = read_frame(sock)
+        sock.sendall(frame(proto.HELLO, nonce + b"vmlease-agent 3"))
+        read_frame(sock)
+        sock.sendall(frame(proto.ERR, b"sethostname: Operation not permitted"))
+
+    ch, t = channel_with(peer)
+    ch.handshake(5.0)
+    with pytest.raises(ChannelError, match="sethostname"):
+        ch.wake_as("vm-7", "k1", 5.0)
+    t.join()

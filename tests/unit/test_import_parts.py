@@ -222,7 +222,7 @@ def test_an_imported_image_boots_from_its_own_disk_with_pci_devices_in_fixed_slo
     spec = VMSpec(image="i")
     argv = qemu_argv(config, Path("/vm"), "n", spec, _image("firmware"))
     assert "-kernel" not in argv
-    assert "q35" in argv
+    assert "q35,memory-backend=ram0" in argv
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
     assert "virtio-blk-pci,drive=disk0,bootindex=0,addr=0x3" in devices
     seeded = qemu_argv(config, Path("/vm"), "n", spec, _image("firmware"), seed=Path("/s.iso"))
@@ -241,12 +241,12 @@ def test_built_images_boot_through_qboot_by_name_or_keep_option_roms_for_seabios
     with_qboot = LaunchConfig("qemu", Accel.TCG, None, qboot="/usr/share/qemu/qboot.rom")
     argv = qemu_argv(with_qboot, Path("/vm"), "n", spec, _image("pvh"))
     assert argv[argv.index("-bios") + 1] == "/usr/share/qemu/qboot.rom"
-    assert "microvm,acpi=on,x-option-roms=off" in argv
+    assert "microvm,acpi=on,x-option-roms=off,memory-backend=ram0" in argv
     seabios = qemu_argv(
         LaunchConfig("qemu", Accel.TCG, None), Path("/vm"), "n", spec, _image("pvh")
     )
     assert "-bios" not in seabios
-    assert "microvm,acpi=on" in seabios
+    assert "microvm,acpi=on,memory-backend=ram0" in seabios
 
 
 def test_qboot_is_found_beside_the_binary(tmp_path: Path) -> None:

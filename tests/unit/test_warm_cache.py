@@ -11,10 +11,10 @@ import pytest
 
 from vmlease import ConfigError
 from vmlease._spec import VMSpec
-from vmlease.backends.guest.images import Image
+from vmlease.backends.guest.images import Image, add_user
 from vmlease.backends.qemu import QemuBackend
-from vmlease.backends.qemu._launch import Accel, LaunchConfig
-from vmlease.backends.qemu._states import WarmCache, warm_key
+from vmlease.backends.qemu._launch import Accel, LaunchConfig, RamFile, qemu_argv, with_ram
+from vmlease.backends.qemu._states import MemoryMode, WarmCache, memory_mode, warm_key
 
 
 def _image(tmp_path: Path, build_id: str = "b1") -> Image:
@@ -37,20 +37,23 @@ def _image(tmp_path: Path, build_id: str = "b1") -> Image:
 
 CONFIG = LaunchConfig(qemu="/usr/bin/qemu", accel=Accel.TCG, tsc_khz=2000000, version="7.2")
 
+M = MemoryMode.MAPPED
+
 
 def test_the_key_changes_with_everything_the_saved_guest_depends_on(tmp_path: Path) -> None:
     image = _image(tmp_path)
     spec = VMSpec()
-    base = warm_key(CONFIG, spec, image)
-    assert warm_key(CONFIG, spec, image) == base
+    base = warm_key(CONFIG, spec, image, M)
+    assert warm_key(CONFIG, spec, image, M) == base
     variants = [
-        warm_key(CONFIG, VMSpec(cpus=2), image),
-        warm_key(CONFIG, VMSpec(memory_mb=512), image),
-        warm_key(dataclasses.replace(CONFIG, accel=Accel.KVM), spec, image),
-        warm_key(dataclasses.replace(CONFIG, version="8.0"), spec, image),
-        warm_key(dataclasses.replace(CONFIG, tsc_khz=2100000), spec, image),
-        warm_key(dataclasses.replace(CONFIG, tcg_cpu="max"), spec, image),
-        warm_key(CONFIG, spec, _image(tmp_path, "b2")),
+        warm_key(CONFIG, VMSpec(cpus=2), image, M),
+        warm_key(CONFIG, VMSpec(memory_mb=512), image, M),
+        warm_key(dataclasses.replace(CONFIG, accel=Accel.KVM), spec, image, M),
+        warm_key(dataclasses.replace(CONFIG, version="8.0"), spec, image, M),
+        warm_key(dataclasses.replace(CONFIG, tsc_khz=2100000), spec, image, M),
+        warm_key(dataclasses.replace(CONFIG, tcg_cpu="max"), spec, image, M),
+        warm_key(CONFIG, spec, _image(tmp_path, "b2"), M),
+        warm_key(CONFIG, spec, image, MemoryMode.STREAM),
     ]
     assert len({base, *variants}) == len(variants) + 1
 
@@ -107,3 +110,50 @@ def test_the_environment_turns_warm_start_on_and_off(
 def test_a_wrong_warm_setting_says_what_it_takes(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="VMLEASE_QEMU_WARM must be 'on' or 'off'"):
         QemuBackend(state_dir=tmp_path, env={"VMLEASE_QEMU_WARM": "yes"})
+
+
+def test_a_state_a_vm_lies_on_is_neither_pruned_nor_discarded(tmp_path: Path) -> None:
+    cache = WarmCache(tmp_path / "_warm", keep_per_image=1)
+    image = _image(tmp_path, "img")
+    meta: dict[str, object] = {"image": "img", "image_path": str(image.path)}
+    cache.commit(_state(cache, "used", b"x"), "used", meta)
+    cache.commit(_state(cache, "newer", b"x"), "newer", meta)
+    vm_dir = tmp_path / "vm"
+    vm_dir.mkdir()
+    (vm_dir / "vm.json").write_text("{}")
+    add_user(cache.root / "used", vm_dir)
+    os.utime(cache.root / "used", (0, 0))  # the least recently used of two, one kept
+    assert cache.prune(keep_per_image=1) == []
+    cache.discard("used")  # would not load: moved aside, kept while the VM runs on it
+    [aside] = [p for p in cache.root.iterdir() if p.name.startswith(".used.discard")]
+    os.utime(aside, (0, 0))
+    assert cache.prune() == []
+    (vm_dir / "vm.json").unlink()  # the VM is gone
+    assert [p.name for p in cache.prune()] == [aside.name]
+    assert not aside.exists()
+
+
+def test_memory_is_mapped_unless_the_setting_or_an_old_qemu_says_stream() -> None:
+    seven = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"
+    assert memory_mode({}, seven)[0] is MemoryMode.MAPPED
+    assert memory_mode({}, "QEMU emulator version 10.0.2")[0] is MemoryMode.MAPPED
+    mode, why = memory_mode({}, "QEMU emulator version 4.2.1")
+    assert mode is MemoryMode.STREAM
+    assert "4.2" in why
+    assert memory_mode({"VMLEASE_QEMU_MEMORY": " Stream "}, seven)[0] is MemoryMode.STREAM
+    with pytest.raises(ConfigError, match="VMLEASE_QEMU_MEMORY must be 'mapped' or 'stream'"):
+        memory_mode({"VMLEASE_QEMU_MEMORY": "shared"}, seven)
+
+
+def test_memory_goes_in_a_file_only_where_asked_and_is_private_to_started_vms(
+    tmp_path: Path,
+) -> None:
+    argv = qemu_argv(CONFIG, Path("/vm"), "n", VMSpec(memory_mb=384), _image(tmp_path))
+    assert "memory-backend-ram,id=ram0,size=384M" in argv
+    assert with_ram(argv, None) == argv
+    booting = with_ram(argv, RamFile(Path("/s/ram"), shared=True))
+    started = with_ram(argv, RamFile(Path("/s/ram"), shared=False))
+    assert "memory-backend-file,id=ram0,size=384M,mem-path=/s/ram,share=on" in booting
+    assert "memory-backend-file,id=ram0,size=384M,mem-path=/s/ram,share=off" in started
+    assert len(started) == len(argv)
+    assert [a for a in started if "memory-backend-ram" in a] == []

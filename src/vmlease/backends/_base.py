@@ -47,6 +47,9 @@ class Capabilities:
     #: ``snapshot`` and ``restore`` work; without them the ``vm`` fixture
     #: gives each test a fresh VM instead of restoring one.
     snapshots: bool = False
+    #: ``reset`` works for some of the backend's VMs (``can_reset`` says which):
+    #: back to the moment the VM was made, without a snapshot.
+    resets: bool = False
     #: ``stop`` and ``start`` work (a VM keeps its disk in between).
     stop_start: bool = True
     #: ``forward`` works: a guest TCP port reachable from 127.0.0.1 on the host.
@@ -213,6 +216,16 @@ class Backend(abc.ABC):
     def restore(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         """Bring the VM back to the state saved as ``tag``."""
         raise UnsupportedOperation(f"the {self.name} backend cannot restore snapshots")
+
+    def reset(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
+        """Bring VM ``name`` back to the moment it was made and ready (memory, disk,
+        name, SSH key, forwards), without a snapshot; snapshots taken since are
+        gone. UnsupportedOperation for a VM ``can_reset`` says no to."""
+        raise UnsupportedOperation(f"the {self.name} backend cannot reset a VM without a snapshot")
+
+    def can_reset(self, name: str) -> bool:
+        """Whether ``reset`` works for VM ``name`` (see ``Capabilities.resets``)."""
+        return False
 
     def keep(self, name: str, *, timeout_s: float = DEFAULT.mark_s) -> None:  # noqa: B027 - optional hook
         """VM ``name`` is kept for a person: from now on it must outlive this

@@ -35,6 +35,7 @@ FAULT_OPERATIONS = frozenset(
         "get",
         "snapshot",
         "restore",
+        "reset",
     }
 )
 
@@ -225,6 +226,9 @@ class FlakyBackend(ForwardingBackend):
         self._faulty(
             "restore", name, timeout_s, lambda: self.inner.restore(name, tag, timeout_s=timeout_s)
         )
+
+    def reset(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
+        self._faulty("reset", name, timeout_s, lambda: self.inner.reset(name, timeout_s=timeout_s))
 
     def forward(self, name: str, guest_port: int, *, timeout_s: float = DEFAULT.forward_s) -> int:
         return self._faulty(

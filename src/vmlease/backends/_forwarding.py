@@ -113,6 +113,12 @@ class ForwardingBackend(Backend):
     def restore(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         self.inner.restore(name, tag, timeout_s=timeout_s)
 
+    def reset(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
+        self.inner.reset(name, timeout_s=timeout_s)
+
+    def can_reset(self, name: str) -> bool:
+        return self.inner.can_reset(name)
+
     def keep(self, name: str, *, timeout_s: float = DEFAULT.mark_s) -> None:
         self.inner.keep(name, timeout_s=timeout_s)
 

@@ -7,8 +7,10 @@ runs daemonized, so a VM outlives the process that made it until it is
 deleted (by its session, the reaper, or ``vmlease cleanup``).
 
 A new VM starts from a saved booted state of its image and shape when there
-is one, and saves one after its boot when there is not (``_states.py``).
-Processes, pids and the agent channel are ``_processes.py``'s.
+is one, and saves one after its boot when there is not (``_states.py``,
+``_mapped.py``); a VM started from a mapped state is reset by starting it
+from the state again (``_starts.py``). Processes, pids and the agent channel
+are ``_processes.py``'s.
 
 Primitives only: no retries, no ledger, no timing. See backends/_base.py.
 """
@@ -29,20 +31,17 @@ from typing import Any
 from vmlease._checks import Check
 from vmlease._errors import (
     BackendError,
-    BackendTimeout,
     BootError,
     ChannelError,
     ConfigError,
     DownloadError,
     UnsupportedOperation,
     VMAlreadyExists,
-    VMLeaseError,
     VMNotFound,
 )
 from vmlease._paths import ensure_private_dir
 from vmlease._paths import image_dir as default_image_dir
 from vmlease._paths import state_dir as default_state_dir
-from vmlease._procfs import is_stopped
 from vmlease._runner import Runner, SubprocessRunner
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo, ensure_key
@@ -50,7 +49,7 @@ from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import Backend, BackendVM, Capabilities, Fault, Retry
 from vmlease.backends.guest._agent import AgentChannel, AgentOperations
 from vmlease.backends.guest._monitor import snapshot_outcome
-from vmlease.backends.guest._wakeup import authorize_key, grow_root, name_guest, refresh
+from vmlease.backends.guest._wakeup import name_guest, refresh
 from vmlease.backends.guest.images import (
     Image,
     add_user,
@@ -60,16 +59,18 @@ from vmlease.backends.guest.images import (
     remove_user,
 )
 from vmlease.backends.qemu._accel import probe_config, require_program
-from vmlease.backends.qemu._disks import check_room, explain_silence, make_disk
+from vmlease.backends.qemu._disks import check_room, explain_silence, grow_disk, make_disk
 from vmlease.backends.qemu._housekeeping import prune, usage
 from vmlease.backends.qemu._imports import import_image
 from vmlease.backends.qemu._launch import (
     CONSOLE_LOG,
-    DISK,
     QMP_SOCKET,
     LaunchConfig,
+    RamFile,
     qemu_argv,
+    with_ram,
 )
+from vmlease.backends.qemu._mapped import boot_ram, save_devices, state_meta
 from vmlease.backends.qemu._preflight import preflight
 from vmlease.backends.qemu._processes import (
     Processes,
@@ -80,18 +81,21 @@ from vmlease.backends.qemu._processes import (
     running_pid,
     wait_exit,
 )
-from vmlease.backends.qemu._qmp import QMP, try_quit
+from vmlease.backends.qemu._qmp import try_quit
 from vmlease.backends.qemu._reach import (
     HOST_KEYS,
+    Login,
     apply_forwards,
+    authorize,
     read_record,
     ssh_info,
-    write_private,
     write_record,
 )
+from vmlease.backends.qemu._starts import Starts, state_of
 from vmlease.backends.qemu._states import (
+    MemoryMode,
     WarmState,
-    load_state,
+    memory_mode,
     warm_cache,
     warm_key,
 )
@@ -99,8 +103,6 @@ from vmlease.backends.qemu._states import (
 __all__ = ["QemuBackend"]
 
 _RECONNECT_TIMEOUT_S = 10.0
-#: How long a broken channel waits to see whether QEMU is ending (a guest panic).
-_EXIT_GRACE_S = 1.0
 
 log = logging.getLogger("vmlease.qemu")
 #: Long waits a person may want to see coming (the pytest plugin shows them on a terminal).
@@ -124,7 +126,9 @@ class QemuBackend(AgentOperations, Backend):
     """
 
     name = "qemu"
-    capabilities = Capabilities(snapshots=True, stop_start=True, forwards=True, ssh=True)
+    capabilities = Capabilities(
+        snapshots=True, stop_start=True, forwards=True, ssh=True, resets=True
+    )
 
     def __init__(
         self,
@@ -154,11 +158,17 @@ class QemuBackend(AgentOperations, Backend):
         self.warm = warm_cache(
             self._image_dir, self._env, warm_start=warm_start, states_per_image=states_per_image
         )
-        # VMs booted by this process whose booted state is to be saved: name -> key.
-        self._save_after_boot: dict[str, tuple[str, Image]] = {}
+        self._starts = Starts(
+            self._procs, self._run, self._qemu, lambda: self.require(self._qemu_img), self.warm
+        )
+        # VMs booted by this process whose booted state is to be saved: name -> its
+        # key, image, and the memory file it boots on (a mapped state) or None.
+        self._save_after_boot: dict[str, tuple[str, Image, RamFile | None]] = {}
         # VMs booted (not started from a state) by this process: name -> the image's
         # command that says the system is up, run once the agent answers.
         self._booting: dict[str, tuple[str, ...]] = {}
+        # VMs just started from a saved state, not yet told their SSH key: name -> state.
+        self._fresh: dict[str, WarmState] = {}
 
     # -- set-up ----------------------------------------------------------
 
@@ -199,11 +209,16 @@ class QemuBackend(AgentOperations, Backend):
                 )
             return self._config
 
+    def memory_mode(self) -> tuple[MemoryMode, str]:
+        """How this backend's booted states hold guest memory, and why."""
+        return memory_mode(self._env, self.launch_config().version)
+
     def _dir(self, name: str) -> Path:
         return self._procs.dir(name)
 
     def _forget(self, name: str) -> None:
         self._save_after_boot.pop(name, None)
+        self._fresh.pop(name, None)
         self._booting.pop(name, None)
         self._procs.forget(name)
 
@@ -247,7 +262,7 @@ class QemuBackend(AgentOperations, Backend):
         self.require(self._qemu_img)
         image = find_image(self._image_dir, spec.image)
         check_fits(image, spec)
-        check_room(self.root, self.warm, config, spec, image)
+        check_room(self.root, self.warm, config, spec, image, self.memory_mode()[0])
 
     def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
         config = self.launch_config()
@@ -258,6 +273,7 @@ class QemuBackend(AgentOperations, Backend):
         except FileExistsError as exc:
             raise VMAlreadyExists(f"the qemu backend already has a VM named {name!r}") from exc
         deadline = time.monotonic() + timeout_s
+        ram: RamFile | None = None
         try:
             add_user(image.path, vm_dir)  # no prune removes the build under this VM
             launch = qemu_argv(config, vm_dir, name, spec, image)
@@ -270,14 +286,14 @@ class QemuBackend(AgentOperations, Backend):
                 "network": str(spec.network or image.network),
                 "forwards": {},
             }
-            key = warm_key(config, spec, image) if self.warm is not None else None
+            mode, _why = self.memory_mode()
+            key = warm_key(config, spec, image, mode) if self.warm is not None else None
             found = self.warm.find(key) if self.warm is not None and key else None
             if found is not None:
-                record["warm"] = found.key
                 write_record(vm_dir, record)
-                if self._start_warm(name, vm_dir, launch, found, deadline):
+                if self._starts.start(name, launch, found, deadline, fall_back=True):
+                    self._fresh[name] = found
                     return
-                del record["warm"]
             if image.ready and key is not None:
                 progress.info(
                     "%s: no saved booted state of %s for %d vCPU, %d MB yet: booting it "
@@ -295,65 +311,29 @@ class QemuBackend(AgentOperations, Backend):
                 image,
                 max(1.0, deadline - time.monotonic()),
             )
+            if key is not None and self.warm is not None and mode is MemoryMode.MAPPED:
+                ram = boot_ram(self.warm, key, spec.memory_mb)
+                record["boot_ram"] = str(ram.path)
             write_record(vm_dir, record)
-            self._procs.launch(name, launch, max(1.0, deadline - time.monotonic()), qemu=self._qemu)
-            self._booting[name] = image.ready
-            if key is not None:
-                self._save_after_boot[name] = (key, image)
-        except BaseException:
-            # Leave nothing a retry could trip over: no directory, and no QEMU
-            # that a launch which timed out may still have started.
-            self._save_after_boot.pop(name, None)
-            self._forget(name)
-            kill_all(vm_dir)
-            shutil.rmtree(vm_dir, ignore_errors=True)
-            remove_user(image.path, vm_dir)
-            raise
-
-    def _start_warm(
-        self, name: str, vm_dir: Path, launch: list[str], found: WarmState, deadline: float
-    ) -> bool:
-        """Start VM ``name`` from a booted state; False (state dropped, nothing left) if it fails.
-
-        A failure that is the host's rather than the state's (a launch timeout)
-        is raised instead, for the session to retry.
-        """
-        try:
-            shutil.copyfile(found.disk, vm_dir / DISK)
-            with contextlib.suppress(FileNotFoundError):
-                shutil.copyfile(found.console, vm_dir / CONSOLE_LOG)
             self._procs.launch(
                 name,
-                [*launch, "-incoming", "defer"],
+                with_ram(launch, ram),
                 max(1.0, deadline - time.monotonic()),
                 qemu=self._qemu,
             )
-            live = self._procs.attach(name)
-            with live.lock:
-                load_state(self._dir(name), name, found, deadline)
-                channel = self._procs.channel(name, live, max(1.0, deadline - time.monotonic()))
-                channel.wake_as(name, found.key, _RECONNECT_TIMEOUT_S)
-            if self.warm is not None:
-                self.warm.touch(found.key)  # the least recently used states go first
-            return True
-        except BackendTimeout:
-            raise
-        except (VMLeaseError, OSError) as exc:
-            log.warning(
-                "VM %s could not start from booted state %s (%s); booting it instead "
-                "and saving a new state",
-                name,
-                found.path,
-                exc,
-            )
-            if self.warm is not None:
-                self.warm.discard(found.key)
+            self._booting[name] = image.ready
+            if key is not None:
+                self._save_after_boot[name] = (key, image, ram)
+        except BaseException:
+            # Leave nothing a retry could trip over: no directory, and no QEMU
+            # that a launch which timed out may still have started.
             self._forget(name)
             kill_all(vm_dir)
-            (vm_dir / DISK).unlink(missing_ok=True)
-            (vm_dir / CONSOLE_LOG).unlink(missing_ok=True)
-            clear_runtime(vm_dir)
-            return False
+            self._remove(vm_dir)
+            remove_user(image.path, vm_dir)
+            if ram is not None:
+                shutil.rmtree(ram.path.parent, ignore_errors=True)
+            raise
 
     def wait_ready(self, name: str, timeout_s: float) -> None:
         live = self._procs.attach(name)
@@ -376,10 +356,62 @@ class QemuBackend(AgentOperations, Backend):
                 tail = self.console_tail(name, 20)
                 raise BootError(f"{exc}\n--- console (last lines) ---\n{tail}") from exc
             pending = self._save_after_boot.pop(name, None)
+            restart = None
             if pending is not None and self.warm is not None:
-                self.warm.save(self._dir(name), name, *pending)
-            # After the save: the saved state keeps the image's own disk size.
+                key, image_, ram = pending
+                if ram is None:
+                    self.warm.save(self._dir(name), name, key, image_)
+                elif save_devices(self._dir(name), name, ram):
+                    restart = (key, image_, ram)
+            if restart is None:
+                # After the save: the saved state keeps the image's own disk size.
+                self._grow_root(name, channel, deadline)
+        if restart is not None:
+            self._restart_saved(name, *restart, deadline)
+
+    def _restart_saved(
+        self, name: str, key: str, image: Image, ram: RamFile, deadline: float
+    ) -> None:
+        """VM ``name`` booted on ``ram`` and its devices' state is written: end its
+        QEMU (it would go on writing into the state's memory), publish the state,
+        and start the VM from it like any later VM."""
+        vm_dir = self._dir(name)
+        authorized = None
+        if (vm_dir / HOST_KEYS).is_file():
+            _key, public = ensure_key(self._state_dir, self._run)
+            authorized = {
+                "user": self._ssh_user(name, image),
+                "key": public,
+                "host_keys": (vm_dir / HOST_KEYS).read_text(),
+            }
+        meta = state_meta(image.name, image.path, name, authorized)
+        self._fresh[name] = self._starts.publish(name, key, ram, meta, deadline)
+        self._ready_again(name, deadline)
+
+    def _ready_again(self, name: str, deadline: float) -> None:
+        """After a start from a state: the SSH key, the forwards, the disk's size."""
+        live = self._procs.attach(name)
+        with live.lock:
+            channel = self._procs.channel(name, live, max(1.0, deadline - time.monotonic()))
+            self._authorize(name, channel, deadline)
+            if self._read_record(name).get("forwards"):
+                self._apply_forwards(name, {}, max(1.0, deadline - time.monotonic()))
             self._grow_root(name, channel, deadline)
+
+    def reset(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
+        """Back to the moment VM ``name`` was made: a new QEMU from its mapped booted
+        state, a new disk overlay; then its wake-up, SSH key, forwards (on the host
+        ports they had) and disk size again. Snapshots taken since are gone."""
+        deadline = time.monotonic() + timeout_s
+        self._booting.pop(name, None)
+        self._fresh[name] = self._starts.reset(name, deadline)
+        self._ready_again(name, deadline)
+
+    def can_reset(self, name: str) -> bool:
+        try:
+            return state_of(self._read_record(name)) is not None
+        except VMNotFound:
+            return False
 
     def start(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
         vm_dir = self._dir(name)
@@ -428,55 +460,45 @@ class QemuBackend(AgentOperations, Backend):
         """
         vm_dir = self._dir(name)
         existed = vm_dir.is_dir()
-        try:
-            build = Path(json.loads((vm_dir / "vm.json").read_text())["image"])
-        except (OSError, ValueError, KeyError):
-            build = None
         self._forget(name)
         killed = kill_all(vm_dir)
-        shutil.rmtree(vm_dir, ignore_errors=True)
+        self._remove(vm_dir)
         killed += kill_all(vm_dir)
         if vm_dir.exists():
             raise BackendError(f"could not remove {vm_dir}")
-        if build is not None:
-            remove_user(build, vm_dir)
         if not existed and not killed:
             raise VMNotFound(f"the qemu backend has no VM named {name!r}")
 
+    def _remove(self, vm_dir: Path) -> None:
+        """Remove a VM's directory (its QEMU has ended), and its marks on the image
+        build and saved state it used; a booted state it was saving goes too."""
+        try:
+            record = json.loads((vm_dir / "vm.json").read_text())
+        except (OSError, ValueError):
+            record = {}
+        shutil.rmtree(vm_dir, ignore_errors=True)
+        if record.get("image"):
+            remove_user(Path(record["image"]), vm_dir)
+        if record.get("state"):
+            remove_user(Path(record["state"]), vm_dir)
+        if record.get("boot_ram"):
+            shutil.rmtree(Path(record["boot_ram"]).parent, ignore_errors=True)
+
     def list(self, *, timeout_s: float = DEFAULT.list_s) -> list[BackendVM]:
-        return [
-            BackendVM(name, "running" if pid else "stopped", detail)
-            for name, pid, detail in self._procs.listing()
-        ]
+        found = []
+        for name, pid, detail in self._procs.listing():
+            with contextlib.suppress(VMNotFound, ValueError, OSError):
+                record = self._read_record(name)
+                detail["start"] = f"{record['memory']} state" if record.get("warm") else "booted"
+            found.append(BackendVM(name, "running" if pid else "stopped", detail))
+        return found
 
     @contextlib.contextmanager
     def _agent(self, name: str, timeout_s: float = _RECONNECT_TIMEOUT_S) -> Iterator[AgentChannel]:
-        """The agent channel of running VM ``name``, opened within ``timeout_s`` and
-        held for one operation.
-
-        If the channel breaks because the VM ended (its QEMU was killed from
-        outside, or the guest panicked and QEMU exited), the error says the
-        VM is gone and shows the console's last lines.
-        """
-        live = self._procs.attach(name)
-        with live.lock:
-            channel = self._procs.channel(name, live, timeout_s)
-            try:
-                yield channel
-            except ChannelError as exc:
-                # A VM that ran out of time is silent, not known to be gone.
-                if channel.late or is_stopped(live.pid) or not wait_exit(live, _EXIT_GRACE_S):
-                    raise
-                raise ChannelError(
-                    f"VM {name} is gone: its QEMU process ended ({exc}); its console "
-                    f"said:\n{self._last_words(name)}"
-                ) from exc
-
-    def _last_words(self, name: str, lines: int = 25) -> str:
-        """The console's last lines, from the kernel's panic line when it panicked."""
-        tail = self.console_tail(name, 200).splitlines()
-        at = max((i for i, line in enumerate(tail) if "Kernel panic" in line), default=-1)
-        return "\n".join(tail[at : at + lines] if at >= 0 else tail[-lines:])
+        """The agent channel of running VM ``name``, held for one operation (see
+        ``Processes.operation``)."""
+        with self._procs.operation(name, timeout_s) as channel:
+            yield channel
 
     def forward(self, name: str, guest_port: int, *, timeout_s: float = DEFAULT.forward_s) -> int:
         record = self._read_record(name)
@@ -499,40 +521,19 @@ class QemuBackend(AgentOperations, Backend):
 
     def _authorize(self, name: str, channel: AgentChannel, deadline: float) -> None:
         """Authorize this state directory's key in a guest with an SSH server, at every
-        start (a VM started from a saved state carries whoever saved it), and keep its
-        host keys for `vmlease ssh` from any process (the agent's channel has one
-        client at a time: the VM's session)."""
+        start (a VM started from a saved state carries whoever saved it; see
+        ``_reach.authorize``)."""
         image = self._image_of(name)
+        fresh = self._fresh.pop(name, None)
         if image is None or not image.ssh_user:
             return
-        _key, public = ensure_key(self._state_dir, self._run)
-        host_keys = authorize_key(
-            channel,
-            name,
-            image=image.name,
-            image_user=image.ssh_user,
-            user=self._ssh_user(name, image),
-            public_key=public,
-            deadline=deadline,
-        )
-        write_private(self._dir(name) / HOST_KEYS, host_keys)
+        key, public = ensure_key(self._state_dir, self._run)
+        saved = fresh.meta().get("authorized") if fresh is not None else None
+        login = Login(self._ssh_user(name, image), key, public)
+        authorize(self._dir(name), channel, image, login, saved, deadline)
 
     def _grow_root(self, name: str, channel: AgentChannel, deadline: float) -> None:
-        """Give the VM the disk its spec asked for, once: QMP grows the disk (the guest
-        sees the new size at once), the image's command grows the file system."""
-        record = self._read_record(name)
-        want = (record.get("spec") or {}).get("disk_gb")
-        if not want or record.get("grown") == want:
-            return
-        image = self._image_of(name)
-        if image is None or not image.grow_root:
-            return
-        limit = max(1.0, deadline - time.monotonic())
-        with QMP(self._dir(name) / QMP_SOCKET, timeout_s=limit) as qmp:
-            qmp.execute("block_resize", {"device": "disk0", "size": want * 2**30}, timeout_s=limit)
-        grow_root(channel, name, image.grow_root, want, deadline)
-        record["grown"] = want
-        write_record(self._dir(name), record)
+        grow_disk(self._dir(name), name, self._image_of(name), channel, deadline)
 
     def ssh(self, name: str, *, timeout_s: float = DEFAULT.forward_s) -> SSHInfo:
         image = self._image_of(name)

@@ -1,20 +1,32 @@
-"""A QEMU VM's disk: room for it before anything starts, its overlay, and what a
-paused guest's disk error means."""
+"""A QEMU VM's disk: room for it before anything starts, its overlay, growing it
+to the size its spec asks, and what a paused guest's disk error means."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from vmlease._errors import BackendError, BackendTimeout, DiskFull, VMLeaseError
 from vmlease._paths import free_bytes, free_space, megabytes
 from vmlease._runner import Runner
 from vmlease._spec import VMSpec
+from vmlease.backends.guest._agent import AgentChannel
+from vmlease.backends.guest._wakeup import grow_root
 from vmlease.backends.guest.images import Image
 from vmlease.backends.qemu._launch import DISK, QMP_SOCKET, LaunchConfig
 from vmlease.backends.qemu._qmp import QMP
-from vmlease.backends.qemu._states import WarmCache, warm_key
+from vmlease.backends.qemu._reach import read_record, write_record
+from vmlease.backends.qemu._states import MemoryMode, WarmCache, WarmState, warm_key
 
-__all__ = ["DISK_HEADROOM_BYTES", "check_room", "explain_silence", "make_disk"]
+__all__ = [
+    "DISK_HEADROOM_BYTES",
+    "check_room",
+    "explain_silence",
+    "grow_disk",
+    "make_disk",
+    "overlay_for",
+]
 
 #: Room a new VM's disk overlay must have to grow into, in bytes.
 DISK_HEADROOM_BYTES = 32 * 2**20
@@ -23,19 +35,25 @@ _LOW_ROOM = 1 << 20
 
 
 def check_room(
-    root: Path, warm: WarmCache | None, config: LaunchConfig, spec: VMSpec, image: Image
+    root: Path,
+    warm: WarmCache | None,
+    config: LaunchConfig,
+    spec: VMSpec,
+    image: Image,
+    mode: MemoryMode,
 ) -> None:
     """DiskFull, before anything starts, if the VM cannot have the room it needs:
     headroom for its disk overlay to grow (plus the copy of a booted state's
-    disk), and room for the booted state its boot will save, if any."""
+    disk, for a stream state), and room for the booted state its boot will
+    save, if any."""
     found = None
     needs: list[tuple[Path, int, str]] = []
     if warm is not None:
-        found = warm.find(warm_key(config, spec, image))
+        found = warm.find(warm_key(config, spec, image, mode))
         if found is None:
             state = spec.memory_mb * 2**20 + DISK_HEADROOM_BYTES
             needs.append((warm.root, state, "for the booted state it saves"))
-    copied = found.disk.stat().st_size if found is not None else 0
+    copied = found.disk.stat().st_size if found is not None and found.mode is mode.STREAM else 0
     needs.append((root, DISK_HEADROOM_BYTES + copied, "for its disk"))
     by_fs: dict[int, tuple[Path, int, list[str]]] = {}
     for path, need, why in needs:
@@ -64,31 +82,55 @@ def make_disk(
     run: Runner, qemu_img: str, name: str, vm_dir: Path, image: Image, timeout_s: float
 ) -> None:
     """VM ``name``'s disk: a qcow2 overlay on its image's base disk."""
-    argv = [
-        qemu_img,
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        str(image.disk),
-        "-F",
-        "qcow2",
-        str(vm_dir / DISK),
-    ]
+    _overlay(run, qemu_img, image.disk, vm_dir / DISK, f"the disk of VM {name}", timeout_s)
+
+
+def overlay_for(found: WarmState, run: Runner, qemu_img: str, timeout_s: float) -> Path:
+    """An empty qcow2 overlay on a mapped state's disk, for VMs to copy as their own
+    disk (made once per state: a copy takes microseconds, ``qemu-img create`` tens
+    of milliseconds)."""
+    if found.overlay.is_file():
+        return found.overlay
+    tmp = found.path / f".{found.overlay.name}.{os.getpid()}"
+    _overlay(run, qemu_img, found.disk, tmp, f"an overlay on {found.disk}", timeout_s)
+    tmp.chmod(0o600)
+    tmp.replace(found.overlay)
+    return found.overlay
+
+
+def _overlay(
+    run: Runner, qemu_img: str, backing: Path, target: Path, what: str, timeout_s: float
+) -> None:
+    argv = [qemu_img, "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2", str(target)]
     limit = min(timeout_s, 60.0)
     done = run(argv, timeout_s=limit)
     if done.returncode is None:
-        raise BackendTimeout(
-            f"creating the disk of VM {name} took longer than {limit:g} s", command=argv
-        )
+        raise BackendTimeout(f"creating {what} took longer than {limit:g} s", command=argv)
     if done.returncode != 0:
         raise BackendError(
-            f"cannot create the disk of VM {name}: {done.stderr.strip()}",
+            f"cannot create {what}: {done.stderr.strip()}",
             command=argv,
             exit_code=done.returncode,
             stderr=done.stderr,
         )
+
+
+def grow_disk(
+    vm_dir: Path, name: str, image: Image | None, channel: AgentChannel, deadline: float
+) -> None:
+    """Give VM ``name`` (on ``image``) the disk its spec asked for, once: QMP grows
+    the disk (the guest sees the new size at once), the image's command grows
+    the file system."""
+    record = read_record(vm_dir)
+    want = (record.get("spec") or {}).get("disk_gb")
+    if not want or record.get("grown") == want or image is None or not image.grow_root:
+        return
+    limit = max(1.0, deadline - time.monotonic())
+    with QMP(vm_dir / QMP_SOCKET, timeout_s=limit) as qmp:
+        qmp.execute("block_resize", {"device": "disk0", "size": want * 2**30}, timeout_s=limit)
+    grow_root(channel, name, image.grow_root, want, deadline)
+    record["grown"] = want
+    write_record(vm_dir, record)
 
 
 def explain_silence(vm_dir: Path) -> None:

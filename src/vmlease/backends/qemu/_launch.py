@@ -25,11 +25,14 @@ __all__ = [
     "PIDFILE",
     "PORT_SOCKETS",
     "QMP_SOCKET",
+    "RAM_ID",
     "VISITOR_SOCKET",
     "Accel",
+    "RamFile",
     "find_qboot",
     "qemu_argv",
     "render",
+    "with_ram",
 ]
 
 #: Where distributions put QEMU's firmware, after the folder beside the binary's own.
@@ -56,6 +59,42 @@ VISITOR_SOCKET = "visitor.sock"
 PORT_SOCKETS = {AGENT_PORT: AGENT_SOCKET, VISITOR_PORT: VISITOR_SOCKET}
 CONSOLE_LOG = "console.log"
 PIDFILE = "qemu.pid"
+#: The id of the guest's memory backend. Every VM names its memory so (in an
+#: anonymous backend unless it is in a file), so a state or snapshot saved by one
+#: way of holding memory loads into the other.
+RAM_ID = "ram0"
+
+
+@dataclass(frozen=True, slots=True)
+class RamFile:
+    """Guest memory held in a file instead of anonymous memory.
+
+    Attributes:
+        path: the file, exactly the guest's memory size.
+        shared: True while a booted state is being made (the guest writes into
+            the file, which becomes the state's memory); False when a VM starts
+            from a state: the file is mapped copy-on-write, so the guest's
+            writes stay its own and the file is shared, unchanged, by every VM
+            started from it.
+    """
+
+    path: Path
+    shared: bool
+
+
+def with_ram(argv: list[str], ram: RamFile | None) -> list[str]:
+    """``argv`` (as ``render`` made it) with the guest's memory in ``ram``, or as it is."""
+    if ram is None:
+        return list(argv)
+    prefix = f"memory-backend-ram,id={RAM_ID},"
+    out = []
+    for arg in argv:
+        if arg.startswith(prefix):
+            share = "on" if ram.shared else "off"
+            size = arg[len(prefix) :]
+            arg = f"memory-backend-file,id={RAM_ID},{size},mem-path={ram.path},share={share}"
+        out.append(arg)
+    return out
 
 
 class Accel(enum.StrEnum):
@@ -131,17 +170,22 @@ def render(machine: Machine, qemu: str, vm_dir: Path, *, seed: Path | None = Non
         return "" if slot is None else f",addr={slot:#x}"
 
     if machine.firmware:
-        platform = ["-M", "q35"]
+        platform = ["-M", f"q35,memory-backend={RAM_ID}"]
         boot: list[str] = []
         disk_device = f"virtio-blk-pci,drive=disk0,bootindex=0{at(Slot.DISK)}"
     else:
         if machine.qboot:
             # qboot jumps to the PVH entry itself, with no option ROM to load.
-            platform = ["-M", "microvm,acpi=on,x-option-roms=off", "-bios", machine.qboot]
+            platform = [
+                "-M",
+                f"microvm,acpi=on,x-option-roms=off,memory-backend={RAM_ID}",
+                "-bios",
+                machine.qboot,
+            ]
         else:
             # SeaBIOS (QEMU 8's default for microvm) boots PVH through pvh.bin,
             # an option ROM: they stay on.
-            platform = ["-M", "microvm,acpi=on"]
+            platform = ["-M", f"microvm,acpi=on,memory-backend={RAM_ID}"]
         boot = ["-kernel", machine.kernel, "-initrd", machine.initrd, "-append", machine.cmdline]
         disk_device = "virtio-blk-device,drive=disk0"
     net: list[str] = []
@@ -180,6 +224,8 @@ def render(machine: Machine, qemu: str, vm_dir: Path, *, seed: Path | None = Non
         str(machine.cpus),
         "-m",
         str(machine.memory_mb),
+        "-object",
+        f"memory-backend-ram,id={RAM_ID},size={machine.memory_mb}M",
         "-nodefaults",
         "-no-user-config",
         "-display",

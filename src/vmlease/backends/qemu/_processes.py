@@ -23,12 +23,12 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmlease._errors import BackendError, BackendTimeout, ChannelError, VMNotFound
-from vmlease._procfs import cmdline, is_stopped, pids_with_arg, rss_bytes
+from vmlease._procfs import cmdline, is_stopped, memory_bytes, pids_with_arg
 from vmlease._runner import Runner
 from vmlease._unix import connect_unix
 from vmlease.backends.guest._agent import AgentChannel
@@ -48,6 +48,8 @@ __all__ = ["Live", "Processes", "monitor_command"]
 
 #: The longest ``qemu -daemonize`` may take to return (it has opened its sockets by then).
 LAUNCH_TIMEOUT_S = 30.0
+#: How long a broken channel waits to see whether QEMU is ending (a guest panic).
+_EXIT_GRACE_S = 1.0
 
 
 @dataclass
@@ -107,6 +109,16 @@ def kill_all(vm_dir: Path) -> int:
         finally:
             os.close(pidfd)
     return count
+
+
+def last_words(vm_dir: Path, lines: int = 25) -> str:
+    """The console's last lines, from the kernel's panic line when it panicked."""
+    try:
+        tail = (vm_dir / CONSOLE_LOG).read_text(errors="replace").splitlines()[-200:]
+    except OSError:
+        return ""
+    at = max((i for i, line in enumerate(tail) if "Kernel panic" in line), default=-1)
+    return "\n".join(tail[at : at + lines] if at >= 0 else tail[-lines:])
 
 
 def clear_runtime(vm_dir: Path) -> None:
@@ -213,6 +225,29 @@ class Processes:
 
         return self._channels.channel(live.link, opener, timeout_s)
 
+    @contextlib.contextmanager
+    def operation(self, name: str, timeout_s: float) -> Iterator[AgentChannel]:
+        """The agent channel of running VM ``name``, opened within ``timeout_s`` and
+        held for one operation.
+
+        If the channel breaks because the VM ended (its QEMU was killed from
+        outside, or the guest panicked and QEMU exited), the error says the
+        VM is gone and shows the console's last lines.
+        """
+        live = self.attach(name)
+        with live.lock:
+            channel = self.channel(name, live, timeout_s)
+            try:
+                yield channel
+            except ChannelError as exc:
+                # A VM that ran out of time is silent, not known to be gone.
+                if channel.late or is_stopped(live.pid) or not wait_exit(live, _EXIT_GRACE_S):
+                    raise
+                raise ChannelError(
+                    f"VM {name} is gone: its QEMU process ended ({exc}); its console "
+                    f"said:\n{last_words(self.dir(name))}"
+                ) from exc
+
     def listing(self) -> list[tuple[str, int | None, dict[str, str]]]:
         """Every VM directory under the root: its name, its QEMU's pid if it runs,
         and what it costs the host (its disk overlay's blocks, QEMU's memory)."""
@@ -228,7 +263,7 @@ class Processes:
                 detail["disk_bytes"] = str((vm_dir / DISK).stat().st_blocks * 512)
             if pid is not None:
                 detail["pid"] = str(pid)
-                rss = rss_bytes(pid)
+                rss = memory_bytes(pid)
                 if rss is not None:
                     detail["memory_bytes"] = str(rss)
             found.append((vm_dir.name, pid, detail))

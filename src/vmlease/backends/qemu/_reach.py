@@ -8,20 +8,27 @@ back on the same host ports when they are free.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmlease._errors import BackendError, ChannelError, VMNotFound
+from vmlease._errors import BackendError, ChannelError, GuestFileError, VMNotFound
 from vmlease._ssh import SSHInfo
+from vmlease.backends.guest._agent import AgentChannel
+from vmlease.backends.guest._wakeup import authorize_key
+from vmlease.backends.guest.images import Image
 from vmlease.backends.qemu._launch import QMP_SOCKET
 from vmlease.backends.qemu._qmp import QMP, host_forwards
 
 __all__ = [
     "HOST_KEYS",
     "RECORD",
+    "Login",
     "apply_forwards",
+    "authorize",
     "read_record",
     "ssh_info",
     "write_private",
@@ -53,6 +60,54 @@ def write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     tmp.replace(path)
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """Who ``vm.ssh`` logs in as, with which key pair (the public half as a line)."""
+
+    user: str
+    key: Path
+    public: str
+
+
+def authorize(
+    vm_dir: Path,
+    channel: AgentChannel,
+    image: Image,
+    login: Login,
+    saved: object,
+    deadline: float,
+) -> None:
+    """Make ``login`` the one the guest accepts, and keep its host keys (in
+    ``HOST_KEYS``) for ``vmlease ssh`` from any process.
+
+    ``saved`` is what the state the VM just started from says it accepts (see
+    ``_mapped.state_meta``), or None. If that is this very login, nothing
+    changes in the guest; if it is root's, root's key is replaced by one file
+    copy (the agent's PUT: no process started, where a fresh start has no
+    code translated yet); otherwise the image's way runs in the guest.
+    """
+    known = saved if isinstance(saved, dict) and saved.get("host_keys") else {}
+    host_keys: str | None = None
+    if known.get("user") == login.user and known.get("key") == login.public:
+        host_keys = str(known["host_keys"])
+    elif known.get("user") == login.user == "root":
+        public_file = login.key.with_name(login.key.name + ".pub")
+        with contextlib.suppress(ChannelError, GuestFileError):
+            channel.put(public_file, "/root/.ssh/authorized_keys", 0o600, deadline)
+            host_keys = str(known["host_keys"])
+    if host_keys is None:
+        host_keys = authorize_key(
+            channel,
+            vm_dir.name,
+            image=image.name,
+            image_user=image.ssh_user,
+            user=login.user,
+            public_key=login.public,
+            deadline=deadline,
+        )
+    write_private(vm_dir / HOST_KEYS, host_keys)
 
 
 def apply_forwards(vm_dir: Path, wanted: dict[int, int], timeout_s: float) -> dict[int, int]:

@@ -1,53 +1,72 @@
 """Booted states: a VM starts from a saved, just-booted guest instead of booting.
 
 The first VM of an image and shape (cpus, memory, accelerator, QEMU build)
-boots normally. Once it answers, it is paused for about 50 ms while its
-memory goes to a file (QEMU's migration stream) and its disk overlay is
-copied; then it runs on. Every later VM of that shape gets a copy of the
-disk and a QEMU started with ``-incoming``, which loads the memory and
-runs: about 0.2 s to the first reply instead of a 1.5 to 2.2 s boot under TCG.
+boots normally; once it answers, its state is saved. Every later VM of that
+shape starts from the state, in one of two ways (``memory_mode``):
+
+- *mapped* (the default wherever QEMU can): the booting VM holds its memory in
+  a file of the state (``ram``, mapped shared); the save writes only the
+  devices' state (QEMU's ``x-ignore-shared`` migration, tens of KB), ends that
+  QEMU and keeps its disk as the state's. A VM starts from it with a new QEMU
+  that maps ``ram`` copy-on-write (``share=off``), loads the devices' state
+  and runs: pages come in as the guest touches them, from the page cache
+  that every VM of the state shares, and the file never changes. Its disk is
+  a new, empty overlay on the state's disk (``overlay.qcow2`` copied). A
+  reset is the same start again (``QemuBackend.reset``).
+- *stream*: the state is QEMU's whole migration stream (memory and devices)
+  and a copy of the disk; a VM copies the disk and loads the stream, which
+  reads the guest's whole memory. Used where mapping cannot apply
+  (``$VMLEASE_QEMU_MEMORY=stream``, or a QEMU older than 5.0).
 
 Layout under the image directory::
 
-    _warm/<key>/state        the migration stream (memory and devices)
-    _warm/<key>/disk.qcow2   the disk overlay at the same instant
-    _warm/<key>/console.log  the guest's console up to then (its boot messages)
-    _warm/<key>/meta.json    what the key was made from
+    _warm/<key>/state          the devices' state (mapped) or the whole stream
+    _warm/<key>/ram            the guest's memory (mapped only)
+    _warm/<key>/disk.qcow2     the disk overlay at the same instant
+    _warm/<key>/overlay.qcow2  an empty overlay on that disk, copied for each VM (mapped)
+    _warm/<key>/console.log    the guest's console up to then (its boot messages)
+    _warm/<key>/meta.json      what the key was made from
+    _warm/<key>/.users/        a link per VM whose disk lies on this state's
 
-``<key>`` hashes everything the stream depends on: the image build, the
+``<key>`` hashes everything the state depends on: the image build, the
 QEMU binary and version, the accelerator, CPU model and TSC frequency, the
-VM's shape and the whole command line. A state is written beside its final
-place and renamed into it, so readers see a whole state or none; when two
-processes save the same key at once, the second rename loses and its copy
-is dropped.
+VM's shape, the whole command line and the memory mode. A state is written
+beside its final place and renamed into it, so readers see a whole state or
+none; when two processes save the same key at once, the second rename loses
+and its copy is dropped. A state some VM's disk lies on is never removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmlease._errors import BackendError, BackendTimeout, ConfigError, VMLeaseError
 from vmlease._spec import VMSpec
-from vmlease.backends.guest.images import Image
+from vmlease.backends.guest.images import Image, users
 from vmlease.backends.qemu._launch import CONSOLE_LOG, QMP_SOCKET, LaunchConfig, qemu_argv
 from vmlease.backends.qemu._qmp import QMP
 
 __all__ = [
+    "MemoryMode",
     "Pruned",
     "StateInfo",
     "WarmCache",
     "WarmState",
     "load_state",
+    "memory_mode",
     "states_per_image_setting",
     "warm_cache",
     "warm_key",
@@ -56,9 +75,11 @@ __all__ = [
 log = logging.getLogger("vmlease.qemu")
 
 #: Bumped when the way a state is saved or loaded changes.
-WARM_FORMAT = "1"
+WARM_FORMAT = "2"
 STATE = "state"
+RAM = "ram"
 DISK = "disk.qcow2"
+OVERLAY = "overlay.qcow2"
 CONSOLE = "console.log"
 META = "meta.json"
 _STALE_TMP_S = 3600.0
@@ -77,6 +98,34 @@ def states_per_image_setting(env: Mapping[str, str]) -> int:
         raise ConfigError(
             f"VMLEASE_QEMU_STATES must be a whole number of at least 1, not {text!r}"
         ) from None
+
+
+class MemoryMode(enum.StrEnum):
+    """How a saved booted state holds the guest's memory (see the module's docstring)."""
+
+    MAPPED = "mapped"
+    STREAM = "stream"
+
+
+#: The first QEMU whose machines take ``memory-backend`` (5.0); ``x-ignore-shared`` is older.
+_MAPPED_SINCE = (5, 0)
+
+
+def memory_mode(env: Mapping[str, str], version: str) -> tuple[MemoryMode, str]:
+    """How booted states hold memory, and why: ``$VMLEASE_QEMU_MEMORY`` (``mapped``
+    or ``stream``), else mapped when QEMU (its ``--version`` line) can."""
+    setting = env.get("VMLEASE_QEMU_MEMORY", "").strip().lower()
+    if setting:
+        try:
+            return MemoryMode(setting), "VMLEASE_QEMU_MEMORY"
+        except ValueError:
+            raise ConfigError(
+                f"VMLEASE_QEMU_MEMORY must be 'mapped' or 'stream', not {setting!r}"
+            ) from None
+    found = re.search(r"version (\d+)\.(\d+)", version)
+    if found is not None and (int(found[1]), int(found[2])) < _MAPPED_SINCE:
+        return MemoryMode.STREAM, f"QEMU {found[1]}.{found[2]} cannot map a state's memory"
+    return MemoryMode.MAPPED, "QEMU maps a state's memory"
 
 
 def warm_cache(
@@ -99,8 +148,9 @@ def warm_cache(
     return WarmCache(image_dir / "_warm", keep_per_image=keep) if warm_start else None
 
 
-def warm_key(config: LaunchConfig, spec: VMSpec, image: Image) -> str:
-    """The key of the booted state that VMs of ``spec`` on ``image`` can start from."""
+def warm_key(config: LaunchConfig, spec: VMSpec, image: Image, mode: MemoryMode) -> str:
+    """The key of the booted state that VMs of ``spec`` on ``image`` can start from,
+    holding memory as ``mode`` says."""
     try:
         st = Path(config.qemu).stat()
         binary = [st.st_size, st.st_mtime_ns]
@@ -112,6 +162,7 @@ def warm_key(config: LaunchConfig, spec: VMSpec, image: Image) -> str:
         "accel": config.accel,
         "image": [image.name, image.build_id, str(image.path)],
         "shape": [spec.cpus, spec.memory_mb],
+        "memory": str(mode),
         # Every device, flag and the CPU model, with placeholders for the VM's own name and paths.
         "argv": qemu_argv(config, Path("/vm"), "vm", spec, image),
     }
@@ -133,6 +184,26 @@ class WarmState:
     @property
     def disk(self) -> Path:
         return self.path / DISK
+
+    @property
+    def ram(self) -> Path:
+        return self.path / RAM
+
+    @property
+    def overlay(self) -> Path:
+        return self.path / OVERLAY
+
+    @property
+    def mode(self) -> MemoryMode:
+        return MemoryMode.MAPPED if self.ram.is_file() else MemoryMode.STREAM
+
+    def meta(self) -> dict[str, Any]:
+        """What ``meta.json`` says (empty if it cannot be read)."""
+        try:
+            meta = json.loads((self.path / META).read_text())
+        except (OSError, ValueError):
+            return {}
+        return meta if isinstance(meta, dict) else {}
 
     @property
     def console(self) -> Path:
@@ -161,8 +232,16 @@ class WarmCache:
         return tmp
 
     def commit(self, tmp: Path, key: str, meta: dict[str, object]) -> bool:
-        """Publish ``tmp`` as the state for ``key``; False (and ``tmp`` removed) if one exists."""
-        (tmp / META).write_text(json.dumps({"key": key, **meta}, indent=2) + "\n")
+        """Publish ``tmp`` as the state for ``key``; False (and ``tmp`` removed) if one exists.
+
+        Every file in it is made its user's alone first (a state holds guest memory).
+        """
+        for part in tmp.iterdir():
+            if part.is_file():
+                part.chmod(0o600)
+        fd = os.open(tmp / META, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"key": key, **meta}, indent=2) + "\n")
         try:
             tmp.rename(self.root / key)
         except OSError:
@@ -171,13 +250,15 @@ class WarmCache:
         return True
 
     def discard(self, key: str) -> None:
-        """Remove the state for ``key`` (one that would not load): moved aside, then deleted."""
+        """Remove the state for ``key`` (one that would not load): moved aside, then
+        deleted, unless a VM's disk lies on it (a prune removes it once none does)."""
         doomed = self.root / f".{key}.discard.{os.getpid()}.{secrets.token_hex(4)}"
         try:
             (self.root / key).rename(doomed)
         except OSError:
             return
-        shutil.rmtree(doomed, ignore_errors=True)
+        if not users(doomed):
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def save(self, vm_dir: Path, name: str, key: str, image: Image) -> None:
         """Save VM ``name`` in ``vm_dir``, just booted, as the state for ``key``.
@@ -297,12 +378,16 @@ class WarmCache:
             try:
                 if not entry.name.startswith(".") or now - entry.stat().st_mtime <= _STALE_TMP_S:
                     continue
+                if users(entry):
+                    continue  # a VM still runs on it
                 size = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
             except OSError:
                 continue
             removed.append(Pruned(entry.name, entry, size, "left by a save that did not finish"))
         kept: dict[str, int] = {}
         for state in self.states():
+            if users(state.path):
+                continue  # VMs' disks lie on it: kept, beside the cap
             if not state.image_path or not Path(state.image_path).is_dir():
                 removed.append(state.pruned("its image build is gone"))
             elif builds is not None and state.image_path not in builds:
@@ -362,9 +447,20 @@ class Pruned:
 
 
 def load_state(vm_dir: Path, name: str, found: WarmState, deadline: float) -> None:
-    """Feed the saved memory to QEMU (started ``-incoming defer``); wait until it runs."""
+    """Feed the saved state to QEMU (started ``-incoming defer``); wait until it runs.
+
+    A mapped state holds only the devices' state: QEMU must be told to expect
+    no memory in it (``x-ignore-shared``), since the memory is in the file it
+    mapped. A load that ends paused is continued.
+    """
     limit = max(1.0, deadline - time.monotonic())
     with QMP(vm_dir / QMP_SOCKET, timeout_s=limit) as qmp:
+        if found.mode is MemoryMode.MAPPED:
+            qmp.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+                timeout_s=limit,
+            )
         fd = os.open(found.state, os.O_RDONLY | os.O_CLOEXEC)
         try:
             qmp.pass_fd("warm", fd, timeout_s=limit)
@@ -375,8 +471,15 @@ def load_state(vm_dir: Path, name: str, found: WarmState, deadline: float) -> No
             status = qmp.execute("query-status", timeout_s=limit).get("status")
             if status == "running":
                 return
-            if status not in ("inmigrate", "paused", "prelaunch"):
+            if status == "paused":
+                done = qmp.execute("query-migrate", timeout_s=limit).get("status")
+                if done == "completed":
+                    qmp.execute("cont", timeout_s=limit)
+                    continue
+                if done == "failed":
+                    raise BackendError(f"VM {name} did not load its booted state")
+            elif status not in ("inmigrate", "prelaunch"):
                 raise BackendError(f"VM {name} did not load its booted state: {status}")
             if time.monotonic() > deadline:
                 raise BackendTimeout(f"VM {name} took too long to load its booted state")
-            time.sleep(0.005)
+            time.sleep(0.002)

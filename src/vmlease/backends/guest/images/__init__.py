@@ -24,6 +24,7 @@ from vmlease.backends.guest.images._catalog import (
     load_build,
     load_current,
     remove_user,
+    users,
 )
 from vmlease.backends.guest.images._debian import build_debian
 from vmlease.backends.guest.images._recipes import RECIPES, find_image, recipe
@@ -50,4 +51,5 @@ __all__ = [
     "remove_tree",
     "remove_user",
     "rootless_blockers",
+    "users",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "load_build",
     "load_current",
     "remove_user",
+    "users",
 ]
 
 _USERS = ".users"
@@ -44,8 +45,8 @@ _USERS = ".users"
 
 #: The protocol of the agent built from ``agent.c``, as images record it in
 #: ``info["agent_protocol"]``. From 2 on, the agent serves a second port, for
-#: processes other than the VM's owner.
-AGENT_PROTOCOL = "2"
+#: processes other than the VM's owner; from 3 on, it understands WAKE.
+AGENT_PROTOCOL = "3"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +177,7 @@ def remove_user(build: Path, vm_dir: Path) -> None:
     _user_link(build, vm_dir).unlink(missing_ok=True)
 
 
-def _users(build: Path) -> tuple[Path, ...]:
+def users(build: Path) -> tuple[Path, ...]:
     """VM directories that use ``build`` and still exist (a link to a gone one is ignored)."""
     folder = build / _USERS
     links = sorted(folder.iterdir()) if folder.is_dir() else []
@@ -201,7 +202,7 @@ def all_builds(image_dir: Path) -> list[Build]:
                 image = _load(build)
             except (OSError, ValueError, KeyError):
                 continue
-            builds.append(Build(image, build == current, _users(build)))
+            builds.append(Build(image, build == current, users(build)))
         # Newest first, by when the build was finished (its manifest is written last).
         builds.sort(key=lambda b: (b.image.path / "manifest.json").stat().st_mtime, reverse=True)
         found += builds

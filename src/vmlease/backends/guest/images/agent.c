@@ -24,12 +24,20 @@
  *   SYNC                                OK
  *   SETTIME u64 seconds | u32 nanoseconds  OK / ERR message
  *           [| seed bytes]
+ *   WAKE   u64 seconds | u32 nanoseconds  OK / ERR message
+ *          | u32 n | n seed bytes
+ *          | u32 n | n bytes of hostname
+ *          | a line for the console
  *
  * SETTIME follows a snapshot restore or a start from a saved state: the
  * guest's clock and its random generator are both where the snapshot left
  * them. Seed bytes, when given, are credited to the kernel's entropy pool
  * and the generator is reseeded at once, so /dev/urandom does not repeat
  * what it gave after the snapshot.
+ *
+ * WAKE (protocol 3) is all a guest started from a saved state is told, in
+ * one exchange and without starting a process: SETTIME's clock and seed, its
+ * new hostname, and a line written to /dev/console saying so.
  *
  * EXEC payload: u32 argc, argc x (u32 len, bytes), u32 envc,
  * envc x (u32 len, "KEY=VALUE"), u32 cwd length, cwd bytes.
@@ -63,7 +71,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_VERSION "2"
+#define AGENT_VERSION "3"
 #define PORT_NAME "org.vmlease.agent"
 #define VISITOR_PORT_NAME "org.vmlease.visit"
 #define MAX_FRAME (1u << 20)
@@ -73,7 +81,7 @@
 enum {
     T_HELLO = 1, T_EXEC = 2, T_STDIN = 3, T_STDOUT = 4, T_STDERR = 5,
     T_EXIT = 6, T_KILL = 7, T_PUT = 8, T_DATA = 9, T_GET = 10, T_OK = 11,
-    T_ERR = 12, T_SYNC = 13, T_SETTIME = 14,
+    T_ERR = 12, T_SYNC = 13, T_SETTIME = 14, T_WAKE = 15,
 };
 
 static const char *DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -392,6 +400,43 @@ static int reseed(const unsigned char *seed, size_t len) {
     return rc;
 }
 
+/* Set the clock from 12 bytes (u64 seconds | u32 nanoseconds); 0 or -1 and errno. */
+static int set_clock(const unsigned char *p) {
+    struct timespec ts;
+    ts.tv_sec = (time_t)(((uint64_t)get32(p) << 32) | get32(p + 4));
+    ts.tv_nsec = (long)get32(p + 8);
+    return clock_settime(CLOCK_REALTIME, &ts);
+}
+
+/* WAKE: clock, seed, hostname, console line (see the top of this file). */
+static void wake(const unsigned char *p, size_t len) {
+    if (len < 16) { send_error("%s: %s", "wake", EINVAL); return; }
+    size_t seed_len = get32(p + 12);
+    if (seed_len > len - 16 || len - 16 - seed_len < 4) { send_error("%s: %s", "wake", EINVAL); return; }
+    const unsigned char *seed = p + 16;
+    const unsigned char *q = seed + seed_len;
+    size_t name_len = get32(q);
+    size_t rest = len - 16 - seed_len - 4;
+    if (name_len > rest) { send_error("%s: %s", "wake", EINVAL); return; }
+    const unsigned char *name = q + 4;
+    if (set_clock(p) != 0) { send_error("%s: %s", "settime", errno); return; }
+    if (seed_len > 0 && reseed(seed, seed_len) != 0) { send_error("%s: %s", "reseed", errno); return; }
+    if (name_len > 0 && sethostname((const char *)name, name_len) != 0) {
+        send_error("%s: %s", "sethostname", errno);
+        return;
+    }
+    size_t line_len = rest - name_len;
+    if (line_len > 0) {
+        int fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+        if (fd >= 0) {
+            ssize_t ignored = write(fd, name + name_len, line_len);
+            (void)ignored;
+            close(fd);
+        }
+    }
+    send_frame(T_OK, NULL, 0);
+}
+
 static void handle_frame(int type, const unsigned char *p, size_t len) {
     switch (type) {
     case T_HELLO: {
@@ -426,14 +471,12 @@ static void handle_frame(int type, const unsigned char *p, size_t len) {
     case T_SETTIME: {
         /* After a snapshot is restored the guest clock reads the snapshot's time. */
         if (len < 12) { send_error("%s: %s", "settime", EINVAL); break; }
-        struct timespec ts;
-        ts.tv_sec = (time_t)(((uint64_t)get32(p) << 32) | get32(p + 4));
-        ts.tv_nsec = (long)get32(p + 8);
-        if (clock_settime(CLOCK_REALTIME, &ts) != 0) { send_error("%s: %s", "settime", errno); break; }
+        if (set_clock(p) != 0) { send_error("%s: %s", "settime", errno); break; }
         if (len > 12 && reseed(p + 12, len - 12) != 0) { send_error("%s: %s", "reseed", errno); break; }
         send_frame(T_OK, NULL, 0);
         break;
     }
+    case T_WAKE: wake(p, len); break;
     default: {
         char msg[64];
         int n = snprintf(msg, sizeof msg, "unknown request type %d", type);
