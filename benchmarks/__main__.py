@@ -12,6 +12,7 @@ python -m benchmarks trims      debian-12: what each boot trim buys (systemd-ana
 python -m benchmarks libvirt    the libvirt backend beside direct QEMU; runner SIGKILL to VMs gone
 python -m benchmarks rootless   debian-12 built and started as root and as a normal user
 python -m benchmarks deadlines  the owner's command beside another process's; a stopped QEMU
+python -m benchmarks resets     mapped booted states beside streams: isolation, resets, starts, PSS
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from benchmarks import (
     guests,
     libvirt,
     reap,
+    resets,
     rootless,
     spine,
     startup,
@@ -40,13 +42,16 @@ def main() -> int:
     parser.add_argument(
         "which",
         nargs="*",
-        metavar="spine|reap|suite|faults|startup|chaos|guests|trims|libvirt|rootless|deadlines",
+        metavar="spine|reap|suite|faults|startup|chaos|guests|trims|libvirt|rootless|deadlines|resets",
         help="default: all",
     )
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
     parser.add_argument("--round-trips", type=int, default=200, help="P4 samples")
     parser.add_argument("--trials", type=int, default=50, help="SIGKILL trials")
     parser.add_argument("--tests", type=int, default=200, help="model tests per suite mode")
+    parser.add_argument(
+        "--trivial-tests", type=int, default=40, help="resets: trivial tests per suite"
+    )
     parser.add_argument("--fault-runs", type=int, default=5, help="example runs with faults")
     parser.add_argument("--startup-runs", type=int, default=15, help="start-up samples per tree")
     parser.add_argument("--chaos-trials", type=int, default=5, help="trials of each fault")
@@ -71,6 +76,7 @@ def main() -> int:
         "libvirt",
         "rootless",
         "deadlines",
+        "resets",
     ]
     unknown = set(args.which) - set(names)
     if unknown:
@@ -95,6 +101,8 @@ def main() -> int:
         code |= rootless.main(runs=max(3, args.runs // 2))
     if "deadlines" in which:
         code |= deadlines.main(runs=max(3, args.runs // 2))
+    if "resets" in which:
+        code |= resets.main(runs=args.runs, tests=args.trivial_tests)
     if "chaos" in which:
         code |= chaos.main(trials=args.chaos_trials)
     if "startup" in which:

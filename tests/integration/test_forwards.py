@@ -52,6 +52,7 @@ def test_a_forward_reaches_sshd_from_127_0_0_1_only(
     )
     rows = {row["name"]: row for row in json.loads(listing.stdout)["vms"]}
     assert rows[vm.name]["forwards"] == {"22": port}
+    assert rows[vm.name]["start"] == "mapped state"
     table = subprocess.run(
         [sys.executable, "-m", "vmlease", "ls"],
         env={**os.environ, "VMLEASE_STATE_DIR": str(state)},
@@ -75,6 +76,19 @@ def test_a_forward_survives_a_restore_and_a_restart(
     vm.start()
     assert vm.forward(22) == port
     assert _banner(port).startswith(b"SSH-2.0")
+
+
+def test_a_forward_and_ssh_survive_a_reset(session: vmlease.Session, debian_image: Image) -> None:
+    vm = session.create(image="debian-12")
+    port = vm.forward(22)
+    assert vm.can_reset
+    vm.reset()
+    assert vm.forward(22) == port
+    assert _banner(port).startswith(b"SSH-2.0")
+    done = subprocess.run(
+        vm.ssh.argv(["hostname"]), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, vm.name), done.stderr
 
 
 def test_forwards_need_a_network_and_a_real_port(

@@ -375,15 +375,9 @@ class QemuBackend(AgentOperations, Backend):
         """VM ``name`` booted on ``ram`` and its devices' state is written: end its
         QEMU (it would go on writing into the state's memory), publish the state,
         and start the VM from it like any later VM."""
-        vm_dir = self._dir(name)
-        authorized = None
-        if (vm_dir / HOST_KEYS).is_file():
-            _key, public = ensure_key(self._state_dir, self._run)
-            authorized = {
-                "user": self._ssh_user(name, image),
-                "key": public,
-                "host_keys": (vm_dir / HOST_KEYS).read_text(),
-            }
+        known = self._dir(name) / HOST_KEYS
+        login = self._login(name, image) if known.is_file() else None
+        authorized = login.saved(known.read_text()) if login is not None else None
         meta = state_meta(image.name, image.path, name, authorized)
         self._fresh[name] = self._starts.publish(name, key, ram, meta, deadline)
         self._ready_again(name, deadline)
@@ -394,9 +388,17 @@ class QemuBackend(AgentOperations, Backend):
         with live.lock:
             channel = self._procs.channel(name, live, max(1.0, deadline - time.monotonic()))
             self._authorize(name, channel, deadline)
+            self._starts.lap("login")
             if self._read_record(name).get("forwards"):
                 self._apply_forwards(name, {}, max(1.0, deadline - time.monotonic()))
             self._grow_root(name, channel, deadline)
+            self._starts.lap("forwards and disk size")
+        log.debug("VM %s started from its state: %s", name, self.start_timings)
+
+    @property
+    def start_timings(self) -> dict[str, float]:
+        """Where the last start from a state (or reset) spent its time, by phase."""
+        return dict(self._starts.timings)
 
     def reset(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
         """Back to the moment VM ``name`` was made: a new QEMU from its mapped booted
@@ -527,10 +529,12 @@ class QemuBackend(AgentOperations, Backend):
         fresh = self._fresh.pop(name, None)
         if image is None or not image.ssh_user:
             return
-        key, public = ensure_key(self._state_dir, self._run)
         saved = fresh.meta().get("authorized") if fresh is not None else None
-        login = Login(self._ssh_user(name, image), key, public)
-        authorize(self._dir(name), channel, image, login, saved, deadline)
+        authorize(self._dir(name), channel, image, self._login(name, image), saved, deadline)
+
+    def _login(self, name: str, image: Image) -> Login:
+        key, public = ensure_key(self._state_dir, self._run)
+        return Login(self._ssh_user(name, image), key, public)
 
     def _grow_root(self, name: str, channel: AgentChannel, deadline: float) -> None:
         grow_disk(self._dir(name), name, self._image_of(name), channel, deadline)

@@ -70,6 +70,10 @@ class Login:
     key: Path
     public: str
 
+    def saved(self, host_keys: str) -> dict[str, str]:
+        """This login as a saved state records it, with the guest's ``host_keys``."""
+        return {"user": self.user, "key": self.public, "host_keys": host_keys}
+
 
 def authorize(
     vm_dir: Path,

@@ -75,11 +75,32 @@ class Starts:
         self._qemu = qemu
         self._qemu_img = qemu_img
         self.warm = warm
+        #: Where the last start (or reset) of a VM spent its time, in seconds by
+        #: phase, in order: what ``benchmarks/resets.py`` prints and the log says.
+        self.timings: dict[str, float] = {}
+        self._lap = 0.0
+
+    def lap(self, phase: str, *, first: bool = False) -> None:
+        """Note that ``phase`` of a start ended now (``first``: the start begins)."""
+        now = time.perf_counter()
+        if first:
+            self.timings = {}
+        else:
+            self.timings[phase] = self.timings.get(phase, 0.0) + now - self._lap
+        self._lap = now
 
     def start(
-        self, name: str, launch: list[str], found: WarmState, deadline: float, *, fall_back: bool
+        self,
+        name: str,
+        launch: list[str],
+        found: WarmState,
+        deadline: float,
+        *,
+        fall_back: bool,
+        timed: bool = False,
     ) -> bool:
-        """Start VM ``name`` (whose ``vm.json`` is written) from ``found``.
+        """Start VM ``name`` (whose ``vm.json`` is written) from ``found``; ``timed``:
+        its ``timings`` go on from a reset's.
 
         With ``fall_back``, a failure that is the state's (it would not load)
         drops the state and returns False, leaving nothing behind, for the
@@ -88,6 +109,8 @@ class Starts:
         """
         vm_dir = self._procs.dir(name)
         mapped = found.mode is MemoryMode.MAPPED
+        if not timed:
+            self.lap("", first=True)
         try:
             if mapped:
                 limit = max(1.0, deadline - time.monotonic())
@@ -100,17 +123,22 @@ class Starts:
                 with contextlib.suppress(FileNotFoundError):
                     shutil.copyfile(found.console, vm_dir / CONSOLE_LOG)
             argv = with_ram(launch, RamFile(found.ram, shared=False) if mapped else None)
+            self.lap("disk")
             self._procs.launch(
                 name,
                 [*argv, "-incoming", "defer"],
                 max(1.0, deadline - time.monotonic()),
                 qemu=self._qemu,
             )
+            self.lap("launch")
             live = self._procs.attach(name)
             with live.lock:
                 load_state(vm_dir, name, found, deadline)
+                self.lap("load")
                 channel = self._procs.channel(name, live, max(1.0, deadline - time.monotonic()))
+                self.lap("connect")
                 channel.wake_as(name, found.key, _WAKE_TIMEOUT_S)
+                self.lap("wake")
         except BackendTimeout:
             raise
         except (VMLeaseError, OSError) as exc:
@@ -182,9 +210,11 @@ class Starts:
             )
         if not found.ram.is_file():
             raise BackendError(f"VM {name} cannot be reset: its booted state {found.path} is gone")
+        self.lap("", first=True)
         self._stop(name)
         (vm_dir / DISK).unlink(missing_ok=True)
-        self.start(name, list(record["argv"]), found, deadline, fall_back=False)
+        self.lap("kill")
+        self.start(name, list(record["argv"]), found, deadline, fall_back=False, timed=True)
         return found
 
     def _stop(self, name: str) -> None:
