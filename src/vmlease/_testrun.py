@@ -9,7 +9,8 @@ The kinds of VM a test can get:
   state; otherwise the VM is snapshotted right after it is made and restored
   to that snapshot. Two per worker and spec take turns: while a test runs
   on one, the other is reset (and run once, so its first command is not
-  slow) in a background thread, which takes the reset off the test's path.
+  slow) in a background thread, which takes the reset off the test's path;
+  the resets of the two overlap when tests are shorter than a reset.
   Under a VM limit (``max_vms``) there is one, restored between tests.
   Backends without snapshots give a fresh VM per test instead.
 - *fresh* (``@pytest.mark.vm(fresh=True)``, ``vm_factory``, ``vm_pool``): made
@@ -25,7 +26,7 @@ import enum
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,7 +100,9 @@ class TestRun:
         # Clean VMs by spec: each entry becomes a ready VM once its restore (or boot) is done.
         self._clean: dict[VMSpec, list[Future[VM]]] = {}
         self._clean_specs: dict[str, VMSpec] = {}  # VM name -> spec, for clean VMs
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmlease-reset")
+        # Two threads: the resets of two clean VMs that take turns overlap, which
+        # halves what isolation costs short tests (each VM is reset by one thread).
+        self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vmlease-reset")
         self._workers: dict[VMSpec, VM] = {}
         self._by_start: set[str] = set()  # clean VMs reset by a new start, not a snapshot
         self._keep_at_end: set[str] = set()
@@ -167,7 +170,8 @@ class TestRun:
 
     def settle(self) -> None:
         """Wait until the background resets and boots queued so far are done."""
-        self._background.submit(lambda: None).result()
+        pending = [f for turns in self._clean.values() for f in turns]
+        wait(pending)
 
     def _new_clean(self, spec: VMSpec) -> VM:
         vm = self._create(spec)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vmlease._errors import ConfigError
 from vmlease._identity import Owner
 from vmlease._spec import Network, VMSpec
 from vmlease.backends.guest._agent import AGENT_PORT, VISITOR_PORT
@@ -16,6 +17,7 @@ from vmlease.backends.guest._machine import MAC, Slot, describe
 from vmlease.backends.guest.images import AGENT_PROTOCOL, Image
 from vmlease.backends.libvirt._domain import DomainFiles, domain_xml
 from vmlease.backends.libvirt._lease import Lease
+from vmlease.backends.qemu._accel import tcg_aslr
 from vmlease.backends.qemu._launch import Accel, LaunchConfig, qemu_argv
 
 OWNER = Owner(session_id="s", pid=1, start_time=2, boot_id="b", host="h")
@@ -79,3 +81,15 @@ def test_the_visitors_port_name_is_no_longer_than_the_owners() -> None:
     # libvirt names a channel's socket after its port, under the user's home;
     # a Unix socket path may not exceed 107 bytes.
     assert len(VISITOR_PORT) <= len(AGENT_PORT)
+
+
+def test_under_tcg_built_images_lay_processes_out_at_fixed_addresses_unless_asked() -> None:
+    image = _image("pvh", "3")
+    spec = VMSpec(image="i")
+    assert "norandmaps" in describe("n", spec, image, kvm=False).cmdline.split()
+    assert "norandmaps" not in describe("n", spec, image, kvm=False, aslr=True).cmdline.split()
+    assert "norandmaps" not in describe("n", spec, image, kvm=True).cmdline.split()
+    with pytest.raises(ConfigError, match="VMLEASE_TCG_ASLR must be 'on' or 'off'"):
+        tcg_aslr({"VMLEASE_TCG_ASLR": "maybe"})
+    assert tcg_aslr({"VMLEASE_TCG_ASLR": " ON "})
+    assert not tcg_aslr({})

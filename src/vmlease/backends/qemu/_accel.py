@@ -167,5 +167,15 @@ def probe_config(
         tcg_cpu=env.get("VMLEASE_QEMU_CPU") or None,
         version=version,
         qboot=find_qboot(qemu),
+        aslr=tcg_aslr(env),
     )
     return config, reason
+
+
+def tcg_aslr(env: Mapping[str, str]) -> bool:
+    """Whether built images' guests keep address-space randomisation under TCG:
+    ``$VMLEASE_TCG_ASLR`` (``on`` or ``off``, default ``off``)."""
+    setting = env.get("VMLEASE_TCG_ASLR", "off").strip().lower()
+    if setting not in ("on", "off"):
+        raise ConfigError(f"VMLEASE_TCG_ASLR must be 'on' or 'off', not {setting!r}")
+    return setting == "on"

@@ -117,6 +117,9 @@ class LaunchConfig:
         version: the first line of ``qemu --version``.
         qboot: qboot's ROM, the firmware built images boot through on microvm
             (``find_qboot``); None to let QEMU pick its own.
+        aslr: keep address-space randomisation in built images' guests under
+            TCG (``$VMLEASE_TCG_ASLR=on``); off by default there, since it makes
+            TCG translate every process's libraries again (``guest/_machine.py``).
     """
 
     qemu: str
@@ -125,6 +128,7 @@ class LaunchConfig:
     tcg_cpu: str | None = None
     version: str = ""
     qboot: str | None = None
+    aslr: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "accel", Accel(self.accel))  # "kvm" or "tcg" given as text
@@ -152,6 +156,7 @@ def qemu_argv(
         tsc_khz=config.tsc_khz,
         tcg_cpu=config.tcg_cpu,
         qboot=config.qboot,
+        aslr=config.aslr,
     )
     return render(machine, config.qemu, vm_dir, seed=seed)
 
