@@ -16,6 +16,7 @@ __all__ = [
     "boot_id",
     "cmdline",
     "host_tsc_khz",
+    "mem_available_bytes",
     "memory_bytes",
     "own_command",
     "pids",
@@ -52,6 +53,17 @@ def is_stopped(pid: int) -> bool:
     except OSError:
         return False
     return raw[raw.rfind(")") + 2 :][:1] in ("T", "t")
+
+
+def mem_available_bytes() -> int | None:
+    """The memory the host can give new processes without swapping (``MemAvailable``)."""
+    try:
+        for line in (PROC / "meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def memory_bytes(pid: int) -> int | None:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from vmlease import ConfigError
+from vmlease import BackendError, ConfigError
 from vmlease._spec import VMSpec
 from vmlease.backends.guest.images import Image, add_user
 from vmlease.backends.qemu import QemuBackend
+from vmlease.backends.qemu._disks import OWN_BYTES, check_memory
 from vmlease.backends.qemu._launch import Accel, LaunchConfig, RamFile, qemu_argv, with_ram
 from vmlease.backends.qemu._states import MemoryMode, WarmCache, memory_mode, warm_key
 
@@ -157,3 +158,12 @@ def test_memory_goes_in_a_file_only_where_asked_and_is_private_to_started_vms(
     assert "memory-backend-file,id=ram0,size=384M,mem-path=/s/ram,share=off" in started
     assert len(started) == len(argv)
     assert [a for a in started if "memory-backend-ram" in a] == []
+
+
+def test_a_vm_of_a_mapped_state_is_charged_the_memory_it_holds_of_its_own() -> None:
+    spec = VMSpec(memory_mb=2048)
+    check_memory(spec, mapped=True, available=OWN_BYTES)
+    check_memory(spec, mapped=True, available=None)  # unknown: not refused
+    with pytest.raises(BackendError, match=r"not enough memory .* 2048 MB: .*--vm-max"):
+        check_memory(spec, mapped=False, available=OWN_BYTES + 1024 * 2**20)
+    check_memory(spec, mapped=False, available=OWN_BYTES + 2048 * 2**20)
