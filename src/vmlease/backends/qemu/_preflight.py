@@ -10,6 +10,7 @@ from vmlease._errors import BackendUnavailable, VMLeaseError
 from vmlease._runner import Runner
 from vmlease.backends.guest.images import list_images, rootless_blockers
 from vmlease.backends.qemu._launch import Accel, LaunchConfig
+from vmlease.backends.qemu._states import MemoryMode
 
 
 class Checked(Protocol):
@@ -33,13 +34,16 @@ class Checked(Protocol):
 
     def launch_config(self) -> LaunchConfig: ...
 
+    def memory_mode(self) -> tuple[MemoryMode, str]: ...
+
 
 __all__ = ["preflight"]
 
 
 def preflight(backend: Checked, *, cheap: bool = False) -> list[Check]:
-    """The checks of ``vmlease doctor``: QEMU's programs, the accelerator, the
-    image cache and whether images can be built as this user."""
+    """The checks of ``vmlease doctor``: QEMU's programs, the accelerator, how
+    booted states hold memory, the image cache and whether images can be built
+    as this user."""
     checks = []
     for program in (backend.qemu, backend.qemu_img):
         try:
@@ -63,6 +67,12 @@ def preflight(backend: Checked, *, cheap: bool = False) -> list[Check]:
                 "emulation (TCG), which works but is slower",
             )
         )
+    mode, why = backend.memory_mode()
+    how = {
+        MemoryMode.MAPPED: "VMs map a saved guest's memory copy-on-write and reset by a new start",
+        MemoryMode.STREAM: "VMs read a saved guest's whole memory and reset by snapshot",
+    }[mode]
+    checks.append(Check("booted states", Severity.OK, f"{mode} ({why}): {how}"))
     checks.append(disk_check("images", backend.image_dir))
     problems = rootless_blockers(backend.runner)
     if problems:

@@ -125,7 +125,7 @@ def memory_mode(env: Mapping[str, str], version: str) -> tuple[MemoryMode, str]:
     found = re.search(r"version (\d+)\.(\d+)", version)
     if found is not None and (int(found[1]), int(found[2])) < _MAPPED_SINCE:
         return MemoryMode.STREAM, f"QEMU {found[1]}.{found[2]} cannot map a state's memory"
-    return MemoryMode.MAPPED, "QEMU maps a state's memory"
+    return MemoryMode.MAPPED, "the default from QEMU 5.0 on"
 
 
 def warm_cache(
