@@ -123,6 +123,21 @@ class SnapshottingFake(FakeBackend):
 
 
 @dataclass
+class ResettingFake(SnapshottingFake):
+    """A SnapshottingFake whose VMs also reset without a snapshot when
+    ``resettable``, as QEMU VMs of a mapped booted state do (a booted one cannot)."""
+
+    capabilities = Capabilities(snapshots=True, resets=True)
+    resettable: bool = True
+
+    def reset(self, name: str, *, timeout_s: float = 120.0) -> None:
+        self._do("reset", name)
+
+    def can_reset(self, name: str) -> bool:
+        return self.resettable and name in self.vms
+
+
+@dataclass
 class SharedFake(FakeBackend):
     """A FakeBackend whose VMs share a namespace with the user's, as OrbStack's do.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.doubles.fakes import FakeBackend, SnapshottingFake
+from tests.doubles.fakes import FakeBackend, ResettingFake, SnapshottingFake
 from vmlease import BackendError, ConfigError, Session, VMState
 from vmlease._testrun import CLEAN_TAG, RunOptions, TestRun
 
@@ -184,3 +184,32 @@ def test_the_clean_snapshot_is_taken_once_per_vm(run: TestRun, fake: Snapshottin
     run.close()
     assert all(tags == {CLEAN_TAG} for tags in fake.snapshots.values())
     assert fake.ops().count("snapshot") == 2
+
+
+def test_clean_vms_that_can_reset_are_reset_without_a_snapshot(tmp_path: Path) -> None:
+    fake = ResettingFake()
+    for run in make_run(tmp_path, fake):
+        spec = run.spec()
+        for _ in range(4):
+            use = run.clean_vm(spec)
+            run.finish([use], failed=False)
+        run.settle()
+        assert fake.ops().count("reset") == 4
+        assert "snapshot" not in fake.ops()
+        assert "restore" not in fake.ops()
+        assert run.counts.reset_by_start == 4
+        assert run.counts.restored == 4
+
+
+def test_clean_vms_that_cannot_reset_are_snapshotted_and_restored(tmp_path: Path) -> None:
+    fake = ResettingFake(resettable=False)  # VMs that booted, say
+    for run in make_run(tmp_path, fake):
+        spec = run.spec()
+        for _ in range(3):
+            use = run.clean_vm(spec)
+            run.finish([use], failed=False)
+        run.settle()
+        assert "reset" not in fake.ops()
+        assert fake.ops().count("snapshot") == 2
+        assert fake.ops().count("restore") == 3
+        assert run.counts.reset_by_start == 0

@@ -154,9 +154,9 @@ class Starts:
                 found.path,
                 exc,
             )
+            remove_user(found.path, vm_dir)  # before the discard moves the state aside
             if self.warm is not None:
                 self.warm.discard(found.key)
-            remove_user(found.path, vm_dir)
             self._stop(name)
             (vm_dir / DISK).unlink(missing_ok=True)
             (vm_dir / CONSOLE_LOG).unlink(missing_ok=True)
