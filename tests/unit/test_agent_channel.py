@@ -314,3 +314,18 @@ def test_an_agent_that_refuses_to_wake_is_a_channel_error(channel_with: MakeChan
     with pytest.raises(ChannelError, match="sethostname"):
         ch.wake_as("vm-7", "k1", 5.0)
     t.join()
+
+
+def test_a_channel_the_vm_closed_says_so_whether_a_send_or_a_read_finds_out(
+    channel_with: MakeChannel,
+) -> None:
+    def peer(sock: socket.socket) -> None:
+        _kind, nonce = read_frame(sock)
+        sock.sendall(frame(proto.HELLO, nonce + b"vmlease-agent 3"))
+        sock.close()
+
+    ch, t = channel_with(peer)
+    ch.handshake(5.0)
+    t.join()
+    with pytest.raises(ChannelError, match="the VM closed the channel"):
+        ch.exec(["true"], stdin=b"x" * (1 << 22), env=None, cwd=None, timeout_s=5.0)

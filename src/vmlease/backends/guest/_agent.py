@@ -8,6 +8,7 @@ while its output streams back without either side blocking the other.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import select
@@ -42,6 +43,14 @@ _CHUNK = 256 * 1024
 OPEN_TIMEOUT_S = 10.0
 #: How long a conversation may be silent before ``watch`` is asked why.
 WATCH_EVERY_S = 1.0
+
+
+def _why(exc: OSError) -> str:
+    """What a socket error on the channel means: the far end closing it (a broken
+    pipe, a reset connection) is said as such."""
+    if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+        return f"the VM closed the channel ({exc.strerror})"
+    return str(exc)
 
 
 def _protocol(version: str) -> int:
@@ -132,7 +141,7 @@ class AgentChannel:
         except BlockingIOError:
             return
         except OSError as exc:
-            raise self._fail(str(exc)) from exc
+            raise self._fail(_why(exc)) from exc
         if not data:
             raise self._fail("the VM closed the channel")
         self._buf += data
@@ -200,7 +209,7 @@ class AgentChannel:
                 except BlockingIOError:
                     sent = 0
                 except OSError as exc:
-                    raise self._fail(str(exc)) from exc
+                    raise self._fail(_why(exc)) from exc
                 del pending[:sent]
                 cut = bool(pending) and (cut or sent > 0)
             if readable:
@@ -230,7 +239,7 @@ class AgentChannel:
                 except BlockingIOError:
                     pass
                 except OSError as exc:
-                    raise self._fail(str(exc)) from exc
+                    raise self._fail(_why(exc)) from exc
             elif time.monotonic() >= deadline:
                 raise self._fail("the VM stopped reading in the middle of a request")
 
