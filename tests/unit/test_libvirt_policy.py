@@ -12,6 +12,7 @@ import pytest
 
 from vmlease._errors import BackendUnavailable, ConfigError, InvalidSpec
 from vmlease._identity import Owner
+from vmlease._procfs import host_tsc_khz
 from vmlease._spec import Network, VMSpec
 from vmlease.backends.guest.images import Image
 from vmlease.backends.libvirt._backend import LibvirtBackend, parse_uris
@@ -22,6 +23,7 @@ from vmlease.backends.libvirt._domain import (
     domain_xml,
     pool_xml,
 )
+from vmlease.backends.libvirt._domains import tsc_khz
 from vmlease.backends.libvirt._hosts import RESERVE_BYTES, Host, Hosts, ImageVolumes, _qemu_user
 from vmlease.backends.libvirt._lease import NAMESPACE, Lease, parse_lease
 from vmlease.backends.libvirt._states import state_key
@@ -347,3 +349,21 @@ def test_the_pool_directory_follows_the_host_a_session_in_the_users_home(
         ["qemu:///session"], pool="p", pool_path="/srv/p", keepalive=(5, 3), connect_timeout_s=1
     )
     assert given.pool_path(given.hosts[0]) == "/srv/p"
+
+
+class _Caps:
+    def __init__(self, xml: str) -> None:
+        self.xml = xml
+
+    def getCapabilities(self) -> str:  # noqa: N802 - libvirt's name
+        return self.xml
+
+
+def test_the_tsc_rate_comes_from_the_host_or_for_a_local_one_from_this_machine() -> None:
+    counter = "<counter name='tsc' frequency='2600000000'/>"
+    said = f"<capabilities><host><cpu>{counter}</cpu></host></capabilities>"
+    silent = "<capabilities><host><cpu/></host></capabilities>"
+    assert tsc_khz(_Caps(said)) == 2600000
+    assert tsc_khz(_Caps(said), local=True) == 2600000
+    assert tsc_khz(_Caps(silent)) is None  # a remote host that does not say
+    assert tsc_khz(_Caps(silent), local=True) == host_tsc_khz()

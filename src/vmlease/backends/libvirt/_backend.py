@@ -248,7 +248,7 @@ class LibvirtBackend(AgentOperations, Backend):
             conn = self.hosts.connect(host)
             pool = self.hosts.pool(host)
             pool_dir = self.hosts.pool_dir(host)
-            tsc = tsc_khz(conn)
+            tsc = tsc_khz(conn, local=host.passes_files)
             lease = self.leases.new()
             for vol in (f"{name}.disk.qcow2", f"{name}.console"):
                 self.hosts.delete_volume(host, vol)  # a leftover of an earlier attempt of ours

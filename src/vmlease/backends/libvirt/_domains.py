@@ -17,6 +17,7 @@ from typing import Any
 
 from vmlease._errors import BackendError, VMNotFound
 from vmlease._paths import ensure_private_dir
+from vmlease._procfs import host_tsc_khz
 from vmlease.backends.libvirt._hosts import Host, Hosts, download, libvirt_module
 from vmlease.backends.libvirt._lease import NAMESPACE, Lease, parse_lease
 
@@ -182,19 +183,23 @@ def state_socket(pool_dir: str, name: str) -> str:
     return path
 
 
-def tsc_khz(conn: Any) -> int | None:
-    """The host's TSC frequency from its capabilities, for ``tsc_early_khz``."""
+def tsc_khz(conn: Any, *, local: bool = False) -> int | None:
+    """The host's TSC frequency, for ``tsc_early_khz``: from its capabilities, or,
+    for a ``local`` host whose libvirtd does not say (a user's ``qemu:///session``
+    without access to ``/dev/kvm``), from this machine's ``/proc/cpuinfo``.
+    Without it some microvm boots hang calibrating the TSC against the PIT."""
+    fallback = host_tsc_khz() if local else None
     try:
         root = ET.fromstring(conn.getCapabilities())  # noqa: S314 - from the host's libvirtd
     except Exception:
-        return None
+        return fallback
     counter = root.find("host/cpu/counter[@name='tsc']")
     if counter is None:
-        return None
+        return fallback
     try:
-        return int(counter.get("frequency", "0")) // 1000 or None
+        return int(counter.get("frequency", "0")) // 1000 or fallback
     except ValueError:
-        return None
+        return fallback
 
 
 def version(number: int) -> str:
