@@ -20,10 +20,11 @@ __all__ = ["add_image_commands"]
 
 def cmd_image_build(args: argparse.Namespace) -> int:
     from vmlease._progress import Progress
+    from vmlease._spec import parse_arch
     from vmlease.backends.guest.images import recipe
 
     build = recipe(args.name)
-    options: dict[str, object] = {"force": args.force}
+    options: dict[str, object] = {"force": args.force, "arch": parse_arch(args.arch)}
     if args.kernel_deb:
         options["kernel_deb"] = Path(args.kernel_deb)
     with Progress(sys.stderr) as progress:  # live on a terminal, plain lines in logs
@@ -135,6 +136,11 @@ def add_image_commands(sub: Commands, *, for_images: bool) -> None:
         "name",
         help="the image to build: "
         + (_recipes_help() if for_images else "see `vmlease image build --help`"),
+    )
+    build.add_argument(
+        "--arch",
+        help="the architecture to build it for: x86_64 (amd64) or aarch64 (arm64); "
+        "default this machine's",
     )
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
     build.add_argument("--kernel-deb", metavar="FILE", help="use this Debian kernel package")

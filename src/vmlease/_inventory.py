@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,15 @@ class InventoryRow:
     disk_bytes: int | None = None
     start: str | None = None
 
+    @property
+    def arch(self) -> str | None:
+        """The guest's architecture, as its spec says (None for a row that does not)."""
+        try:
+            found = json.loads(self.record.spec).get("arch")
+        except (ValueError, AttributeError):
+            return None
+        return str(found) if found else None
+
     def as_dict(self) -> dict[str, object]:
         r = self.record
         return {
@@ -67,6 +77,7 @@ class InventoryRow:
             "memory_bytes": self.memory_bytes,
             "disk_bytes": self.disk_bytes,
             "start": self.start,
+            "arch": self.arch,
         }
 
 

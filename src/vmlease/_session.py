@@ -339,6 +339,7 @@ class Session:
         network: Network | str | None = None,
         disk_gb: int | None = None,
         user: str | None = None,
+        arch: str | None = None,
         spec: VMSpec | None = None,
     ) -> VM:
         """Create a VM and return it once it answers commands (for a full
@@ -348,6 +349,7 @@ class Session:
         traffic refused); by default the image's (user for Debian, none for
         tiny). ``disk_gb`` grows the root disk and file system (Debian, imported
         images). ``user`` is who ``vm.ssh`` logs in as (default the image's).
+        ``arch`` is the guest's architecture (``arm64``; default this machine's).
         ``spec`` gives all of these at once, as a :class:`VMSpec` (the keywords
         are then left out). The ledger records the VM before the backend is
         asked for it. If anything fails, the VM is deleted again and its row
@@ -356,7 +358,7 @@ class Session:
         if self._closed:
             raise VMStateError(f"session {self.id} is closed")
         asked = {"image": image, "cpus": cpus, "memory_mb": memory_mb}
-        asked.update(network=network, disk_gb=disk_gb, user=user)
+        asked.update(network=network, disk_gb=disk_gb, user=user, arch=arch)
         if spec is None:
             spec = VMSpec.of(**asked)
         elif not isinstance(spec, VMSpec):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import platform
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -12,11 +13,15 @@ from typing import Any
 from vmlease._errors import InvalidSpec
 
 __all__ = [
+    "ARCHES",
     "MAX_CPUS",
     "MAX_MEMORY_MB",
     "USER_RULE",
     "Network",
     "VMSpec",
+    "debian_arch",
+    "host_arch",
+    "parse_arch",
     "parse_network",
     "spec_fields",
 ]
@@ -58,6 +63,38 @@ def parse_network(value: object) -> Network | None:
         raise InvalidSpec(f"network must be one of {choices}, not {value!r}") from None
 
 
+#: Machine architectures by each name they go by, to the one vmlease records
+#: (the kernel's, as ``uname -m`` prints it).
+ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+_DEBIAN_ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
+def host_arch(machine: str | None = None) -> str:
+    """This machine's architecture as vmlease names it (``x86_64``, ``aarch64``);
+    an architecture vmlease knows no other name for keeps its own."""
+    found = (machine if machine is not None else platform.machine()).lower()
+    return ARCHES.get(found, found)
+
+
+def parse_arch(value: object) -> str:
+    """``value`` (``x86_64``/``amd64``, ``aarch64``/``arm64``, or None for this
+    machine's, as is "") as the name vmlease records; InvalidSpec names the choices."""
+    if value is None or value == "":
+        return host_arch()
+    if isinstance(value, str):
+        known = ARCHES.get(value.strip().lower())
+        if known is not None:
+            return known
+        if value == host_arch():
+            return value
+    raise InvalidSpec(f"arch must be one of {', '.join(ARCHES)}, not {value!r}")
+
+
+def debian_arch(arch: str) -> str:
+    """Debian's name for ``arch`` (``amd64``, ``arm64``), as dpkg and OrbStack use it."""
+    return _DEBIAN_ARCHES.get(arch, arch)
+
+
 @dataclass(frozen=True, slots=True)
 class VMSpec:
     """A VM request.
@@ -75,6 +112,9 @@ class VMSpec:
         user: the guest user ``vm.ssh`` logs in as, who gets vmlease's key; None
             for the image's (root on Debian, the import's ``--user`` on an
             imported image). The user must exist in the image.
+        arch: the guest's machine architecture: ``x86_64`` (or ``amd64``),
+            ``aarch64`` (or ``arm64``); left out (or "") for this machine's.
+            Recorded by the kernel's name (``aarch64``).
     """
 
     image: str = "tiny"
@@ -83,6 +123,7 @@ class VMSpec:
     network: Network | None = None
     disk_gb: int | None = None
     user: str | None = None
+    arch: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image.strip():
@@ -90,6 +131,7 @@ class VMSpec:
         _positive_int("cpus", self.cpus, MAX_CPUS)
         _positive_int("memory_mb", self.memory_mb, MAX_MEMORY_MB)
         object.__setattr__(self, "network", parse_network(self.network))
+        object.__setattr__(self, "arch", parse_arch(self.arch))
         if self.disk_gb is not None:
             _positive_int("disk_gb", self.disk_gb, MAX_DISK_GB)
         if self.user is not None and (

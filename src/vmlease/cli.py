@@ -42,6 +42,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             [
                 "NAME",
                 "BACKEND",
+                "ARCH",
                 "STATE",
                 "ACTUAL",
                 "OWNER",
@@ -56,6 +57,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 [
                     r.record.name,
                     r.record.backend,
+                    r.arch or "-",
                     r.record.state.value,
                     r.actual,
                     "-"

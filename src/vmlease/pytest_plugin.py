@@ -48,6 +48,11 @@ _SETTINGS = {
         "network VMs get unless a test asks for another: user, none or restricted "
         "(default: the image's)",
     ),
+    "vm_arch": (
+        "VMLEASE_ARCH",
+        "architecture of VMs unless a test asks for another: x86_64 (amd64) or "
+        "aarch64 (arm64) (default: this machine's)",
+    ),
     "vm_keep": (
         "VMLEASE_KEEP",
         "keep VMs for inspection: never (default), failed (those of failed tests), always",
@@ -131,7 +136,9 @@ def _options(config: pytest.Config) -> RunOptions:
         return RunOptions(
             backend=_setting(config, "vm_backend") or "qemu",
             spec=VMSpec.of(
-                image=_setting(config, "vm_image"), network=_setting(config, "vm_network")
+                image=_setting(config, "vm_image"),
+                network=_setting(config, "vm_network"),
+                arch=_setting(config, "vm_arch"),
             ),
             keep=Keep.parse(_setting(config, "vm_keep") or "never"),
             max_vms=_number(config, "vm_max", int),

@@ -32,6 +32,14 @@ def tiny_image() -> Image:
 
 
 @pytest.fixture(scope="session")
+def tiny_arm64_image(tiny_image: Image) -> Image:
+    """tiny for arm64, built from the archive's arm64 packages on first use (about 5 s)."""
+    if shutil.which("qemu-system-aarch64") is None:
+        pytest.skip("qemu-system-aarch64 is not installed (apt-get install qemu-system-arm)")
+    return build_tiny(image_dir(), arch="aarch64")
+
+
+@pytest.fixture(scope="session")
 def debian_image(tiny_image: Image) -> Image:
     """debian-12, built from the Debian archive on first use (about 40 s)."""
     return build_debian(image_dir(), "debian-12")

@@ -367,7 +367,7 @@ def test_every_fixture_works_on_the_backend(
 ) -> None:
     monkeypatch.setenv("VMLEASE_STATE_DIR", str(state))
     monkeypatch.setenv("VMLEASE_IMAGE_DIR", str(tiny_image.path.parent.parent))
-    for name in ("VMLEASE_KEEP", "VMLEASE_IMAGE", "VMLEASE_BACKEND", "VMLEASE_MAX"):
+    for name in ("VMLEASE_KEEP", "VMLEASE_IMAGE", "VMLEASE_BACKEND", "VMLEASE_MAX", "VMLEASE_ARCH"):
         monkeypatch.delenv(name, raising=False)
     pytester.makepyfile(EVERY_FIXTURE.replace("BACKEND", kind_name))
     result = pytester.runpytest_subprocess(

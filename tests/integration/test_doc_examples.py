@@ -43,7 +43,13 @@ def test_the_pytest_examples_pass(
 ) -> None:
     for key, value in _env(state, tiny_image).items():
         monkeypatch.setenv(key, value)
-    for name in ("VMLEASE_KEEP", "VMLEASE_IMAGE", "VMLEASE_BACKEND", "VMLEASE_NETWORK"):
+    for name in (
+        "VMLEASE_KEEP",
+        "VMLEASE_IMAGE",
+        "VMLEASE_BACKEND",
+        "VMLEASE_NETWORK",
+        "VMLEASE_ARCH",
+    ):
         monkeypatch.delenv(name, raising=False)
     examples = _examples("pytest")
     pytester.makepyfile(**{f"test_example_{i}": code for i, code in enumerate(examples)})

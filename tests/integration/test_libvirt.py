@@ -146,7 +146,7 @@ def test_every_fixture_works_through_a_remote_uri(
     uri = libvirt_daemon.tcp_uri if transport == "tcp" else request.getfixturevalue("ssh_gate").uri
     monkeypatch.setenv("VMLEASE_STATE_DIR", str(state))
     monkeypatch.setenv("VMLEASE_IMAGE_DIR", str(tiny_image.path.parent.parent))
-    for name in ("VMLEASE_KEEP", "VMLEASE_IMAGE", "VMLEASE_BACKEND", "VMLEASE_MAX"):
+    for name in ("VMLEASE_KEEP", "VMLEASE_IMAGE", "VMLEASE_BACKEND", "VMLEASE_MAX", "VMLEASE_ARCH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("VMLEASE_LIBVIRT_URIS", raising=False)
     pytester.makepyfile(EVERY_FIXTURE.replace("BACKEND", "libvirt"))

@@ -31,6 +31,7 @@ def suite(
         "VMLEASE_KEEP",
         "VMLEASE_IMAGE",
         "VMLEASE_NETWORK",
+        "VMLEASE_ARCH",
         "VMLEASE_BACKEND",
         "VMLEASE_MAX",
         "VMLEASE_FAULTS",

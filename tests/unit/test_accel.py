@@ -9,7 +9,8 @@ import pytest
 from tests.doubles.runner import ScriptedRunner
 from vmlease import ConfigError
 from vmlease._runner import Completed
-from vmlease.backends.qemu._accel import choose_accel, probe_kvm
+from vmlease._spec import host_arch
+from vmlease.backends.qemu._accel import choose_accel, emulator, probe_kvm
 
 kvm_usable = pytest.mark.skipif(
     not os.access("/dev/kvm", os.R_OK | os.W_OK),
@@ -123,3 +124,33 @@ def test_a_kvm_device_the_user_may_not_open_says_how_to_join_its_group(
     works, reason = probe_kvm("qemu", TimedRunner({}), device=kvm_device)
     assert not works
     assert "usermod -aG kvm" in reason
+
+
+def test_a_guest_of_another_architecture_is_emulated_without_a_probe(tmp_path: Path) -> None:
+    runner = ScriptedRunner(0)
+    foreign = "aarch64" if host_arch() == "x86_64" else "x86_64"
+    env = {"VMLEASE_QEMU_ACCEL": "kvm"}  # this machine's own guests only
+    accel, reason = choose_accel("q", "v", runner, tmp_path, env, arch=foreign)
+    assert (accel, runner.calls) == ("tcg", [])
+    assert "KVM runs only this machine's architecture" in reason
+
+
+@kvm_usable
+def test_an_arm64_host_probes_kvm_with_a_power_off_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("vmlease.backends.qemu._accel.host_arch", lambda: "aarch64")
+    runner = ScriptedRunner(0)
+    assert choose_accel("q", "v", runner, tmp_path, {}, arch="aarch64")[0] == "kvm"
+    assert "virt" in runner.calls[0]
+    assert "-kernel" in runner.calls[0]
+
+
+def test_each_architecture_has_its_emulator_and_its_own_setting() -> None:
+    host = host_arch()
+    foreign = "aarch64" if host == "x86_64" else "x86_64"
+    assert emulator(foreign, {}) == f"qemu-system-{foreign}"
+    assert emulator(foreign, {"VMLEASE_QEMU": "/my/qemu"}) == f"qemu-system-{foreign}"
+    assert emulator(host, {"VMLEASE_QEMU": "/my/qemu"}) == "/my/qemu"
+    named = {f"VMLEASE_QEMU_{foreign.upper()}": "/my/other"}
+    assert emulator(foreign, named) == "/my/other"

@@ -2,16 +2,25 @@ from __future__ import annotations
 
 import gzip
 import lzma
+import re
 import shutil
 import struct
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from vmlease import ImageBuildError, ImageNotFound
 from vmlease._runner import SubprocessRunner, find_program, search_path
-from vmlease.backends.guest.images import _steps, _tiny, find_image, list_images
+from vmlease.backends.guest.images import (
+    _foreign,
+    _steps,
+    _tiny,
+    cache_name,
+    find_image,
+    list_images,
+)
 
 
 def _parse_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
@@ -199,3 +208,40 @@ def test_system_tools_are_found_without_sbin_on_path(tmp_path: Path) -> None:
     assert search_path(user_path).startswith(user_path["PATH"])  # the user's own come first
     done = SubprocessRunner()(["mke2fs", "-V"], timeout_s=10, env=user_path)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_arm64_kernel_is_taken_plain_or_unpacked_and_anything_else_is_refused(
+    tmp_path: Path,
+) -> None:
+    header = bytearray(64)
+    header[0x38:0x3C] = b"ARM\x64"
+    image = bytes(header) + b"kernel"
+    for name, data in (("plain", image), ("packed", gzip.compress(image))):
+        (tmp_path / name).write_bytes(data)
+        _foreign.kernel_image(tmp_path / name, tmp_path / "Image")
+        assert (tmp_path / "Image").read_bytes() == image
+    (tmp_path / "zboot").write_bytes(b"MZ\0\0zimg" + bytes(100))
+    with pytest.raises(ImageBuildError, match="EFI zboot"):
+        _foreign.kernel_image(tmp_path / "zboot", tmp_path / "Image")
+
+
+def test_parts_are_taken_from_a_tarball_under_either_spelling_of_lib(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for path in ("lib/modules/6.1/virtio.ko", "usr/lib/modules/6.12/net.ko", "etc/passwd"):
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).write_text(path)
+    with tarfile.open(tmp_path / "parts.tar", "w") as archive:
+        archive.add(tree, ".")
+    _foreign.take(tmp_path / "parts.tar", tmp_path / "out", ["usr/lib/modules"])
+    found = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.ko"))
+    assert found == ["lib/modules/6.1/virtio.ko", "usr/lib/modules/6.12/net.ko"]
+    assert not (tmp_path / "out/etc").exists()
+
+
+def test_a_missing_image_for_another_arch_says_how_to_build_it(tmp_path: Path) -> None:
+    with pytest.raises(ImageNotFound, match=re.escape("vmlease image build tiny --arch arm64")):
+        find_image(tmp_path, "tiny", "aarch64")
+    with pytest.raises(ImageNotFound, match="builds debian-12 for x86_64 only"):
+        find_image(tmp_path, "debian-12", "aarch64")
+    assert cache_name("tiny", "aarch64") == "tiny.aarch64"
+    assert cache_name("tiny") == "tiny"

@@ -93,3 +93,21 @@ def test_under_tcg_built_images_lay_processes_out_at_fixed_addresses_unless_aske
         tcg_aslr({"VMLEASE_TCG_ASLR": "maybe"})
     assert tcg_aslr({"VMLEASE_TCG_ASLR": " ON "})
     assert not tcg_aslr({})
+
+
+def test_an_arm64_image_boots_on_virt_with_its_own_console_and_no_x86_settings() -> None:
+    p = Path("/img")
+    image = Image(
+        "tiny", "b", p, p / "Image", p / "i", p / "d", "console=ttyAMA0", 96, "cortex-a57", 0,
+        {"agent_protocol": AGENT_PROTOCOL}, arch="aarch64",
+    )  # fmt: skip
+    config = LaunchConfig("qemu-system-aarch64", Accel.TCG, None, arch="aarch64", qboot="/q.rom")
+    spec = VMSpec(image="tiny", arch="arm64")
+    argv = qemu_argv(config, Path("/vm"), "n", spec, image)
+    assert argv[argv.index("-M") + 1].startswith("virt,")
+    assert argv[argv.index("-cpu") + 1] == "cortex-a57"
+    assert "-bios" not in argv
+    assert "virtio-blk-device,drive=disk0" in argv
+    cmdline = argv[argv.index("-append") + 1]
+    assert "console=ttyAMA0" in cmdline
+    assert "tsc_early_khz" not in describe("n", spec, image, kvm=False, tsc_khz=2000).cmdline

@@ -6,7 +6,7 @@ import pytest
 
 from tests.doubles.fakes import FakeBackend
 from vmlease import ConfigError, InvalidSpec, Session, VMSpec
-from vmlease._spec import Network
+from vmlease._spec import Network, debian_arch, host_arch
 
 
 def test_defaults() -> None:
@@ -59,7 +59,9 @@ def test_a_request_is_laid_over_the_defaults_and_none_keeps_them() -> None:
 
 
 def test_a_request_for_a_field_a_vm_does_not_have_names_the_fields_it_has() -> None:
-    with pytest.raises(InvalidSpec, match="a VM has no colour; it takes cpus, disk_gb, image"):
+    with pytest.raises(
+        InvalidSpec, match="a VM has no colour; it takes arch, cpus, disk_gb, image"
+    ):
         VMSpec().asking({"colour": "blue"})
     with pytest.raises(InvalidSpec, match="memory_mb must be at least 1"):
         VMSpec().asking({"memory_mb": 0})
@@ -73,3 +75,29 @@ def test_a_session_takes_a_spec_whole_or_by_keywords_not_both(tmp_path: Path) ->
             session.create(cpus=2, spec=VMSpec())
         with pytest.raises(ConfigError, match="spec must be a VMSpec"):
             session.create(spec={"cpus": 2})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("given", "recorded"),
+    [("amd64", "x86_64"), ("x86_64", "x86_64"), ("arm64", "aarch64"), ("AArch64", "aarch64")],
+)
+def test_an_arch_is_recorded_by_the_kernels_name(given: str, recorded: str) -> None:
+    assert VMSpec.of(arch=given).arch == recorded
+    assert VMSpec.from_json(VMSpec.of(arch=given).to_json()).arch == recorded
+
+
+def test_a_spec_without_an_arch_is_this_machines() -> None:
+    assert VMSpec().arch == host_arch() == VMSpec.of(arch=None).arch
+    # A record written before arch existed is read as this machine's.
+    assert VMSpec.from_json('{"image": "tiny", "cpus": 1, "memory_mb": 256}').arch == host_arch()
+    assert debian_arch("aarch64") == "arm64"
+    assert host_arch("arm64") == "aarch64"
+
+
+@pytest.mark.parametrize("bad", ["sparc", "", 64, "arm"])
+def test_an_unknown_arch_names_the_choices(bad: object) -> None:
+    if bad == "":
+        assert VMSpec.of(arch=bad).arch == host_arch()
+        return
+    with pytest.raises(InvalidSpec, match="arch must be one of x86_64, amd64, aarch64, arm64"):
+        VMSpec.of(arch=bad)

@@ -29,7 +29,7 @@ from vmlease._errors import (
     VMAlreadyExists,
     VMNotFound,
 )
-from vmlease._spec import VMSpec
+from vmlease._spec import VMSpec, host_arch
 from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import BackendVM, Capabilities, ExecResult
 from vmlease.backends._cli import CliBackend, Rule, env_argv
@@ -93,6 +93,11 @@ class MultipassBackend(CliBackend):
     # -- set-up ----------------------------------------------------------
 
     def check_spec(self, spec: VMSpec) -> None:
+        if spec.arch != host_arch():
+            raise InvalidSpec(
+                f"Multipass runs only this machine's architecture ({host_arch()}), not "
+                f"arch={spec.arch!r}: use the qemu or libvirt backend, which emulate it"
+            )
         if spec.memory_mb < _MIN_MEMORY_MB:
             raise InvalidSpec(
                 f"memory_mb={spec.memory_mb} is below what Multipass accepts ({_MIN_MEMORY_MB})"

@@ -8,7 +8,9 @@ OrbStack machines have no labels and share one namespace with the user's
 own: what is ours is what the ledger says, and before deleting a machine
 cleanup also checks that its id is the one recorded when vmlease made it.
 Machines share OrbStack's CPUs and memory: a spec's ``cpus`` and
-``memory_mb`` are not per machine here.
+``memory_mb`` are not per machine here. A spec's ``arch`` is passed on
+(``--arch arm64``): Apple silicon runs amd64 machines through Rosetta, an
+Intel Mac runs amd64 only, which ``check_spec`` says before anything is made.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from vmlease._errors import (
     VMAlreadyExists,
     VMNotFound,
 )
-from vmlease._spec import VMSpec
+from vmlease._spec import VMSpec, debian_arch, host_arch
 from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import BackendVM, Capabilities, ExecResult
 from vmlease.backends._cli import CliBackend, Rule, env_argv
@@ -61,7 +63,6 @@ class OrbStackBackend(CliBackend):
     """VMs as OrbStack machines.
 
     Args:
-        arch: machine architecture (``arm64`` or ``amd64``); default OrbStack's.
         user: the machine's default user (commands run as root regardless).
         program, runner, binary_runner, env: see :class:`CliBackend`
             (``$VMLEASE_ORBSTACK_BIN`` names another ``orbctl``).
@@ -75,16 +76,20 @@ class OrbStackBackend(CliBackend):
     default_image = DEFAULT_IMAGE
     capabilities = Capabilities(snapshots=False, stop_start=True, shared_namespace=True)
 
-    def __init__(self, *, arch: str | None = None, user: str | None = None, **options: Any) -> None:
+    def __init__(self, *, user: str | None = None, **options: Any) -> None:
         super().__init__(**options)
-        if arch is not None and arch not in ("arm64", "amd64"):
-            raise InvalidSpec(f"arch must be 'arm64' or 'amd64', not {arch!r}")
-        self._arch = arch
         self._user = user
 
     # -- set-up ----------------------------------------------------------
 
     def check_spec(self, spec: VMSpec) -> None:
+        if spec.arch not in ("x86_64", "aarch64"):
+            raise InvalidSpec(f"OrbStack runs arm64 and amd64 machines, not {spec.arch}")
+        if spec.arch == "aarch64" and host_arch() == "x86_64":
+            raise InvalidSpec(
+                "OrbStack runs arm64 machines only on Apple silicon, and this Mac is "
+                "x86_64: use arch='amd64', or the qemu backend, which emulates arm64"
+            )
         ref = self.image_ref(spec)
         distro, _, version = ref.partition(":")
         if not distro or not distro.replace("-", "").isalnum() or (version and " " in version):
@@ -96,9 +101,7 @@ class OrbStackBackend(CliBackend):
     # -- lifecycle ---------------------------------------------------------
 
     def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
-        args = ["create"]
-        if self._arch:
-            args += ["--arch", self._arch]
+        args = ["create", "--arch", debian_arch(spec.arch)]
         if self._user:
             args += ["--user", self._user]
         args += [self.image_ref(spec), name]

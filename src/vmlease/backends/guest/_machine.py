@@ -7,7 +7,9 @@ Two layouts:
 - a built image (``tiny``, Debian) boots on ``microvm`` with vmlease's
   kernel and initramfs and virtio-mmio devices (1.5 s under TCG, against
   2.2 s on ``pc``); ``tsc_early_khz`` avoids a boot hang on microvm
-  ("Unable to calibrate against PIT");
+  ("Unable to calibrate against PIT"). An arm64 one boots the same way on
+  ``virt``, whose virtio-mmio slots the kernel finds in the device tree, with
+  its console on the PL011 UART (``ttyAMA0``, in the image's command line);
 - an imported image boots as it would anywhere, on ``q35`` through the
   BIOS, with its PCI devices in fixed slots: the guest names its network
   interface by slot (``enp0s4``), and the first boot's seed disk must not
@@ -55,6 +57,7 @@ class Machine:
 
     Attributes:
         name: the VM's name (its hostname too).
+        arch: the guest's architecture (``x86_64``, ``aarch64``).
         cpus, memory_mb: its shape.
         firmware: ``q35`` booted through the BIOS (an imported image); else
             ``microvm`` booted from ``kernel``/``initrd`` with ``cmdline``.
@@ -77,9 +80,12 @@ class Machine:
     cmdline: str = ""
     qboot: str | None = None
     ports: tuple[str, ...] = field(default=(AGENT_PORT,))
+    arch: str = "x86_64"
 
     @property
     def machine_type(self) -> str:
+        if self.arch == "aarch64":
+            return "virt"
         return "q35" if self.firmware else "microvm"
 
     def slot(self, device: Slot) -> int | None:
@@ -116,7 +122,7 @@ def describe(
     if not firmware:
         # The tiny image's init reads vmlease.name; systemd reads systemd.hostname.
         cmdline = f"{image.cmdline} vmlease.name={name} systemd.hostname={name}"
-        if tsc_khz:
+        if tsc_khz and image.arch == "x86_64":
             cmdline += f" tsc_early_khz={tsc_khz}"
         if not kvm and not aslr:
             cmdline += " norandmaps"
@@ -131,6 +137,7 @@ def describe(
         kernel="" if firmware else str(image.kernel),
         initrd="" if firmware else str(image.initrd),
         cmdline=cmdline,
-        qboot=None if firmware else qboot,
+        qboot=None if firmware or image.arch != "x86_64" else qboot,
         ports=(AGENT_PORT, VISITOR_PORT) if image.serves_visitors else (AGENT_PORT,),
+        arch=image.arch,
     )

@@ -43,7 +43,7 @@ from vmlease._paths import ensure_private_dir
 from vmlease._paths import image_dir as default_image_dir
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._runner import Runner, SubprocessRunner
-from vmlease._spec import VMSpec
+from vmlease._spec import VMSpec, host_arch
 from vmlease._ssh import SSHInfo, ensure_key
 from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import Backend, BackendVM, Capabilities, Fault, Retry
@@ -58,7 +58,7 @@ from vmlease.backends.guest.images import (
     load_build,
     remove_user,
 )
-from vmlease.backends.qemu._accel import probe_config, require_program
+from vmlease.backends.qemu._accel import LaunchConfigs, emulator, require_program
 from vmlease.backends.qemu._disks import check_room, explain_silence, grow_disk, make_disk
 from vmlease.backends.qemu._housekeeping import prune, usage
 from vmlease.backends.qemu._imports import import_image
@@ -115,7 +115,8 @@ class QemuBackend(AgentOperations, Backend):
     Args:
         state_dir: where VM directories go (``<state_dir>/qemu``); default the vmlease state dir.
         image_dir: the image cache; default the vmlease image dir.
-        qemu_binary: the system emulator (``$VMLEASE_QEMU`` or ``qemu-system-x86_64``).
+        qemu_binary: the system emulator for this machine's architecture (see
+            ``_accel.emulator``; another architecture's is ``qemu-system-<arch>``).
         qemu_img: the disk tool.
         runner: runs host programs (injected for tests).
         env: environment to read settings from (default ``os.environ``).
@@ -146,15 +147,14 @@ class QemuBackend(AgentOperations, Backend):
         self._state_dir = state_dir or default_state_dir(self._env)
         self.root = self._state_dir / "qemu"
         self._image_dir = image_dir or default_image_dir(self._env)
-        self._qemu = qemu_binary or self._env.get("VMLEASE_QEMU", "qemu-system-x86_64")
+        self._qemu = qemu_binary or emulator(host_arch(), self._env)
         self._qemu_img = qemu_img
         self._run = runner or SubprocessRunner()
         self._lock = threading.Lock()
         self._procs = Processes(
             self.root, self._run, on_silence=lambda name: explain_silence(self._dir(name))
         )
-        self._config: LaunchConfig | None = None
-        self.accel_reason = ""
+        self._configs = LaunchConfigs(self._qemu, self._run, self._probes, self._env)
         self.warm = warm_cache(
             self._image_dir, self._env, warm_start=warm_start, states_per_image=states_per_image
         )
@@ -196,18 +196,21 @@ class QemuBackend(AgentOperations, Backend):
     def preflight(self, *, cheap: bool = False) -> list[Check]:
         return preflight(self, cheap=cheap)
 
-    def launch_config(self) -> LaunchConfig:
-        """The emulator, accelerator and TSC frequency; probes KVM once per host boot."""
-        with self._lock:
-            if self._config is None:
-                ensure_private_dir(self.root)
-                # The answer is the host's, not a state directory's: it is kept
-                # with the images, which every state directory of this user shares.
-                probes = self._image_dir if self._image_dir.is_dir() else self.root
-                self._config, self.accel_reason = probe_config(
-                    self.require(self._qemu), self._run, probes, self._env
-                )
-            return self._config
+    def _probes(self) -> Path:
+        ensure_private_dir(self.root)
+        # The answer is the host's, not a state directory's: it is kept with the
+        # images, which every state directory of this user shares.
+        return self._image_dir if self._image_dir.is_dir() else self.root
+
+    def launch_config(self, arch: str | None = None) -> LaunchConfig:
+        """The emulator, accelerator and TSC frequency for ``arch`` guests (default
+        this machine's); probes KVM once per host boot."""
+        return self._configs.get(arch or host_arch())[0]
+
+    @property
+    def accel_reason(self) -> str:
+        """Why this machine's own guests run under the accelerator they do."""
+        return self._configs.get(host_arch())[1]
 
     def memory_mode(self) -> tuple[MemoryMode, str]:
         """How this backend's booted states hold guest memory, and why."""
@@ -258,15 +261,15 @@ class QemuBackend(AgentOperations, Backend):
     # -- the Backend primitives ------------------------------------------
 
     def check_spec(self, spec: VMSpec) -> None:
-        config = self.launch_config()
+        config = self.launch_config(spec.arch)
         self.require(self._qemu_img)
-        image = find_image(self._image_dir, spec.image)
+        image = find_image(self._image_dir, spec.image, spec.arch)
         check_fits(image, spec)
         check_room(self.root, self.warm, config, spec, image, self.memory_mode()[0])
 
     def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
-        config = self.launch_config()
-        image = find_image(self._image_dir, spec.image)
+        config = self.launch_config(spec.arch)
+        image = find_image(self._image_dir, spec.image, spec.arch)
         vm_dir = self._dir(name)
         try:
             vm_dir.mkdir(mode=0o700)
@@ -316,10 +319,7 @@ class QemuBackend(AgentOperations, Backend):
                 record["boot_ram"] = str(ram.path)
             write_record(vm_dir, record)
             self._procs.launch(
-                name,
-                with_ram(launch, ram),
-                max(1.0, deadline - time.monotonic()),
-                qemu=self._qemu,
+                name, with_ram(launch, ram), max(1.0, deadline - time.monotonic()), qemu=launch[0]
             )
             self._booting[name] = image.ready
             if key is not None:
@@ -378,7 +378,7 @@ class QemuBackend(AgentOperations, Backend):
         known = self._dir(name) / HOST_KEYS
         login = self._login(name, image) if known.is_file() else None
         authorized = login.saved(known.read_text()) if login is not None else None
-        meta = state_meta(image.name, image.path, name, authorized)
+        meta = state_meta(image.folder, image.path, name, authorized)
         self._fresh[name] = self._starts.publish(name, key, ram, meta, deadline)
         self._ready_again(name, deadline)
 
@@ -423,7 +423,7 @@ class QemuBackend(AgentOperations, Backend):
             raise VMNotFound(f"the qemu backend has no VM named {name!r}") from exc
         if running_pid(vm_dir) is not None:
             return
-        self._procs.launch(name, list(record["argv"]), timeout_s, qemu=self._qemu)
+        self._procs.launch(name, list(record["argv"]), timeout_s, qemu=record["argv"][0])
         if record.get("forwards"):
             live = self._procs.attach(name)
             with live.lock:

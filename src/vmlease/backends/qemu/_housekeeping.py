@@ -98,11 +98,11 @@ def usage(image_dir: Path) -> list[ImageUsage]:
     """Every image in the cache with what its builds and saved states take."""
     builds = all_builds(image_dir)
     states = WarmCache(image_dir / WARM).states()
-    names = sorted({b.image.name for b in builds} | {s.image for s in states})
+    names = sorted({b.image.folder for b in builds} | {s.image for s in states})
     return [
         ImageUsage(
             name,
-            tuple(b for b in builds if b.image.name == name),
+            tuple(b for b in builds if b.image.folder == name),
             tuple(s for s in states if s.image == name),
         )
         for name in names
@@ -158,7 +158,7 @@ def prune(
             kept.append(build)
             continue
         why = "no VM uses it" if build.current else "new VMs use a newer build; no VM uses it"
-        name = f"{image.name}/{image.build_id}"
+        name = f"{image.folder}/{image.build_id}"
         removals.append(Removal("image build", name, image.path, _size(image.path), why))
     # States serve new VMs, which use current builds only.
     keep_paths = {str(b.image.path) for b in kept if b.current}

@@ -120,6 +120,7 @@ class LaunchConfig:
         aslr: keep address-space randomisation in built images' guests under
             TCG (``$VMLEASE_TCG_ASLR=on``); off by default there, since it makes
             TCG translate every process's libraries again (``guest/_machine.py``).
+        arch: the guests' architecture, which ``qemu`` emulates or runs.
     """
 
     qemu: str
@@ -129,6 +130,7 @@ class LaunchConfig:
     version: str = ""
     qboot: str | None = None
     aslr: bool = False
+    arch: str = "x86_64"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "accel", Accel(self.accel))  # "kvm" or "tcg" given as text
@@ -174,9 +176,14 @@ def render(machine: Machine, qemu: str, vm_dir: Path, *, seed: Path | None = Non
         slot = machine.slot(device)
         return "" if slot is None else f",addr={slot:#x}"
 
-    if machine.firmware:
+    boot: list[str] = []
+    if machine.arch == "aarch64":
+        # GICv3 takes more than 8 vCPUs, and is what KVM on arm64 hosts offers.
+        platform = ["-M", f"virt,gic-version=3,memory-backend={RAM_ID}"]
+        boot = ["-kernel", machine.kernel, "-initrd", machine.initrd, "-append", machine.cmdline]
+        disk_device = "virtio-blk-device,drive=disk0"
+    elif machine.firmware:
         platform = ["-M", f"q35,memory-backend={RAM_ID}"]
-        boot: list[str] = []
         disk_device = f"virtio-blk-pci,drive=disk0,bootindex=0{at(Slot.DISK)}"
     else:
         if machine.qboot:

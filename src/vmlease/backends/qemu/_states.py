@@ -312,7 +312,7 @@ class WarmCache:
             shutil.rmtree(tmp, ignore_errors=True)
             return
         meta = {
-            "image": image.name,
+            "image": image.folder,
             "image_path": str(image.path),
             "saved_from": name,
             "saved_at": time.time(),

@@ -8,7 +8,9 @@ Layout under the image directory::
     <name>/current -> <build-id>      the build new VMs use
 
 A rebuild writes a new build directory and then swings ``current``, so VMs
-whose disks are overlays on an older build keep working.
+whose disks are overlays on an older build keep working. An image for another
+architecture than x86_64 lives under ``<name>.<arch>/`` (``tiny.aarch64``);
+image names hold no dot, so the two never meet.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from vmlease._errors import ConfigError, ImageNotFound, InvalidSpec
 from vmlease._paths import give_to_sudo_user
-from vmlease._spec import Network, VMSpec
+from vmlease._spec import Network, VMSpec, debian_arch
 
 __all__ = [
     "AGENT_PROTOCOL",
@@ -32,6 +34,7 @@ __all__ = [
     "Recipe",
     "add_user",
     "all_builds",
+    "cache_name",
     "check_fits",
     "list_images",
     "load_build",
@@ -77,6 +80,7 @@ class Image:
         boot: ``pvh`` (vmlease's kernel and initramfs, ``-M microvm``) or
             ``firmware`` (an imported image's own boot loader and kernel,
             ``-M q35``); ``kernel``, ``initrd`` and ``cmdline`` matter for ``pvh`` only.
+        arch: the architecture its programs are built for (``x86_64``, ``aarch64``).
     """
 
     name: str
@@ -96,6 +100,13 @@ class Image:
     disk_bytes: int = 0
     grow_root: tuple[str, ...] = ()
     boot: str = "pvh"
+    arch: str = "x86_64"
+
+    @property
+    def folder(self) -> str:
+        """Its folder in the cache, which tells it from the same image for another
+        architecture: ``tiny``, ``tiny.aarch64`` (see ``cache_name``)."""
+        return cache_name(self.name, self.arch)
 
     @property
     def serves_visitors(self) -> bool:
@@ -128,6 +139,7 @@ def _load(build: Path) -> Image:
         disk_bytes=int(data.get("disk_bytes", 0)),
         grow_root=tuple(str(a) for a in data.get("grow_root", ())),
         boot=str(data.get("boot", "pvh")),
+        arch=str(data.get("arch", "x86_64")),
     )
 
 
@@ -209,16 +221,23 @@ def all_builds(image_dir: Path) -> list[Build]:
     return found
 
 
-def load_current(image_dir: Path, name: str) -> Image:
-    """The current build of ``name``; ImageNotFound (without advice) if there is none."""
+def cache_name(name: str, arch: str = "x86_64") -> str:
+    """The folder of image ``name`` for ``arch`` in the cache: ``tiny``, ``tiny.aarch64``."""
+    return name if arch == "x86_64" else f"{name}.{arch}"
+
+
+def load_current(image_dir: Path, name: str, arch: str = "x86_64") -> Image:
+    """The current build of ``name`` for ``arch``; ImageNotFound (without advice) if
+    there is none."""
     try:
-        return _load((image_dir / name / "current").resolve(strict=True))
+        return _load((image_dir / cache_name(name, arch) / "current").resolve(strict=True))
     except (OSError, ValueError, KeyError) as exc:
-        raise ImageNotFound(f"no image {name!r} in {image_dir}") from exc
+        what = name if arch == "x86_64" else f"{name} for {arch}"
+        raise ImageNotFound(f"no image {what!r} in {image_dir}") from exc
 
 
 def list_images(image_dir: Path) -> list[Image]:
-    """Every image with a complete current build, by name."""
+    """Every image with a complete current build, by name (each architecture's)."""
     found = []
     if image_dir.is_dir():
         for entry in sorted(image_dir.iterdir()):
@@ -237,19 +256,32 @@ class Recipe:
     Attributes:
         name: the image's name.
         summary: one line saying what it is.
-        build: ``build(image_dir, *, force=False, progress=None, runner=None)``
+        build: ``build(image_dir, *, arch, force=False, progress=None, runner=None)``
             builds it (or finds it up to date) and returns it.
+        arches: the architectures it can be built for.
     """
 
     name: str
     summary: str
     build: Callable[..., Image]
+    arches: tuple[str, ...] = ("x86_64",)
+
+    def command_for(self, arch: str = "x86_64") -> str:
+        """The command that builds it for ``arch``."""
+        tail = "" if arch == "x86_64" else f" --arch {debian_arch(arch)}"
+        return f"vmlease image build {self.name}{tail}"
 
     @property
     def command(self) -> str:
-        return f"vmlease image build {self.name}"
+        return self.command_for()
 
     def __call__(self, image_dir: Path, **options: Any) -> Image:
+        arch = options.get("arch", "x86_64")
+        if arch not in self.arches:
+            raise ConfigError(
+                f"vmlease cannot build the {self.name} image for {arch}; it builds it for "
+                + ", ".join(self.arches)
+            )
         try:
             return self.build(image_dir, **options)
         finally:

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import getpass
 import hashlib
-import os
-import re
 import shutil
 import tarfile
 import tempfile
@@ -37,6 +35,7 @@ from pathlib import Path
 from vmlease._errors import ImageBuildError
 from vmlease._runner import Runner, SubprocessRunner
 from vmlease.backends.guest.images._catalog import AGENT_PROTOCOL, Image, Recipe, load_current
+from vmlease.backends.guest.images._mirror import host_mirror
 from vmlease.backends.guest.images._rootless import blockers, is_root, remove_tree
 from vmlease.backends.guest.images._steps import (
     COMMON_TOOLS,
@@ -94,7 +93,6 @@ _TOOLS = {**COMMON_TOOLS, "mmdebstrap": "mmdebstrap"}
 _MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 DISK_SIZE = "4G"  # sparse: the guest's own room to install packages into
 MIN_MEMORY_MB = 256
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
 #: Time stamps inside the image (logs, the shadow file's dates) are this, not the
 #: build's time, so that builds of the same inputs hold the same files.
 SOURCE_DATE_EPOCH = "1704067200"
@@ -115,26 +113,6 @@ CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off"
 
 def _gib(size: str) -> int:
     return int(size.removesuffix("G")) * 2**30
-
-
-def host_mirror(apt_dir: Path = Path("/etc/apt"), env: dict[str, str] | None = None) -> str:
-    """The Debian mirror this host's apt uses (its first ``.../debian`` source)."""
-    env = dict(os.environ) if env is None else env
-    if env.get("VMLEASE_DEBIAN_MIRROR"):
-        return env["VMLEASE_DEBIAN_MIRROR"].rstrip("/")
-    texts = []
-    for path in [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*"))]:
-        if path.suffix in (".list", ".sources") or path.name == "sources.list":
-            try:
-                texts.append(path.read_text(errors="replace"))
-            except OSError:
-                continue
-    for text in texts:
-        for found in re.findall(r"^(?:URIs:\s*|deb\s+(?:\[[^\]]*\]\s+)?)(\S+)", text, re.M):
-            uri = str(found).rstrip("/")
-            if uri.startswith(("http://", "https://")) and uri.endswith("/debian"):
-                return uri
-    return DEFAULT_MIRROR
 
 
 class _Builder(Steps):

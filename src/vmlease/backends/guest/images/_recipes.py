@@ -29,20 +29,28 @@ def recipe(name: str) -> Recipe:
     return found
 
 
-def find_image(image_dir: Path, name: str) -> Image:
-    """The current build of ``name``; ImageNotFound saying what exists and how to build."""
+def find_image(image_dir: Path, name: str, arch: str = "x86_64") -> Image:
+    """The current build of ``name`` for ``arch``; ImageNotFound saying what exists
+    and how to build it."""
     try:
-        return load_current(image_dir, name)
+        return load_current(image_dir, name, arch)
     except ImageNotFound as exc:
-        have = [i.name for i in list_images(image_dir)]
+        have = [
+            i.name if i.arch == "x86_64" else f"{i.name} ({i.arch})" for i in list_images(image_dir)
+        ]
         have_text = ", ".join(have) if have else "none"
         known = RECIPES.get(name)
-        how = (
-            f"build it with `{known.command}`"
-            if known
-            else "vmlease can build "
-            + ", ".join(f"{n} (`{r.command}`)" for n, r in sorted(RECIPES.items()))
-        )
+        if known is not None and arch in known.arches:
+            how = f"build it with `{known.command_for(arch)}`"
+        elif known is not None:
+            how = f"vmlease builds {name} for {', '.join(known.arches)} only"
+        else:
+            how = "vmlease can build " + ", ".join(
+                f"{n} (`{r.command_for(arch)}`)"
+                for n, r in sorted(RECIPES.items())
+                if arch in r.arches
+            )
+        what = name if arch == "x86_64" else f"{name} for {arch}"
         raise ImageNotFound(
-            f"no image {name!r} in {image_dir} (images there: {have_text}); {how}"
+            f"no image {what!r} in {image_dir} (images there: {have_text}); {how}"
         ) from exc.__cause__

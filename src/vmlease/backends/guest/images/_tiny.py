@@ -24,8 +24,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from vmlease._errors import ImageBuildError
 from vmlease._runner import Runner, SubprocessRunner
-from vmlease.backends.guest.images._catalog import AGENT_PROTOCOL, Image, Recipe, load_current
+from vmlease._spec import debian_arch, host_arch
+from vmlease.backends.guest.images._catalog import (
+    AGENT_PROTOCOL,
+    Image,
+    Recipe,
+    cache_name,
+    load_current,
+)
+from vmlease.backends.guest.images._foreign import (
+    KERNEL_PACKAGES,
+    compile_agent,
+    cross_tools,
+    extract,
+    kernel_image,
+    take,
+)
+from vmlease.backends.guest.images._mirror import host_mirror, host_suite
 from vmlease.backends.guest.images._steps import (
     COMMON_TOOLS,
     STAGE1_MODULES,
@@ -44,51 +61,68 @@ RECIPE_VERSION = "3"
 TINY_MODULES = STAGE1_MODULES
 DISK_SIZE = "1G"
 MIN_MEMORY_MB = 96
+#: The CPU model TCG emulates for the image's programs, by architecture.
+TCG_CPUS = {"x86_64": "qemu64", "aarch64": "cortex-a57"}
 
 
 class _Builder(Steps):
     def __init__(
-        self, image_dir: Path, runner: Runner, progress: Progress, kernel_deb: Path | None
+        self,
+        image_dir: Path,
+        runner: Runner,
+        progress: Progress,
+        kernel_deb: Path | None,
+        arch: str = "x86_64",
     ) -> None:
         super().__init__(runner, progress)
         self.image_dir = image_dir
         self.kernel_deb = kernel_deb
+        self.arch = arch
+        self.home = image_dir / cache_name("tiny", arch)
+        self.busybox: Path | None = None  # this host's
         self.downloads = image_dir / "_downloads"
 
     def build(self, force: bool) -> Image:
-        tools = dict(COMMON_TOOLS)
-        if self.kernel_deb is not None:
+        # This host's busybox and kernel package where both are x86_64; else every
+        # part from the archive for the image's architecture.
+        native = self.arch == host_arch() == "x86_64"
+        x86 = self.arch == "x86_64"
+        tools = dict(COMMON_TOOLS) if native else {**COMMON_TOOLS, **cross_tools(self.arch)}
+        if not native:
+            tools.pop("gcc")
             tools.pop("apt-get")
-        busybox = require_tools("tiny", tools)
-        assert busybox is not None
-        deb = self.kernel_package(self.downloads, self.kernel_deb)
-        agent_src = guest_file("agent.c")
-        guest = {n: guest_file(f"guest/{n}") for n in ("stage1-init", "rcS", "inittab")}
-        digest = hashlib.sha256()
-        for part in (
-            RECIPE_VERSION.encode(),
-            deb.name.encode(),
-            hashlib.sha256(busybox.read_bytes()).digest(),
-            agent_src,
-            *guest.values(),
-        ):
-            digest.update(hashlib.sha256(part).digest())
-        build_id = digest.hexdigest()[:16]
-        final = self.image_dir / "tiny" / build_id
-        if not force and existing_build(self.image_dir, "tiny", build_id):
-            self.say(f"tiny image up to date ({build_id})")
-            return load_current(self.image_dir, "tiny")
-
-        (self.image_dir / "tiny").mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".build-", dir=self.image_dir / "tiny") as tmp:
+        if self.kernel_deb is not None:
+            if not native:
+                raise ImageBuildError("--kernel-deb is for the x86_64 tiny image only")
+            tools.pop("apt-get")
+        # The foreign image's busybox comes from the archive; the host's lists its applets.
+        self.busybox = require_tools(self._what, tools)
+        assert self.busybox is not None
+        self.home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".build-", dir=self.home) as tmp:
             work = Path(tmp)
             out = work / "out"
             out.mkdir()
-            pkg, kver = self.unpack_kernel(deb, work, out)
-            self.say("compiling the guest agent")
-            agent = self.compile_agent(work)
+            if native:
+                busybox, pkg, kver, kernel_id, agent = self._native_parts(work, out)
+            else:
+                busybox, pkg, kver, kernel_id, agent = self._foreign_parts(work, out)
+            guest = {n: guest_file(f"guest/{n}") for n in ("stage1-init", "rcS", "inittab")}
+            digest = hashlib.sha256()
+            for part in (
+                RECIPE_VERSION.encode(),
+                kernel_id.encode(),
+                hashlib.sha256(busybox.read_bytes()).digest(),
+                guest_file("agent.c"),
+                *guest.values(),
+            ):
+                digest.update(hashlib.sha256(part).digest())
+            build_id = digest.hexdigest()[:16]
+            final = self.home / build_id
+            if not force and existing_build(self.image_dir, self.home.name, build_id):
+                self.say(f"{self._what} image up to date ({build_id})")
+                return load_current(self.image_dir, "tiny", self.arch)
             self.stage1_initramfs(busybox, pkg, kver, out / "initrd.cpio")
-
             self.say("making the root disk")
             root = work / "root"
             self._root_tree(root, busybox, agent, guest)
@@ -97,27 +131,71 @@ class _Builder(Steps):
             )
             manifest = {
                 "name": "tiny",
+                "arch": self.arch,
                 "build_id": build_id,
                 "built_at": time.time(),
-                "kernel": "vmlinux",
+                "kernel": "vmlinux" if x86 else "Image",
                 "initrd": "initrd.cpio",
                 "disk": "disk.qcow2",
-                "cmdline": "console=ttyS0 quiet loglevel=4 panic=-1",
+                "cmdline": f"console={'ttyS0' if x86 else 'ttyAMA0'} quiet loglevel=4 panic=-1",
                 "min_memory_mb": MIN_MEMORY_MB,
-                # Everything in the image is Debian's baseline x86-64 build, and
-                # TCG runs a plain qemu64 CPU about 20% faster than "max".
-                "tcg_cpu": "qemu64",
+                # Everything in the image is Debian's baseline build; TCG runs a plain
+                # CPU model faster than "max" (x86-64: qemu64, about 20%; arm64:
+                # cortex-a57, which emulates no pointer authentication).
+                "tcg_cpu": TCG_CPUS[self.arch],
                 "info": {
-                    "kernel_package": deb.name,
+                    "kernel_package": kernel_id,
                     "kernel_release": kver,
-                    "busybox": str(busybox),
+                    "busybox": str(busybox) if native else "busybox-static",
                     "agent_protocol": AGENT_PROTOCOL,
                     "recipe": RECIPE_VERSION,
                 },
             }
             publish(out, final, manifest)
-        self.say(f"tiny image built ({build_id}) in {final}")
-        return load_current(self.image_dir, "tiny")
+        self.say(f"{self._what} image built ({build_id}) in {final}")
+        return load_current(self.image_dir, "tiny", self.arch)
+
+    @property
+    def _what(self) -> str:
+        return "tiny" if self.arch == "x86_64" else f"tiny {debian_arch(self.arch)}"
+
+    def _native_parts(self, work: Path, out: Path) -> tuple[Path, Path, str, str, Path]:
+        """busybox, the unpacked kernel package, its release, its identity, the agent:
+        this host's own busybox and compiler, the cloud kernel fetched by apt."""
+        assert self.busybox is not None
+        deb = self.kernel_package(self.downloads, self.kernel_deb)
+        pkg, kver = self.unpack_kernel(deb, work, out)
+        self.say("compiling the guest agent")
+        return self.busybox, pkg, kver, deb.name, self.compile_agent(work)
+
+    def _foreign_parts(self, work: Path, out: Path) -> tuple[Path, Path, str, str, Path]:
+        """The same for another architecture (``_foreign.py``): Debian's kernel and
+        busybox for it, unpacked from the archive, and the agent cross-compiled."""
+        tar = work / "parts.tar"
+        extract(
+            self,
+            self.arch,
+            host_suite(),
+            host_mirror(),
+            (KERNEL_PACKAGES[self.arch], "busybox-static"),
+            tar,
+        )
+        pkg = work / "pkg"
+        take(tar, pkg, ("boot", "usr/lib/modules", "bin/busybox", "usr/bin/busybox"))
+        tar.unlink()
+        vmlinuz = next(iter(sorted((pkg / "boot").glob("vmlinuz-*"))), None)
+        found = (pkg / "bin/busybox", pkg / "usr/bin/busybox")
+        busybox = next((b for b in found if b.is_file()), None)
+        if vmlinuz is None or busybox is None:
+            raise ImageBuildError(f"the {self._what} packages hold no kernel or busybox")
+        if self.arch == "x86_64":
+            self.vmlinux(vmlinuz, out / "vmlinux")
+        else:
+            kernel_image(vmlinuz, out / "Image")
+        kver = vmlinuz.name.removeprefix("vmlinuz-")
+        self.say(f"compiling the guest agent for {self.arch}")
+        agent = compile_agent(self, self.arch, work)
+        return busybox, pkg, kver, f"{KERNEL_PACKAGES[self.arch]} {kver}", agent
 
     def _root_tree(self, root: Path, busybox: Path, agent: Path, guest: dict[str, bytes]) -> None:
         # The usual Linux layout, so tests can install software where it normally goes.
@@ -156,8 +234,7 @@ class _Builder(Steps):
         (root / "var/tmp").chmod(0o1777)
         (root / "root").chmod(0o700)
         shutil.copy2(busybox, root / "bin/busybox")
-        applets = self.check([str(busybox), "--list-full"], "listing busybox applets").stdout
-        for applet in applets.split():
+        for applet in self._applets(busybox):
             link = root / applet
             if link.name == "busybox" or link.exists():
                 continue
@@ -171,10 +248,18 @@ class _Builder(Steps):
         (root / "etc/group").write_text("root:x:0:\n")
         (root / "etc/hostname").write_text("vmlease\n")
 
+    def _applets(self, busybox: Path) -> list[str]:
+        """Where busybox's applets go (``bin/sh``, ``usr/bin/wc``): asked of this host's
+        busybox, or of the host's for another architecture's, which cannot run here
+        (the same Debian version of busybox has the same applets)."""
+        native = self.busybox or busybox
+        return self.check([str(native), "--list-full"], "listing busybox applets").stdout.split()
+
 
 def build_tiny(
     image_dir: Path,
     *,
+    arch: str = "x86_64",
     force: bool = False,
     kernel_deb: Path | None = None,
     runner: Runner | None = None,
@@ -190,7 +275,7 @@ def build_tiny(
         progress: called with a line for each step.
     """
     builder = _Builder(
-        image_dir, runner or SubprocessRunner(), progress or (lambda _line: None), kernel_deb
+        image_dir, runner or SubprocessRunner(), progress or (lambda _line: None), kernel_deb, arch
     )
     return builder.build(force)
 
@@ -199,4 +284,5 @@ RECIPE = Recipe(
     name="tiny",
     summary="busybox and the vmlease agent on a Debian cloud kernel; boots in about 2 s",
     build=build_tiny,
+    arches=("x86_64", "aarch64"),
 )
