@@ -215,10 +215,20 @@ def vm_session(request: pytest.FixtureRequest) -> Session:
 @pytest.fixture
 def vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     """A clean VM for this test: the worker's VM restored to its clean snapshot,
-    or with ``@pytest.mark.vm(fresh=True)`` (or a backend without snapshots) a new one."""
+    or with ``@pytest.mark.vm(fresh=True)`` (or a backend without snapshots) a new one.
+
+    Parametrized indirectly, each parameter is a dict of spec fields laid over the
+    marker's: ``@pytest.mark.parametrize("vm", [{"arch": "amd64"}, {"arch": "arm64"}],
+    indirect=True)`` runs the test on both."""
     run = _run(request)
     kwargs, fresh = _marker_spec(request)
-    spec = run.spec(kwargs)
+    param = getattr(request, "param", {})
+    if not isinstance(param, dict):
+        raise pytest.UsageError(
+            f"a parameter of the vm fixture is a dict of spec fields, not {param!r}: "
+            'parametrize("vm", [{"arch": "arm64"}], indirect=True)'
+        )
+    spec = run.spec({**kwargs, **param})
     use = run.fresh_vm(spec) if fresh else run.clean_vm(spec)
     _track(request, [use])
     yield use.vm

@@ -115,6 +115,9 @@ def test_exec_passes_exit_codes_output_stdin_env_and_cwd(backend: Backend) -> No
         cwd="/tmp",
     )
     assert done.stdout == b"hi there\n/tmp\n"
+    # A root login's environment under the one given: dpkg, for one, needs PATH.
+    path = run(backend, name, ["sh", "-c", 'echo "$PATH"'], env={"X": "1"}).stdout.decode()
+    assert {"/usr/sbin", "/usr/bin", "/bin"} <= set(path.strip().split(":"))
     assert run(backend, name, ["no-such-command"]).exit_code == 127
     # 255 is also what ssh exits with when the connection fails; a command's own 255 stays.
     assert run(backend, name, ["sh", "-c", "exit 255"]).exit_code == 255

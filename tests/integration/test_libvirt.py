@@ -506,3 +506,20 @@ def test_a_debian_guest_runs_systemd_and_reaches_the_archive_under_libvirt(
         assert again.run(["getent", "hosts", "deb.debian.org"]).exit_code == 0
     assert domains(libvirt_daemon.unix_uri) == {}
     assert vm_volumes(libvirt_daemon) == []
+
+
+def test_an_arm64_guest_runs_emulated_under_libvirt(
+    libvirt_daemon: LibvirtDaemon, state: Path, tiny_arm64_image: Image
+) -> None:
+    backend_options = {"uris": [libvirt_daemon.unix_uri]}
+    with vmlease.Session(backend="libvirt", state_dir=state, backend_options=backend_options) as s:
+        vm = s.create(image="tiny", arch="arm64")
+        assert vm.run(["uname", "-m"]).stdout.strip() == "aarch64"
+        vm.snapshot("clean")
+        vm.run(["touch", "/root/made"], check=True)
+        vm.restore("clean")
+        assert vm.run(["test", "-e", "/root/made"]).exit_code == 1
+        again = s.create(image="tiny", arch="arm64")
+        assert again.run(["uname", "-m"]).stdout.strip() == "aarch64"
+    assert domains(libvirt_daemon.unix_uri) == {}
+    assert vm_volumes(libvirt_daemon) == []

@@ -23,7 +23,14 @@ from vmlease._errors import BootError, ChannelError, GuestFileError
 from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import ExecResult
 
-__all__ = ["AGENT_PORT", "OPEN_TIMEOUT_S", "VISITOR_PORT", "AgentChannel", "AgentOperations"]
+__all__ = [
+    "AGENT_PORT",
+    "BASE_ENV",
+    "OPEN_TIMEOUT_S",
+    "VISITOR_PORT",
+    "AgentChannel",
+    "AgentOperations",
+]
 
 #: The virtio-serial port the owning session reaches the guest agent on, by name.
 AGENT_PORT = "org.vmlease.agent"
@@ -39,6 +46,13 @@ VISITOR_PORT = "org.vmlease.visit"
 _WAKE_SINCE = 3
 _HEADER = struct.Struct(">BI")
 _CHUNK = 256 * 1024
+#: The environment every command starts from, as a root login's would: dpkg, for
+#: one, refuses to run without PATH. A command's own ``env`` is laid over it.
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+}
 #: How long opening and greeting a channel may take, at most.
 OPEN_TIMEOUT_S = 10.0
 #: How long a conversation may be silent before ``watch`` is asked why.
@@ -300,9 +314,10 @@ class AgentChannel:
         timeout_s: float | None,
         answer_s: float = DEFAULT.answer_s,
     ) -> ExecResult:
-        """Run ``argv``; killed at ``timeout_s``, after which the guest has
-        ``answer_s`` to say so before the channel counts as dead."""
-        env_items = [f"{k}={v}" for k, v in (env or {}).items()]
+        """Run ``argv`` as root with ``BASE_ENV`` and ``env`` over it; killed at
+        ``timeout_s``, after which the guest has ``answer_s`` to say so before the
+        channel counts as dead."""
+        env_items = [f"{k}={v}" for k, v in {**BASE_ENV, **(env or {})}.items()]
         cwd_raw = (cwd or "").encode()
         request = _strings(argv) + _strings(env_items) + struct.pack(">I", len(cwd_raw)) + cwd_raw
 

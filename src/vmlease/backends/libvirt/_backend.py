@@ -178,7 +178,7 @@ class LibvirtBackend(AgentOperations, Backend):
     # -- the Backend primitives ----------------------------------------------
 
     def check_spec(self, spec: VMSpec) -> None:
-        image = find_image(self._image_dir, spec.image)
+        image = find_image(self._image_dir, spec.image, spec.arch)
         if spec.disk_gb is not None:
             raise InvalidSpec("the libvirt backend does not grow disks yet: leave disk_gb out")
         if spec.user is not None:
@@ -197,7 +197,7 @@ class LibvirtBackend(AgentOperations, Backend):
 
     def _create(self, name: str, spec: VMSpec, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        image = find_image(self._image_dir, spec.image)
+        image = find_image(self._image_dir, spec.image, spec.arch)
         for host in self.hosts.answering():
             if self.domains.lookup(host, name) is not None:
                 raise VMAlreadyExists(

@@ -110,7 +110,7 @@ def render(
     _sub(root, "memory", str(machine.memory_mb), unit="MiB")
     _sub(root, "vcpu", str(machine.cpus))
     os_ = _sub(root, "os")
-    _sub(os_, "type", "hvm", arch="x86_64", machine=machine.machine_type)
+    _sub(os_, "type", "hvm", arch=machine.arch, machine=machine.machine_type)
     if machine.firmware:
         _sub(os_, "boot", dev="hd")
     else:
@@ -120,7 +120,12 @@ def render(
         _sub(os_, "initrd", machine.initrd)
         _sub(os_, "cmdline", machine.cmdline)
     features = _sub(root, "features")
-    _sub(features, "acpi")
+    if machine.arch == "aarch64":
+        # QEMU's -M virt,gic-version=3; ACPI on arm64 needs UEFI, which a built image
+        # does without (its kernel reads the device tree).
+        _sub(features, "gic", version="3")
+    else:
+        _sub(features, "acpi")
     if machine.kvm:
         _sub(root, "cpu", mode="host-passthrough")
     else:

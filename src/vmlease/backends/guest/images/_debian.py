@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import io
+import os
+import shlex
 import shutil
 import tarfile
 import tempfile
@@ -34,7 +37,22 @@ from pathlib import Path
 
 from vmlease._errors import ImageBuildError
 from vmlease._runner import Runner, SubprocessRunner
-from vmlease.backends.guest.images._catalog import AGENT_PROTOCOL, Image, Recipe, load_current
+from vmlease._spec import debian_arch, host_arch
+from vmlease.backends.guest.images._catalog import (
+    AGENT_PROTOCOL,
+    Image,
+    Recipe,
+    cache_name,
+    load_current,
+)
+from vmlease.backends.guest.images._foreign import (
+    SOURCE_DATE_EPOCH,
+    compile_agent,
+    cross_tools,
+    extract,
+    fetch_parts,
+    finish_in_guest,
+)
 from vmlease.backends.guest.images._mirror import host_mirror
 from vmlease.backends.guest.images._rootless import blockers, is_root, remove_tree
 from vmlease.backends.guest.images._steps import (
@@ -64,6 +82,8 @@ PACKAGES = (
     "ca-certificates",
     "dbus",
 )
+#: Units enabled besides those the packages enable.
+ENABLED = ("systemd-networkd.service", "vmlease-agent.service", "ssh.service")
 #: Units a disposable test VM does not need; each costs boot time under TCG.
 MASKED = (
     "apt-daily.timer",
@@ -93,9 +113,8 @@ _TOOLS = {**COMMON_TOOLS, "mmdebstrap": "mmdebstrap"}
 _MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 DISK_SIZE = "4G"  # sparse: the guest's own room to install packages into
 MIN_MEMORY_MB = 256
-#: Time stamps inside the image (logs, the shadow file's dates) are this, not the
-#: build's time, so that builds of the same inputs hold the same files.
-SOURCE_DATE_EPOCH = "1704067200"
+#: The script that finishes an image of another architecture inside its guest.
+_SETUP = "guest/debian/setup-in-guest"
 #: Up: systemd has finished starting units (running, or degraded) and sshd listens.
 READY = (
     "sh",
@@ -117,106 +136,222 @@ def _gib(size: str) -> int:
 
 class _Builder(Steps):
     def __init__(
-        self, image_dir: Path, name: str, runner: Runner, progress: Progress, mirror: str
+        self,
+        image_dir: Path,
+        name: str,
+        runner: Runner,
+        progress: Progress,
+        mirror: str,
+        arch: str = "x86_64",
     ) -> None:
         super().__init__(runner, progress)
         self.image_dir = image_dir
         self.name = name
         self.suite = SUITES[name]
         self.mirror = mirror
+        self.arch = arch
+        # mmdebstrap installs this host's own architecture; any other is unpacked
+        # here and installed inside its guest (``_foreign.py``).
+        self.native = arch == host_arch() == "x86_64"
+        self.home = image_dir / cache_name(name, arch)
+        self.what = name if arch == "x86_64" else f"{name} {debian_arch(arch)}"
         self.downloads = image_dir / "_downloads"
 
-    def build(self, force: bool) -> Image:
-        busybox = require_tools(self.name, _TOOLS)
-        assert busybox is not None
-        deb = self.kernel_package(self.downloads)
-        guest = {dest: guest_file(src) for dest, src in _GUEST_FILES.items()}
-        digest = hashlib.sha256()
-        for part in (
-            RECIPE_VERSION.encode(),
-            self.suite.encode(),
-            self.mirror.encode(),
-            " ".join(PACKAGES + MASKED + _EXCLUDED).encode(),
-            CMDLINE.encode(),
-            " ".join(READY).encode(),
-            deb.name.encode(),
-            hashlib.sha256(busybox.read_bytes()).digest(),
-            guest_file("agent.c"),
-            guest_file("guest/stage1-init"),
-            *guest.values(),
-        ):
-            digest.update(hashlib.sha256(part).digest())
-        build_id = digest.hexdigest()[:16]
-        home = self.image_dir / self.name
-        final = home / build_id
-        if not force and existing_build(self.image_dir, self.name, build_id):
-            self.say(f"{self.name} image up to date ({build_id})")
-            return load_current(self.image_dir, self.name)
-
+    def _blockers(self) -> None:
         problems = blockers(self.run)
         if problems:
             raise ImageBuildError(
-                f"cannot build the {self.name} image as {getpass.getuser()}: "
+                f"cannot build the {self.what} image as {getpass.getuser()}: "
                 + "; ".join(map(str, problems))
                 + " (or build it as root: `sudo vmlease image build` makes it yours)"
             )
-        home.mkdir(parents=True, exist_ok=True)
+
+    def build(self, force: bool) -> Image:
+        if self.native:
+            host_busybox = require_tools(self.what, _TOOLS)
+            deb = self.kernel_package(self.downloads)
+        else:
+            tools = {**_TOOLS, **cross_tools(self.arch)}
+            for program in ("gcc", "apt-get"):
+                tools.pop(program)
+            require_tools(self.what, tools, busybox=False)
+            self._blockers()
+        guest = {dest: guest_file(src) for dest, src in _GUEST_FILES.items()}
+        self.home.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        work = Path(tempfile.mkdtemp(prefix=".build-", dir=home))
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=self.home))
         try:
             out = work / "out"
             out.mkdir()
-            pkg, kver = self.unpack_kernel(deb, work, out)
-            self.say("compiling the guest agent")
-            agent = self.compile_agent(work)
+            if self.native:
+                assert host_busybox is not None
+                busybox, kernel_id = host_busybox, deb.name
+            else:
+                parts = fetch_parts(self, self.arch, work, out)
+                busybox, kernel_id = parts.busybox, parts.identity
+            digest = hashlib.sha256()
+            for part in (
+                RECIPE_VERSION.encode(),
+                self.suite.encode(),
+                self.mirror.encode(),
+                self.arch.encode(),
+                " ".join(PACKAGES + MASKED + _EXCLUDED + ENABLED).encode(),
+                self.cmdline.encode(),
+                " ".join(READY).encode(),
+                kernel_id.encode(),
+                hashlib.sha256(busybox.read_bytes()).digest(),
+                guest_file("agent.c"),
+                guest_file("guest/stage1-init"),
+                guest_file(_SETUP),
+                *guest.values(),
+            ):
+                digest.update(hashlib.sha256(part).digest())
+            build_id = digest.hexdigest()[:16]
+            final = self.home / build_id
+            if not force and existing_build(self.image_dir, self.home.name, build_id):
+                self.say(f"{self.what} image up to date ({build_id})")
+                return load_current(self.image_dir, self.name, self.arch)
+            if self.native:
+                self._blockers()
+                pkg, kver = self.unpack_kernel(deb, work, out)
+                self.say("compiling the guest agent")
+                agent = self.compile_agent(work)
+            else:
+                pkg, kver = parts.package, parts.release
+                self.say(f"compiling the guest agent for {self.arch}")
+                agent = compile_agent(self, self.arch, work)
             self.stage1_initramfs(busybox, pkg, kver, out / "initrd.cpio")
             overlay = self._overlay(work, agent, guest, pkg, kver)
             tar = work / "root.tar"
-            self._debootstrap(tar, overlay, kver)
+            if self.native:
+                self._debootstrap(tar, overlay, kver)
+            else:
+                self._unpack_foreign(tar)
             self.say("making the root disk")
             tree = tar_digest(tar)
+            disk = out / "disk.qcow2" if self.native else work / "setup.qcow2"
             self.root_disk_from_tar(
                 tar,
                 work / "root",
                 work / "root.ext4",
-                out / "disk.qcow2",
+                disk,
                 size=DISK_SIZE,
                 label="vmlease-root",
+                overlays=() if self.native else (overlay, self._setup_files(work, kver)),
             )
+            if not self.native:
+                self._finish_in_guest(work, out, parts.kernel, disk)
+            x86 = self.arch == "x86_64"
             manifest = {
                 "name": self.name,
+                "arch": self.arch,
                 "build_id": build_id,
                 "built_at": time.time(),
-                "kernel": "vmlinux",
+                "kernel": "vmlinux" if x86 else "Image",
                 "initrd": "initrd.cpio",
                 "disk": "disk.qcow2",
-                "cmdline": CMDLINE,
+                "cmdline": self.cmdline,
                 "min_memory_mb": MIN_MEMORY_MB,
                 "ready": list(READY),
                 "network": "user",
                 "ssh_user": "root",
                 "disk_bytes": _gib(DISK_SIZE),
                 "grow_root": ["resize2fs", "/dev/vda"],
-                # Debian's packages are built for baseline x86-64, which qemu64 runs
-                # faster under TCG than "max".
-                "tcg_cpu": "qemu64",
+                # Debian's packages are built for the architecture's baseline, which
+                # a plain CPU model runs faster under TCG than "max" does.
+                "tcg_cpu": "qemu64" if x86 else "cortex-a57",
                 "info": {
                     "suite": self.suite,
                     "mirror": self.mirror,
-                    "kernel_package": deb.name,
+                    "kernel_package": kernel_id,
                     "kernel_release": kver,
                     "agent_protocol": AGENT_PROTOCOL,
                     "recipe": RECIPE_VERSION,
                     "tree_sha256": tree,
+                    "installed": "on the host" if self.native else "in the guest",
                 },
             }
             publish(out, final, manifest)
         finally:
             remove_tree(work, self.run)
         self.say(
-            f"{self.name} image built ({build_id}) in {time.monotonic() - started:.0f} s: {final}"
+            f"{self.what} image built ({build_id}) in {time.monotonic() - started:.0f} s: {final}"
         )
-        return load_current(self.image_dir, self.name)
+        return load_current(self.image_dir, self.name, self.arch)
+
+    @property
+    def cmdline(self) -> str:
+        return CMDLINE if self.arch == "x86_64" else CMDLINE.replace("ttyS0", "ttyAMA0")
+
+    def _unpack_foreign(self, tar: Path) -> None:
+        """The root file system unpacked, not installed, with the packages' files
+        kept for dpkg to install inside the guest (``_finish_in_guest``)."""
+        hooks = []
+        if self.suite == "bookworm" and _MERGED_USR_HOOKS.is_dir():
+            hooks = [f"--hook-dir={_MERGED_USR_HOOKS}"]
+        extract(
+            self,
+            self.arch,
+            self.suite,
+            self.mirror,
+            ("?essential", "apt", *PACKAGES),
+            tar,
+            (*hooks, "--skip=cleanup/apt/cache"),
+        )
+
+    def _setup_files(self, work: Path, kver: str) -> Path:
+        """The script that finishes the image inside its guest, and its settings,
+        as a tarball to lay over the root file system."""
+        settings = {
+            "KERNEL_RELEASE": kver,
+            "ENABLE": " ".join(ENABLED),
+            "MASK": " ".join(MASKED),
+            "DPKG_EXCLUDE": " ".join(_EXCLUDED),
+            "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
+        }
+        env = "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items())
+        tar = work / "setup.tar"
+        with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as archive:
+            for name, data, mode in (
+                ("vmlease-setup", guest_file(_SETUP), 0o755),
+                ("vmlease-setup.env", env.encode(), 0o644),
+                ("dev", b"", 0o755),
+            ):
+                info = tarfile.TarInfo(name)
+                info.mode = mode
+                if name == "dev":
+                    info.type = tarfile.DIRTYPE
+                else:
+                    info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+        return tar
+
+    def _finish_in_guest(self, work: Path, out: Path, kernel: Path, disk: Path) -> None:
+        """Install the unpacked packages inside the image's own guest, then keep its
+        disk, compacted (the packages' files are gone from it)."""
+        finish_in_guest(
+            self,
+            self.arch,
+            disk=disk,
+            kernel=kernel,
+            initrd=out / "initrd.cpio",
+            script="/vmlease-setup",
+            console=work / "setup-console.log",
+            env=os.environ,
+        )
+        self.check(
+            [
+                "qemu-img",
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "qcow2",
+                str(disk),
+                str(out / "disk.qcow2"),
+            ],
+            "compacting the root disk",
+        )
 
     def _overlay(
         self, work: Path, agent: Path, guest: dict[str, bytes], pkg: Path, kver: str
@@ -270,8 +405,7 @@ class _Builder(Steps):
             *(f"--dpkgopt={option}" for option in _EXCLUDED),
             f"--customize-hook=tar-in {overlay} /",
             f'--customize-hook=chroot "$1" depmod -a {kver}',
-            '--customize-hook=chroot "$1" systemctl enable systemd-networkd.service '
-            "vmlease-agent.service ssh.service",
+            f'--customize-hook=chroot "$1" systemctl enable {" ".join(ENABLED)}',
             f'--customize-hook=chroot "$1" systemctl mask {" ".join(MASKED)}',
             '--customize-hook=chroot "$1" passwd --lock root',
             # Host keys are made on the first boot (guest/debian/ssh-hostkeys.conf),
@@ -303,8 +437,10 @@ def build_debian(
     runner: Runner | None = None,
     progress: Progress | None = None,
     mirror: str | None = None,
+    arch: str = "x86_64",
 ) -> Image:
-    """Build (or find up to date) the Debian image ``name`` in ``image_dir``; returns it."""
+    """Build (or find up to date) the Debian image ``name`` for ``arch`` in
+    ``image_dir``; returns it."""
     if name not in SUITES:
         raise ImageBuildError(f"no Debian recipe {name!r}; there are {', '.join(SUITES)}")
     builder = _Builder(
@@ -313,6 +449,7 @@ def build_debian(
         runner or SubprocessRunner(),
         progress or (lambda _line: None),
         mirror or host_mirror(),
+        arch,
     )
     return builder.build(force)
 
@@ -326,6 +463,7 @@ def _recipe(name: str) -> Recipe:
         summary=f"Debian {SUITES[name]} with systemd, SSH and python3; boots once, then "
         "starts from its saved state",
         build=build,
+        arches=("x86_64", "aarch64"),
     )
 
 

@@ -19,7 +19,7 @@ import shutil
 import struct
 import subprocess
 import tarfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -368,19 +368,31 @@ class Steps:
         )
 
     def root_disk_from_tar(
-        self, tar: Path, tree: Path, raw: Path, qcow2: Path, *, size: str, label: str
+        self,
+        tar: Path,
+        tree: Path,
+        raw: Path,
+        qcow2: Path,
+        *,
+        size: str,
+        label: str,
+        overlays: Sequence[Path] = (),
     ) -> None:
-        """Pack the tarball ``tar`` into an ext4 root disk, owners as the tarball says.
+        """Pack the tarball ``tar`` into an ext4 root disk, owners as the tarball says,
+        with the tarballs ``overlays`` laid over it in turn.
 
         Unpacked to ``tree`` and packed with root's view of owners (``as_root``:
         for a normal user, inside a user namespace), then ``tree`` is removed there.
         """
         tree.mkdir()
         try:
-            self.check(
-                as_root(["tar", "-x", "-p", "--numeric-owner", "-f", str(tar), "-C", str(tree)]),
-                "unpacking the root file system",
-            )
+            for part in (tar, *overlays):
+                self.check(
+                    as_root(
+                        ["tar", "-x", "-p", "--numeric-owner", "-f", str(part), "-C", str(tree)]
+                    ),
+                    "unpacking the root file system",
+                )
             tar.unlink()
             self.root_disk(tree, raw, qcow2, size=size, label=label)
         finally:

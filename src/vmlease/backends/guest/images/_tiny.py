@@ -34,15 +34,7 @@ from vmlease.backends.guest.images._catalog import (
     cache_name,
     load_current,
 )
-from vmlease.backends.guest.images._foreign import (
-    KERNEL_PACKAGES,
-    compile_agent,
-    cross_tools,
-    extract,
-    kernel_image,
-    take,
-)
-from vmlease.backends.guest.images._mirror import host_mirror, host_suite
+from vmlease.backends.guest.images._foreign import compile_agent, cross_tools, fetch_parts
 from vmlease.backends.guest.images._steps import (
     COMMON_TOOLS,
     STAGE1_MODULES,
@@ -171,31 +163,10 @@ class _Builder(Steps):
     def _foreign_parts(self, work: Path, out: Path) -> tuple[Path, Path, str, str, Path]:
         """The same for another architecture (``_foreign.py``): Debian's kernel and
         busybox for it, unpacked from the archive, and the agent cross-compiled."""
-        tar = work / "parts.tar"
-        extract(
-            self,
-            self.arch,
-            host_suite(),
-            host_mirror(),
-            (KERNEL_PACKAGES[self.arch], "busybox-static"),
-            tar,
-        )
-        pkg = work / "pkg"
-        take(tar, pkg, ("boot", "usr/lib/modules", "bin/busybox", "usr/bin/busybox"))
-        tar.unlink()
-        vmlinuz = next(iter(sorted((pkg / "boot").glob("vmlinuz-*"))), None)
-        found = (pkg / "bin/busybox", pkg / "usr/bin/busybox")
-        busybox = next((b for b in found if b.is_file()), None)
-        if vmlinuz is None or busybox is None:
-            raise ImageBuildError(f"the {self._what} packages hold no kernel or busybox")
-        if self.arch == "x86_64":
-            self.vmlinux(vmlinuz, out / "vmlinux")
-        else:
-            kernel_image(vmlinuz, out / "Image")
-        kver = vmlinuz.name.removeprefix("vmlinuz-")
+        parts = fetch_parts(self, self.arch, work, out)
         self.say(f"compiling the guest agent for {self.arch}")
         agent = compile_agent(self, self.arch, work)
-        return busybox, pkg, kver, f"{KERNEL_PACKAGES[self.arch]} {kver}", agent
+        return parts.busybox, parts.package, parts.release, parts.identity, agent
 
     def _root_tree(self, root: Path, busybox: Path, agent: Path, guest: dict[str, bytes]) -> None:
         # The usual Linux layout, so tests can install software where it normally goes.
