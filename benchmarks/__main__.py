@@ -13,6 +13,7 @@ python -m benchmarks libvirt    the libvirt backend beside direct QEMU; runner S
 python -m benchmarks rootless   debian-12 built and started as root and as a normal user
 python -m benchmarks deadlines  the owner's command beside another process's; a stopped QEMU
 python -m benchmarks resets     mapped booted states beside streams: isolation, resets, starts, PSS
+python -m benchmarks arches     arm64 beside x86_64: cold boots, starts, resets, run(true)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import (
+    arches,
     chaos,
     deadlines,
     faults,
@@ -42,7 +44,8 @@ def main() -> int:
     parser.add_argument(
         "which",
         nargs="*",
-        metavar="spine|reap|suite|faults|startup|chaos|guests|trims|libvirt|rootless|deadlines|resets",
+        metavar="spine|reap|suite|faults|startup|chaos|guests|trims|libvirt|rootless|deadlines"
+        "|resets|arches",
         help="default: all",
     )
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
@@ -77,6 +80,7 @@ def main() -> int:
         "rootless",
         "deadlines",
         "resets",
+        "arches",
     ]
     unknown = set(args.which) - set(names)
     if unknown:
@@ -103,6 +107,8 @@ def main() -> int:
         code |= deadlines.main(runs=max(3, args.runs // 2))
     if "resets" in which:
         code |= resets.main(runs=args.runs, tests=args.trivial_tests)
+    if "arches" in which:
+        code |= arches.main(runs=args.runs)
     if "chaos" in which:
         code |= chaos.main(trials=args.chaos_trials)
     if "startup" in which:

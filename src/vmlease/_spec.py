@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from vmlease._distros import canonical
 from vmlease._errors import InvalidSpec
 
 __all__ = [
@@ -100,7 +101,9 @@ class VMSpec:
     """A VM request.
 
     Attributes:
-        image: image name as the backend knows it (``tiny`` on QEMU).
+        image: image name: one of the catalog's (``ubuntu-22.04``, the same on every
+            backend; ``ubuntu:22.04`` is read as it), ``tiny``, or a name the
+            backend knows (an imported image, an OrbStack or Multipass image).
         cpus: virtual CPUs.
         memory_mb: memory in MiB.
         network: ``user``, ``none`` or ``restricted`` (:class:`Network`); None
@@ -128,6 +131,8 @@ class VMSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image.strip():
             raise InvalidSpec(f"image must be a non-empty string, not {self.image!r}")
+        # The seeds' and OrbStack's spelling (``ubuntu:22.04``) is the catalog's name.
+        object.__setattr__(self, "image", canonical(self.image))
         _positive_int("cpus", self.cpus, MAX_CPUS)
         _positive_int("memory_mb", self.memory_mb, MAX_MEMORY_MB)
         object.__setattr__(self, "network", parse_network(self.network))

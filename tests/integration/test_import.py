@@ -272,7 +272,7 @@ def test_a_checksum_mismatch_keeps_nothing(images: Path, server: Served) -> None
         images, "image", "import", "bad-sum", f"{server.url}/cloud.qcow2", "--sha256", "ab" * 32
     )
     assert done.returncode == 1
-    assert "not the abab" in done.stderr
+    assert "not the sha256:abab" in done.stderr
     assert "Nothing was kept" in done.stderr
     _nothing_kept(images, "bad-sum")
 

@@ -245,5 +245,5 @@ def test_a_missing_image_for_another_arch_says_how_to_build_it(tmp_path: Path) -
         ImageNotFound, match=re.escape("vmlease image build debian-13 --arch arm64")
     ):
         find_image(tmp_path, "debian-13", "aarch64")
-    assert cache_name("tiny", "aarch64") == "tiny.aarch64"
+    assert cache_name("tiny", "aarch64") == "tiny@aarch64"
     assert cache_name("tiny") == "tiny"

@@ -16,7 +16,12 @@ from vmlease._runner import Completed
 from vmlease._spec import VMSpec
 from vmlease.backends.guest.images import Image
 from vmlease.backends.guest.images._seed import check_user, check_user_data, user_data
-from vmlease.backends.guest.images._source import Download, check_sha256, disk_format
+from vmlease.backends.guest.images._source import (
+    Download,
+    check_digest,
+    check_sha256,
+    disk_format,
+)
 from vmlease.backends.qemu._launch import Accel, LaunchConfig, find_qboot, qemu_argv
 
 BODY = b"disk bytes " * 1000
@@ -60,12 +65,26 @@ def test_a_download_is_kept_whole_with_its_checksum(tmp_path: Path) -> None:
 
     want = hashlib.sha256(BODY).hexdigest()
     got = _download(_opener(_Response(BODY)))(tmp_path / "img", want)
-    assert (got.path.read_bytes(), got.sha256) == (BODY, want)
+    assert (got.path.read_bytes(), got.digest) == (BODY, f"sha256:{want}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img"]
 
 
+def test_a_download_is_checked_against_a_sha512_as_some_distributions_publish(
+    tmp_path: Path,
+) -> None:
+    import hashlib
+
+    want = f"sha512:{hashlib.sha512(BODY).hexdigest()}"
+    got = _download(_opener(_Response(BODY)))(tmp_path / "img", want)
+    assert got.digest == want
+    wrong = "sha512:" + "0" * 128
+    with pytest.raises(ChecksumMismatch, match="not the sha512:000"):
+        _download(_opener(_Response(BODY)))(tmp_path / "img2", wrong)
+    assert not (tmp_path / "img2").exists()
+
+
 def test_a_checksum_mismatch_keeps_nothing(tmp_path: Path) -> None:
-    with pytest.raises(ChecksumMismatch, match="not the 5b0b"):
+    with pytest.raises(ChecksumMismatch, match="not the sha256:5b0b"):
         _download(_opener(_Response(BODY)))(tmp_path / "img", SHA)
     assert list(tmp_path.iterdir()) == []
 
@@ -94,6 +113,10 @@ def test_download_failures_say_whether_to_try_again(
 def test_a_sha256_is_checked_for_shape() -> None:
     assert check_sha256("SHA256:" + SHA.upper()) == SHA
     assert check_sha256(None) is None
+    assert check_digest(SHA) == f"sha256:{SHA}"
+    assert check_digest("sha512:" + "a" * 128) == "sha512:" + "a" * 128
+    with pytest.raises(ImageImportError, match="sha512:HEX"):
+        check_digest("sha512:abc")
     with pytest.raises(ImageImportError, match="64 hexadecimal"):
         check_sha256("abc")
 

@@ -31,6 +31,7 @@ from vmlease._spec import host_arch
 from vmlease.backends.qemu._launch import Accel, LaunchConfig, find_qboot
 
 __all__ = [
+    "EMULATOR_PACKAGES",
     "LaunchConfigs",
     "choose_accel",
     "emulator",
@@ -176,6 +177,10 @@ _INSTALL = {
     "qemu-system-aarch64": "apt-get install qemu-system-arm",
     "qemu-img": "apt-get install qemu-utils",
 }
+
+
+#: The Debian package of each architecture's system emulator.
+EMULATOR_PACKAGES = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm"}
 
 
 def emulator(arch: str, env: Mapping[str, str]) -> str:

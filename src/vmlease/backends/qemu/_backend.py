@@ -154,7 +154,7 @@ class QemuBackend(AgentOperations, Backend):
         self._procs = Processes(
             self.root, self._run, on_silence=lambda name: explain_silence(self._dir(name))
         )
-        self._configs = LaunchConfigs(self._qemu, self._run, self._probes, self._env)
+        self.configs = LaunchConfigs(self._qemu, self._run, self._probes, self._env)
         self.warm = warm_cache(
             self._image_dir, self._env, warm_start=warm_start, states_per_image=states_per_image
         )
@@ -205,12 +205,12 @@ class QemuBackend(AgentOperations, Backend):
     def launch_config(self, arch: str | None = None) -> LaunchConfig:
         """The emulator, accelerator and TSC frequency for ``arch`` guests (default
         this machine's); probes KVM once per host boot."""
-        return self._configs.get(arch or host_arch())[0]
+        return self.configs.get(arch or host_arch())[0]
 
     @property
     def accel_reason(self) -> str:
         """Why this machine's own guests run under the accelerator they do."""
-        return self._configs.get(host_arch())[1]
+        return self.configs.get(host_arch())[1]
 
     def memory_mode(self) -> tuple[MemoryMode, str]:
         """How this backend's booted states hold guest memory, and why."""

@@ -52,10 +52,10 @@ from vmlease.backends.guest.images._source import (
     Download,
     Opener,
     Source,
-    check_sha256,
+    check_digest,
+    digest_of,
     disk_format,
     is_url,
-    sha256_of,
 )
 from vmlease.backends.guest.images._steps import (
     Progress,
@@ -147,7 +147,7 @@ def import_image(
             f"{name!r} is an image vmlease builds (`vmlease image build {name}`): "
             "import under another name"
         )
-    want = check_sha256(sha256)
+    want = check_digest(sha256)
     user = check_user(user)
     extra: bytes | None = None
     kind = "cloud-config"
@@ -174,7 +174,9 @@ def import_image(
 
     def build_id(digest: str) -> str:
         h = hashlib.sha256()
-        for part in (IMPORT_VERSION, digest, *inputs, " ".join(READY), " ".join(GROW_ROOT)):
+        # A sha256 counts bare, as builds have always counted it.
+        key = digest.removeprefix("sha256:")
+        for part in (IMPORT_VERSION, key, *inputs, " ".join(READY), " ".join(GROW_ROOT)):
             h.update(
                 hashlib.sha256(str(part).encode() if not isinstance(part, bytes) else part).digest()
             )
@@ -192,13 +194,14 @@ def import_image(
         if is_url(source):
             fetch = Download(source, progress=say, opener=opener or urllib.request.urlopen)
             got = (retry or _once)(lambda: fetch(work / "source", want))
-            path, digest = got.path, got.sha256
+            path, digest = got.path, got.digest
         else:
             say(f"reading {source}")
-            path, digest = Path(source).expanduser(), sha256_of(Path(source).expanduser())
+            path = Path(source).expanduser()
+            digest = digest_of(path, (want or "sha256:").split(":", 1)[0])
             if want is not None and digest != want:
                 raise ChecksumMismatch(
-                    f"{source} has sha256 {digest}, not the {want} given: nothing was imported"
+                    f"{source} has {digest}, not the {want} given: nothing was imported"
                 )
         fmt, size = disk_format(path, runner, source)
         bid = build_id(digest)
@@ -272,7 +275,9 @@ def import_image(
             "tcg_cpu": "max",
             "info": {
                 "source": source,
-                "sha256": digest,
+                "sha256" if digest.startswith("sha256:") else "digest": digest.removeprefix(
+                    "sha256:"
+                ),
                 "format": fmt,
                 "os": facts.get("os", "?"),
                 "seeded": "yes" if seed else "no",

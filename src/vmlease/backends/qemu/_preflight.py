@@ -7,14 +7,18 @@ from typing import Protocol
 
 from vmlease._checks import Check, Severity, disk_check
 from vmlease._errors import BackendUnavailable, VMLeaseError
-from vmlease._runner import Runner
-from vmlease.backends.guest.images import list_images, rootless_blockers
+from vmlease._runner import Runner, find_program
+from vmlease._spec import ARCHES, host_arch
+from vmlease.backends.guest.images import cross_tools, list_images, rootless_blockers
+from vmlease.backends.qemu._accel import EMULATOR_PACKAGES, LaunchConfigs
 from vmlease.backends.qemu._launch import Accel, LaunchConfig
 from vmlease.backends.qemu._states import MemoryMode
 
 
 class Checked(Protocol):
     """What the checks ask of the backend."""
+
+    configs: LaunchConfigs
 
     @property
     def accel_reason(self) -> str: ...
@@ -88,9 +92,11 @@ def preflight(backend: Checked, *, cheap: bool = False) -> list[Check]:
         )
     else:
         checks.append(Check("image builds", Severity.OK, "every recipe can build as you"))
+    foreign = sorted(set(ARCHES.values()) - {host_arch()})
+    checks += [_foreign_check(arch, backend) for arch in foreign]
     images = list_images(backend.image_dir)
     if images:
-        names = ", ".join(sorted({i.name for i in images}))
+        names = ", ".join(sorted({i.folder for i in images}))
         checks.append(Check("image cache", Severity.OK, f"{backend.image_dir}: {names}"))
     else:
         checks.append(
@@ -102,3 +108,23 @@ def preflight(backend: Checked, *, cheap: bool = False) -> list[Check]:
             )
         )
     return checks
+
+
+def _foreign_check(arch: str, backend: Checked) -> Check:
+    """Whether guests of ``arch`` (not this machine's) can be emulated and their
+    images built here, and what to install if not."""
+    missing = [
+        f"{program} ({package})"
+        for program, package in {
+            backend.configs.emulator(arch): EMULATOR_PACKAGES[arch],
+            **cross_tools(arch),
+        }.items()
+        if find_program(program) is None
+    ]
+    if missing:
+        return Check(
+            f"{arch} guests",
+            Severity.WARN,
+            f"cannot run or build {arch} guests: missing {', '.join(missing)}",
+        )
+    return Check(f"{arch} guests", Severity.OK, "emulated (TCG); images build from the archive")

@@ -6,6 +6,8 @@ locally, and the image cache.
 - ``_steps.py``: build steps recipes share (tools, the agent, root disks);
 - ``_tiny.py``: the ``tiny`` recipe; each further recipe is a module beside it;
 - ``_rootless.py``: building as a normal user, through a user namespace;
+- ``_foreign.py``: parts for another architecture, made without running it;
+- ``_mirror.py``: the Debian archive the host uses;
 - ``agent.c``: the guest agent (the other end of ``backends/guest/_agent.py``);
 - ``guest/``: boot scripts for the tiny image.
 """
@@ -28,6 +30,7 @@ from vmlease.backends.guest.images._catalog import (
     users,
 )
 from vmlease.backends.guest.images._debian import build_debian
+from vmlease.backends.guest.images._foreign import cross_tools
 from vmlease.backends.guest.images._recipes import RECIPES, find_image, recipe
 from vmlease.backends.guest.images._rootless import blockers as rootless_blockers
 from vmlease.backends.guest.images._rootless import remove_tree
@@ -45,6 +48,7 @@ __all__ = [
     "build_tiny",
     "cache_name",
     "check_fits",
+    "cross_tools",
     "find_image",
     "list_images",
     "load_build",

@@ -9,8 +9,8 @@ Layout under the image directory::
 
 A rebuild writes a new build directory and then swings ``current``, so VMs
 whose disks are overlays on an older build keep working. An image for another
-architecture than x86_64 lives under ``<name>.<arch>/`` (``tiny.aarch64``);
-image names hold no dot, so the two never meet.
+architecture than x86_64 lives under ``<name>@<arch>/`` (``tiny@aarch64``);
+image names hold no "@", so the two never meet.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Image:
     @property
     def folder(self) -> str:
         """Its folder in the cache, which tells it from the same image for another
-        architecture: ``tiny``, ``tiny.aarch64`` (see ``cache_name``)."""
+        architecture: ``tiny``, ``tiny@aarch64`` (see ``cache_name``)."""
         return cache_name(self.name, self.arch)
 
     @property
@@ -222,8 +222,8 @@ def all_builds(image_dir: Path) -> list[Build]:
 
 
 def cache_name(name: str, arch: str = "x86_64") -> str:
-    """The folder of image ``name`` for ``arch`` in the cache: ``tiny``, ``tiny.aarch64``."""
-    return name if arch == "x86_64" else f"{name}.{arch}"
+    """The folder of image ``name`` for ``arch`` in the cache: ``tiny``, ``tiny@aarch64``."""
+    return name if arch == "x86_64" else f"{name}@{arch}"
 
 
 def load_current(image_dir: Path, name: str, arch: str = "x86_64") -> Image:

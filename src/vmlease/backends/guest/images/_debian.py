@@ -82,6 +82,9 @@ PACKAGES = (
     "ca-certificates",
     "dbus",
 )
+#: What mmdebstrap's minbase variant installs before the image's packages, as apt
+#: patterns (a foreign image's packages are chosen so, not installed by mmdebstrap).
+MINBASE = ("?priority(required)", "apt")
 #: Units enabled besides those the packages enable.
 ENABLED = ("systemd-networkd.service", "vmlease-agent.service", "ssh.service")
 #: Units a disposable test VM does not need; each costs boot time under TCG.
@@ -195,7 +198,7 @@ class _Builder(Steps):
                 self.suite.encode(),
                 self.mirror.encode(),
                 self.arch.encode(),
-                " ".join(PACKAGES + MASKED + _EXCLUDED + ENABLED).encode(),
+                " ".join(MINBASE + PACKAGES + MASKED + _EXCLUDED + ENABLED).encode(),
                 self.cmdline.encode(),
                 " ".join(READY).encode(),
                 kernel_id.encode(),
@@ -294,7 +297,7 @@ class _Builder(Steps):
             self.arch,
             self.suite,
             self.mirror,
-            ("?essential", "apt", *PACKAGES),
+            (*MINBASE, *PACKAGES),
             tar,
             (*hooks, "--skip=cleanup/apt/cache"),
         )

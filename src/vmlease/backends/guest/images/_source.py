@@ -29,7 +29,9 @@ __all__ = [
     "DISK_FORMATS",
     "Download",
     "Source",
+    "check_digest",
     "check_sha256",
+    "digest_of",
     "disk_format",
     "is_url",
     "sha256_of",
@@ -40,6 +42,7 @@ DISK_FORMATS = ("qcow2", "raw", "vmdk", "vdi", "vhdx", "vpc")
 _CHUNK = 1 << 20
 _PROGRESS_EVERY_S = 2.0
 _HEX = re.compile(r"[0-9a-f]{64}")
+_DIGEST = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
 #: Leading bytes of files people download instead of the disk inside them.
 _WRAPPERS = (
     (0, b"\xfd7zXZ\x00", "compressed with xz: unpack it (`unxz FILE`) and import the disk"),
@@ -67,12 +70,38 @@ def check_sha256(text: str | None) -> str | None:
     return value
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+def check_digest(text: str | None) -> str | None:
+    """``text`` (a sha256 as 64 hexadecimal digits, or ``sha256:HEX``, or
+    ``sha512:HEX`` as some distributions publish) as ``algorithm:hex``, or
+    ImageImportError if it is none of these."""
+    if text is None:
+        return None
+    value = text.strip().lower()
+    if _HEX.fullmatch(value):
+        return f"sha256:{value}"
+    if not _DIGEST.fullmatch(value):
+        raise ImageImportError(
+            f"--sha256 must be 64 hexadecimal digits (a SHA-256), or sha256:HEX or "
+            f"sha512:HEX, not {text!r}"
+        )
+    return value
+
+
+def _algorithm(want: str | None) -> str:
+    return (want or "sha256:").split(":", 1)[0]
+
+
+def digest_of(path: Path, algorithm: str = "sha256") -> str:
+    """``path``'s digest as ``algorithm:hex``."""
+    digest = hashlib.new(algorithm)
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
+    return f"{algorithm}:{digest.hexdigest()}"
+
+
+def sha256_of(path: Path) -> str:
+    return digest_of(path).removeprefix("sha256:")
 
 
 def _mib(n: float) -> str:
@@ -81,10 +110,11 @@ def _mib(n: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """An image's source, present as a local file: the file, and its sha256."""
+    """An image's source, present as a local file: the file, and its digest
+    (``sha256:HEX``, or ``sha512:HEX`` when that was asked for)."""
 
     path: Path
-    sha256: str
+    digest: str
 
 
 class Download:
@@ -113,15 +143,17 @@ class Download:
         self._timeout_s = timeout_s
         self._clock = clock
 
-    def __call__(self, dest: Path, sha256: str | None) -> Source:
-        """One attempt: ``dest`` holds the whole body and matches ``sha256`` (if
-        given), or is absent. DownloadError(transient=...) or ChecksumMismatch."""
+    def __call__(self, dest: Path, want: str | None) -> Source:
+        """One attempt: ``dest`` holds the whole body and matches ``want`` (a digest
+        as ``check_digest`` gives it, if given), or is absent.
+        DownloadError(transient=...) or ChecksumMismatch."""
+        want = check_digest(want)
         partial = dest.with_name(f".{dest.name}.part")
         try:
-            got = self._fetch(partial)
-            if sha256 is not None and got != sha256:
+            got = self._fetch(partial, _algorithm(want))
+            if want is not None and got != want:
                 raise ChecksumMismatch(
-                    f"{self.url} has sha256 {got}, not the {sha256} given: the download "
+                    f"{self.url} has {got}, not the {want} given: the download "
                     "is corrupt or the image has changed. Nothing was kept; check the "
                     "checksum (distributions publish SHA256SUMS beside their images)"
                 )
@@ -130,7 +162,7 @@ class Download:
         finally:
             partial.unlink(missing_ok=True)
 
-    def _fetch(self, partial: Path) -> str:
+    def _fetch(self, partial: Path, algorithm: str = "sha256") -> str:
         request = urllib.request.Request(self.url, headers={"User-Agent": "vmlease"})  # noqa: S310 - http(s) only, checked by the caller
         try:
             response = self._open(request, timeout=self._timeout_s)
@@ -145,12 +177,12 @@ class Download:
             why = getattr(exc, "reason", exc)
             raise DownloadError(f"{self.url} did not answer ({why})", transient=True) from exc
         with response:
-            return self._body(response, partial)
+            return self._body(response, partial, algorithm)
 
-    def _body(self, response: BinaryIO, partial: Path) -> str:
+    def _body(self, response: BinaryIO, partial: Path, algorithm: str) -> str:
         length = response.headers.get("Content-Length")  # type: ignore[attr-defined]
         total = int(length) if length and length.isdigit() else None
-        digest = hashlib.sha256()
+        digest = hashlib.new(algorithm)
         got = 0
         started = last = self._clock()
         self._say(f"downloading {self.url}" + (f" ({_mib(total)})" if total else ""))
@@ -182,7 +214,7 @@ class Download:
             )
         if got == 0:
             raise DownloadError(f"{self.url} answered with an empty body", transient=False)
-        return digest.hexdigest()
+        return f"{algorithm}:{digest.hexdigest()}"
 
 
 def disk_format(path: Path, runner: Runner, shown: str) -> tuple[str, int]:
