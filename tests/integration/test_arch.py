@@ -82,3 +82,38 @@ def test_an_arch_the_backend_cannot_run_is_refused_before_anything_is_made(
     tool = "orbctl" if backend == "orbstack" else "multipass"
     assert [c for c in double.calls(tool) if c[0] in ("create", "launch")] == []
     assert inventory(state, include_gone=True) == []
+
+
+@pytest.mark.parametrize(
+    ("backend", "image", "tool_image"),
+    [
+        ("orbstack", "ubuntu:22.04", "ubuntu:jammy"),
+        ("orbstack", "fedora-44", "fedora:44"),
+        ("multipass", "ubuntu-22.04", "22.04"),
+    ],
+)
+def test_a_catalog_name_means_the_tools_own_image_of_that_release(
+    double: Double, state: Path, backend: str, image: str, tool_image: str
+) -> None:
+    with vmlease.Session(backend=backend, state_dir=state) as session:
+        vm = session.create(image)
+        assert vm.spec.image == vmlease_name(image)
+    tool = "orbctl" if backend == "orbstack" else "multipass"
+    [create] = [c for c in double.calls(tool) if c[0] in ("create", "launch")]
+    assert tool_image in create
+
+
+def test_multipass_refuses_a_release_it_has_no_image_of_before_anything_is_made(
+    double: Double, state: Path
+) -> None:
+    with (
+        vmlease.Session(backend="multipass", state_dir=state) as session,
+        pytest.raises(vmlease.InvalidSpec, match="has no image of Fedora 44"),
+    ):
+        session.create("fedora-44")
+    assert [c for c in double.calls("multipass") if c[0] == "launch"] == []
+    assert inventory(state, include_gone=True) == []
+
+
+def vmlease_name(image: str) -> str:
+    return {"ubuntu:22.04": "ubuntu-22.04"}.get(image, image)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmlease._checks import Check, Severity
+from vmlease._distros import catalog, lookup
 from vmlease._errors import (
     BackendError,
     BackendTimeout,
@@ -25,6 +26,7 @@ from vmlease._errors import (
     BootError,
     ChannelError,
     GuestFileError,
+    InvalidSpec,
     VMNotFound,
 )
 from vmlease._runner import Completed, Runner, SubprocessRunner, find_program
@@ -115,6 +117,8 @@ class CliBackend(Backend):
     ready_poll_s = 0.2
     #: What the image ``tiny`` (the QEMU backend's default) means for this tool.
     default_image = "?"
+    #: Which of a catalog entry's names is this tool's (``Distro.orbstack``).
+    catalog_field = ""
 
     def __init__(
         self,
@@ -134,8 +138,24 @@ class CliBackend(Backend):
         self._run_binary = binary_runner or BinaryRunner()
 
     def image_ref(self, spec: VMSpec) -> str:
-        """The tool's name for ``spec``'s image."""
-        return self.default_image if spec.image == "tiny" else spec.image
+        """The tool's name for ``spec``'s image: its own image of a catalog name
+        (``ubuntu-22.04``); InvalidSpec if it has none; any other name as it is."""
+        if spec.image == "tiny":
+            return self.default_image
+        distro = lookup(spec.image, self._env)
+        if distro is None:
+            return spec.image
+        ref: str | None = getattr(distro, self.catalog_field, None)
+        if ref is None:
+            offered = sorted(
+                d.name for d in catalog(self._env).values() if getattr(d, self.catalog_field)
+            )
+            raise InvalidSpec(
+                f"the {self.name} backend has no image of {distro.title} ({distro.name}): "
+                f"it offers {', '.join(offered)} from the catalog. The qemu and libvirt "
+                "backends import the distribution's cloud image"
+            )
+        return ref
 
     # -- the tool ----------------------------------------------------------
 

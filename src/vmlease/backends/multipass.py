@@ -76,6 +76,7 @@ class MultipassBackend(CliBackend):
     start_hint = _START
     rules = _RULES
     default_image = DEFAULT_IMAGE
+    catalog_field = "multipass"
     ready_poll_s = 0.5
     capabilities = Capabilities(snapshots=False, stop_start=True, shared_namespace=True)
 

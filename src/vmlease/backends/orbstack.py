@@ -74,6 +74,7 @@ class OrbStackBackend(CliBackend):
     start_hint = _START
     rules = _RULES
     default_image = DEFAULT_IMAGE
+    catalog_field = "orbstack"
     capabilities = Capabilities(snapshots=False, stop_start=True, shared_namespace=True)
 
     def __init__(self, *, user: str | None = None, **options: Any) -> None:
