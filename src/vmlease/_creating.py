@@ -11,20 +11,44 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from vmlease._cleanup import mark_prefix
-from vmlease._errors import BackendError, VMAlreadyExists, VMLeaseError, VMNotFound
+from vmlease._errors import (
+    BackendError,
+    ConfigError,
+    VMAlreadyExists,
+    VMLeaseError,
+    VMNotFound,
+)
 from vmlease._identity import Owner
 from vmlease._ledger import Ledger, Record
 from vmlease._spec import VMSpec
 from vmlease._timeouts import DEFAULT
 from vmlease.backends import Backend
 
-__all__ = ["CreateAttempts", "claim", "mark"]
+__all__ = ["CreateAttempts", "claim", "mark", "positive", "requested"]
 
 log = logging.getLogger("vmlease")
+
+
+def requested(spec: VMSpec | None, asked: Mapping[str, object]) -> VMSpec:
+    """The spec a create asks for: ``spec`` whole, or the keywords ``asked``, not both."""
+    if spec is None:
+        return VMSpec.of(**asked)
+    if not isinstance(spec, VMSpec):
+        raise ConfigError(f"spec must be a VMSpec, not {spec!r}")
+    if VMSpec.of(**asked) != VMSpec():
+        raise ConfigError("give a VM's spec whole (spec=...) or by keywords, not both")
+    return spec
+
+
+def positive(timeout: object) -> float:
+    """``timeout`` as the seconds a boot may take; ConfigError unless it is more than 0."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"boot_timeout_s must be a positive number, not {timeout!r}")
+    return float(timeout)
 
 
 def claim(

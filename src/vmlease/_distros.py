@@ -7,8 +7,7 @@ backend reads it its own way:
   architecture, pinned here by URL and digest (taken from the distribution's
   published checksums, as Lima's templates record them), imported on first
   use; ``debian-12`` and ``debian-13`` are built locally from the archive
-  instead unless the cloud image is asked for (``vmlease image import
-  debian-12``);
+  instead, and ``debian-12-cloud`` is the distribution's cloud image;
 - OrbStack: its own image of that release (``ubuntu:jammy``);
 - Multipass: its own image where it has one (Ubuntu only).
 
@@ -125,26 +124,40 @@ def _ubuntu(version: str, code: str, release: str, amd64: str, arm64: str) -> Di
     )
 
 
-def _debian(version: str, code: str, release: str, amd64: str, arm64: str) -> Distro:
+def _debian(version: str, code: str, release: str, amd64: str, arm64: str) -> tuple[Distro, ...]:
+    """``debian-N``, which vmlease builds from the archive, and ``debian-N-cloud``,
+    the distribution's genericcloud image of the same release."""
     base = f"https://cloud.debian.org/images/cloud/{code}/{release}"
-    return Distro(
-        name=f"debian-{version}",
-        title=f"Debian {version} ({code})",
-        disks={
-            "x86_64": Disk(
-                f"{base}/debian-{version}-genericcloud-amd64-{release}.qcow2", f"sha512:{amd64}"
-            ),
-            "aarch64": Disk(
-                f"{base}/debian-{version}-genericcloud-arm64-{release}.qcow2", f"sha512:{arm64}"
-            ),
-        },
-        orbstack=f"debian:{code}",
-        built=True,
-        aliases=(f"debian:{version}", f"debian:{code}"),
+    disks = {
+        "x86_64": Disk(
+            f"{base}/debian-{version}-genericcloud-amd64-{release}.qcow2", f"sha512:{amd64}"
+        ),
+        "aarch64": Disk(
+            f"{base}/debian-{version}-genericcloud-arm64-{release}.qcow2", f"sha512:{arm64}"
+        ),
+    }
+    title = f"Debian {version} ({code})"
+    return (
+        Distro(
+            name=f"debian-{version}",
+            title=title,
+            disks=disks,
+            orbstack=f"debian:{code}",
+            built=True,
+            aliases=(f"debian:{version}", f"debian:{code}"),
+        ),
+        Distro(
+            name=f"debian-{version}-cloud",
+            title=f"{title}, the genericcloud image",
+            disks=disks,
+            orbstack=f"debian:{code}",
+        ),
     )
 
 
-def _rhel_like(name: str, title: str, base: str, stem: str, amd64: str, arm64: str) -> Distro:
+def _rhel_like(
+    name: str, title: str, base: str, stem: str, amd64: str, arm64: str, orbstack: str
+) -> Distro:
     return Distro(
         name=name,
         title=title,
@@ -152,6 +165,8 @@ def _rhel_like(name: str, title: str, base: str, stem: str, amd64: str, arm64: s
             "x86_64": Disk(f"{base}/x86_64/images/{stem}.x86_64.qcow2", f"sha256:{amd64}"),
             "aarch64": Disk(f"{base}/aarch64/images/{stem}.aarch64.qcow2", f"sha256:{arm64}"),
         },
+        orbstack=orbstack,
+        aliases=(orbstack,),
     )
 
 
@@ -177,7 +192,7 @@ CATALOG: dict[str, Distro] = {
             "ffe6203da54deeb6db5d2a98a83f9ec8e55f149d3f7ba622e1abe5fa966ee3d6",
             "7df0201546f75b8bcc1044594c806c35749421ad3c9bc1be2a3ab806cfae39cc",
         ),
-        _debian(
+        *_debian(
             "12",
             "bookworm",
             "20260712-2537",
@@ -186,7 +201,7 @@ CATALOG: dict[str, Distro] = {
             "52eb678130e85a9bf9f3cf4f7181e060fa60a5db45373717474c5ff9305645c5"
             "e6cab8b05ca042bcfa7921d2ca29cf9fd2e815f75abe2d168557ad7207af127b",
         ),
-        _debian(
+        *_debian(
             "13",
             "trixie",
             "20260712-2537",
@@ -218,6 +233,7 @@ CATALOG: dict[str, Distro] = {
             "Rocky-9-GenericCloud-Base-9.8-20260525.0",
             "92c206cc6f790c61583247eefe87890f8828420662c17cacf247cec78ab4eec8",
             "24692a444f1f0b8bb95375c38c8b43f8099a115347623691be2c330b40c8a1fe",
+            "rocky:9",
         ),
         _rhel_like(
             "almalinux-9",
@@ -226,6 +242,7 @@ CATALOG: dict[str, Distro] = {
             "AlmaLinux-9-GenericCloud-9.8-20260526",
             "c397eed7023e92c841155831b1f47e26300e5bef0f0256c129322307c897a251",
             "b5d883c5f84c68a9828fbd3aac863f9a723b43f8965a32ff7a1c198301f42a29",
+            "alma:9",
         ),
         Distro(
             name="opensuse-leap-15.6",

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmlease._errors import ConfigError
 from vmlease._paths import image_dir, megabytes
 from vmlease._present import Commands, seconds, table
 
@@ -38,13 +39,18 @@ def cmd_image_import(args: argparse.Namespace) -> int:
     from vmlease._retry import RetryPolicy
     from vmlease._session import Session
 
+    if args.source is None and args.sha256:
+        raise ConfigError("--sha256 goes with a SOURCE: a catalog name brings its own digest")
+    if args.source is not None and args.arch:
+        raise ConfigError("--arch goes with a catalog name, not a SOURCE")
+    options = {"sha256": args.sha256} if args.source is not None else {"arch": args.arch}
     policy = RetryPolicy.parse(os.environ.get("VMLEASE_RETRY", ""))
     with Session(backend="qemu", retry=policy) as session, Progress(sys.stderr) as progress:
         path = session.import_image(
             args.name,
             args.source,
             progress=progress,
-            sha256=args.sha256,
+            **options,
             user=args.user,
             user_data_file=Path(args.user_data) if args.user_data else None,
             seed=not args.no_seed,
@@ -52,6 +58,36 @@ def cmd_image_import(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
         )
     print(path)
+    return 0
+
+
+def cmd_image_catalog(args: argparse.Namespace) -> int:
+    from vmlease._distros import catalog
+    from vmlease._named import check_catalog
+
+    if args.check or args.verify:
+        checked = check_catalog(args.names, env=os.environ, download=args.verify)
+        if args.json:
+            print(json.dumps({"checked": [c.as_dict() for c in checked]}, indent=2))
+        else:
+            for c in checked:
+                print(f"{'ok  ' if c.ok else 'FAIL'}  {c.name} {c.arch}: {c.url}: {c.detail}")
+        return 0 if all(c.ok for c in checked) else 1
+    entries = catalog(os.environ)
+    if args.json:
+        out = {
+            n: {"title": d.title, "arches": sorted(d.disks), "orbstack": d.orbstack,
+                "multipass": d.multipass, "aliases": list(d.aliases), "built": d.built}
+            for n, d in entries.items()
+        }  # fmt: skip
+        print(json.dumps({"catalog": out}, indent=2))
+        return 0
+    rows = [
+        [n, ", ".join(sorted(d.disks)), d.orbstack or "-", d.multipass or "-",
+         "built here" if d.built else "imported", d.title]
+        for n, d in sorted(entries.items())
+    ]  # fmt: skip
+    print(table(["NAME", "ARCHES", "ORBSTACK", "MULTIPASS", "QEMU/LIBVIRT", "WHAT"], rows))
     return 0
 
 
@@ -154,10 +190,24 @@ def add_image_commands(sub: Commands, *, for_images: bool) -> None:
         "finish, and keeps the result as image NAME. Its VMs never run cloud-init again. "
         "Idempotent: the same source and options find the image up to date.",
     )
-    imp.add_argument("name", help="the image's name (what VMs ask for: image=NAME)")
-    imp.add_argument("source", help="a local qcow2 or raw disk, or an http(s) URL to one")
     imp.add_argument(
-        "--sha256", metavar="HEX", help="the source's SHA-256; a mismatch keeps nothing"
+        "name",
+        help="the image's name (what VMs ask for: image=NAME); without SOURCE, a name "
+        "in vmlease's catalog (ubuntu-22.04, ubuntu-24.04, debian-12, fedora-44, ...)",
+    )
+    imp.add_argument(
+        "source",
+        nargs="?",
+        help="a local qcow2 or raw disk, or an http(s) URL to one; default the catalog's "
+        "pinned image of NAME",
+    )
+    imp.add_argument(
+        "--sha256",
+        metavar="HEX",
+        help="the source's SHA-256 (or sha512:HEX); a mismatch keeps nothing",
+    )
+    imp.add_argument(
+        "--arch", help="with a catalog name: the architecture's image (default this machine's)"
     )
     imp.add_argument(
         "--user",
@@ -180,6 +230,21 @@ def add_image_commands(sub: Commands, *, for_images: bool) -> None:
         help="seconds the first boot may take, cloud-init included (default 900)",
     )
     imp.set_defaults(func=cmd_image_import)
+    cat = isub.add_parser(
+        "catalog",
+        help="list the distribution images vmlease knows by name, or check them on their mirrors",
+        description="Lists the catalog: each name, its architectures, OrbStack's and "
+        "Multipass's image of it, and whether the qemu and libvirt backends build it or "
+        "import the distribution's cloud image. --check asks each image's mirror whether "
+        "it is there; --verify downloads each and checks it against its digest.",
+    )
+    cat.add_argument("names", nargs="*", metavar="NAME", help="default: every entry")
+    cat.add_argument("--check", action="store_true", help="ask each mirror (HEAD requests)")
+    cat.add_argument(
+        "--verify", action="store_true", help="download each image and check its digest"
+    )
+    cat.add_argument("--json", action="store_true", help="print JSON")
+    cat.set_defaults(func=cmd_image_catalog)
     ils = isub.add_parser("ls", help="list cached images, their saved states and their sizes")
     ils.add_argument("--json", action="store_true", help="print JSON")
     ils.set_defaults(func=cmd_image_ls)

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +25,7 @@ from vmlease import backends as _backends
 from vmlease._checks import first_failure
 from vmlease._cleanup import Outcome
 from vmlease._cleanup import sweep as sweep_dead
-from vmlease._creating import CreateAttempts, claim, mark
+from vmlease._creating import CreateAttempts, claim, mark, positive, requested
 from vmlease._errors import (
     BackendError,
     ConfigError,
@@ -38,12 +39,13 @@ from vmlease._identity import Owner, current_owner
 from vmlease._ledger import Ledger, Record, VMState
 from vmlease._locks import Places, Slot
 from vmlease._metrics import Metrics, SessionStats
+from vmlease._named import check_or_import, pinned, progress
 from vmlease._naming import new_session_id, session_id_of, validate_name, vm_name
 from vmlease._paths import ensure_private_dir
 from vmlease._paths import state_dir as default_state_dir
 from vmlease._reaper import ReaperLink
 from vmlease._retry import Retrier, RetryPolicy
-from vmlease._spec import Network, VMSpec
+from vmlease._spec import Network, VMSpec, parse_arch
 from vmlease._vm import UNSUPPORTED, VM, Capability
 from vmlease.backends import Backend, Backends, Fault
 
@@ -359,18 +361,12 @@ class Session:
             raise VMStateError(f"session {self.id} is closed")
         asked = {"image": image, "cpus": cpus, "memory_mb": memory_mb}
         asked.update(network=network, disk_gb=disk_gb, user=user, arch=arch)
-        if spec is None:
-            spec = VMSpec.of(**asked)
-        elif not isinstance(spec, VMSpec):
-            raise ConfigError(f"spec must be a VMSpec, not {spec!r}")
-        elif VMSpec.of(**asked) != VMSpec():
-            raise ConfigError("give a VM's spec whole (spec=...) or by keywords, not both")
-        timeout = self.boot_timeout_s if boot_timeout_s is None else boot_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ConfigError(f"boot_timeout_s must be a positive number, not {timeout!r}")
+        spec = requested(spec, asked)
+        timeout = positive(self.boot_timeout_s if boot_timeout_s is None else boot_timeout_s)
         if name is not None:
             self._backend.validate_name(validate_name(name))
-        self._timed("check", lambda: self._backend.check_spec(spec))
+        named = partial(self.import_image, progress=progress.info)
+        self._timed("check", lambda: check_or_import(self._backend, spec, named, os.environ))
         self._protect()
         place = self._take_place()
         try:
@@ -515,9 +511,14 @@ class Session:
                 self._backend_delete(record.name)
             self._record(record.id, VMState.GONE)
 
-    def import_image(self, name: str, source: str, **options: Any) -> Path:
-        """Import the image at ``source`` as ``name`` (the backend's ``import_image``): its first
-        boot is this session's VM, each download retried under the session's policy."""
+    def import_image(
+        self, name: str, source: str | None = None, *, arch: str | None = None, **options: Any
+    ) -> Path:
+        """Import ``source`` as ``name`` (the backend's ``import_image``; its first boot is this
+        session's VM, each download retried under the session's policy); without ``source``,
+        the catalog's image ``name`` for ``arch`` (default this machine's), pinned."""
+        if source is None:
+            source, options["sha256"] = pinned(name, parse_arch(arch), env=os.environ)
 
         def retry(attempt: Callable[[], T]) -> T:
             total = self.retry_policy.total_s

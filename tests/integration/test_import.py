@@ -4,7 +4,6 @@ by cloud-init with vmlease's seed, then a normal image whose VMs never run cloud
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import shutil
@@ -12,18 +11,18 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 import vmlease
-from tests.support.cloud_image import build_cloud_image, missing_tools
+from tests.support.cloud_image import build_cloud_image
 from tests.support.killing import reapers_under, wait_until
 from tests.support.procs import processes_under
+from tests.support.serve import Served, serve
+from tests.support.serve import cloud_source as built_cloud_source
 from vmlease._paths import image_dir
 from vmlease.backends.guest.images import Image, load_current
 
@@ -38,24 +37,10 @@ runcmd:
 """
 
 
-@dataclass
-class Served:
-    """Files served on 127.0.0.1, and the paths asked for."""
-
-    url: str
-    root: Path
-    requests: list[str] = field(default_factory=list)
-
-
 @pytest.fixture(scope="module")
 def cloud_source() -> Path:
     """The cloud-style image (Debian, cloud-init, no agent, no keys), built once."""
-    need = missing_tools()
-    if need:
-        pytest.skip(f"building the test cloud image needs: apt-get install {' '.join(need)}")
-    if os.geteuid() != 0:
-        pytest.skip("building the test cloud image runs mmdebstrap as root")
-    return build_cloud_image(image_dir().parent / "test-data")
+    return built_cloud_source()
 
 
 @pytest.fixture(scope="module")
@@ -64,29 +49,10 @@ def server(cloud_source: Path) -> Iterator[Served]:
     root = Path(tempfile.mkdtemp(prefix="vmlease-served-"))
     (root / "cloud.qcow2").symlink_to(cloud_source)
     (root / "notes.txt").write_text("not a disk image\n" * 100)
-    served = Served("", root)
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, directory=str(root), **kwargs)  # type: ignore[arg-type]
-
-        def do_GET(self) -> None:
-            served.requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    served.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield served
+        with serve(root) as served:
+            yield served
     finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(10)
         shutil.rmtree(root, ignore_errors=True)
 
 

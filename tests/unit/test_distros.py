@@ -17,6 +17,8 @@ NAMES = {
     "ubuntu-24.04",
     "debian-12",
     "debian-13",
+    "debian-12-cloud",
+    "debian-13-cloud",
     "fedora-44",
     "rocky-9",
     "almalinux-9",

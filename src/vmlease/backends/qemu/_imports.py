@@ -21,13 +21,16 @@ the image's builds and becomes a build only when complete.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import os
 import re
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vmlease._errors import (
     BootError,
@@ -110,7 +113,29 @@ def _once(attempt: Callable[[], Source]) -> Source:
     return attempt()
 
 
-def import_image(
+def import_image(image_dir: Path, name: str, source: str, **options: Any) -> Image:
+    """Import ``source`` as image ``name`` (see ``_import`` for the options), one
+    import of a name at a time in the cache: another waits, then finds it done."""
+    if not IMAGE_NAME.fullmatch(name):
+        raise ImageImportError(
+            f"{name!r} cannot name an image: use lower-case letters, digits, '.', '_' "
+            "and '-', starting with a letter or digit, at most 63 characters"
+        )
+    if name in RECIPES:
+        raise ImageImportError(
+            f"{name!r} is an image vmlease builds (`vmlease image build {name}`): "
+            "import under another name"
+        )
+    image_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(image_dir / f".import-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # freed by the kernel if this process dies
+        return _import(image_dir, name, source, **options)
+    finally:
+        os.close(fd)
+
+
+def _import(
     image_dir: Path,
     name: str,
     source: str,
@@ -137,16 +162,6 @@ def import_image(
     other if the import dies), or else inside the import's work directory.
     """
     say = progress or (lambda _line: None)
-    if not IMAGE_NAME.fullmatch(name):
-        raise ImageImportError(
-            f"{name!r} cannot name an image: use lower-case letters, digits, '.', '_' "
-            "and '-', starting with a letter or digit, at most 63 characters"
-        )
-    if name in RECIPES:
-        raise ImageImportError(
-            f"{name!r} is an image vmlease builds (`vmlease image build {name}`): "
-            "import under another name"
-        )
     want = check_digest(sha256)
     user = check_user(user)
     extra: bytes | None = None
