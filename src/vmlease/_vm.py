@@ -23,6 +23,7 @@ from vmlease._errors import (
     CommandTimeout,
     ConfigError,
     GuestFileError,
+    UnsupportedOperation,
     VMLeaseError,
     VMStateError,
 )
@@ -30,7 +31,7 @@ from vmlease._ledger import VMState
 from vmlease._retry import RetryPolicy
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo
-from vmlease._waits import Check, listening_probe, poll, port_number
+from vmlease._waits import INIT_PROBE, Check, listening_probe, poll, port_number
 from vmlease.backends import Backend, ExecResult
 
 __all__ = ["UNSUPPORTED", "VM", "Capability", "CommandResult", "TranscriptEntry", "VMHost"]
@@ -519,9 +520,18 @@ class VM:
         )
 
     def wait_for_unit(self, unit: str, *, timeout_s: float = DEFAULT_WAIT_S) -> None:
-        """Wait until the systemd unit ``unit`` is active; WaitTimeout at once if it failed."""
+        """Wait until the systemd unit ``unit`` is active; WaitTimeout at once if it failed,
+        UnsupportedOperation at once in a guest whose init is not systemd."""
         if not isinstance(unit, str) or not _UNIT_RE.fullmatch(unit):
             raise ConfigError(f"not a systemd unit name: {unit!r}")
+        init = self.run(["sh", "-c", INIT_PROBE], timeout_s=30).stdout.strip()
+        if init != "systemd":
+            raise UnsupportedOperation(
+                f"VM {self.name} is not a systemd guest (its init is {init or 'unknown'}): "
+                f"there is no unit {unit} to wait for. Wait for what the service does "
+                "(wait_for_port), or for its own check (wait_until_succeeds, e.g. "
+                '["rc-service", "NAME", "status"] under OpenRC)'
+            )
 
         def once() -> Check[bool]:
             result = self.run(["systemctl", "is-active", unit], timeout_s=30)

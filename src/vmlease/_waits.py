@@ -16,9 +16,17 @@ from typing import Generic, TypeVar
 
 from vmlease._errors import ConfigError, WaitTimeout
 
-__all__ = ["Check", "listening_probe", "poll", "port_number"]
+__all__ = ["INIT_PROBE", "Check", "listening_probe", "poll", "port_number"]
 
 T = TypeVar("T")
+
+#: Prints the guest's init: ``systemd`` (its own test, as ``sd_booted`` makes it),
+#: ``openrc``, or ``busybox`` and the like (what PID 1 runs).
+INIT_PROBE = (
+    "if [ -d /run/systemd/system ]; then echo systemd; "
+    "elif [ -d /run/openrc ] || command -v openrc >/dev/null 2>&1; then echo openrc; "
+    'else basename "$(readlink /proc/1/exe 2>/dev/null || echo unknown)"; fi'
+)
 
 
 @dataclass(frozen=True, slots=True)

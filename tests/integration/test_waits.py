@@ -56,3 +56,12 @@ def test_wait_for_unit_on_debian(session: vmlease.Session, debian_image: Image) 
     assert "doomed.service is failed" in str(info.value)
     with pytest.raises(vmlease.ConfigError, match="not a systemd unit name"):
         vm.wait_for_unit("bad name; rm -rf /")
+
+
+def test_wait_for_unit_in_a_guest_without_systemd_says_so_at_once(
+    shared_vm: vmlease.VM,
+) -> None:
+    with pytest.raises(vmlease.UnsupportedOperation, match="not a systemd guest") as info:
+        shared_vm.wait_for_unit("ssh.service", timeout_s=600)
+    assert "its init is busybox" in str(info.value)
+    assert "wait_for_port" in str(info.value)
