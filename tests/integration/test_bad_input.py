@@ -25,7 +25,7 @@ BAD_INPUT: list[tuple[str, str, dict[str, object], type[Exception], str]] = [
     (
         "unknown image",
         "create",
-        {"image": "ubuntu-24.04"},
+        {"image": "no-such-image"},
         vmlease.ImageNotFound,
         "vmlease image build tiny",
     ),
