@@ -90,30 +90,30 @@ class _Builder(Steps):
         # The foreign image's busybox comes from the archive; the host's lists its applets.
         self.busybox = require_tools(self._what, tools)
         assert self.busybox is not None
+        guest = {n: guest_file(f"guest/{n}") for n in ("stage1-init", "rcS", "inittab")}
+        deb = self.kernel_package(self.downloads, self.kernel_deb) if native else None
+        if deb is not None:
+            # Up to date or not is known before anything is unpacked or compiled.
+            found = self._current(force, self._build_id(deb.name, self.busybox, guest))
+            if found is not None:
+                return found
         self.home.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".build-", dir=self.home) as tmp:
             work = Path(tmp)
             out = work / "out"
             out.mkdir()
-            if native:
-                busybox, pkg, kver, kernel_id, agent = self._native_parts(work, out)
+            if deb is not None:
+                busybox, kernel_id = self.busybox, deb.name
+                pkg, kver = self.unpack_kernel(deb, work, out)
+                self.say("compiling the guest agent")
+                agent = self.compile_agent(work)
             else:
                 busybox, pkg, kver, kernel_id, agent = self._foreign_parts(work, out)
-            guest = {n: guest_file(f"guest/{n}") for n in ("stage1-init", "rcS", "inittab")}
-            digest = hashlib.sha256()
-            for part in (
-                RECIPE_VERSION.encode(),
-                kernel_id.encode(),
-                hashlib.sha256(busybox.read_bytes()).digest(),
-                guest_file("agent.c"),
-                *guest.values(),
-            ):
-                digest.update(hashlib.sha256(part).digest())
-            build_id = digest.hexdigest()[:16]
+                found = self._current(force, self._build_id(kernel_id, busybox, guest))
+                if found is not None:
+                    return found
+            build_id = self._build_id(kernel_id, busybox, guest)
             final = self.home / build_id
-            if not force and existing_build(self.image_dir, self.home.name, build_id):
-                self.say(f"{self._what} image up to date ({build_id})")
-                return load_current(self.image_dir, "tiny", self.arch)
             self.stage1_initramfs(busybox, pkg, kver, out / "initrd.cpio")
             self.say("making the root disk")
             root = work / "root"
@@ -151,14 +151,24 @@ class _Builder(Steps):
     def _what(self) -> str:
         return "tiny" if self.arch == "x86_64" else f"tiny {debian_arch(self.arch)}"
 
-    def _native_parts(self, work: Path, out: Path) -> tuple[Path, Path, str, str, Path]:
-        """busybox, the unpacked kernel package, its release, its identity, the agent:
-        this host's own busybox and compiler, the cloud kernel fetched by apt."""
-        assert self.busybox is not None
-        deb = self.kernel_package(self.downloads, self.kernel_deb)
-        pkg, kver = self.unpack_kernel(deb, work, out)
-        self.say("compiling the guest agent")
-        return self.busybox, pkg, kver, deb.name, self.compile_agent(work)
+    def _build_id(self, kernel_id: str, busybox: Path, guest: dict[str, bytes]) -> str:
+        digest = hashlib.sha256()
+        for part in (
+            RECIPE_VERSION.encode(),
+            kernel_id.encode(),
+            hashlib.sha256(busybox.read_bytes()).digest(),
+            guest_file("agent.c"),
+            *guest.values(),
+        ):
+            digest.update(hashlib.sha256(part).digest())
+        return digest.hexdigest()[:16]
+
+    def _current(self, force: bool, build_id: str) -> Image | None:
+        """The build ``build_id``, made current, if it exists (and ``force`` is off)."""
+        if force or not existing_build(self.image_dir, self.home.name, build_id):
+            return None
+        self.say(f"{self._what} image up to date ({build_id})")
+        return load_current(self.image_dir, "tiny", self.arch)
 
     def _foreign_parts(self, work: Path, out: Path) -> tuple[Path, Path, str, str, Path]:
         """The same for another architecture (``_foreign.py``): Debian's kernel and
