@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmlease._distros import Distro, catalog, lookup, mirrored
-from vmlease._errors import DownloadError, ImageImportError, ImageNotFound
+from vmlease._errors import DownloadError, ImageImportError, ImageNotFound, UnsupportedOperation
 from vmlease._spec import VMSpec, host_arch
 from vmlease.backends import Backend
 
@@ -138,7 +138,14 @@ def check_or_import(
         spec.image,
         distro.title,
     )
-    do_import(spec.image, arch=spec.arch)
+    try:
+        do_import(spec.image, arch=spec.arch)
+    except UnsupportedOperation as exc:
+        raise ImageNotFound(
+            f"{spec.image} is not in the {backend.name} backend's image cache, and that "
+            f"backend imports nothing itself: import it once with `vmlease image import "
+            f"{spec.image}` (the qemu backend's cache, which {backend.name} uses)"
+        ) from exc
     backend.check_spec(spec)
 
 
