@@ -160,7 +160,7 @@ def resets(image: str, memory_mb: int, runs: int) -> dict[str, Any]:
                     vm.run(["sh", "-c", "echo dirt > /root/dirt"], check=True)
                     reset = _timed(ways[mode])
                     if mode == "mapped":
-                        phases.append(backends[mode].start_timings)
+                        phases.append(backends[mode].start_timings(vm.name))
                     first = _timed(vm.run, ["true"])
                     time.sleep(1.0)
                     later = _timed(vm.run, ["true"])

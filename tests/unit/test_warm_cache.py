@@ -167,3 +167,18 @@ def test_a_vm_of_a_mapped_state_is_charged_the_memory_it_holds_of_its_own() -> N
     with pytest.raises(BackendError, match=r"not enough memory .* 2048 MB: .*--vm-max"):
         check_memory(spec, mapped=False, available=OWN_BYTES + 1024 * 2**20)
     check_memory(spec, mapped=False, available=OWN_BYTES + 2048 * 2**20)
+
+
+def test_each_vms_start_keeps_its_own_phase_times() -> None:
+    from vmlease.backends.qemu._starts import Starts
+
+    starts = Starts(None, None, lambda: "qemu-img", None)  # type: ignore[arg-type]
+    starts.lap("a", "", first=True)
+    starts.lap("b", "", first=True)
+    starts.lap("a", "kill")
+    starts.lap("b", "launch")
+    starts.lap("a", "launch")
+    assert list(starts.timings("a")) == ["kill", "launch"]
+    assert list(starts.timings("b")) == ["launch"]
+    starts.forget("a")
+    assert starts.timings("a") == {}

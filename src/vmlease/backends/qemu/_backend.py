@@ -159,7 +159,7 @@ class QemuBackend(AgentOperations, Backend):
             self._image_dir, self._env, warm_start=warm_start, states_per_image=states_per_image
         )
         self._starts = Starts(
-            self._procs, self._run, self._qemu, lambda: self.require(self._qemu_img), self.warm
+            self._procs, self._run, lambda: self.require(self._qemu_img), self.warm
         )
         # VMs booted by this process whose booted state is to be saved: name -> its
         # key, image, and the memory file it boots on (a mapped state) or None.
@@ -220,6 +220,7 @@ class QemuBackend(AgentOperations, Backend):
         return self._procs.dir(name)
 
     def _forget(self, name: str) -> None:
+        self._starts.forget(name)
         self._save_after_boot.pop(name, None)
         self._fresh.pop(name, None)
         self._booting.pop(name, None)
@@ -388,17 +389,16 @@ class QemuBackend(AgentOperations, Backend):
         with live.lock:
             channel = self._procs.channel(name, live, max(1.0, deadline - time.monotonic()))
             self._authorize(name, channel, deadline)
-            self._starts.lap("login")
+            self._starts.lap(name, "login")
             if self._read_record(name).get("forwards"):
                 self._apply_forwards(name, {}, max(1.0, deadline - time.monotonic()))
             self._grow_root(name, channel, deadline)
-            self._starts.lap("forwards and disk size")
-        log.debug("VM %s started from its state: %s", name, self.start_timings)
+            self._starts.lap(name, "forwards and disk size")
+        log.debug("VM %s started from its state: %s", name, self.start_timings(name))
 
-    @property
-    def start_timings(self) -> dict[str, float]:
-        """Where the last start from a state (or reset) spent its time, by phase."""
-        return dict(self._starts.timings)
+    def start_timings(self, name: str) -> dict[str, float]:
+        """Where VM ``name``'s last start from a state (or reset) spent its time, by phase."""
+        return self._starts.timings(name)
 
     def reset(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
         """Back to the moment VM ``name`` was made: a new QEMU from its mapped booted

@@ -57,7 +57,6 @@ class Starts:
     Args:
         procs: the backend's processes.
         run: runs ``qemu-img``.
-        qemu: the emulator as the user named it (for errors).
         qemu_img: finds ``qemu-img``.
         warm: the saved states (None when warm starts are off).
     """
@@ -66,28 +65,37 @@ class Starts:
         self,
         procs: Processes,
         run: Runner,
-        qemu: str,
         qemu_img: Callable[[], str],
         warm: WarmCache | None,
     ) -> None:
         self._procs = procs
         self._run = run
-        self._qemu = qemu
         self._qemu_img = qemu_img
         self.warm = warm
-        #: Where the last start (or reset) of a VM spent its time, in seconds by
-        #: phase, in order: what ``benchmarks/resets.py`` prints and the log says.
-        self.timings: dict[str, float] = {}
-        self._lap = 0.0
+        # Where each VM's last start (or reset) spent its time, in seconds by phase,
+        # in order, and when its last phase ended: each VM its own, since two
+        # resets run at once.
+        self._timings: dict[str, dict[str, float]] = {}
+        self._laps: dict[str, float] = {}
 
-    def lap(self, phase: str, *, first: bool = False) -> None:
-        """Note that ``phase`` of a start ended now (``first``: the start begins)."""
+    def lap(self, name: str, phase: str, *, first: bool = False) -> None:
+        """Note that ``phase`` of VM ``name``'s start ended now (``first``: it begins)."""
         now = time.perf_counter()
         if first:
-            self.timings = {}
+            self._timings[name] = {}
         else:
-            self.timings[phase] = self.timings.get(phase, 0.0) + now - self._lap
-        self._lap = now
+            timings = self._timings.setdefault(name, {})
+            timings[phase] = timings.get(phase, 0.0) + now - self._laps.get(name, now)
+        self._laps[name] = now
+
+    def timings(self, name: str) -> dict[str, float]:
+        """Where VM ``name``'s last start from a state (or reset) spent its time, by
+        phase: what ``benchmarks/resets.py`` prints and the debug log says."""
+        return dict(self._timings.get(name, {}))
+
+    def forget(self, name: str) -> None:
+        self._timings.pop(name, None)
+        self._laps.pop(name, None)
 
     def start(
         self,
@@ -110,7 +118,7 @@ class Starts:
         vm_dir = self._procs.dir(name)
         mapped = found.mode is MemoryMode.MAPPED
         if not timed:
-            self.lap("", first=True)
+            self.lap(name, "", first=True)
         try:
             if mapped:
                 limit = max(1.0, deadline - time.monotonic())
@@ -123,22 +131,22 @@ class Starts:
                 with contextlib.suppress(FileNotFoundError):
                     shutil.copyfile(found.console, vm_dir / CONSOLE_LOG)
             argv = with_ram(launch, RamFile(found.ram, shared=False) if mapped else None)
-            self.lap("disk")
+            self.lap(name, "disk")
             self._procs.launch(
                 name,
                 [*argv, "-incoming", "defer"],
                 max(1.0, deadline - time.monotonic()),
-                qemu=self._qemu,
+                qemu=argv[0],
             )
-            self.lap("launch")
+            self.lap(name, "launch")
             live = self._procs.attach(name)
             with live.lock:
                 load_state(vm_dir, name, found, deadline)
-                self.lap("load")
+                self.lap(name, "load")
                 channel = self._procs.channel(name, live, max(1.0, deadline - time.monotonic()))
-                self.lap("connect")
+                self.lap(name, "connect")
                 channel.wake_as(name, found.key, _WAKE_TIMEOUT_S)
-                self.lap("wake")
+                self.lap(name, "wake")
         except BackendTimeout:
             raise
         except (VMLeaseError, OSError) as exc:
@@ -210,10 +218,10 @@ class Starts:
             )
         if not found.ram.is_file():
             raise BackendError(f"VM {name} cannot be reset: its booted state {found.path} is gone")
-        self.lap("", first=True)
+        self.lap(name, "", first=True)
         self._stop(name)
         (vm_dir / DISK).unlink(missing_ok=True)
-        self.lap("kill")
+        self.lap(name, "kill")
         self.start(name, list(record["argv"]), found, deadline, fall_back=False, timed=True)
         return found
 
