@@ -34,7 +34,8 @@ export PATH=/venv/bin:$PATH
 echo "== host: $PRETTY_NAME, $(qemu-system-x86_64 --version | head -1), $(python3 --version)"
 vmlease image build tiny
 echo "== tiny kernel: $(vmlease image ls --json | python3 -c "$KERNEL")"
-python -m pytest -c examples/pytest.ini examples --ignore=examples/debian -q -p no:cacheprovider
+python -m pytest -c examples/pytest.ini examples --ignore=examples/debian \\
+    --ignore=examples/multiarch -q -p no:cacheprovider
 vmlease image build debian-12
 python -m pytest -c examples/pytest.ini examples/debian -q -p no:cacheprovider
 python -m pytest tests/unit -q -p no:cacheprovider

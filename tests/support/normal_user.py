@@ -17,6 +17,7 @@ checkout under ``/root``), the user gets a copy of them and of the examples.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -208,6 +209,16 @@ class NormalUser:
             if subprocess.run(["pgrep", "-u", self.name], capture_output=True).returncode:
                 break
             subprocess.run(["sleep", "0.1"], check=False)
+        # What the user's runs left in the shared temporary directory (pytest's
+        # pytest-of-NAME, for one) goes with the user.
+        tmp = Path(tempfile.gettempdir())
+        for entry in tmp.iterdir():
+            with contextlib.suppress(OSError):
+                if entry.lstat().st_uid == self.uid:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink()
         subprocess.run(
             ["userdel", "--remove", "--force", self.name], capture_output=True, env=env, check=False
         )
