@@ -15,6 +15,10 @@ import vmlease
 
 INSTALLER = Path(__file__).parent / "installer" / "install.sh"
 
+# The suites that need Debian images run when named (scripts/example debian,
+# scripts/example multiarch); a plain run of examples/ is the quick-start suite.
+collect_ignore = ["debian", "multiarch"]
+
 
 @pytest.fixture
 def machine(vm: vmlease.VM) -> vmlease.VM:
