@@ -20,6 +20,7 @@ mirror's URLs); ``$VMLEASE_IMAGE_MIRRORS`` rewrites URL prefixes
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -316,17 +317,30 @@ def _from_json(name: str, data: object, where: str) -> Distro:
 def catalog(env: Mapping[str, str] | None = None) -> dict[str, Distro]:
     """The catalog: vmlease's, with the entries of ``$VMLEASE_CATALOG`` laid over it."""
     env = os.environ if env is None else env
-    found = dict(CATALOG)
     path = env.get("VMLEASE_CATALOG")
-    if path:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"VMLEASE_CATALOG={path}: cannot read it as JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"VMLEASE_CATALOG={path}: must be an object of entries by name")
-        for name, entry in data.items():
-            found[str(name)] = _from_json(str(name), entry, f"VMLEASE_CATALOG={path}")
+    if not path:
+        return dict(CATALOG)
+    try:
+        stamp = Path(path).stat().st_mtime_ns
+    except OSError as exc:
+        raise ConfigError(f"VMLEASE_CATALOG={path}: cannot read it as JSON ({exc})") from None
+    return dict(_with_file(path, stamp))
+
+
+@functools.lru_cache(maxsize=8)
+def _with_file(path: str, stamp: int) -> dict[str, Distro]:
+    """The catalog with the entries of the file ``path`` as it was at ``stamp`` (its
+    modification time): read once, since every spec made asks for aliases."""
+    del stamp  # part of the cache's key only
+    found = dict(CATALOG)
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"VMLEASE_CATALOG={path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"VMLEASE_CATALOG={path}: must be an object of entries by name")
+    for name, entry in data.items():
+        found[str(name)] = _from_json(str(name), entry, f"VMLEASE_CATALOG={path}")
     return found
 
 
