@@ -41,14 +41,15 @@ def cmd_image_import(args: argparse.Namespace) -> int:
 
     if args.source is None and args.sha256:
         raise ConfigError("--sha256 goes with a SOURCE: a catalog name brings its own digest")
-    if args.source is not None and args.arch:
-        raise ConfigError("--arch goes with a catalog name, not a SOURCE")
-    options = {"sha256": args.sha256} if args.source is not None else {"arch": args.arch}
+    options = {"sha256": args.sha256} if args.source is not None else {}
+    if args.firmware:
+        options["firmware"] = args.firmware
     policy = RetryPolicy.parse(os.environ.get("VMLEASE_RETRY", ""))
     with Session(backend="qemu", retry=policy) as session, Progress(sys.stderr) as progress:
         path = session.import_image(
             args.name,
             args.source,
+            arch=args.arch,
             progress=progress,
             **options,
             user=args.user,
@@ -207,7 +208,14 @@ def add_image_commands(sub: Commands, *, for_images: bool) -> None:
         help="the source's SHA-256 (or sha512:HEX); a mismatch keeps nothing",
     )
     imp.add_argument(
-        "--arch", help="with a catalog name: the architecture's image (default this machine's)"
+        "--arch",
+        help="the image's architecture: x86_64 (amd64) or aarch64 (arm64); default this machine's",
+    )
+    imp.add_argument(
+        "--firmware",
+        choices=("bios", "uefi"),
+        help="what the image boots through (default: the catalog's word for a catalog name, "
+        "else bios on x86_64; arm64 images boot through uefi)",
     )
     imp.add_argument(
         "--user",

@@ -20,12 +20,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vmlease._distros import Distro, catalog, lookup, mirrored
+from vmlease._distros import catalog, lookup, mirrored
 from vmlease._errors import DownloadError, ImageImportError, ImageNotFound, UnsupportedOperation
-from vmlease._spec import VMSpec, host_arch
+from vmlease._spec import VMSpec
 from vmlease.backends import Backend
 
-__all__ = ["Checked", "check_catalog", "check_or_import", "parse_checksums", "pinned"]
+__all__ = [
+    "Checked",
+    "catalog_source",
+    "check_catalog",
+    "check_or_import",
+    "parse_checksums",
+    "pinned",
+]
 
 progress = logging.getLogger("vmlease.progress")
 
@@ -93,7 +100,6 @@ def pinned(
             f"{distro.name}`); its cloud image is {distro.name}-cloud: "
             f"`vmlease image import {distro.name}-cloud`"
         )
-    _importable(distro, arch)
     disk = distro.disk(arch)
     url = mirrored(disk.url, env)
     if disk.digest:
@@ -102,20 +108,14 @@ def pinned(
     return url, parse_checksums(text, disk.url.rsplit("/", 1)[-1])
 
 
-def _importable(distro: Distro, arch: str) -> None:
-    """ImageImportError where vmlease's imports cannot set ``distro`` up yet."""
-    if arch != host_arch():
-        raise ImageImportError(
-            f"vmlease imports cloud images for this machine's architecture ({host_arch()}) "
-            f"only; {distro.name} for {arch} would boot through UEFI on an emulated machine, "
-            "which imports do not do yet. For arm64 guests, build tiny, debian-12 or "
-            "debian-13 with `vmlease image build NAME --arch arm64`"
-        )
-    if distro.boot == "uefi":
-        raise ImageImportError(
-            f"{distro.name}'s cloud image boots through UEFI only, which vmlease's imports "
-            "do not do yet (they boot through the BIOS)"
-        )
+def catalog_source(name: str, options: dict[str, Any], *, env: Mapping[str, str]) -> str:
+    """The URL of the catalog's image ``name`` for ``options["arch"]``; its digest and
+    firmware go into ``options`` (``sha256``, ``firmware``) for the import."""
+    url, options["sha256"] = pinned(name, options["arch"], env=env)
+    distro = lookup(name, env)
+    if distro is not None:
+        options.setdefault("firmware", distro.boot if options["arch"] == "x86_64" else "uefi")
+    return url
 
 
 def check_or_import(

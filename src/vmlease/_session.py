@@ -39,7 +39,7 @@ from vmlease._identity import Owner, current_owner
 from vmlease._ledger import Ledger, Record, VMState
 from vmlease._locks import Places, Slot
 from vmlease._metrics import Metrics, SessionStats
-from vmlease._named import check_or_import, pinned, progress
+from vmlease._named import catalog_source, check_or_import, progress
 from vmlease._naming import new_session_id, session_id_of, validate_name, vm_name
 from vmlease._paths import ensure_private_dir
 from vmlease._paths import state_dir as default_state_dir
@@ -497,10 +497,8 @@ class Session:
 
     @contextlib.contextmanager
     def vm_for(self, purpose: str) -> Iterator[str]:
-        """A VM name this session owns, for a VM its backend makes outside
-        :meth:`create` (an image import's first boot, say): recorded in the
-        ledger first and protected like any VM, so the reaper deletes it if
-        this process dies; deleted on leaving."""
+        """A VM name this session owns, for a VM its backend makes outside :meth:`create` (an
+        import's first boot): recorded first, so the reaper deletes it if this process dies."""
         self._protect()
         record = self._claim(None, VMSpec(image=purpose))
         self._transition(record.id, VMState.CREATING)
@@ -516,9 +514,14 @@ class Session:
     ) -> Path:
         """Import ``source`` as ``name`` (the backend's ``import_image``; its first boot is this
         session's VM, each download retried under the session's policy); without ``source``,
-        the catalog's image ``name`` for ``arch`` (default this machine's), pinned."""
-        if source is None:
-            source, options["sha256"] = pinned(name, parse_arch(arch), env=os.environ)
+        the catalog's image ``name`` for ``arch`` (default this machine's), pinned. A backend
+        whose images another one imports (libvirt's: qemu's) has a session of that one do it."""
+        options["arch"] = parse_arch(arch)
+        source = source or catalog_source(name, options, env=os.environ)
+        if (by := self._backend.imported_by()) is not None:
+            policy = self.retry_policy
+            with Session(by[0], state_dir=self.state_dir, backend_options=by[1], retry=policy) as s:
+                return s.import_image(name, source, **options)
 
         def retry(attempt: Callable[[], T]) -> T:
             total = self.retry_policy.total_s
@@ -560,13 +563,9 @@ class Session:
         )
 
     def close(self) -> None:
-        """Delete every VM of this session that still exists, then close the
-        ledger. Safe to call twice.
-
-        Ctrl-C and SIGTERM wait until the deleting is done. Raises
-        BackendError naming the VMs that could not be deleted (they stay in
-        the ledger as failed, and the reaper tries again).
-        """
+        """Delete every VM of this session that still exists, then close the ledger; safe to
+        call twice. Ctrl-C and SIGTERM wait until the deleting is done. Raises BackendError
+        naming the VMs that could not be deleted (failed in the ledger; the reaper tries again)."""
         failures = []
         with _signals.shielded("deleting this session's VMs"):
             self._closed = True

@@ -176,6 +176,7 @@ def test_the_seed_makes_a_key_only_sudo_user_and_installs_the_agent() -> None:
             public_key="ssh-ed25519 AAAA k",
             agent=b"\x7fELF",
             unit=b"[Unit]\n",
+            openrc=b"#!/sbin/openrc-run\n",
         )
     )
     (account,) = config["users"]
@@ -187,8 +188,14 @@ def test_the_seed_makes_a_key_only_sudo_user_and_installs_the_agent() -> None:
     assert {f["path"] for f in config["write_files"]} == {
         "/usr/sbin/vmlease-agent",
         "/etc/systemd/system/vmlease-agent.service",
+        "/etc/init.d/vmlease-agent",
     }
-    assert ["systemctl", "enable", "--now", "vmlease-agent.service"] in config["runcmd"]
+    # The agent runs under whichever init the guest has, and the user gets a shell it has.
+    scripts = [argv[2] for argv in config["runcmd"] if argv[:2] == ["sh", "-c"]]
+    start = scripts[-1]
+    assert "systemctl enable --now vmlease-agent.service" in start
+    assert "rc-update add vmlease-agent default" in start
+    assert any("tester:" in script and "/bin/sh" in script for script in scripts)
 
 
 def test_root_as_the_seed_user_gets_the_key_and_no_new_account() -> None:

@@ -18,7 +18,7 @@ from vmlease.backends.guest.images import AGENT_PROTOCOL, Image
 from vmlease.backends.libvirt._domain import DomainFiles, domain_xml
 from vmlease.backends.libvirt._lease import Lease
 from vmlease.backends.qemu._accel import tcg_aslr
-from vmlease.backends.qemu._launch import Accel, LaunchConfig, qemu_argv
+from vmlease.backends.qemu._launch import Accel, LaunchConfig, find_uefi, qemu_argv
 
 OWNER = Owner(session_id="s", pid=1, start_time=2, boot_id="b", host="h")
 FILES = DomainFiles(disk="/pool/d", console="/pool/c", kernel="/pool/k", initrd="/pool/i")
@@ -111,3 +111,57 @@ def test_an_arm64_image_boots_on_virt_with_its_own_console_and_no_x86_settings()
     cmdline = argv[argv.index("-append") + 1]
     assert "console=ttyAMA0" in cmdline
     assert "tsc_early_khz" not in describe("n", spec, image, kvm=False, tsc_khz=2000).cmdline
+
+
+@pytest.mark.parametrize(
+    ("arch", "firmware", "machine", "rom"),
+    [
+        ("x86_64", "uefi", "q35,", "/ovmf.fd"),
+        ("aarch64", "uefi", "virt,", "/aavmf.fd"),
+        ("x86_64", "bios", "q35,", None),
+    ],
+)
+def test_an_imported_image_boots_through_its_firmware_with_devices_in_fixed_slots(
+    arch: str, firmware: str, machine: str, rom: str | None
+) -> None:
+    p = Path("/img")
+    image = Image(
+        "cloud", "b", p, p, p, p / "d", "", 256, "max", 0, {"agent_protocol": AGENT_PROTOCOL},
+        network=Network.USER, boot="firmware", arch=arch, firmware=firmware,
+    )  # fmt: skip
+    config = LaunchConfig(f"qemu-system-{arch}", Accel.TCG, None, arch=arch, uefi=rom)
+    spec = VMSpec(image="cloud", arch=arch)
+    argv = qemu_argv(config, Path("/vm"), "n", spec, image)
+    assert argv[argv.index("-M") + 1].startswith(machine)
+    assert "-kernel" not in argv
+    assert (argv[argv.index("-bios") + 1] if "-bios" in argv else None) == rom
+    assert f"virtio-blk-pci,drive=disk0,bootindex=0,addr={Slot.DISK:#x}" in argv
+    assert any(
+        a.startswith("virtio-net-pci,") and a.endswith(f"addr={Slot.NETWORK:#x}") for a in argv
+    )
+    # libvirt runs the same firmware from ROM, with no NVRAM file to leave behind.
+    lease = Lease.new(OWNER, lease_s=60, now=0.0)
+    dom = ET.fromstring(domain_xml("n", spec, image, FILES, lease))  # noqa: S314 - XML made here
+    loader = dom.find("os/loader")
+    assert (loader is not None) == (rom is not None)
+    if loader is not None:
+        assert loader.get("type") == "rom"
+        assert str(loader.text).endswith(".fd")
+    assert dom.find("os/nvram") is None
+    assert dom.find("features/acpi") is not None
+
+
+def test_a_uefi_image_on_a_machine_without_uefi_firmware_is_refused_with_the_package() -> None:
+    p = Path("/img")
+    image = Image(
+        "cloud", "b", p, p, p, p / "d", "", 256, "cortex-a57", 0, {}, boot="firmware",
+        arch="aarch64", firmware="uefi",
+    )  # fmt: skip
+    config = LaunchConfig("qemu-system-aarch64", Accel.TCG, None, arch="aarch64")
+    with pytest.raises(ConfigError, match="apt-get install qemu-efi-aarch64"):
+        qemu_argv(config, Path("/vm"), "n", VMSpec(image="cloud", arch="arm64"), image)
+
+
+def test_uefi_firmware_is_the_one_named_or_none_for_an_architecture_without_any() -> None:
+    assert find_uefi("qemu", "x86_64", {"VMLEASE_UEFI_X86_64": "/mine.fd"}) == "/mine.fd"
+    assert find_uefi("qemu", "riscv64", {}) is None

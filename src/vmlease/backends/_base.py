@@ -252,6 +252,11 @@ class Backend(abc.ABC):
             "backend, whose image cache the libvirt backend uploads from"
         )
 
+    def imported_by(self) -> tuple[str, dict[str, object]] | None:
+        """The backend (its name and options) whose imports fill this one's image cache,
+        if another one's do; None if this one imports, or nothing does."""
+        return None
+
     def image_usage(self) -> builtins.list[dict[str, object]]:
         """What the backend's image cache holds, image by image (``vmlease image
         ls``): each image's name, current build, builds and saved states, with

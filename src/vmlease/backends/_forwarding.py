@@ -130,6 +130,9 @@ class ForwardingBackend(Backend):
     ) -> Path:
         return self.inner.import_image(name, source, boot_vm=boot_vm, retry=retry, **options)
 
+    def imported_by(self) -> tuple[str, dict[str, object]] | None:
+        return self.inner.imported_by()
+
     def image_usage(self) -> builtins.list[dict[str, object]]:
         return self.inner.image_usage()
 

@@ -10,10 +10,13 @@ Two layouts:
   ("Unable to calibrate against PIT"). An arm64 one boots the same way on
   ``virt``, whose virtio-mmio slots the kernel finds in the device tree, with
   its console on the PL011 UART (``ttyAMA0``, in the image's command line);
-- an imported image boots as it would anywhere, on ``q35`` through the
-  BIOS, with its PCI devices in fixed slots: the guest names its network
-  interface by slot (``enp0s4``), and the first boot's seed disk must not
-  move it.
+- an imported image boots as it would anywhere, through firmware and its
+  own boot loader: on ``q35`` through the BIOS or UEFI (OVMF) on x86_64, on
+  ``virt`` through UEFI on arm64; its PCI devices sit in fixed slots, since
+  the guest names its network interface by slot (``enp0s4``) and the first
+  boot's seed disk must not move it. The UEFI firmware runs from ROM, with
+  its variables in memory: nothing of a VM lives outside its directory, and
+  a saved state holds the firmware with the rest of the machine.
 
 Either way: one disk, a random-number device, a user-mode network unless
 the VM asks for none, and a virtio-serial bus with the agent's ports (the
@@ -29,7 +32,7 @@ from vmlease._spec import Network, VMSpec
 from vmlease.backends.guest._agent import AGENT_PORT, VISITOR_PORT
 from vmlease.backends.guest.images import Image
 
-__all__ = ["MAC", "TB_CACHE_MIB", "Machine", "Slot", "describe"]
+__all__ = ["MAC", "TB_CACHE_MIB", "UEFI_PACKAGES", "UEFI_ROMS", "Machine", "Slot", "describe"]
 
 #: QEMU's own default address for a first network card. An imported image's
 #: network configuration names the address it was first booted with, and
@@ -40,9 +43,30 @@ MAC = "52:54:00:12:34:56"
 #: 512 MB Debian guest's QEMU near 280 MB, against over 1 GB.
 TB_CACHE_MIB = 64
 
+#: UEFI firmware that QEMU runs from ROM (``-bios``), by guest architecture:
+#: Debian's ``ovmf`` and ``qemu-efi-aarch64``, Arch's and Fedora's edk2 builds,
+#: and the edk2 images QEMU's own ``make install`` puts beside its binaries.
+UEFI_ROMS = {
+    "x86_64": (
+        "/usr/share/ovmf/OVMF.fd",
+        "/usr/share/qemu/OVMF.fd",
+        "/usr/share/edk2/x64/OVMF.fd",
+        "/usr/share/edk2-ovmf/x64/OVMF.fd",
+    ),
+    "aarch64": (
+        "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd",
+        "/usr/share/AAVMF/AAVMF_CODE.fd",
+        "/usr/share/edk2/aarch64/QEMU_EFI.fd",
+        "/usr/share/edk2/aarch64/QEMU_CODE.fd",
+        "edk2-aarch64-code.fd",
+    ),
+}
+#: Where each architecture's UEFI firmware comes from on Debian.
+UEFI_PACKAGES = {"x86_64": "ovmf", "aarch64": "qemu-efi-aarch64"}
+
 
 class Slot(enum.IntEnum):
-    """PCI slots of an imported image's devices (q35)."""
+    """PCI slots of an imported image's devices (``q35``, or ``virt`` on arm64)."""
 
     DISK = 3
     NETWORK = 4
@@ -59,8 +83,9 @@ class Machine:
         name: the VM's name (its hostname too).
         arch: the guest's architecture (``x86_64``, ``aarch64``).
         cpus, memory_mb: its shape.
-        firmware: ``q35`` booted through the BIOS (an imported image); else
-            ``microvm`` booted from ``kernel``/``initrd`` with ``cmdline``.
+        firmware: booted through firmware and the image's boot loader (an
+            imported image); else booted from ``kernel``/``initrd`` with ``cmdline``.
+        uefi: that firmware is UEFI (else the BIOS).
         kvm: hardware virtualisation (``cpu`` is then the host's).
         cpu: the CPU model under TCG (``max`` is QEMU's everything-on model).
         qboot: the ROM a built image boots through on microvm; None for QEMU's default.
@@ -81,6 +106,7 @@ class Machine:
     qboot: str | None = None
     ports: tuple[str, ...] = field(default=(AGENT_PORT,))
     arch: str = "x86_64"
+    uefi: bool = False
 
     @property
     def machine_type(self) -> str:
@@ -140,4 +166,5 @@ def describe(
         qboot=None if firmware or image.arch != "x86_64" else qboot,
         ports=(AGENT_PORT, VISITOR_PORT) if image.serves_visitors else (AGENT_PORT,),
         arch=image.arch,
+        uefi=firmware and (image.firmware == "uefi" or image.arch != "x86_64"),
     )

@@ -175,6 +175,9 @@ class LibvirtBackend(AgentOperations, Backend):
     def preflight(self, *, cheap: bool = False) -> list[Check]:
         return preflight(self.hosts, kvm=self.kvm, cheap=cheap)
 
+    def imported_by(self) -> tuple[str, dict[str, object]] | None:
+        return ("qemu", {"image_dir": self._image_dir})  # its image cache is the qemu backend's
+
     # -- the Backend primitives ----------------------------------------------
 
     def check_spec(self, spec: VMSpec) -> None:

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from vmlease._errors import InvalidSpec
 from vmlease._spec import Network, VMSpec
-from vmlease.backends.guest._machine import MAC, TB_CACHE_MIB, Machine, Slot, describe
+from vmlease.backends.guest._machine import (
+    MAC,
+    TB_CACHE_MIB,
+    UEFI_ROMS,
+    Machine,
+    Slot,
+    describe,
+)
 from vmlease.backends.guest.images import Image
 from vmlease.backends.libvirt._lease import Lease
 
@@ -112,6 +119,9 @@ def render(
     os_ = _sub(root, "os")
     _sub(os_, "type", "hvm", arch=machine.arch, machine=machine.machine_type)
     if machine.firmware:
+        if machine.uefi:
+            # Like the qemu backend's -bios: the firmware from ROM, no NVRAM file.
+            _sub(os_, "loader", UEFI_ROMS[machine.arch][0], readonly="yes", type="rom")
         _sub(os_, "boot", dev="hd")
     else:
         if machine.qboot:
@@ -124,7 +134,7 @@ def render(
         # QEMU's -M virt,gic-version=3; ACPI on arm64 needs UEFI, which a built image
         # does without (its kernel reads the device tree).
         _sub(features, "gic", version="3")
-    else:
+    if machine.arch != "aarch64" or machine.uefi:
         _sub(features, "acpi")
     if machine.kvm:
         _sub(root, "cpu", mode="host-passthrough")

@@ -28,7 +28,7 @@ from vmlease._errors import BackendUnavailable, ConfigError
 from vmlease._procfs import boot_id, host_tsc_khz
 from vmlease._runner import Completed, Runner, find_program
 from vmlease._spec import host_arch
-from vmlease.backends.qemu._launch import Accel, LaunchConfig, find_qboot
+from vmlease.backends.qemu._launch import Accel, LaunchConfig, find_qboot, find_uefi
 
 __all__ = [
     "EMULATOR_PACKAGES",
@@ -229,6 +229,7 @@ def probe_config(
         qboot=find_qboot(qemu) if x86 else None,
         aslr=tcg_aslr(env),
         arch=arch,
+        uefi=find_uefi(qemu, arch, env),
     )
     return config, reason
 

@@ -63,11 +63,12 @@ from vmlease.backends.qemu._disks import check_room, explain_silence, grow_disk,
 from vmlease.backends.qemu._housekeeping import prune, usage
 from vmlease.backends.qemu._imports import import_image
 from vmlease.backends.qemu._launch import (
-    CONSOLE_LOG,
     QMP_SOCKET,
     LaunchConfig,
     RamFile,
+    console_tail,
     qemu_argv,
+    require_firmware,
     with_ram,
 )
 from vmlease.backends.qemu._mapped import boot_ram, save_devices, state_meta
@@ -236,7 +237,7 @@ class QemuBackend(AgentOperations, Backend):
             self._image_dir,
             name,
             source,
-            config=self.launch_config(),
+            config=self.launch_config(options.pop("arch", None)),
             state_dir=self._state_dir,
             runner=self._run,
             boot_root=self.root,
@@ -266,6 +267,7 @@ class QemuBackend(AgentOperations, Backend):
         self.require(self._qemu_img)
         image = find_image(self._image_dir, spec.image, spec.arch)
         check_fits(image, spec)
+        require_firmware(config, image)
         check_room(self.root, self.warm, config, spec, image, self.memory_mode()[0])
 
     def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
@@ -587,11 +589,7 @@ class QemuBackend(AgentOperations, Backend):
             self._apply_forwards(name, {}, timeout_s)  # as they were before the restore
 
     def console_tail(self, name: str, lines: int = 40) -> str:
-        try:
-            text = (self._dir(name) / CONSOLE_LOG).read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return console_tail(self._dir(name), lines)
 
     def visit(self) -> None:
         self._procs.visit()

@@ -2,12 +2,14 @@
 
 The source (a local file, or an http(s) URL downloaded whole and checked
 against ``--sha256``) is converted into the build's own qcow2 disk. That disk
-boots once, the way it would in a cloud: BIOS, its boot loader, its own
-kernel and initramfs (``-M q35``), with a cloud-init NoCloud seed made by
+boots once, the way it would in a cloud: firmware (the BIOS, or UEFI for
+arm64 images and those that boot through nothing else), its boot loader, its
+own kernel and initramfs, with a cloud-init NoCloud seed made by
 vmlease (``images/_seed.py``) that creates the SSH user, installs the vmlease
 agent and runs the user's ``--user-data``. When cloud-init has finished
 (asked through the agent: ``cloud-init status --wait``), vmlease disables
-cloud-init in the guest and powers it off: the disk is the image. VMs of the
+cloud-init in the guest and powers it off (through systemd, or OpenRC's
+``poweroff``): the disk is the image. VMs of the
 image then never run cloud-init; they boot (or start from a saved booted
 state) like any other image.
 
@@ -43,7 +45,9 @@ from vmlease._runner import Runner
 from vmlease._spec import Network, VMSpec
 from vmlease._ssh import ensure_key
 from vmlease.backends.guest._agent import AgentChannel
-from vmlease.backends.guest.images import AGENT_PROTOCOL, RECIPES, Image, load_current
+from vmlease.backends.guest._machine import UEFI_PACKAGES
+from vmlease.backends.guest.images import AGENT_PROTOCOL, RECIPES, Image, cache_name, load_current
+from vmlease.backends.guest.images._foreign import compile_agent, cross_tools
 from vmlease.backends.guest.images._seed import (
     check_user,
     check_user_data,
@@ -87,15 +91,43 @@ BOOT_DIR = "first-boot"
 _NO_CLOUD_INIT_GRACE_S = 20.0
 _POWEROFF_S = 120.0
 #: Up: systemd has finished starting units and the SSH server runs (Debian's and
-#: Ubuntu's unit is ssh.service, Fedora's sshd.service).
+#: Ubuntu's unit is ssh.service, Fedora's sshd.service); or, under OpenRC
+#: (Alpine), the default runlevel is reached and its SSH service started (waited
+#: for, as systemd's --wait does; the caller's deadline bounds it).
 READY = (
     "sh",
     "-c",
+    "if [ -d /run/systemd/system ]; then "
     "systemctl is-system-running --wait >/dev/null; s=$(systemctl is-system-running); "
     'case "$s" in running|degraded) systemctl is-active --quiet ssh.service '
     "|| systemctl is-active --quiet sshd.service ;; "
-    '*) echo "systemd is $s"; exit 1 ;; esac',
+    '*) echo "systemd is $s"; exit 1 ;; esac; '
+    "elif command -v rc-status >/dev/null; then "
+    'until [ "$(rc-status --runlevel)" = default ] && { rc-service sshd status '
+    ">/dev/null 2>&1 || rc-service ssh status >/dev/null 2>&1; }; do sleep 0.2; done; "
+    'else echo "neither systemd nor OpenRC runs"; exit 1; fi',
 )
+#: Keeps cloud-init from running again: systemd's generator reads the file; under
+#: OpenRC its services leave every runlevel.
+DISABLE_CLOUD_INIT = (
+    "sh",
+    "-c",
+    "touch /etc/cloud/cloud-init.disabled; if [ ! -d /run/systemd/system ] && "
+    "command -v rc-update >/dev/null; then for s in cloud-init-local cloud-init cloud-config "
+    'cloud-final; do rc-update -a del "$s" >/dev/null 2>&1; done; fi; true',
+)
+#: Powers the guest off under whichever init it runs.
+POWEROFF = (
+    "sh",
+    "-c",
+    "if [ -d /run/systemd/system ]; then systemctl poweroff --no-block; else poweroff; fi",
+)
+#: The firmware an imported image boots through unless told: the BIOS on
+#: x86_64 (every distribution's image boots through it), UEFI elsewhere.
+DEFAULT_FIRMWARE = {"x86_64": "bios"}
+#: The CPU emulated for an imported image: distributions build x86_64 for
+#: different levels (RHEL 9: v2), so every feature; arm64 ones for ARMv8.0.
+IMPORT_TCG_CPU = {"x86_64": "max", "aarch64": "cortex-a57"}
 #: Grows the root partition (growpart) and its file system to the disk's size.
 GROW_ROOT = (
     "sh",
@@ -106,7 +138,7 @@ GROW_ROOT = (
     'case $(findmnt -no FSTYPE /) in ext*) resize2fs "$src" ;; xfs) xfs_growfs / ;; '
     "btrfs) btrfs filesystem resize max / ;; esac",
 )
-_TOOLS = {"qemu-img": "qemu-utils", "gcc": "gcc"}
+_TOOLS = {"qemu-img": "qemu-utils"}
 
 
 def _once(attempt: Callable[[], Source]) -> Source:
@@ -154,14 +186,19 @@ def _import(
     timeout_s: float = 900.0,
     boot_root: Path | None = None,
     boot_name: str = BOOT_DIR,
+    firmware: str | None = None,
 ) -> Image:
     """Import ``source`` as image ``name`` (or find it up to date); returns the image.
 
     The first boot runs as VM ``boot_name`` under ``boot_root`` (the backend's
     VM directories, so that the VM's owner, a session, deletes it like any
     other if the import dies), or else inside the import's work directory.
+    The image is for ``config.arch`` and boots through ``firmware`` (``bios``
+    or ``uefi``; ``DEFAULT_FIRMWARE`` if None).
     """
     say = progress or (lambda _line: None)
+    arch = config.arch
+    firmware = _firmware(arch, firmware, config)
     want = check_digest(sha256)
     user = check_user(user)
     extra: bytes | None = None
@@ -182,10 +219,17 @@ def _import(
             )
         if not local.is_file():
             raise ImageImportError(f"{source} does not exist (or is not a file)")
-    require_tools(f"{name} (import)", _TOOLS, busybox=False)
+    compiler = cross_tools(arch)
+    compiler.pop("mmdebstrap", None)
+    require_tools(f"{name} (import)", {**_TOOLS, **compiler}, busybox=False)
 
     unit = guest_file("guest/debian/vmlease-agent.service")
-    inputs = (user, extra or b"", kind, seed, unit, guest_file("agent.c"))
+    openrc = guest_file("guest/openrc/vmlease-agent")
+    inputs: tuple[object, ...] = (user, extra or b"", kind, seed, unit, guest_file("agent.c"))
+    inputs += (openrc, " ".join(POWEROFF + DISABLE_CLOUD_INIT), IMPORT_TCG_CPU[arch])
+    if (arch, firmware) != ("x86_64", "bios"):
+        inputs += (arch, firmware)
+    folder = cache_name(name, arch)
 
     def build_id(digest: str) -> str:
         h = hashlib.sha256()
@@ -197,11 +241,11 @@ def _import(
             )
         return h.hexdigest()[:16]
 
-    if want is not None and not force and existing_build(image_dir, name, build_id(want)):
+    if want is not None and not force and existing_build(image_dir, folder, build_id(want)):
         say(f"{name} image up to date ({build_id(want)})")
-        return load_current(image_dir, name)
+        return load_current(image_dir, name, arch)
 
-    home = image_dir / name
+    home = image_dir / folder
     home.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=".import-", dir=home) as tmp:
@@ -220,10 +264,10 @@ def _import(
                 )
         fmt, size = disk_format(path, runner, source)
         bid = build_id(digest)
-        if not force and existing_build(image_dir, name, bid):
+        if not force and existing_build(image_dir, folder, bid):
             say(f"{name} image up to date ({bid})")
-            return load_current(image_dir, name)
-        first = _FirstBoot(work, name, bid, config, runner, say, boot_root, boot_name)
+            return load_current(image_dir, name, arch)
+        first = _FirstBoot(work, name, bid, config, runner, say, boot_root, boot_name, firmware)
         steps = Steps(runner, say)
         say(f"converting the {fmt} disk ({size / 2**30:.1f} GiB) to qcow2")
         first.make_dir()
@@ -247,7 +291,7 @@ def _import(
         seed_iso = None
         if seed:
             say("compiling the guest agent")
-            agent = steps.compile_agent(work).read_bytes()
+            agent = compile_agent(steps, arch, work).read_bytes()
             _key, public = ensure_key(state_dir, runner)
             seed_iso = work / "seed.iso"
             write_seed(
@@ -260,6 +304,7 @@ def _import(
                         public_key=public,
                         agent=agent,
                         unit=unit,
+                        openrc=openrc,
                         extra=extra,
                         extra_kind=kind,
                     ),
@@ -276,6 +321,8 @@ def _import(
             "build_id": bid,
             "built_at": time.time(),
             "boot": "firmware",
+            "arch": arch,
+            "firmware": firmware,
             "kernel": "",
             "initrd": "",
             "disk": "disk.qcow2",
@@ -286,8 +333,7 @@ def _import(
             "ssh_user": user,
             "disk_bytes": size,
             "grow_root": list(GROW_ROOT) if facts.get("growpart") else [],
-            # Distributions build for different x86-64 levels (RHEL 9: v2): emulate all.
-            "tcg_cpu": "max",
+            "tcg_cpu": IMPORT_TCG_CPU[arch],
             "info": {
                 "source": source,
                 "sha256" if digest.startswith("sha256:") else "digest": digest.removeprefix(
@@ -304,7 +350,26 @@ def _import(
         }
         publish(out, home / bid, manifest)
     say(f"{name} imported ({bid}) in {time.monotonic() - started:.0f} s: {home / bid}")
-    return load_current(image_dir, name)
+    return load_current(image_dir, name, arch)
+
+
+def _firmware(arch: str, given: str | None, config: LaunchConfig) -> str:
+    """The firmware an image for ``arch`` boots through: ``given`` or the default;
+    ImageImportError, before anything is fetched, if this host cannot."""
+    if arch not in IMPORT_TCG_CPU:
+        raise ImageImportError(f"vmlease imports no images for {arch}")
+    firmware = given or DEFAULT_FIRMWARE.get(arch, "uefi")
+    if firmware not in ("bios", "uefi"):
+        raise ImageImportError(f"firmware {firmware!r}: use 'bios' or 'uefi'")
+    if firmware == "bios" and arch != "x86_64":
+        raise ImageImportError(f"{arch} machines have no BIOS: their images boot through UEFI")
+    if firmware == "uefi" and config.uefi is None:
+        raise ImageImportError(
+            f"the image boots through UEFI, and this machine has no UEFI firmware for {arch} "
+            f"guests: install it with `apt-get install {UEFI_PACKAGES.get(arch, 'ovmf')}` "
+            f"(or name its file in VMLEASE_UEFI_{arch.upper()})"
+        )
+    return firmware
 
 
 class _FirstBoot:
@@ -320,6 +385,7 @@ class _FirstBoot:
         say: Progress,
         root: Path | None = None,
         vm_name: str = BOOT_DIR,
+        firmware: str = "bios",
     ) -> None:
         self.procs = Processes(root or work, runner)
         self.name = vm_name
@@ -336,12 +402,15 @@ class _FirstBoot:
             disk=self.disk,
             cmdline="",
             min_memory_mb=MIN_MEMORY_MB,
-            tcg_cpu="max",
+            tcg_cpu=IMPORT_TCG_CPU[config.arch],
             size_bytes=0,
             info={},
             network=Network.USER,
             boot="firmware",
+            arch=config.arch,
+            firmware=firmware,
         )
+        self.firmware = firmware
         self.config = config
         self.say = say
 
@@ -375,6 +444,16 @@ class _FirstBoot:
             self.procs.close()
             kill_all(self.vm_dir)
 
+    def _machine(self) -> str:
+        if self.config.arch != "x86_64":
+            return f"a UEFI {self.config.arch} (virt) machine"
+        kind = "UEFI" if self.firmware == "uefi" else "BIOS"
+        other = "bios" if self.firmware == "uefi" else "uefi"
+        return (
+            f"a {kind} (q35) machine; if it boots through {other.upper()} only, "
+            f"import it with --firmware {other}"
+        )
+
     def _console(self, lines: int) -> str:
         try:
             text = (self.vm_dir / CONSOLE_LOG).read_text(errors="replace")
@@ -390,7 +469,7 @@ class _FirstBoot:
             if wait_exit(live, 0):
                 raise ImageImportError(
                     "the imported image's first boot ended before the vmlease agent "
-                    "answered: it does not boot under QEMU as a BIOS (q35) machine\n"
+                    f"answered: it does not boot under QEMU as {self._machine()}\n"
                     + self._console(30)
                 )
             try:
@@ -448,7 +527,7 @@ class _FirstBoot:
             if code != 0:
                 raise ImageImportError(f"cloud-init did not create the user {user}: {said}")
             # The image is set up: its VMs never run cloud-init again.
-            self._exec(channel, ["touch", "/etc/cloud/cloud-init.disabled"], deadline)
+            self._exec(channel, list(DISABLE_CLOUD_INIT), deadline)
         code, said = self._exec(channel, ["sh", "-c", "command -v growpart"], deadline)
         if code == 0:
             facts["growpart"] = said
@@ -460,5 +539,5 @@ class _FirstBoot:
         self._exec(channel, ["sync"], deadline)
         # The channel may close under the command: the wait for QEMU's exit decides.
         with contextlib.suppress(VMLeaseError):
-            self._exec(channel, ["systemctl", "poweroff", "--no-block"], deadline)
+            self._exec(channel, list(POWEROFF), deadline)
         return facts

@@ -10,12 +10,22 @@ absolute, because ``-daemonize`` moves QEMU to ``/`` once it is up.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmlease._errors import ConfigError
 from vmlease._spec import Network, VMSpec
 from vmlease.backends.guest._agent import AGENT_PORT, VISITOR_PORT
-from vmlease.backends.guest._machine import MAC, TB_CACHE_MIB, Machine, Slot, describe
+from vmlease.backends.guest._machine import (
+    MAC,
+    TB_CACHE_MIB,
+    UEFI_PACKAGES,
+    UEFI_ROMS,
+    Machine,
+    Slot,
+    describe,
+)
 from vmlease.backends.guest.images import Image
 
 __all__ = [
@@ -29,9 +39,12 @@ __all__ = [
     "VISITOR_SOCKET",
     "Accel",
     "RamFile",
+    "console_tail",
     "find_qboot",
+    "find_uefi",
     "qemu_argv",
     "render",
+    "require_firmware",
     "with_ram",
 ]
 
@@ -48,6 +61,21 @@ def find_qboot(qemu: str) -> str | None:
         rom = Path(folder) / "qboot.rom"
         if rom.is_file():
             return str(rom)
+    return None
+
+
+def find_uefi(qemu: str, arch: str, env: Mapping[str, str]) -> str | None:
+    """The UEFI firmware ``arch`` guests boot through: ``$VMLEASE_UEFI_<ARCH>``
+    (``VMLEASE_UEFI_X86_64``), else the first of ``UEFI_ROMS`` installed (a bare
+    name is looked for beside ``qemu``'s own firmware); None if there is none."""
+    named = env.get(f"VMLEASE_UEFI_{arch.upper()}")
+    if named:
+        return named
+    beside = Path(qemu).resolve().parent.parent / "share/qemu"
+    for rom in UEFI_ROMS.get(arch, ()):
+        path = Path(rom) if rom.startswith("/") else beside / rom
+        if path.is_file():
+            return str(path)
     return None
 
 
@@ -121,6 +149,8 @@ class LaunchConfig:
             TCG (``$VMLEASE_TCG_ASLR=on``); off by default there, since it makes
             TCG translate every process's libraries again (``guest/_machine.py``).
         arch: the guests' architecture, which ``qemu`` emulates or runs.
+        uefi: the UEFI firmware imported images of ``arch`` boot through
+            (``find_uefi``), or None if the host has none.
     """
 
     qemu: str
@@ -131,6 +161,7 @@ class LaunchConfig:
     qboot: str | None = None
     aslr: bool = False
     arch: str = "x86_64"
+    uefi: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "accel", Accel(self.accel))  # "kvm" or "tcg" given as text
@@ -160,11 +191,37 @@ def qemu_argv(
         qboot=config.qboot,
         aslr=config.aslr,
     )
-    return render(machine, config.qemu, vm_dir, seed=seed)
+    require_firmware(config, image)
+    return render(machine, config.qemu, vm_dir, seed=seed, uefi=config.uefi)
 
 
-def render(machine: Machine, qemu: str, vm_dir: Path, *, seed: Path | None = None) -> list[str]:
-    """``machine`` as a QEMU command line, run by ``qemu`` in ``vm_dir``."""
+def require_firmware(config: LaunchConfig, image: Image) -> None:
+    """ConfigError if ``image`` boots through UEFI and this machine has no UEFI
+    firmware for it."""
+    uefi = image.firmware == "uefi" or image.arch != "x86_64"
+    if image.boot == "firmware" and uefi and config.uefi is None:
+        raise ConfigError(
+            f"{image.name} boots through UEFI, and this machine has no UEFI firmware "
+            f"for {image.arch} guests: install it with `apt-get install "
+            f"{UEFI_PACKAGES.get(image.arch, 'ovmf')}` (or name its file in "
+            f"VMLEASE_UEFI_{image.arch.upper()})"
+        )
+
+
+def console_tail(vm_dir: Path, lines: int) -> str:
+    """The last ``lines`` of the VM's console ("" if it has none)."""
+    try:
+        text = (vm_dir / CONSOLE_LOG).read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def render(
+    machine: Machine, qemu: str, vm_dir: Path, *, seed: Path | None = None, uefi: str | None = None
+) -> list[str]:
+    """``machine`` as a QEMU command line, run by ``qemu`` in ``vm_dir``; ``uefi`` is
+    the firmware a UEFI machine boots through."""
     if machine.kvm:
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -177,11 +234,19 @@ def render(machine: Machine, qemu: str, vm_dir: Path, *, seed: Path | None = Non
         return "" if slot is None else f",addr={slot:#x}"
 
     boot: list[str] = []
+    if machine.uefi:
+        # From ROM, its variables in memory: the firmware keeps nothing outside the
+        # VM, and a saved state holds it like the rest of the machine.
+        boot = ["-bios", uefi or ""]
     if machine.arch == "aarch64":
         # GICv3 takes more than 8 vCPUs, and is what KVM on arm64 hosts offers.
         platform = ["-M", f"virt,gic-version=3,memory-backend={RAM_ID}"]
-        boot = ["-kernel", machine.kernel, "-initrd", machine.initrd, "-append", machine.cmdline]
-        disk_device = "virtio-blk-device,drive=disk0"
+        if machine.firmware:
+            disk_device = f"virtio-blk-pci,drive=disk0,bootindex=0{at(Slot.DISK)}"
+        else:
+            boot = ["-kernel", machine.kernel, "-initrd", machine.initrd]
+            boot += ["-append", machine.cmdline]
+            disk_device = "virtio-blk-device,drive=disk0"
     elif machine.firmware:
         platform = ["-M", f"q35,memory-backend={RAM_ID}"]
         disk_device = f"virtio-blk-pci,drive=disk0,bootindex=0{at(Slot.DISK)}"

@@ -81,6 +81,8 @@ class Image:
             ``firmware`` (an imported image's own boot loader and kernel,
             ``-M q35``); ``kernel``, ``initrd`` and ``cmdline`` matter for ``pvh`` only.
         arch: the architecture its programs are built for (``x86_64``, ``aarch64``).
+        firmware: what a ``firmware`` image boots through: ``bios`` or ``uefi``
+            (every arm64 one is ``uefi``).
     """
 
     name: str
@@ -101,6 +103,7 @@ class Image:
     grow_root: tuple[str, ...] = ()
     boot: str = "pvh"
     arch: str = "x86_64"
+    firmware: str = "bios"
 
     @property
     def folder(self) -> str:
@@ -140,6 +143,7 @@ def _load(build: Path) -> Image:
         grow_root=tuple(str(a) for a in data.get("grow_root", ())),
         boot=str(data.get("boot", "pvh")),
         arch=str(data.get("arch", "x86_64")),
+        firmware=str(data.get("firmware", "bios")),
     )
 
 

@@ -3,7 +3,8 @@
 The seed is an ISO 9660 disk labelled ``cidata`` holding ``meta-data``
 (instance id, hostname) and ``user-data``: a cloud-config that makes the SSH
 user (key only, passwordless sudo, no password anywhere), installs the vmlease
-agent as a systemd service and starts it. A user's own ``--user-data`` file
+agent as a service of the guest's init (systemd's unit, or an OpenRC script on
+Alpine) and starts it. A user's own ``--user-data`` file
 is a second part of a MIME multipart message, merged so that its lists add
 to vmlease's (``runcmd``, ``write_files``, ``packages``) instead of
 replacing them.
@@ -27,6 +28,16 @@ __all__ = ["USER_RULE", "check_user", "check_user_data", "meta_data", "user_data
 
 AGENT_PATH = "/usr/sbin/vmlease-agent"
 UNIT_PATH = "/etc/systemd/system/vmlease-agent.service"
+OPENRC_PATH = "/etc/init.d/vmlease-agent"
+#: Enables and starts the agent under the init that runs; gives the user a shell
+#: the guest has (Alpine has no bash).
+_START = (
+    "if [ -d /run/systemd/system ]; then systemctl daemon-reload && "
+    "systemctl enable --now vmlease-agent.service; "
+    "elif command -v rc-update >/dev/null; then rc-update add vmlease-agent default && "
+    "rc-service vmlease-agent start; "
+    'else echo "vmlease: no systemd or OpenRC to run the agent" >&2; exit 1; fi'
+)
 #: A user-data file's first line, and the MIME type cloud-init knows it by.
 _KINDS = {
     "#cloud-config": "cloud-config",
@@ -72,7 +83,9 @@ def meta_data(instance_id: str, hostname: str) -> bytes:
     return json.dumps({"instance-id": instance_id, "local-hostname": hostname}).encode() + b"\n"
 
 
-def _config(hostname: str, user: str, public_key: str, agent: bytes, unit: bytes) -> str:
+def _config(
+    hostname: str, user: str, public_key: str, agent: bytes, unit: bytes, openrc: bytes
+) -> str:
     keys = [public_key] if public_key else []
     account: dict[str, object] = {
         "name": user,
@@ -81,6 +94,12 @@ def _config(hostname: str, user: str, public_key: str, agent: bytes, unit: bytes
         "sudo": "ALL=(ALL) NOPASSWD:ALL",
         "ssh_authorized_keys": keys,
     }
+    runcmd = [["sh", "-c", _START]]
+    if user != "root":
+        shell = (
+            f"[ -x /bin/bash ] || sed -i 's|^\\({user}:.*:\\)/bin/bash$|\\1/bin/sh|' /etc/passwd"
+        )
+        runcmd.insert(0, ["sh", "-c", shell])
     config: dict[str, object] = {
         "hostname": hostname,
         "users": [] if user == "root" else [account],
@@ -94,11 +113,13 @@ def _config(hostname: str, user: str, public_key: str, agent: bytes, unit: bytes
                 "content": base64.b64encode(gzip.compress(agent, mtime=0)).decode(),
             },
             {"path": UNIT_PATH, "permissions": "0644", "content": unit.decode()},
+            *(
+                [{"path": OPENRC_PATH, "permissions": "0755", "content": openrc.decode()}]
+                if openrc
+                else []
+            ),
         ],
-        "runcmd": [
-            ["systemctl", "daemon-reload"],
-            ["systemctl", "enable", "--now", "vmlease-agent.service"],
-        ],
+        "runcmd": runcmd,
     }
     if user == "root":
         config["ssh_authorized_keys"] = keys
@@ -113,11 +134,13 @@ def user_data(
     public_key: str,
     agent: bytes,
     unit: bytes,
+    openrc: bytes = b"",
     extra: bytes | None = None,
     extra_kind: str = "cloud-config",
 ) -> bytes:
-    """The seed's user-data: vmlease's cloud-config, then the user's part, if any."""
-    ours = _config(hostname, user, public_key, agent, unit)
+    """The seed's user-data: vmlease's cloud-config, then the user's part, if any.
+    ``unit`` runs the agent under systemd, ``openrc`` under OpenRC."""
+    ours = _config(hostname, user, public_key, agent, unit, openrc)
     if extra is None:
         return ours.encode()
     message = MIMEMultipart(boundary="==vmlease-seed==")
