@@ -9,7 +9,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 APT_PACKAGES=(qemu-system-x86 qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-utils busybox-static lz4 zstd xz-utils e2fsprogs gcc libc6-dev mmdebstrap
-    uidmap openssh-client genisoimage python3 python3-venv syslinux syslinux-common mtools dosfstools rsync)
+    uidmap openssh-client genisoimage python3 python3-venv ovmf qemu-efi-aarch64 syslinux syslinux-common mtools
+    dosfstools systemd-boot-efi rsync)
 APT_UPDATED=0
 
 apt_install() {

@@ -22,7 +22,9 @@ import pytest
 import vmlease
 from tests.support.cloud_image import build_cloud_image, missing_tools
 from tests.support.cloud_image_arm64 import TOOLS, build_arm64_cloud_image
+from tests.support.libvirtd import LibvirtDaemon
 from tests.support.serve import Served, serve
+from vmlease._inventory import inventory
 from vmlease._paths import image_dir
 from vmlease._retry import RetryPolicy
 from vmlease.backends.guest.images._debian import build_debian
@@ -56,11 +58,21 @@ def arm64_cloud() -> Path:
     )
 
 
+@pytest.fixture(scope="module")
+def images() -> Iterator[Path]:
+    """The image cache of this module's tests: the Alpine-shaped image is imported
+    once, by whichever test asks first (the libvirt one, in file order)."""
+    path = Path(tempfile.mkdtemp(prefix="vmlease-images-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
-def mirror(alpine_shaped: Path, arm64_cloud: Path) -> Iterator[Served]:
+def mirror() -> Iterator[Served]:
+    """An empty mirror on 127.0.0.1: each test links in the images it serves."""
     root = Path(tempfile.mkdtemp(prefix="vmlease-mirror-"))
-    for name, path in (("alpine.qcow2", alpine_shaped), ("arm64.qcow2", arm64_cloud)):
-        (root / name).symlink_to(path)
     try:
         with serve(root) as served:
             yield served
@@ -73,8 +85,15 @@ def _digest(path: Path) -> str:
 
 
 def _catalog(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mirror: Served, entries: dict[str, object]
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    mirror: Served,
+    entries: dict[str, object],
+    files: dict[str, Path],
 ) -> None:
+    """``entries`` as the catalog, their files (by name on the mirror) served."""
+    for name, path in files.items():
+        (mirror.root / name).symlink_to(path)
     (tmp_path / "catalog.json").write_text(json.dumps(entries))
     monkeypatch.setenv("VMLEASE_CATALOG", str(tmp_path / "catalog.json"))
     monkeypatch.setenv("VMLEASE_IMAGE_MIRRORS", f"{MIRROR}={mirror.url}/")
@@ -93,21 +112,51 @@ def _ssh(vm: vmlease.VM, command: str) -> str:
     return str(done.stdout).strip()
 
 
+def _alpine_entry(image: Path) -> dict[str, object]:
+    return {
+        "title": "an Alpine-shaped image (UEFI only, OpenRC), the test's mirror",
+        "disks": {"x86_64": {"url": MIRROR + "alpine.qcow2", "digest": _digest(image)}},
+        "boot": "uefi",
+        "init": "openrc",
+    }
+
+
+def test_libvirt_imports_a_catalog_name_it_lacks_and_boots_it_through_uefi(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    mirror: Served,
+    alpine_shaped: Path,
+    libvirt_daemon: LibvirtDaemon,
+    images: Path,
+    state: Path,
+) -> None:
+    entry = _alpine_entry(alpine_shaped)
+    _catalog(
+        monkeypatch, tmp_path, mirror, {"alpine-shaped": entry}, {"alpine.qcow2": alpine_shaped}
+    )
+    options = {"uris": [libvirt_daemon.unix_uri], "image_dir": images}
+    with vmlease.Session(backend="libvirt", state_dir=state, backend_options=options) as session:
+        vm = session.create("alpine-shaped", memory_mb=512)
+        assert vm.run(["test", "-d", "/sys/firmware/efi"]).exit_code == 0
+        assert vm.run(["rc-service", "vmlease-agent", "status"]).exit_code == 0
+        # The import was a QEMU session's, into the cache this backend uploads from.
+        assert (images / "alpine-shaped/current/manifest.json").is_file()
+    assert inventory(state) == []
+    assert libvirt_daemon.qemu_pids() == []
+
+
 def test_a_uefi_only_openrc_image_is_imported_by_name_and_serves_its_vms(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     mirror: Served,
     alpine_shaped: Path,
+    images: Path,
     state: Path,
 ) -> None:
-    entry = {
-        "title": "an Alpine-shaped image (UEFI only, OpenRC), the test's mirror",
-        "disks": {"x86_64": {"url": MIRROR + "alpine.qcow2", "digest": _digest(alpine_shaped)}},
-        "boot": "uefi",
-        "init": "openrc",
-    }
-    _catalog(monkeypatch, tmp_path, mirror, {"alpine-shaped": entry})
-    images = tmp_path / "images"
+    entry = _alpine_entry(alpine_shaped)
+    _catalog(
+        monkeypatch, tmp_path, mirror, {"alpine-shaped": entry}, {"alpine.qcow2": alpine_shaped}
+    )
     with _session(state, images) as session:
         vm = session.create("alpine-shaped", memory_mb=512)
         # Booted through UEFI, and run by OpenRC: the agent, SSH and readiness all hold.
@@ -138,7 +187,7 @@ def test_an_arm64_cloud_image_is_imported_by_name_and_boots_through_uefi(
         "title": "an arm64 cloud image, the test's mirror",
         "disks": {"aarch64": {"url": MIRROR + "arm64.qcow2", "digest": _digest(arm64_cloud)}},
     }
-    _catalog(monkeypatch, tmp_path, mirror, {"arm64-cloud": entry})
+    _catalog(monkeypatch, tmp_path, mirror, {"arm64-cloud": entry}, {"arm64.qcow2": arm64_cloud})
     images = tmp_path / "images"
     with _session(state, images) as session:
         vm = session.create("arm64-cloud", arch="arm64", memory_mb=1024)

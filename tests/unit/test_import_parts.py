@@ -188,13 +188,15 @@ def test_the_seed_makes_a_key_only_sudo_user_and_installs_the_agent() -> None:
     assert {f["path"] for f in config["write_files"]} == {
         "/usr/sbin/vmlease-agent",
         "/etc/systemd/system/vmlease-agent.service",
-        "/etc/init.d/vmlease-agent",
+        "/usr/lib/vmlease/openrc-vmlease-agent",
     }
     # The agent runs under whichever init the guest has, and the user gets a shell it has.
     scripts = [argv[2] for argv in config["runcmd"] if argv[:2] == ["sh", "-c"]]
     start = scripts[-1]
     assert "systemctl enable --now vmlease-agent.service" in start
     assert "rc-update add vmlease-agent default" in start
+    # Only under OpenRC: systemd would take /etc/init.d/vmlease-agent for a SysV service.
+    assert start.index("/etc/init.d/vmlease-agent") > start.index("elif")
     assert any("tester:" in script and "/bin/sh" in script for script in scripts)
 
 

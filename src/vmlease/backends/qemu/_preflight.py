@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -9,9 +10,10 @@ from vmlease._checks import Check, Severity, disk_check
 from vmlease._errors import BackendUnavailable, VMLeaseError
 from vmlease._runner import Runner, find_program
 from vmlease._spec import ARCHES, host_arch
+from vmlease.backends.guest._machine import UEFI_PACKAGES
 from vmlease.backends.guest.images import cross_tools, list_images, rootless_blockers
 from vmlease.backends.qemu._accel import EMULATOR_PACKAGES, LaunchConfigs
-from vmlease.backends.qemu._launch import Accel, LaunchConfig
+from vmlease.backends.qemu._launch import Accel, LaunchConfig, find_uefi
 from vmlease.backends.qemu._states import MemoryMode
 
 
@@ -72,6 +74,7 @@ def preflight(backend: Checked, *, cheap: bool = False) -> list[Check]:
                 "emulation (TCG), which works but is slower",
             )
         )
+    checks.append(_uefi_check(config))
     mode, why = backend.memory_mode()
     how = {
         MemoryMode.MAPPED: "VMs map a saved guest's memory copy-on-write and reset by a new start",
@@ -110,6 +113,19 @@ def preflight(backend: Checked, *, cheap: bool = False) -> list[Check]:
     return checks
 
 
+def _uefi_check(config: LaunchConfig) -> Check:
+    """Whether cloud images that boot through UEFI only can be imported and run."""
+    if config.uefi:
+        return Check("uefi", Severity.OK, f"images that boot through UEFI use {config.uefi}")
+    package = UEFI_PACKAGES.get(config.arch, "ovmf")
+    return Check(
+        "uefi",
+        Severity.WARN,
+        f"no UEFI firmware for {config.arch} guests: images that boot through UEFI only "
+        f"(alpine-3.23) cannot be imported; `apt-get install {package}`",
+    )
+
+
 def _foreign_check(arch: str, backend: Checked) -> Check:
     """Whether guests of ``arch`` (not this machine's) can be emulated and their
     images built here, and what to install if not."""
@@ -121,6 +137,8 @@ def _foreign_check(arch: str, backend: Checked) -> Check:
         }.items()
         if find_program(program) is None
     ]
+    if find_uefi(backend.configs.emulator(arch), arch, os.environ) is None:
+        missing.append(f"UEFI firmware for its cloud images ({UEFI_PACKAGES[arch]})")
     if missing:
         return Check(
             f"{arch} guests",

@@ -28,13 +28,17 @@ __all__ = ["USER_RULE", "check_user", "check_user_data", "meta_data", "user_data
 
 AGENT_PATH = "/usr/sbin/vmlease-agent"
 UNIT_PATH = "/etc/systemd/system/vmlease-agent.service"
-OPENRC_PATH = "/etc/init.d/vmlease-agent"
+#: Where the OpenRC script waits: installed in /etc/init.d only under OpenRC, since
+#: systemd would take a script there for a SysV service of the same name.
+OPENRC_PATH = "/usr/lib/vmlease/openrc-vmlease-agent"
 #: Enables and starts the agent under the init that runs; gives the user a shell
 #: the guest has (Alpine has no bash).
 _START = (
     "if [ -d /run/systemd/system ]; then systemctl daemon-reload && "
     "systemctl enable --now vmlease-agent.service; "
-    "elif command -v rc-update >/dev/null; then rc-update add vmlease-agent default && "
+    "elif command -v rc-update >/dev/null; then "
+    f"install -m 0755 {OPENRC_PATH} /etc/init.d/vmlease-agent && "
+    "rc-update add vmlease-agent default && "
     "rc-service vmlease-agent start; "
     'else echo "vmlease: no systemd or OpenRC to run the agent" >&2; exit 1; fi'
 )
