@@ -17,11 +17,21 @@ the clock, the dice) injected; ``serve`` runs it on real sockets.
 from __future__ import annotations
 
 import heapq
+import json
+import os
 import random
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-__all__ = ["Impairment", "Switch"]
+__all__ = ["CONTROL", "Impairment", "Switch", "main"]
 
 #: Frames shorter than an Ethernet header carry nothing to switch.
 _HEADER = 14
@@ -183,3 +193,205 @@ class Switch:
             held = heapq.heappop(self._held)
             if held.port in self.ports and self._hears(held.sender, held.port):
                 self._send(held.frame, held.port)
+
+
+# -- the switch process ----------------------------------------------------------
+
+#: What a port's connection may hold unsent before frames to it are dropped
+#: (a guest that stops reading must not grow the switch).
+_BACKLOG = 4 << 20
+#: The largest frame a port may send (QEMU's own limit for stream netdevs).
+_MAX_FRAME = 69632
+CONTROL = "control.sock"
+
+
+class _Port:
+    """One VM's link: a listening socket QEMU connects to, and its connection."""
+
+    def __init__(self, name: str, listener: socket.socket) -> None:
+        self.name = name
+        self.listener = listener
+        self.conn: socket.socket | None = None
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+
+
+class _Server:
+    """The switch on real sockets, in the network's directory (its working
+    directory: socket names stay short whatever the path)."""
+
+    def __init__(self, owner_fd: int | None) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.ports: dict[str, _Port] = {}
+        self.switch = Switch(self._send, time.monotonic)
+        self.running = True
+        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.control.bind(CONTROL)
+        self.control.listen(16)
+        self.sel.register(self.control, selectors.EVENT_READ, ("control", None))
+        if owner_fd is not None:
+            self.sel.register(owner_fd, selectors.EVENT_READ, ("owner", None))
+
+    def _send(self, frame: bytes, name: str) -> None:
+        port = self.ports.get(name)
+        if port is None or port.conn is None:
+            return
+        if len(port.outbuf) > _BACKLOG:
+            self.switch.dropped += 1
+            return
+        port.outbuf += struct.pack(">I", len(frame)) + frame
+        self._pump(port)
+
+    def _pump(self, port: _Port) -> None:
+        assert port.conn is not None
+        try:
+            sent = port.conn.send(port.outbuf)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._hang_up(port)
+            return
+        del port.outbuf[:sent]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if port.outbuf else 0)
+        self.sel.modify(port.conn, events, ("link", port))
+
+    def _hang_up(self, port: _Port) -> None:
+        if port.conn is not None:
+            self.sel.unregister(port.conn)
+            port.conn.close()
+        port.conn = None
+        port.inbuf.clear()
+        port.outbuf.clear()
+
+    def attach(self, name: str) -> str:
+        if not name.isidentifier() and not name.replace("-", "_").isidentifier():
+            raise ValueError(f"{name!r} cannot name a port")
+        if name not in self.ports:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            Path(f"{name}.sock").unlink(missing_ok=True)
+            listener.bind(f"{name}.sock")
+            listener.listen(1)
+            listener.setblocking(False)
+            port = _Port(name, listener)
+            self.ports[name] = port
+            self.sel.register(listener, selectors.EVENT_READ, ("listen", port))
+            self.switch.attach(name)
+        return f"{name}.sock"
+
+    def detach(self, name: str) -> None:
+        port = self.ports.pop(name, None)
+        if port is None:
+            return
+        self._hang_up(port)
+        self.sel.unregister(port.listener)
+        port.listener.close()
+        Path(f"{name}.sock").unlink(missing_ok=True)
+        self.switch.detach(name)
+
+    def command(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "attach":
+            return {"path": self.attach(str(request["port"]))}
+        if op == "detach":
+            self.detach(str(request["port"]))
+        elif op == "link":
+            self.switch.set_link(str(request["port"]), bool(request["up"]))
+        elif op == "partition":
+            self.switch.partition([[str(p) for p in group] for group in request["groups"]])
+        elif op == "heal":
+            self.switch.heal()
+        elif op == "impair":
+            impairment = Impairment(float(request.get("delay_s", 0)), float(request.get("loss", 0)))
+            self.switch.impair(str(request["port"]), impairment)
+        elif op == "stats":
+            return {"ports": sorted(self.ports), "dropped": self.switch.dropped}
+        elif op == "stop":
+            self.running = False
+        else:
+            raise ValueError(f"unknown request {op!r}")
+        return {}
+
+    def _control(self) -> None:
+        conn, _ = self.control.accept()
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            try:
+                reply: dict[str, Any] = {"ok": True, **self.command(json.loads(data))}
+            except (ValueError, KeyError, TypeError) as exc:
+                reply = {"ok": False, "error": str(exc)}
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _read(self, port: _Port) -> None:
+        assert port.conn is not None
+        try:
+            chunk = port.conn.recv(262144)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._hang_up(port)
+            return
+        port.inbuf += chunk
+        while len(port.inbuf) >= 4:
+            (size,) = struct.unpack(">I", port.inbuf[:4])
+            if size > _MAX_FRAME:
+                self._hang_up(port)  # not a QEMU stream netdev
+                return
+            if len(port.inbuf) < 4 + size:
+                break
+            frame = bytes(port.inbuf[4 : 4 + size])
+            del port.inbuf[: 4 + size]
+            self.switch.receive(frame, port.name)
+
+    def run(self) -> None:
+        while self.running:
+            due = self.switch.due()
+            timeout = None if due is None else max(0.0, due - time.monotonic())
+            for key, events in self.sel.select(timeout):
+                kind, port = key.data
+                if kind == "owner":
+                    return
+                if kind == "control":
+                    self._control()
+                elif kind == "listen":
+                    conn, _ = port.listener.accept()
+                    conn.setblocking(False)
+                    self._hang_up(port)  # a VM started again replaces its old link
+                    port.conn = conn
+                    self.sel.register(conn, selectors.EVENT_READ, ("link", port))
+                elif events & selectors.EVENT_READ:
+                    self._read(port)
+                if kind == "link" and port.conn is not None and events & selectors.EVENT_WRITE:
+                    self._pump(port)
+            self.switch.flush()
+
+
+def main(argv: list[str]) -> int:
+    """``python -m vmlease.backends.qemu._switch NET_DIR OWNER_PID``: serve the network
+    in NET_DIR until its owner exits or it is told to stop."""
+    net_dir, owner = Path(argv[0]), int(argv[1])
+    os.chdir(net_dir)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        owner_fd: int | None = os.pidfd_open(owner)
+    except ProcessLookupError:
+        return 0  # its owner is gone already
+    server = _Server(owner_fd)
+    try:
+        server.run()
+    finally:
+        for name in list(server.ports):
+            server.detach(name)
+        Path(CONTROL).unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
