@@ -52,22 +52,25 @@ from vmlease._errors import (
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from vmlease._lan import PrivateNetwork
     from vmlease._ledger import VMState
     from vmlease._locks import Lock
     from vmlease._metrics import SessionStats
     from vmlease._pyinfra import run_pyinfra
+    from vmlease._results import CommandResult, TranscriptEntry
     from vmlease._retry import RetryPolicy, Timeouts
     from vmlease._session import Session
     from vmlease._spec import VMSpec
     from vmlease._testinfra import as_testinfra_host
-    from vmlease._vm import VM, CommandResult, TranscriptEntry
+    from vmlease._vm import VM
 
 # The session and its machinery load on first use, so importing vmlease (as
 # pytest does for the plugin in every run, VMs or not) stays cheap.
 _LAZY = {
     "VM": "vmlease._vm",
-    "CommandResult": "vmlease._vm",
-    "TranscriptEntry": "vmlease._vm",
+    "CommandResult": "vmlease._results",
+    "TranscriptEntry": "vmlease._results",
+    "PrivateNetwork": "vmlease._lan",
     "Session": "vmlease._session",
     "SessionStats": "vmlease._metrics",
     "RetryPolicy": "vmlease._retry",
@@ -118,6 +121,7 @@ __all__ = [
     "Lock",
     "LockTimeout",
     "NameInUse",
+    "PrivateNetwork",
     "ReaperUnavailable",
     "RetryPolicy",
     "Session",

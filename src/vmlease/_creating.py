@@ -24,11 +24,13 @@ from vmlease._errors import (
 )
 from vmlease._identity import Owner
 from vmlease._ledger import Ledger, Record
+from vmlease._naming import validate_name
+from vmlease._retry import RetryPolicy
 from vmlease._spec import VMSpec
 from vmlease._timeouts import DEFAULT
 from vmlease.backends import Backend
 
-__all__ = ["CreateAttempts", "claim", "mark", "positive", "requested"]
+__all__ = ["CreateAttempts", "check_session", "claim", "mark", "positive", "requested"]
 
 log = logging.getLogger("vmlease")
 
@@ -42,6 +44,18 @@ def requested(spec: VMSpec | None, asked: Mapping[str, object]) -> VMSpec:
     if VMSpec.of(**asked) != VMSpec():
         raise ConfigError("give a VM's spec whole (spec=...) or by keywords, not both")
     return spec
+
+
+def check_session(name_prefix: object, boot_s: object, max_age_s: object, retry: object) -> None:
+    """ConfigError for a session's settings that cannot be."""
+    if not isinstance(name_prefix, str) or not name_prefix:
+        raise ConfigError("name_prefix must be a non-empty string")
+    validate_name(name_prefix)
+    for label, value in (("boot_timeout_s", boot_s), ("max_age_s", max_age_s)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{label} must be a positive number of seconds, not {value!r}")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise ConfigError(f"retry must be a vmlease.RetryPolicy, not {retry!r}")
 
 
 def positive(timeout: object) -> float:

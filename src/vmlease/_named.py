@@ -126,6 +126,10 @@ def check_or_import(
 ) -> None:
     """``backend.check_spec(spec)``, after importing ``spec.image`` with
     ``do_import(name, arch=arch)`` if it is a catalog name the cache lacks."""
+    if spec.networks and not backend.capabilities.networks:
+        raise UnsupportedOperation(
+            f"the {backend.name} backend has no private networks: leave networks out"
+        )
     try:
         backend.check_spec(spec)
         return

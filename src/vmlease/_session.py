@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,10 +25,9 @@ from vmlease import backends as _backends
 from vmlease._checks import first_failure
 from vmlease._cleanup import Outcome
 from vmlease._cleanup import sweep as sweep_dead
-from vmlease._creating import CreateAttempts, claim, mark, positive, requested
+from vmlease._creating import CreateAttempts, check_session, claim, mark, positive, requested
 from vmlease._errors import (
     BackendError,
-    ConfigError,
     LedgerError,
     UnsupportedOperation,
     VMLeaseError,
@@ -36,6 +35,7 @@ from vmlease._errors import (
     VMStateError,
 )
 from vmlease._identity import Owner, current_owner
+from vmlease._lan import PrivateNetwork
 from vmlease._ledger import Ledger, Record, VMState
 from vmlease._locks import Places, Slot
 from vmlease._metrics import Metrics, SessionStats
@@ -110,14 +110,7 @@ class Session:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if not isinstance(name_prefix, str) or not name_prefix:
-            raise ConfigError("name_prefix must be a non-empty string")
-        validate_name(name_prefix)
-        for label, value in (("boot_timeout_s", boot_timeout_s), ("max_age_s", max_age_s)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"{label} must be a positive number of seconds, not {value!r}")
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise ConfigError(f"retry must be a vmlease.RetryPolicy, not {retry!r}")
+        check_session(name_prefix, boot_timeout_s, max_age_s, retry)
         self.retry_policy = retry or RetryPolicy()
         self._timeouts = self.retry_policy.timeouts
         self._retrier = Retrier(self.retry_policy, sleep=sleep, clock=clock)
@@ -342,25 +335,19 @@ class Session:
         disk_gb: int | None = None,
         user: str | None = None,
         arch: str | None = None,
+        networks: Sequence[str] | None = None,
         spec: VMSpec | None = None,
     ) -> VM:
-        """Create a VM and return it once it answers commands (for a full
-        system: once it is up, its SSH server included).
-
-        ``network`` is ``"user"``, ``"none"`` or ``"restricted"`` (outbound
-        traffic refused); by default the image's (user for Debian, none for
-        tiny). ``disk_gb`` grows the root disk and file system (Debian, imported
-        images). ``user`` is who ``vm.ssh`` logs in as (default the image's).
-        ``arch`` is the guest's architecture (``arm64``; default this machine's).
-        ``spec`` gives all of these at once, as a :class:`VMSpec` (the keywords
-        are then left out). The ledger records the VM before the backend is
-        asked for it. If anything fails, the VM is deleted again and its row
-        says why.
-        """
+        """Create a VM and return it once it answers commands (a full system: once it is up,
+        its SSH server included). The keywords are :class:`VMSpec`'s (``network``: ``user``,
+        ``none`` or ``restricted``; ``networks``: the private ones it joins, see
+        :meth:`network`), or ``spec`` gives them all at once. The ledger records the VM
+        before the backend is asked for it; if anything fails, the VM is deleted again and
+        its row says why."""
         if self._closed:
             raise VMStateError(f"session {self.id} is closed")
         asked = {"image": image, "cpus": cpus, "memory_mb": memory_mb}
-        asked.update(network=network, disk_gb=disk_gb, user=user, arch=arch)
+        asked.update(network=network, disk_gb=disk_gb, user=user, arch=arch, networks=networks)
         spec = requested(spec, asked)
         timeout = positive(self.boot_timeout_s if boot_timeout_s is None else boot_timeout_s)
         if name is not None:
@@ -529,6 +516,19 @@ class Session:
 
         with self.vm_for(f"import {name}") as boot_vm:
             return self._backend.import_image(name, source, boot_vm=boot_vm, retry=retry, **options)
+
+    def network(self, name: str) -> PrivateNetwork:
+        """Private network ``name``, which this session's VMs join with ``networks=[name]``."""
+        on = lambda: [vm.name for vm in self.vms() if name in vm.spec.networks]  # noqa: E731
+        return PrivateNetwork(name, self._network_op, on)
+
+    def _network_op(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
+        return self._call(
+            "network",
+            lambda limit: self._backend.network_control(name, request, timeout_s=limit),
+            timeout_s=self._timeouts.forward_s,
+            subject=name,
+        )
 
     def _vm_keep(self, vm: VM, why: str) -> None:
         name = vm.name

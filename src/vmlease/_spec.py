@@ -17,6 +17,8 @@ __all__ = [
     "ARCHES",
     "MAX_CPUS",
     "MAX_MEMORY_MB",
+    "MAX_NETWORKS",
+    "NETWORK_NAME",
     "USER_RULE",
     "Network",
     "VMSpec",
@@ -24,6 +26,7 @@ __all__ = [
     "host_arch",
     "parse_arch",
     "parse_network",
+    "parse_networks",
     "spec_fields",
 ]
 
@@ -96,6 +99,30 @@ def debian_arch(arch: str) -> str:
     return _DEBIAN_ARCHES.get(arch, arch)
 
 
+#: A private network's name: short, so that it fits in paths and interface names.
+NETWORK_NAME = re.compile(r"[a-z][a-z0-9-]{0,14}")
+#: The most private networks one VM joins.
+MAX_NETWORKS = 4
+
+
+def parse_networks(value: object) -> tuple[str, ...]:
+    """The private networks a spec names, checked; InvalidSpec for a bad one."""
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise InvalidSpec(f"networks must be a list of network names, not {value!r}")
+    names = tuple(value)
+    for name in names:
+        if not isinstance(name, str) or not NETWORK_NAME.fullmatch(name):
+            raise InvalidSpec(
+                f"{name!r} cannot name a network: use at most 15 lower-case letters, digits "
+                "and '-', starting with a letter"
+            )
+    if len(set(names)) != len(names):
+        raise InvalidSpec(f"networks names a network twice: {list(names)}")
+    if len(names) > MAX_NETWORKS:
+        raise InvalidSpec(f"a VM joins at most {MAX_NETWORKS} networks, not {len(names)}")
+    return names
+
+
 @dataclass(frozen=True, slots=True)
 class VMSpec:
     """A VM request.
@@ -118,6 +145,9 @@ class VMSpec:
         arch: the guest's machine architecture: ``x86_64`` (or ``amd64``),
             ``aarch64`` (or ``arm64``); left out (or "") for this machine's.
             Recorded by the kernel's name (``aarch64``).
+        networks: the private networks the VM joins, by the names the test gives
+            them (``["lan"]``): each is a second interface on a segment the VMs
+            of the session that name it share, beside the VM's own ``network``.
     """
 
     image: str = "tiny"
@@ -127,6 +157,7 @@ class VMSpec:
     disk_gb: int | None = None
     user: str | None = None
     arch: str = ""
+    networks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image.strip():
@@ -137,6 +168,7 @@ class VMSpec:
         _positive_int("memory_mb", self.memory_mb, MAX_MEMORY_MB)
         object.__setattr__(self, "network", parse_network(self.network))
         object.__setattr__(self, "arch", parse_arch(self.arch))
+        object.__setattr__(self, "networks", parse_networks(self.networks))
         if self.disk_gb is not None:
             _positive_int("disk_gb", self.disk_gb, MAX_DISK_GB)
         if self.user is not None and (

@@ -14,7 +14,6 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
@@ -28,6 +27,7 @@ from vmlease._errors import (
     VMStateError,
 )
 from vmlease._ledger import VMState
+from vmlease._results import CommandResult, TranscriptEntry
 from vmlease._retry import RetryPolicy
 from vmlease._spec import VMSpec
 from vmlease._ssh import SSHInfo
@@ -38,13 +38,14 @@ __all__ = ["UNSUPPORTED", "VM", "Capability", "CommandResult", "TranscriptEntry"
 
 T = TypeVar("T")
 #: The optional operations a handle may ask about (fields of ``Capabilities``).
-Capability = Literal["snapshots", "stop_start", "forwards", "ssh"]
+Capability = Literal["snapshots", "stop_start", "forwards", "ssh", "networks"]
 #: What a backend without a capability cannot do, and what to do instead.
 UNSUPPORTED: dict[Capability, str] = {
     "snapshots": "cannot take or restore snapshots; use a fresh VM per test instead",
     "stop_start": "cannot stop and start a VM; delete it and create another instead",
     "forwards": "cannot forward ports; reach the VM through vm.run instead",
     "ssh": "cannot reach VMs with SSH; reach them through vm.run instead",
+    "networks": "has no private networks; reach other VMs through their forwards instead",
 }
 
 DEFAULT_STOP_TIMEOUT_S = 30.0
@@ -55,50 +56,6 @@ CONSOLE_SCAN_LINES = 5000
 _UNIT_RE = re.compile(r"[A-Za-z0-9:_.\\@-]+")
 TRANSCRIPT_LIMIT = 200
 _OUTPUT_KEPT = 2000
-
-
-@dataclass(frozen=True, slots=True)
-class CommandResult:
-    """What a command did in a VM.
-
-    Attributes:
-        argv: the command.
-        exit_code: its exit status; 127 if the command does not exist,
-            128 + N if killed by signal N.
-        stdout_bytes, stderr_bytes: its raw output.
-        duration_s: wall time of the round trip, in seconds.
-    """
-
-    argv: tuple[str, ...]
-    exit_code: int
-    stdout_bytes: bytes
-    stderr_bytes: bytes
-    duration_s: float
-
-    @property
-    def stdout(self) -> str:
-        """Standard output, decoded as UTF-8 (undecodable bytes replaced)."""
-        return self.stdout_bytes.decode(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        """Standard error, decoded as UTF-8 (undecodable bytes replaced)."""
-        return self.stderr_bytes.decode(errors="replace")
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-
-@dataclass(frozen=True, slots=True)
-class TranscriptEntry:
-    """One command as a VM's transcript keeps it (output truncated)."""
-
-    argv: tuple[str, ...]
-    exit_code: int | None
-    duration_s: float
-    stdout: str
-    stderr: str
 
 
 _TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -475,6 +432,30 @@ class VM:
         )
         self._host._vm_forwarded(self, port, host_port)
         return host_port
+
+    def link_down(self, network: str | None = None) -> None:
+        """Unplug the VM from private ``network`` (its only one if left out): its
+        interface loses its carrier and nothing passes, until :meth:`link_up`."""
+        self._set_link(network, up=False)
+
+    def link_up(self, network: str | None = None) -> None:
+        """Plug the VM back into private ``network`` (see :meth:`link_down`)."""
+        self._set_link(network, up=True)
+
+    def _set_link(self, network: str | None, *, up: bool) -> None:
+        names = self.spec.networks
+        if network is None and len(names) == 1:
+            network = names[0]
+        if network is None or network not in names:
+            raise ConfigError(f"VM {self.name} is on the networks {list(names)}: name one of them")
+        self._host._vm_supports("networks")
+        self._require(VMState.READY)
+        self._host._vm_op(
+            self,
+            "link",
+            lambda backend, limit: backend.set_link(self.name, network, up, timeout_s=limit),
+            timeout_s=self._host.retry_policy.timeouts.forward_s,
+        )
 
     @property
     def ssh(self) -> SSHInfo:

@@ -56,6 +56,8 @@ class Capabilities:
     forwards: bool = False
     #: ``ssh`` works for VMs of images with an SSH server.
     ssh: bool = False
+    #: Private networks (``VMSpec.networks``), ``set_link`` and ``network_control``.
+    networks: bool = False
     #: The backend's VMs live among the user's own (OrbStack, Multipass), so a
     #: VM that has a name the ledger recorded may still not be ours: before
     #: deleting it, cleanup checks its ``identity`` (see :meth:`Backend.mark`).
@@ -204,6 +206,18 @@ class Backend(abc.ABC):
     def ssh(self, name: str, *, timeout_s: float = DEFAULT.forward_s) -> SSHInfo:
         """How to reach VM ``name`` with SSH (its port 22 forwarded, its host key known)."""
         raise UnsupportedOperation(f"the {self.name} backend cannot reach VMs with SSH")
+
+    def set_link(
+        self, name: str, network: str, up: bool, *, timeout_s: float = DEFAULT.forward_s
+    ) -> None:
+        """Cut (``up=False``) or restore VM ``name``'s link to its private ``network``."""
+        raise UnsupportedOperation(f"the {self.name} backend has no private networks")
+
+    def network_control(
+        self, network: str, request: Mapping[str, Any], *, timeout_s: float = DEFAULT.forward_s
+    ) -> dict[str, Any]:
+        """Ask private ``network`` for a fault (``partition``, ``heal``, ``impair``)."""
+        raise UnsupportedOperation(f"the {self.name} backend has no private networks")
 
     def console_tail(self, name: str, lines: int = 40) -> str:
         """The last lines the VM wrote to its console, for diagnosis ("" if none)."""

@@ -104,6 +104,16 @@ class ForwardingBackend(Backend):
     def ssh(self, name: str, *, timeout_s: float = DEFAULT.forward_s) -> SSHInfo:
         return self.inner.ssh(name, timeout_s=timeout_s)
 
+    def set_link(
+        self, name: str, network: str, up: bool, *, timeout_s: float = DEFAULT.forward_s
+    ) -> None:
+        self.inner.set_link(name, network, up, timeout_s=timeout_s)
+
+    def network_control(
+        self, network: str, request: Mapping[str, Any], *, timeout_s: float = DEFAULT.forward_s
+    ) -> dict[str, Any]:
+        return self.inner.network_control(network, request, timeout_s=timeout_s)
+
     def console_tail(self, name: str, lines: int = 40) -> str:
         return self.inner.console_tail(name, lines)
 

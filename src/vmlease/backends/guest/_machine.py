@@ -19,20 +19,32 @@ Two layouts:
   a saved state holds the firmware with the rest of the machine.
 
 Either way: one disk, a random-number device, a user-mode network unless
-the VM asks for none, and a virtio-serial bus with the agent's ports (the
+the VM asks for none, a second network interface for each private network
+it joins (``lans``), and a virtio-serial bus with the agent's ports (the
 owner's, and the visitors' where the image's agent serves it).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 
 from vmlease._spec import Network, VMSpec
 from vmlease.backends.guest._agent import AGENT_PORT, VISITOR_PORT
 from vmlease.backends.guest.images import Image
 
-__all__ = ["MAC", "TB_CACHE_MIB", "UEFI_PACKAGES", "UEFI_ROMS", "Machine", "Slot", "describe"]
+__all__ = [
+    "MAC",
+    "TB_CACHE_MIB",
+    "UEFI_PACKAGES",
+    "UEFI_ROMS",
+    "Lan",
+    "Machine",
+    "Slot",
+    "describe",
+    "lan_mac",
+]
 
 #: QEMU's own default address for a first network card. An imported image's
 #: network configuration names the address it was first booted with, and
@@ -65,6 +77,27 @@ UEFI_ROMS = {
 UEFI_PACKAGES = {"x86_64": "ovmf", "aarch64": "qemu-efi-aarch64"}
 
 
+def lan_mac(name: str, index: int) -> str:
+    """The MAC address of VM ``name``'s interface on its ``index``-th private network:
+    locally administered, and the same for a name wherever it is made."""
+    digest = hashlib.sha256(f"{name}/{index}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
+@dataclass(frozen=True, slots=True)
+class Lan:
+    """An interface on a private network.
+
+    Attributes:
+        socket: where the network's switch takes this VM's link (a Unix socket,
+            relative to the VM's directory).
+        mac: the interface's address.
+    """
+
+    socket: str
+    mac: str
+
+
 class Slot(enum.IntEnum):
     """PCI slots of an imported image's devices (``q35``, or ``virt`` on arm64)."""
 
@@ -73,6 +106,7 @@ class Slot(enum.IntEnum):
     RNG = 5
     SERIAL = 6
     SEED = 8
+    LAN = 9  # and the slots after it, one per private network
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +125,9 @@ class Machine:
         qboot: the ROM a built image boots through on microvm; None for QEMU's default.
         network: the VM's network (``none``, ``user`` or ``restricted``).
         ports: the agent's virtio-serial ports, by name.
+        arch: the guest's architecture.
+        uefi: a firmware machine boots through UEFI (else the BIOS).
+        lans: its interfaces on private networks, in the order the spec names them.
     """
 
     name: str
@@ -107,6 +144,7 @@ class Machine:
     ports: tuple[str, ...] = field(default=(AGENT_PORT,))
     arch: str = "x86_64"
     uefi: bool = False
+    lans: tuple[Lan, ...] = ()
 
     @property
     def machine_type(self) -> str:
@@ -129,6 +167,7 @@ def describe(
     tcg_cpu: str | None = None,
     qboot: str | None = None,
     aslr: bool = False,
+    lans: tuple[Lan, ...] = (),
 ) -> Machine:
     """The machine of VM ``name`` of ``spec`` on ``image``.
 
@@ -167,4 +206,5 @@ def describe(
         ports=(AGENT_PORT, VISITOR_PORT) if image.serves_visitors else (AGENT_PORT,),
         arch=image.arch,
         uefi=firmware and (image.firmware == "uefi" or image.arch != "x86_64"),
+        lans=lans,
     )

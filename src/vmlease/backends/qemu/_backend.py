@@ -72,6 +72,7 @@ from vmlease.backends.qemu._launch import (
     with_ram,
 )
 from vmlease.backends.qemu._mapped import boot_ram, save_devices, state_meta
+from vmlease.backends.qemu._networks import LanOperations, Networks
 from vmlease.backends.qemu._preflight import preflight
 from vmlease.backends.qemu._processes import (
     Processes,
@@ -104,13 +105,12 @@ from vmlease.backends.qemu._states import (
 __all__ = ["QemuBackend"]
 
 _RECONNECT_TIMEOUT_S = 10.0
-
 log = logging.getLogger("vmlease.qemu")
 #: Long waits a person may want to see coming (the pytest plugin shows them on a terminal).
 progress = logging.getLogger("vmlease.progress")
 
 
-class QemuBackend(AgentOperations, Backend):
+class QemuBackend(AgentOperations, LanOperations, Backend):
     """VMs as local QEMU processes.
 
     Args:
@@ -129,7 +129,7 @@ class QemuBackend(AgentOperations, Backend):
 
     name = "qemu"
     capabilities = Capabilities(
-        snapshots=True, stop_start=True, forwards=True, ssh=True, resets=True
+        snapshots=True, stop_start=True, forwards=True, ssh=True, resets=True, networks=True
     )
 
     def __init__(
@@ -170,6 +170,7 @@ class QemuBackend(AgentOperations, Backend):
         self._booting: dict[str, tuple[str, ...]] = {}
         # VMs just started from a saved state, not yet told their SSH key: name -> state.
         self._fresh: dict[str, WarmState] = {}
+        self.lans = Networks(self.root)
 
     # -- set-up ----------------------------------------------------------
 
@@ -226,6 +227,7 @@ class QemuBackend(AgentOperations, Backend):
         self._fresh.pop(name, None)
         self._booting.pop(name, None)
         self._procs.forget(name)
+        self.lans.leave(name)
 
     def import_image(
         self, name: str, source: str, *, boot_vm: str, retry: Retry, **options: Any
@@ -282,6 +284,7 @@ class QemuBackend(AgentOperations, Backend):
         ram: RamFile | None = None
         try:
             add_user(image.path, vm_dir)  # no prune removes the build under this VM
+            self.lans.join(name, vm_dir, spec.networks)  # their switches hold its ports
             launch = qemu_argv(config, vm_dir, name, spec, image)
             record = {
                 "name": name,
@@ -369,15 +372,17 @@ class QemuBackend(AgentOperations, Backend):
             if restart is None:
                 # After the save: the saved state keeps the image's own disk size.
                 self._grow_root(name, channel, deadline)
+                told = self._lans_up(name, channel, deadline)
         if restart is not None:
             self._restart_saved(name, *restart, deadline)
+        else:
+            self._tell(told, deadline)
 
     def _restart_saved(
         self, name: str, key: str, image: Image, ram: RamFile, deadline: float
     ) -> None:
-        """VM ``name`` booted on ``ram`` and its devices' state is written: end its
-        QEMU (it would go on writing into the state's memory), publish the state,
-        and start the VM from it like any later VM."""
+        """VM ``name`` booted on ``ram``, its devices' state written: end its QEMU (it would
+        go on writing into the state's memory), publish the state, start the VM from it."""
         known = self._dir(name) / HOST_KEYS
         login = self._login(name, image) if known.is_file() else None
         authorized = login.saved(known.read_text()) if login is not None else None
@@ -386,7 +391,7 @@ class QemuBackend(AgentOperations, Backend):
         self._ready_again(name, deadline)
 
     def _ready_again(self, name: str, deadline: float) -> None:
-        """After a start from a state: the SSH key, the forwards, the disk's size."""
+        """After a start from a state: the SSH key, the forwards, the disk's size, networks."""
         live = self._procs.attach(name)
         with live.lock:
             channel = self._procs.channel(name, live, max(1.0, deadline - time.monotonic()))
@@ -395,17 +400,17 @@ class QemuBackend(AgentOperations, Backend):
             if self._read_record(name).get("forwards"):
                 self._apply_forwards(name, {}, max(1.0, deadline - time.monotonic()))
             self._grow_root(name, channel, deadline)
-            self._starts.lap(name, "forwards and disk size")
+            told = self._lans_up(name, channel, deadline)
+            self._starts.lap(name, "forwards, disk size and networks")
+        self._tell(told, deadline)
         log.debug("VM %s started from its state: %s", name, self.start_timings(name))
 
     def start_timings(self, name: str) -> dict[str, float]:
-        """Where VM ``name``'s last start from a state (or reset) spent its time, by phase."""
-        return self._starts.timings(name)
+        return self._starts.timings(name)  # by phase, of its last start from a state or reset
 
     def reset(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
-        """Back to the moment VM ``name`` was made: a new QEMU from its mapped booted
-        state, a new disk overlay; then its wake-up, SSH key, forwards (on the host
-        ports they had) and disk size again. Snapshots taken since are gone."""
+        """Back to the moment VM ``name`` was made: a new QEMU from its mapped booted state, a
+        new disk overlay; then its wake-up, SSH key, forwards, disk size and networks again."""
         deadline = time.monotonic() + timeout_s
         self._booting.pop(name, None)
         self._fresh[name] = self._starts.reset(name, deadline)
@@ -455,13 +460,9 @@ class QemuBackend(AgentOperations, Backend):
         clear_runtime(vm_dir)
 
     def delete(self, name: str, *, timeout_s: float = DEFAULT.delete_s) -> None:
-        """Kill the VM's QEMU and remove its directory.
-
-        The owner may have died while QEMU was starting, with no pidfile
-        yet, so every QEMU whose command line names this VM's pidfile is
-        killed, before and after the directory goes: one that started in
-        between cannot open its files any more.
-        """
+        """Kill the VM's QEMU and remove its directory. Its owner may have died while QEMU
+        started, with no pidfile yet: every QEMU whose command line names this VM's pidfile
+        is killed, before and after the directory goes (a later one cannot open its files)."""
         vm_dir = self._dir(name)
         existed = vm_dir.is_dir()
         self._forget(name)
@@ -596,3 +597,4 @@ class QemuBackend(AgentOperations, Backend):
 
     def close(self) -> None:
         self._procs.close()
+        self.lans.close()

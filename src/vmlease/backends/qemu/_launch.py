@@ -22,9 +22,11 @@ from vmlease.backends.guest._machine import (
     TB_CACHE_MIB,
     UEFI_PACKAGES,
     UEFI_ROMS,
+    Lan,
     Machine,
     Slot,
     describe,
+    lan_mac,
 )
 from vmlease.backends.guest.images import Image
 
@@ -42,6 +44,7 @@ __all__ = [
     "console_tail",
     "find_qboot",
     "find_uefi",
+    "lan_dir",
     "qemu_argv",
     "render",
     "require_firmware",
@@ -179,8 +182,14 @@ def qemu_argv(
     """The full QEMU command for VM ``name`` in ``vm_dir``.
 
     ``seed`` is a read-only disk to attach as well (an imported image's
-    cloud-init seed, on its first boot).
+    cloud-init seed, on its first boot). Each private network the spec names is
+    an interface whose link is the Unix socket ``lanN/NAME.sock`` (``lanN`` is
+    the VM directory's link to the network's directory).
     """
+    lans = tuple(
+        Lan(f"{lan_dir(index)}/{name}.sock", lan_mac(name, index))
+        for index in range(len(spec.networks))
+    )
     machine = describe(
         name,
         spec,
@@ -190,9 +199,15 @@ def qemu_argv(
         tcg_cpu=config.tcg_cpu,
         qboot=config.qboot,
         aslr=config.aslr,
+        lans=lans,
     )
     require_firmware(config, image)
     return render(machine, config.qemu, vm_dir, seed=seed, uefi=config.uefi)
+
+
+def lan_dir(index: int) -> str:
+    """The VM directory's link to the directory of its ``index``-th private network."""
+    return f"lan{index}"
 
 
 def require_firmware(config: LaunchConfig, image: Image) -> None:
@@ -274,6 +289,15 @@ def render(
             f"user,id=net0{restrict}",
             "-device",
             f"virtio-net-{bus},netdev=net0,mac={MAC}{at(Slot.NETWORK)}",
+        ]
+    for index, lan in enumerate(machine.lans):
+        slot = machine.slot(Slot.LAN)
+        where = "" if slot is None else f",addr={slot + index:#x}"
+        net += [
+            "-netdev",
+            f"stream,id=lan{index},server=off,addr.type=unix,addr.path={lan.socket}",
+            "-device",
+            f"virtio-net-{bus},netdev=lan{index},mac={lan.mac}{where}",
         ]
     extra: list[str] = []
     if seed is not None:

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -389,7 +390,8 @@ def main(argv: list[str]) -> int:
     finally:
         for name in list(server.ports):
             server.detach(name)
-        Path(CONTROL).unlink(missing_ok=True)
+        # The network's directory is the switch's: nothing of it outlives the switch.
+        shutil.rmtree(net_dir, ignore_errors=True)
     return 0
 
 
