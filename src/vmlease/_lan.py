@@ -79,6 +79,10 @@ class PrivateNetwork:
         """Every VM on the network hears every other again."""
         self._ask(self.name, {"op": "heal"})
 
+    def clear(self) -> None:
+        """No partition and no impairment any more: the network as it was made."""
+        self._ask(self.name, {"op": "clear"})
+
     def impair(self, vm: _Named | str, *, delay_s: float = 0.0, loss: float = 0.0) -> None:
         """Delay the frames ``vm`` receives on this network by ``delay_s`` seconds
         (at most 60) and drop a share ``loss`` of them (0 to 1); both 0 to stop."""

@@ -29,6 +29,7 @@ from vmlease._spec import VMSpec, spec_fields
 if TYPE_CHECKING:
     # The machinery that makes VMs loads when a test first asks for one, so a
     # run without VMs pays almost nothing for the plugin.
+    from vmlease._lan import PrivateNetwork
     from vmlease._session import Session
     from vmlease._testrun import TestRun, Use
     from vmlease._vm import VM
@@ -254,9 +255,25 @@ def vm_host(vm: VM) -> Any:
 
 
 @pytest.fixture
+def vm_network(vm_session: Session) -> Iterator[Callable[[str], PrivateNetwork]]:
+    """``vm_network("lan")``: the run's private network ``lan``, which VMs join with
+    ``networks=["lan"]`` (the marker's, ``vm_factory``'s); partition, heal, impair.
+    Whatever the test did to it is undone at its end (its VMs' links stay as they are)."""
+    asked: dict[str, PrivateNetwork] = {}
+
+    def network(name: str) -> PrivateNetwork:
+        return asked.setdefault(name, vm_session.network(name))
+
+    yield network
+    for lan in asked.values():
+        if lan.vms:
+            lan.clear()
+
+
+@pytest.fixture
 def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
-    """``vm_factory(image=..., cpus=..., memory_mb=..., network=..., disk_gb=..., user=...)``
-    makes a VM; all are deleted at the end."""
+    """``vm_factory(image=..., cpus=..., memory_mb=..., network=..., disk_gb=..., user=...,
+    arch=..., networks=[...])`` makes a VM; all are deleted at the end."""
     run = _run(request)
     uses: list[Use] = []
 

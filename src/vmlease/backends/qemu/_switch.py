@@ -132,6 +132,11 @@ class Switch:
         """Every port hears every other again."""
         self._group = {}
 
+    def clear(self) -> None:
+        """No partition and no impairment: the network as it was made."""
+        self._group = {}
+        self._impaired = {}
+
     def impair(self, port: str, impairment: Impairment) -> None:
         """Delay or drop what ``port`` receives (``Impairment()`` for neither)."""
         if impairment == Impairment():
@@ -301,6 +306,8 @@ class _Server:
             self.switch.partition([[str(p) for p in group] for group in request["groups"]])
         elif op == "heal":
             self.switch.heal()
+        elif op == "clear":
+            self.switch.clear()
         elif op == "impair":
             impairment = Impairment(float(request.get("delay_s", 0)), float(request.get("loss", 0)))
             self.switch.impair(str(request["port"]), impairment)

@@ -1,0 +1,134 @@
+"""Private networks on the qemu backend: Debian VMs on one segment, by name, with
+links cut and partitions made and healed, started from saved states and reset."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import vmlease
+from vmlease.backends.guest._machine import lan_mac
+from vmlease.backends.guest.images import Image
+
+pytestmark = pytest.mark.timeout(300)
+
+#: Serves TCP port 7000 in the guest: answers each connection with the host's name.
+SERVE = (
+    "nohup python3 -c 'import socket,subprocess\n"
+    's=socket.create_server(("",7000))\n'
+    "while True:\n"
+    " c,_=s.accept(); c.sendall(socket.gethostname().encode()); c.close()' "
+    ">/dev/null 2>&1 &"
+)
+
+
+def _ask(vm: vmlease.VM, host: str, timeout: float = 3.0) -> str | None:
+    """What ``host``'s port 7000 answers ``vm``, by name; None if it cannot be reached."""
+    code = (
+        "import socket,sys\n"
+        f"c=socket.create_connection(({host!r},7000),timeout={timeout})\n"
+        "sys.stdout.write(c.recv(100).decode())"
+    )
+    done = vm.run(["python3", "-c", code])
+    return done.stdout if done.exit_code == 0 else None
+
+
+def test_three_vms_reach_each_other_by_name_until_partitioned_or_unplugged(
+    debian_image: Image, state: Path
+) -> None:
+    with vmlease.Session(state_dir=state) as session:
+        server, a, b = (
+            session.create("debian-12", memory_mb=512, networks=["lan"], name=name)
+            for name in ("server", "client-a", "client-b")
+        )
+        lan = session.network("lan")
+        assert sorted(lan.vms) == ["client-a", "client-b", "server"]
+        server.run(["sh", "-c", SERVE], check=True)
+        server.wait_for_port(7000)
+        assert _ask(a, "server") == "server"
+        assert _ask(b, "server") == "server"
+        # Each VM has its own interface, though all started from one saved state.
+        for vm in (server, a, b):
+            assert lan_mac(vm.name, 0) in vm.run(["ip", "-br", "link"], check=True).stdout
+        lan.partition([server, a], [b])
+        assert _ask(a, "server") == "server"
+        assert _ask(b, "server") is None
+        lan.heal()
+        assert _ask(b, "server") == "server"
+        a.link_down()
+        assert _ask(a, "server") is None
+        a.link_up()
+        assert _ask(a, "server", timeout=10) == "server"
+
+
+def _lan_address(vm: vmlease.VM) -> str:
+    found = [
+        word
+        for word in vm.run(["ip", "-br", "-4", "addr"], check=True).stdout.split()
+        if word.startswith("192.168.")
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_a_reset_vm_comes_back_with_its_own_address_and_names(
+    debian_image: Image, state: Path
+) -> None:
+    with vmlease.Session(state_dir=state) as session:
+        one = session.create("debian-12", memory_mb=512, networks=["lan"], name="one")
+        two = session.create("debian-12", memory_mb=512, networks=["lan"], name="two")
+        before = _lan_address(two)
+        two.reset()
+        assert _lan_address(two) == before  # its own address again, not the state's
+        assert before != _lan_address(one)
+        assert two.run(["getent", "hosts", "one"]).exit_code == 0
+        one.run(["sh", "-c", SERVE], check=True)
+        one.wait_for_port(7000)
+        assert _ask(two, "one") == "one"
+
+
+RUNNER = textwrap.dedent(
+    """
+    import sys, time, vmlease
+    session = vmlease.Session(state_dir=sys.argv[1])
+    session.create("debian-12", memory_mb=512, networks=["lan"])
+    print("up", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_networks_switch_is_gone_within_10_s_of_its_owners_sigkill(
+    debian_image: Image, state: Path
+) -> None:
+    runner = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, str(state)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert runner.stdout is not None
+        assert runner.stdout.readline().strip() == "up"
+        switches = [p for p in (state / "qemu").iterdir() if p.name.startswith(".lan-")]
+        assert len(switches) == 1
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+        deadline = time.monotonic() + 10
+        while switches[0].exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not switches[0].exists()
+        gone = subprocess.run(
+            ["pgrep", "-f", f"_switch {switches[0]}"], capture_output=True, check=False
+        )
+        assert gone.returncode == 1
+    finally:
+        runner.kill()
+        runner.wait()
+        # The VM itself is the reaper's, as for any dead owner.
+        with vmlease.Session(state_dir=state) as session:
+            session.close()
