@@ -118,17 +118,24 @@ def test_a_networks_switch_is_gone_within_10_s_of_its_owners_sigkill(
         assert len(switches) == 1
         os.kill(runner.pid, signal.SIGKILL)
         runner.wait()
-        deadline = time.monotonic() + 10
-        while switches[0].exists() and time.monotonic() < deadline:
+        killed = time.monotonic()
+
+        def switch_runs() -> bool:
+            found = subprocess.run(
+                ["pgrep", "-f", f"_switch {switches[0]}"], capture_output=True, check=False
+            )
+            return found.returncode == 0
+
+        while (switches[0].exists() or switch_runs()) and time.monotonic() - killed < 10:
             time.sleep(0.1)
         assert not switches[0].exists()
-        gone = subprocess.run(
-            ["pgrep", "-f", f"_switch {switches[0]}"], capture_output=True, check=False
-        )
-        assert gone.returncode == 1
+        assert not switch_runs()
     finally:
         runner.kill()
         runner.wait()
-        # The VM itself is the reaper's, as for any dead owner.
-        with vmlease.Session(state_dir=state) as session:
-            session.close()
+        if runner.stdout is not None:
+            runner.stdout.close()
+        # The VM itself is the reaper's, as for any dead owner's.
+        deadline = time.monotonic() + 30
+        while any((state / "qemu").glob("*/vm.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)

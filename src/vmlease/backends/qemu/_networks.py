@@ -68,6 +68,7 @@ ip link set dev "$dev" up
 _HOSTS = """set -e
 tag=$1 lines=$2
 begin="# vmlease network $tag" end="# vmlease network $tag end"
+[ -e /etc/hosts ] || printf '127.0.0.1 localhost\n::1 localhost\n' > /etc/hosts
 awk -v b="$begin" -v e="$end" '$0 == b {skip = 1} !skip {print} $0 == e {skip = 0}' \
   /etc/hosts > /etc/hosts.vmlease
 printf '%s\\n%s\\n%s\\n' "$begin" "$lines" "$end" >> /etc/hosts.vmlease
