@@ -133,3 +133,11 @@ def test_a_catalog_import_boots_through_the_firmware_its_image_needs(
     url = catalog_source(name, options, env={})
     disk = CATALOG[name].disk(arch)
     assert (url, options["sha256"], options["firmware"]) == (disk.url, disk.digest, firmware)
+
+
+def test_a_backend_without_private_networks_refuses_a_spec_that_names_one() -> None:
+    def do_import(name: str, **options: Any) -> None:
+        raise AssertionError("nothing is imported")
+
+    with pytest.raises(UnsupportedOperation, match="no private networks"):
+        check_or_import(FakeBackend(), VMSpec.of(networks=["lan"]), do_import, {})

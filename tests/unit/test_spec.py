@@ -101,3 +101,24 @@ def test_an_unknown_arch_names_the_choices(bad: object) -> None:
         return
     with pytest.raises(InvalidSpec, match="arch must be one of x86_64, amd64, aarch64, arm64"):
         VMSpec.of(arch=bad)
+
+
+def test_a_spec_names_the_private_networks_it_joins_and_reads_them_back() -> None:
+    spec = VMSpec.of(networks=["lan", "backend-1"])
+    assert spec.networks == ("lan", "backend-1")
+    assert VMSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize(
+    ("networks", "says"),
+    [
+        ("lan", "a list of network names"),
+        (["LAN"], "cannot name a network"),
+        (["lan", "lan"], "twice"),
+        (["a", "b", "c", "d", "e"], "at most 4"),
+        ([7], "cannot name a network"),
+    ],
+)
+def test_networks_a_spec_cannot_join_are_refused(networks: object, says: str) -> None:
+    with pytest.raises(InvalidSpec, match=says):
+        VMSpec.of(networks=networks)
