@@ -14,6 +14,7 @@ python -m benchmarks rootless   debian-12 built and started as root and as a nor
 python -m benchmarks deadlines  the owner's command beside another process's; a stopped QEMU
 python -m benchmarks resets     mapped booted states beside streams: isolation, resets, starts, PSS
 python -m benchmarks arches     arm64 beside x86_64: cold boots, starts, resets, run(true)
+python -m benchmarks networks   private networks: VM to VM beside VM to host; a second NIC's cost
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from benchmarks import (
     faults,
     guests,
     libvirt,
+    networks,
     reap,
     resets,
     rootless,
@@ -45,7 +47,7 @@ def main() -> int:
         "which",
         nargs="*",
         metavar="spine|reap|suite|faults|startup|chaos|guests|trims|libvirt|rootless|deadlines"
-        "|resets|arches",
+        "|resets|arches|networks",
         help="default: all",
     )
     parser.add_argument("--runs", type=int, default=7, help="boots per P1 variant (at least 5)")
@@ -81,6 +83,7 @@ def main() -> int:
         "deadlines",
         "resets",
         "arches",
+        "networks",
     ]
     unknown = set(args.which) - set(names)
     if unknown:
@@ -109,6 +112,8 @@ def main() -> int:
         code |= resets.main(runs=args.runs, tests=args.trivial_tests)
     if "arches" in which:
         code |= arches.main(runs=args.runs)
+    if "networks" in which:
+        code |= networks.main(runs=args.runs)
     if "chaos" in which:
         code |= chaos.main(trials=args.chaos_trials)
     if "startup" in which:

@@ -1,0 +1,173 @@
+"""Private networks: traffic between VMs on one segment beside traffic between a VM
+and the host through user-mode networking, and what a second interface costs.
+
+Side by side in one run, medians (JSON in results/networks.json), debian-12
+with 1 vCPU and 512 MB under whichever accelerator this machine has:
+
+- TCP round trip (one byte each way, over one connection, 200 times) and
+  throughput (32 MB one way), VM to VM on the private network, beside the same
+  from a VM to an echo server on the host's 127.0.0.1 (the guest's 10.0.2.2);
+- cold boot to ready, start from the saved booted state to ready, and reset,
+  each with and without a private network, interleaved (goal: the network
+  costs under 10% of each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import vmlease
+from vmlease._paths import image_dir
+from vmlease.backends.guest.images import build_debian, build_tiny
+from vmlease.backends.qemu import QemuBackend
+
+RESULTS = Path(__file__).parent / "results"
+MB = 512
+#: Serves port 7001 in a guest (or the host): echoes round trips, swallows bulk.
+_SERVER = """
+import socket, sys, threading
+def serve(c):
+    with c:
+        while True:
+            data = c.recv(1 << 16)
+            if not data:
+                return
+            if len(data) == 1:
+                c.sendall(data)
+s = socket.create_server((sys.argv[1], 7001))
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+#: From a guest to HOST:PORT: microseconds per round trip, then MB/s one way.
+_CLIENT = """
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rtts = []
+for _ in range(200):
+    t = time.perf_counter(); c.sendall(b"x"); c.recv(1); rtts.append(time.perf_counter() - t)
+rtts.sort()
+block = b"y" * 65536
+t = time.perf_counter()
+for _ in range(512):
+    c.sendall(block)
+c.shutdown(socket.SHUT_WR); c.recv(1)
+took = time.perf_counter() - t
+print(rtts[len(rtts) // 2] * 1e6, 32 / took)
+"""
+
+
+def _host_server() -> tuple[socket.socket, int]:
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(1 << 16):
+                if len(data) == 1:
+                    conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+def _measure(vm: vmlease.VM, host: str, port: int) -> tuple[float, float]:
+    done = vm.run(["python3", "-c", _CLIENT, host, str(port)], timeout_s=300, check=True)
+    rtt, rate = done.stdout.split()
+    return float(rtt), float(rate)
+
+
+def traffic(runs: int) -> dict[str, Any]:
+    """Round trips and throughput on the segment and through user-mode networking."""
+    samples: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="vmlease-networks-") as tmp:
+        session = vmlease.Session(state_dir=Path(tmp))
+        server, port = _host_server()
+        try:
+            a = session.create("debian-12", memory_mb=MB, networks=["lan"], name="a")
+            b = session.create("debian-12", memory_mb=MB, networks=["lan"], name="b")
+            b.run(["sh", "-c", f"nohup python3 -c '{_SERVER}' 0.0.0.0 >/dev/null 2>&1 &"])
+            b.wait_for_port(7001)
+            for _ in range(runs):
+                for where, host, to in (("segment", "b", 7001), ("user", "10.0.2.2", port)):
+                    rtt, rate = _measure(a, host, to)
+                    samples.setdefault(f"{where} rtt_us", []).append(rtt)
+                    samples.setdefault(f"{where} MB/s", []).append(rate)
+        finally:
+            server.close()
+            session.close()
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _session(state: Path, *, warm: bool) -> vmlease.Session:
+    backend = QemuBackend(state_dir=state, warm_start=warm, env=os.environ)
+    return vmlease.Session(backend=backend, state_dir=state)
+
+
+def starts(runs: int) -> dict[str, Any]:
+    """Cold boots, starts from the saved state and resets, with and without a network."""
+    samples: dict[str, list[float]] = {}
+    shapes: dict[str, list[str]] = {"without": [], "with": ["lan"]}
+    with tempfile.TemporaryDirectory(prefix="vmlease-networks-") as tmp:
+        cold = _session(Path(tmp) / "cold", warm=False)
+        warm = _session(Path(tmp) / "warm", warm=True)
+        try:
+            for networks in shapes.values():  # each shape's booted state, saved once
+                warm.create("debian-12", memory_mb=MB, networks=networks).delete()
+            for _ in range(runs):
+                for kind, networks in shapes.items():
+                    t = time.perf_counter()
+                    cold.create("debian-12", memory_mb=MB, networks=networks).delete()
+                    samples.setdefault(f"cold {kind}", []).append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    vm = warm.create("debian-12", memory_mb=MB, networks=networks)
+                    samples.setdefault(f"warm {kind}", []).append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    vm.reset()
+                    vm.run(["true"], check=True)
+                    samples.setdefault(f"reset {kind}", []).append(time.perf_counter() - t)
+                    vm.delete()
+        finally:
+            cold.close()
+            warm.close()
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main(runs: int = 7) -> int:
+    build_tiny(image_dir())
+    build_debian(image_dir(), "debian-12")
+    moved = traffic(max(3, runs // 2))
+    started = starts(max(3, runs // 2))
+    print("private networks (debian-12, 1 vCPU, 512 MB; medians)")
+    print(f"  {'':28} {'segment (VM to VM)':>20} {'user-mode (VM to host)':>24}")
+    print(
+        f"  {'TCP round trip':28} {moved['segment rtt_us'] / 1000:17.2f} ms "
+        f"{moved['user rtt_us'] / 1000:21.2f} ms"
+    )
+    print(f"  {'throughput':28} {moved['segment MB/s']:15.1f} MB/s {moved['user MB/s']:19.1f} MB/s")
+    print(f"  {'':28} {'without':>10} {'with lan':>10} {'cost':>8}  (goal < 10%)")
+    costs = {}
+    for what in ("cold", "warm", "reset"):
+        without, with_ = started[f"{what} without"], started[f"{what} with"]
+        costs[what] = with_ / without - 1
+        print(f"  {what + ' to ready':28} {without:9.2f}s {with_:9.2f}s {costs[what]:+7.1%}")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"traffic": moved, "starts": started, "costs": costs}
+    (RESULTS / "networks.json").write_text(json.dumps(out, indent=2) + "\n")
+    return 0
