@@ -16,8 +16,9 @@ import vmlease
 INSTALLER = Path(__file__).parent / "installer" / "install.sh"
 
 # The suites that need Debian images run when named (scripts/example debian,
-# scripts/example multiarch); a plain run of examples/ is the quick-start suite.
-collect_ignore = ["debian", "multiarch"]
+# scripts/example multiarch, scripts/example aptrepo); a plain run of examples/
+# is the quick-start suite.
+collect_ignore = ["aptrepo", "debian", "multiarch"]
 
 
 @pytest.fixture
