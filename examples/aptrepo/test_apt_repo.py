@@ -98,6 +98,7 @@ def test_clients_install_from_the_servers_repository_and_ride_out_a_partition(
     repository: Path,
 ) -> None:
     server, a, b = (vm_factory(image="debian-12", memory_mb=512, networks=["lan"]) for _ in "abc")
+    server.run(["mkdir", "-p", "/srv/repo"], check=True)
     for path in repository.iterdir():
         server.put(path, f"/srv/repo/{path.name}")
     server.run(
