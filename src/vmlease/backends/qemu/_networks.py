@@ -170,11 +170,13 @@ class Networks:
                     network = self._networks[name] = self._start(name)
                 if len(network.members) >= _MAX_MEMBERS:
                     raise BackendError(f"network {name} has {_MAX_MEMBERS} VMs, its most")
-                self._ask(network, op="attach", port=vm)
+                # Recorded before the switch is asked: a join that fails half-way is
+                # undone by ``leave`` like a whole one.
+                self._joined[vm] = names[: index + 1]
                 taken = set(network.members.values())
                 network.members[vm] = next(n for n in range(_FIRST_HOST, 256) if n not in taken)
+                self._ask(network, op="attach", port=vm)
                 (vm_dir / lan_dir(index)).symlink_to(network.path)
-            self._joined[vm] = names
 
     def leave(self, vm: str) -> None:
         """VM ``vm`` is gone: its ports and addresses are free."""
@@ -185,8 +187,11 @@ class Networks:
                     continue
                 network.members.pop(vm, None)
                 network.configured.discard(vm)
-                if network.process.poll() is None:
-                    self._ask(network, op="detach", port=vm)
+                # Best effort: a VM's delete does not fail on its switch, which ends
+                # with this process anyway.
+                with contextlib.suppress(BackendError):
+                    if network.process.poll() is None:
+                        self._ask(network, op="detach", port=vm)
 
     def configure(
         self, vm: str, channel: AgentChannel, deadline: float
