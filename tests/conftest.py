@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.procs import processes_under
 
-pytest_plugins = ["pytester"]
+pytest_plugins = ["pytester", "tests.support.agent_peer"]
 
 
 def _qemu_processes_under(root: Path) -> list[int]:

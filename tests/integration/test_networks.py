@@ -94,6 +94,48 @@ def test_a_reset_vm_comes_back_with_its_own_address_and_names(
         assert _ask(two, "one") == "one"
 
 
+def _timed_ask(vm: vmlease.VM, host: str) -> float | None:
+    """Seconds ``vm`` takes to connect to ``host``'s port 7000 and read its answer."""
+    code = (
+        "import socket,sys,time\n"
+        "t=time.monotonic()\n"
+        f"c=socket.create_connection(({host!r},7000),timeout=5)\n"
+        "c.recv(100)\n"
+        "sys.stdout.write(repr(time.monotonic()-t))"
+    )
+    done = vm.run(["python3", "-c", code])
+    return float(done.stdout) if done.exit_code == 0 else None
+
+
+def test_a_vm_on_two_networks_is_on_each_through_its_own_interface_with_faults_per_network(
+    debian_image: Image, state: Path
+) -> None:
+    with vmlease.Session(state_dir=state) as session:
+        hub = session.create("debian-12", memory_mb=512, networks=["front", "back"], name="hub")
+        web = session.create("debian-12", memory_mb=512, networks=["front"], name="web")
+        db = session.create("debian-12", memory_mb=512, networks=["back"], name="db")
+        hub.run(["sh", "-c", SERVE], check=True)
+        hub.wait_for_port(7000)
+        # Each interface is on the network it was set up for: were they swapped, the
+        # addresses would sit on the other segment and neither would answer.
+        assert _ask(web, "hub") == "hub"
+        assert _ask(db, "hub") == "hub"
+        assert web.run(["getent", "hosts", "db"]).exit_code != 0  # names are per network
+        front = session.network("front")
+        front.impair(hub, delay_s=0.5)
+        took = _timed_ask(web, "hub")
+        assert took is not None
+        assert took >= 0.5  # the SYN alone waits that long in the switch
+        quick = _timed_ask(db, "hub")  # the other network is not delayed
+        assert quick is not None
+        assert quick < took
+        front.impair(hub, loss=1.0)
+        assert _ask(web, "hub") is None
+        assert _ask(db, "hub") == "hub"
+        front.clear()
+        assert _ask(web, "hub", timeout=10) == "hub"
+
+
 RUNNER = textwrap.dedent(
     """
     import sys, time, vmlease

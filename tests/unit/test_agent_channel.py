@@ -8,50 +8,14 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.agent_peer import MakeChannel, frame, read_frame
 from vmlease import BootError, ChannelError, GuestFileError
 from vmlease.backends.guest import _agent as proto
 from vmlease.backends.guest._agent import AgentChannel
-
-Peer = Callable[[socket.socket], None]
-
-
-def frame(kind: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">BI", kind, len(payload)) + payload
-
-
-def read_frame(sock: socket.socket) -> tuple[int, bytes]:
-    head = sock.recv(5, socket.MSG_WAITALL)
-    kind, length = struct.unpack(">BI", head)
-    data = sock.recv(length, socket.MSG_WAITALL) if length else b""
-    return kind, data
-
-
-MakeChannel = Callable[[Peer], tuple[AgentChannel, threading.Thread]]
-
-
-@pytest.fixture
-def channel_with() -> Iterator[MakeChannel]:
-    """Connects a channel to ``peer`` running in a thread; closes both at teardown."""
-    opened: list[tuple[AgentChannel, socket.socket, threading.Thread]] = []
-
-    def make(peer: Peer) -> tuple[AgentChannel, threading.Thread]:
-        host, guest = socket.socketpair()
-        thread = threading.Thread(target=peer, args=(guest,), daemon=True)
-        thread.start()
-        channel = AgentChannel(host, name="t")
-        opened.append((channel, guest, thread))
-        return channel, thread
-
-    yield make
-    for channel, guest, thread in opened:
-        channel.close()
-        guest.close()
-        thread.join(5)
 
 
 def test_handshake_skips_leftovers_from_an_earlier_connection(channel_with: MakeChannel) -> None:

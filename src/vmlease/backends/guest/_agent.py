@@ -39,9 +39,8 @@ AGENT_PORT = "org.vmlease.agent"
 #: under the user's home.
 VISITOR_PORT = "org.vmlease.visit"
 
-(HELLO, EXEC, STDIN, STDOUT, STDERR, EXIT, KILL, PUT, DATA, GET, OK, ERR, SYNC, SETTIME, WAKE) = (
-    range(1, 16)
-)
+(HELLO, EXEC, STDIN, STDOUT, STDERR, EXIT, KILL, PUT, DATA, GET, OK, ERR, SYNC) = range(1, 14)
+SETTIME, WAKE, NET = range(14, 17)
 #: The first agent protocol that understands WAKE.
 _WAKE_SINCE = 3
 _HEADER = struct.Struct(">BI")
@@ -429,9 +428,9 @@ class AgentChannel:
         seconds = int(when_s)
         nanos = int((when_s - seconds) * 1e9)
         payload = struct.pack(">QI", seconds, nanos) + seed[:64]
-        self._request(SETTIME, payload, timeout_s, what="setting the clock")
+        self.request(SETTIME, payload, timeout_s, what="setting the clock")
 
-    def _request(self, kind: int, payload: bytes, timeout_s: float, *, what: str) -> None:
+    def request(self, kind: int, payload: bytes, timeout_s: float, *, what: str) -> None:
         """Send one request the agent answers OK or ERR; ChannelError on ERR."""
         error: list[str] = []
 
@@ -465,7 +464,7 @@ class AgentChannel:
                 + host
                 + line.encode()
             )
-            self._request(WAKE, payload, timeout_s, what="waking the guest")
+            self.request(WAKE, payload, timeout_s, what="waking the guest")
             return
         self.set_time(time.time(), timeout_s, seed=os.urandom(64))
         script = (

@@ -365,12 +365,12 @@ class QemuBackend(AgentOperations, LanOperations, Backend):
             restart = None
             if pending is not None and self.warm is not None:
                 key, image_, ram = pending
+                self.lans.prepare(name, channel, deadline)
                 if ram is None:
                     self.warm.save(self._dir(name), name, key, image_)
                 elif save_devices(self._dir(name), name, ram):
                     restart = (key, image_, ram)
-            if restart is None:
-                # After the save: the saved state keeps the image's own disk size.
+            if restart is None:  # after the save: a state keeps the image's disk size
                 self._grow_root(name, channel, deadline)
                 told = self._lans_up(name, channel, deadline)
         if restart is not None:

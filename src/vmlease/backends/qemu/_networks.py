@@ -36,12 +36,13 @@ from typing import Any
 from vmlease._errors import BackendError, BootError, ChannelError, InvalidSpec, VMNotFound
 from vmlease._timeouts import DEFAULT
 from vmlease.backends.guest._agent import AgentChannel
+from vmlease.backends.guest._lans import LanLink, LanNames, set_lans
 from vmlease.backends.guest._machine import lan_mac
 from vmlease.backends.qemu._launch import lan_dir
 from vmlease.backends.qemu._processes import monitor_command
 from vmlease.backends.qemu._switch import CONTROL
 
-__all__ = ["LanOperations", "Networks", "run"]
+__all__ = ["LanOperations", "Networks"]
 
 #: How long a switch may take to come up, and to answer a request.
 _START_S = 10.0
@@ -49,32 +50,6 @@ _ASK_S = 5.0
 #: The first address a VM gets on a network (.10, .11, ...), and the most VMs.
 _FIRST_HOST = 10
 _MAX_MEMBERS = 200
-#: Configures the interface on the VM's Nth private network: found among the
-#: interfaces other than the user-mode one (QEMU's default MAC) by creation
-#: order, given its own MAC and address, and brought up.
-_CONFIGURE = """set -e
-mac=$1 addr=$2 index=$3
-dev=$(for d in /sys/class/net/*; do n=${d##*/}; [ "$n" = lo ] && continue
-  [ "$(cat "$d/address")" = 52:54:00:12:34:56 ] && continue
-  echo "$(cat "$d/ifindex") $n"; done | sort -n | sed -n "$((index + 1))p" | cut -d' ' -f2)
-[ -n "$dev" ] || { echo "no interface for private network $index" >&2; exit 1; }
-ip link set dev "$dev" down
-ip link set dev "$dev" address "$mac"
-ip addr flush dev "$dev"
-ip addr add "$addr" dev "$dev"
-ip link set dev "$dev" up
-"""
-#: Replaces the block of a network's names in /etc/hosts.
-_HOSTS = """set -e
-tag=$1 lines=$2
-begin="# vmlease network $tag" end="# vmlease network $tag end"
-[ -e /etc/hosts ] || printf '127.0.0.1 localhost\n::1 localhost\n' > /etc/hosts
-awk -v b="$begin" -v e="$end" '$0 == b {skip = 1} !skip {print} $0 == e {skip = 0}' \
-  /etc/hosts > /etc/hosts.vmlease
-printf '%s\\n%s\\n%s\\n' "$begin" "$lines" "$end" >> /etc/hosts.vmlease
-cat /etc/hosts.vmlease > /etc/hosts
-rm -f /etc/hosts.vmlease
-"""
 
 
 @dataclass
@@ -90,16 +65,6 @@ class _Network:
 
     def address(self, vm: str) -> str:
         return f"192.168.{self.subnet}.{self.members[vm]}"
-
-
-def run(channel: AgentChannel, argv: list[str], deadline: float, vm: str) -> None:
-    """Run a network's set-up command in VM ``vm``; ChannelError if it fails."""
-    done = channel.exec(
-        argv, stdin=None, env=None, cwd=None, timeout_s=max(1.0, deadline - time.monotonic())
-    )
-    if done.exit_code != 0:
-        said = (done.stdout + done.stderr).decode(errors="replace").strip()[-500:]
-        raise ChannelError(f"VM {vm}: setting up its private network failed: {said}")
 
 
 class Networks:
@@ -193,24 +158,33 @@ class Networks:
                     if network.process.poll() is None:
                         self._ask(network, op="detach", port=vm)
 
+    def prepare(self, vm: str, channel: AgentChannel, deadline: float) -> None:
+        """Bring VM ``vm``'s interfaces up with their MACs and no address, before its
+        booted state is saved: a start from the state then only sets an address and
+        a MAC, where an interface's first coming up is slow under TCG."""
+        with self._lock:
+            count = len(self._joined.get(vm, ()))
+        links = [LanLink(index, lan_mac(vm, index), None) for index in range(count)]
+        set_lans(channel, links, (), deadline, vm)
+
     def configure(
         self, vm: str, channel: AgentChannel, deadline: float
-    ) -> list[tuple[str, list[str]]]:
+    ) -> list[tuple[str, LanNames]]:
         """Set VM ``vm``'s interfaces and names in its guest (through ``channel``);
-        returns what the other VMs on its networks are to run to know its name, by
-        VM (the caller runs it without holding ``vm``'s channel)."""
+        returns the names the other VMs on its networks are to be given, by VM (the
+        caller gives them without holding ``vm``'s channel)."""
         with self._lock:
             names = self._joined.get(vm, ())
             networks = [self._networks[name] for name in names]
-        others = []
+        links, blocks, others = [], [], []
         for index, network in enumerate(networks):
-            mac, address = lan_mac(vm, index), f"{network.address(vm)}/24"
-            run(channel, ["sh", "-c", _CONFIGURE, "sh", mac, address, str(index)], deadline, vm)
-            network.configured.add(vm)
+            links.append(LanLink(index, lan_mac(vm, index), f"{network.address(vm)}/24"))
             lines = "\n".join(f"{network.address(m)} {m}" for m in sorted(network.members))
-            hosts = ["sh", "-c", _HOSTS, "sh", network.name, lines]
-            run(channel, hosts, deadline, vm)
-            others += [(m, hosts) for m in sorted(network.configured) if m != vm]
+            blocks.append(LanNames(network.name, lines))
+        set_lans(channel, links, blocks, deadline, vm)
+        for network, block in zip(networks, blocks, strict=True):
+            network.configured.add(vm)
+            others += [(m, block) for m in sorted(network.configured) if m != vm]
         return others
 
     def control(self, name: str, **request: Any) -> dict[str, Any]:
@@ -254,19 +228,19 @@ class LanOperations:
 
     def _lans_up(
         self, name: str, channel: AgentChannel, deadline: float
-    ) -> list[tuple[str, list[str]]]:
+    ) -> list[tuple[str, LanNames]]:
         """VM ``name``'s private interfaces set; what the others are to be told."""
         return self.lans.configure(name, channel, deadline)
 
-    def _tell(self, updates: list[tuple[str, list[str]]], deadline: float) -> None:
-        """Run each VM's name update (a VM that is gone or stopped meanwhile is skipped:
-        it learns the names when it is ready again)."""
-        for vm, argv in updates:
+    def _tell(self, updates: list[tuple[str, LanNames]], deadline: float) -> None:
+        """Give each VM its network's names (a VM that is gone or stopped meanwhile is
+        skipped: it learns the names when it is ready again)."""
+        for vm, block in updates:
             with (
                 contextlib.suppress(VMNotFound, ChannelError, BootError),
                 self._agent(vm) as channel,
             ):
-                run(channel, argv, deadline, vm)
+                set_lans(channel, (), (block,), deadline, vm)
 
     def _lan_index(self, name: str, network: str) -> int:
         networks = tuple(self._read_record(name).get("spec", {}).get("networks", ()))

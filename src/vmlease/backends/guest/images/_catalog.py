@@ -48,8 +48,9 @@ _USERS = ".users"
 
 #: The protocol of the agent built from ``agent.c``, as images record it in
 #: ``info["agent_protocol"]``. From 2 on, the agent serves a second port, for
-#: processes other than the VM's owner; from 3 on, it understands WAKE.
-AGENT_PROTOCOL = "3"
+#: processes other than the VM's owner; from 3 on, it understands WAKE; from 4
+#: on, NET.
+AGENT_PROTOCOL = "4"
 
 
 @dataclass(frozen=True, slots=True)

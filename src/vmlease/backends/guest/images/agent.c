@@ -28,6 +28,10 @@
  *          | u32 n | n seed bytes
  *          | u32 n | n bytes of hostname
  *          | a line for the console
+ *   NET    u32 n | n x (u32 index | 6 bytes MAC   OK / ERR message
+ *                | 4 bytes IPv4 | u8 prefix)
+ *          | u32 m | m x (u32 n | n bytes of tag
+ *                | u32 n | n bytes of lines)
  *
  * SETTIME follows a snapshot restore or a start from a saved state: the
  * guest's clock and its random generator are both where the snapshot left
@@ -38,6 +42,15 @@
  * WAKE (protocol 3) is all a guest started from a saved state is told, in
  * one exchange and without starting a process: SETTIME's clock and seed, its
  * new hostname, and a line written to /dev/console saying so.
+ *
+ * NET (protocol 4) sets a VM's interfaces on its private networks and the
+ * names it knows them by, also without starting a process. Interface `index`
+ * is the index-th Ethernet interface, by ifindex, other than the user-mode one
+ * (QEMU's default MAC); it gets the MAC and address given (0.0.0.0: none; the
+ * address is announced by a gratuitous ARP when the MAC changes) and is
+ * brought up. Each
+ * tag's block of lines replaces the one of that tag in /etc/hosts, between
+ * "# vmlease network TAG" and "# vmlease network TAG end".
  *
  * EXEC payload: u32 argc, argc x (u32 len, bytes), u32 envc,
  * envc x (u32 len, "KEY=VALUE"), u32 cwd length, cwd bytes.
@@ -61,8 +74,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <linux/random.h>
+#include <net/if.h>
+#include <net/if_arp.h>
+#include <netinet/in.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -71,7 +89,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_VERSION "3"
+#define AGENT_VERSION "4"
 #define PORT_NAME "org.vmlease.agent"
 #define VISITOR_PORT_NAME "org.vmlease.visit"
 #define MAX_FRAME (1u << 20)
@@ -81,7 +99,7 @@
 enum {
     T_HELLO = 1, T_EXEC = 2, T_STDIN = 3, T_STDOUT = 4, T_STDERR = 5,
     T_EXIT = 6, T_KILL = 7, T_PUT = 8, T_DATA = 9, T_GET = 10, T_OK = 11,
-    T_ERR = 12, T_SYNC = 13, T_SETTIME = 14, T_WAKE = 15,
+    T_ERR = 12, T_SYNC = 13, T_SETTIME = 14, T_WAKE = 15, T_NET = 16,
 };
 
 static const char *DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -437,6 +455,208 @@ static void wake(const unsigned char *p, size_t len) {
     send_frame(T_OK, NULL, 0);
 }
 
+/* Whether interface `name` is an Ethernet one other than the user-mode one. */
+static int is_lan(int s, const char *name) {
+    static const unsigned char user_mac[6] = { 0x52, 0x54, 0x00, 0x12, 0x34, 0x56 };
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
+    return ioctl(s, SIOCGIFHWADDR, &ifr) == 0 && ifr.ifr_hwaddr.sa_family == ARPHRD_ETHER
+        && memcmp(ifr.ifr_hwaddr.sa_data, user_mac, 6) != 0;
+}
+
+/* The name of the `wanted`-th such interface by ifindex; 0, or -1 and errno.
+ * Names found are kept: a guest started from a saved state has the same
+ * interfaces, and finds its own at no cost. */
+static int lan_interface(int s, uint32_t wanted, char name[IF_NAMESIZE]) {
+    static char known[16][IF_NAMESIZE];
+    if (wanted >= 16) { errno = ENODEV; return -1; }
+    if (known[wanted][0] && is_lan(s, known[wanted])) {
+        memcpy(name, known[wanted], IF_NAMESIZE);
+        return 0;
+    }
+    uint32_t seen = 0;
+    for (int index = 1, missing = 0; index < 4096 && missing < 64; index++) {
+        struct ifreq ifr;
+        memset(&ifr, 0, sizeof ifr);
+        ifr.ifr_ifindex = index;
+        if (ioctl(s, SIOCGIFNAME, &ifr) != 0) { missing++; continue; }
+        missing = 0;
+        if (!is_lan(s, ifr.ifr_name)) continue;
+        if (seen < 16) memcpy(known[seen], ifr.ifr_name, IF_NAMESIZE);
+        if (seen++ == wanted) {
+            memcpy(name, ifr.ifr_name, IF_NAMESIZE);
+            return 0;
+        }
+    }
+    errno = ENODEV;
+    return -1;
+}
+
+/* Give interface `name` its MAC and IPv4 address (none: 0.0.0.0) and bring it
+ * up; NULL, or the step that failed (errno says why). */
+static const char *set_lan(int s, const char *name, const unsigned char *mac,
+                           const unsigned char *addr, unsigned prefix) {
+    static char notifying[16][IF_NAMESIZE];  /* where arp_notify is on */
+    int told = 0;
+    for (int i = 0; i < 16 && notifying[i][0] && !told; i++) told = strcmp(notifying[i], name) == 0;
+    if (!told) {
+        char path[96];
+        snprintf(path, sizeof path, "/proc/sys/net/ipv4/conf/%s/arp_notify", name);
+        int fd = open(path, O_WRONLY | O_CLOEXEC);
+        if (fd >= 0) { ssize_t ignored = write(fd, "1", 1); (void)ignored; close(fd); }
+        for (int i = 0; i < 16; i++)
+            if (!notifying[i][0]) { snprintf(notifying[i], IF_NAMESIZE, "%s", name); break; }
+    }
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
+    struct sockaddr_in *in = (struct sockaddr_in *)&ifr.ifr_addr;
+    static const unsigned char none[4];
+    int unset = memcmp(addr, none, 4) == 0;
+    uint32_t mask = prefix == 0 ? 0 : htonl(0xffffffffu << (32 - (prefix > 32 ? 32 : prefix)));
+    int had = ioctl(s, SIOCGIFADDR, &ifr) == 0;
+    int same = unset ? !had
+        : had && memcmp(&in->sin_addr, addr, 4) == 0
+            && ioctl(s, SIOCGIFNETMASK, &ifr) == 0 && in->sin_addr.s_addr == mask;
+    if (!same) {  /* SIOCSIFADDR replaces the address, and 0.0.0.0 removes it */
+        in->sin_family = AF_INET;
+        memcpy(&in->sin_addr, addr, 4);
+        if (ioctl(s, SIOCSIFADDR, &ifr) != 0) return "setting its address";
+        in->sin_addr.s_addr = mask;
+        if (!unset && ioctl(s, SIOCSIFNETMASK, &ifr) != 0) return "setting its netmask";
+    }
+    if (ioctl(s, SIOCGIFHWADDR, &ifr) != 0) return "reading its MAC";
+    if (memcmp(ifr.ifr_hwaddr.sa_data, mac, 6) != 0) {
+        ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+        memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+        if (ioctl(s, SIOCSIFHWADDR, &ifr) != 0) {
+            if (errno != EBUSY) return "setting its MAC";
+            struct ifreq down = ifr;  /* a driver that changes it only while down */
+            if (ioctl(s, SIOCGIFFLAGS, &down) != 0) return "reading its flags";
+            down.ifr_flags &= ~IFF_UP;
+            if (ioctl(s, SIOCSIFFLAGS, &down) != 0) return "bringing it down";
+            if (ioctl(s, SIOCSIFHWADDR, &ifr) != 0) return "setting its MAC";
+        }
+    }
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) != 0) return "reading its flags";
+    if (!(ifr.ifr_flags & IFF_UP)) {
+        ifr.ifr_flags |= IFF_UP;
+        if (ioctl(s, SIOCSIFFLAGS, &ifr) != 0) return "bringing it up";
+    }
+    return NULL;
+}
+
+/* Read all of `path` into a new buffer (NUL-terminated); NULL and errno. */
+static char *read_all(const char *path, size_t *len) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return NULL;
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    for (ssize_t got = 1; buf && got > 0;) {
+        if (cap - n < 2048) {
+            char *bigger = realloc(buf, cap *= 2);
+            if (!bigger) { free(buf); buf = NULL; break; }
+            buf = bigger;
+        }
+        got = read(fd, buf + n, cap - n - 1);
+        if (got < 0) { int saved = errno; free(buf); buf = NULL; errno = saved; }
+        else n += (size_t)got;
+    }
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    if (buf) { buf[n] = 0; *len = n; }
+    return buf;
+}
+
+/* Replace tag's block of names in /etc/hosts (renamed into place whole); 0 or -1 and errno. */
+static int set_names(const unsigned char *tag, size_t tag_len, const unsigned char *lines,
+                     size_t lines_len) {
+    char begin[128], end[160];
+    snprintf(begin, sizeof begin, "# vmlease network %.*s", (int)(tag_len > 64 ? 64 : tag_len), tag);
+    snprintf(end, sizeof end, "%s end", begin);
+    size_t old_len = 0;
+    char *old = read_all("/etc/hosts", &old_len);
+    if (!old && errno != ENOENT) return -1;
+    if (!old) {
+        old = strdup("127.0.0.1 localhost\n::1 localhost\n");
+        if (!old) return -1;
+        old_len = strlen(old);
+    }
+    size_t cap = old_len + lines_len + 2 * sizeof end + 8, n = 0;
+    char *out = malloc(cap);
+    if (!out) { free(old); return -1; }
+    int skip = 0;
+    for (char *line = old; line < old + old_len;) {
+        char *nl = memchr(line, '\n', (size_t)(old + old_len - line));
+        size_t len = nl ? (size_t)(nl - line) : (size_t)(old + old_len - line);
+        if (len == strlen(begin) && memcmp(line, begin, len) == 0) skip = 1;
+        if (!skip) { memcpy(out + n, line, len); n += len; out[n++] = '\n'; }
+        if (len == strlen(end) && memcmp(line, end, len) == 0) skip = 0;
+        line += len + 1;
+    }
+    free(old);
+    n += (size_t)snprintf(out + n, cap - n, "%s\n", begin);
+    memcpy(out + n, lines, lines_len);
+    n += lines_len;
+    n += (size_t)snprintf(out + n, cap - n, "\n%s\n", end);
+    int rc = -1;
+    int fd = open("/etc/hosts.vmlease", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+        ssize_t w = write(fd, out, n);
+        if (w >= 0 && (size_t)w != n) errno = EIO;
+        int saved = errno;
+        close(fd);
+        rc = (w >= 0 && (size_t)w == n) ? rename("/etc/hosts.vmlease", "/etc/hosts") : -1;
+        if (rc != 0) { saved = errno; unlink("/etc/hosts.vmlease"); errno = saved; }
+    }
+    free(out);
+    return rc;
+}
+
+/* NET: interfaces and names (see the top of this file). */
+static void net(const unsigned char *p, size_t len) {
+    if (len < 4) { send_error("%s: %s", "network", EINVAL); return; }
+    size_t links = get32(p), off = 4;
+    if (links > 16 || len - off < links * 15 + 4) { send_error("%s: %s", "network", EINVAL); return; }
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) { send_error("%s: %s", "network socket", errno); return; }
+    for (size_t i = 0; i < links; i++, off += 15) {
+        char name[IF_NAMESIZE];
+        if (lan_interface(s, get32(p + off), name) != 0) {
+            char what[64];
+            snprintf(what, sizeof what, "the interface of private network %u", (unsigned)get32(p + off));
+            send_error("%s: %s", what, errno);
+            close(s);
+            return;
+        }
+        const char *failed = set_lan(s, name, p + off + 4, p + off + 10, p[off + 14]);
+        if (failed) {
+            char what[IF_NAMESIZE + 64];
+            snprintf(what, sizeof what, "%s: %s", name, failed);
+            send_error("%s: %s", what, errno);
+            close(s);
+            return;
+        }
+    }
+    close(s);
+    size_t blocks = get32(p + off);
+    off += 4;
+    for (size_t i = 0; i < blocks; i++) {
+        if (len - off < 4 || get32(p + off) > len - off - 4) { send_error("%s: %s", "network", EINVAL); return; }
+        const unsigned char *tag = p + off + 4;
+        size_t tag_len = get32(p + off);
+        off += 4 + tag_len;
+        if (len - off < 4 || get32(p + off) > len - off - 4) { send_error("%s: %s", "network", EINVAL); return; }
+        const unsigned char *lines = p + off + 4;
+        size_t lines_len = get32(p + off);
+        off += 4 + lines_len;
+        if (set_names(tag, tag_len, lines, lines_len) != 0) { send_error("%s: %s", "/etc/hosts", errno); return; }
+    }
+    send_frame(T_OK, NULL, 0);
+}
+
 static void handle_frame(int type, const unsigned char *p, size_t len) {
     switch (type) {
     case T_HELLO: {
@@ -477,6 +697,7 @@ static void handle_frame(int type, const unsigned char *p, size_t len) {
         break;
     }
     case T_WAKE: wake(p, len); break;
+    case T_NET: net(p, len); break;
     default: {
         char msg[64];
         int n = snprintf(msg, sizeof msg, "unknown request type %d", type);
