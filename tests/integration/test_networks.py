@@ -44,28 +44,43 @@ def test_three_vms_reach_each_other_by_name_until_partitioned_or_unplugged(
     debian_image: Image, state: Path
 ) -> None:
     with vmlease.Session(state_dir=state) as session:
-        server, a, b = (
-            session.create("debian-12", memory_mb=512, networks=["lan"], name=name)
-            for name in ("server", "client-a", "client-b")
-        )
+        server, a, b = three_on_a_network(session)
         lan = session.network("lan")
         assert sorted(lan.vms) == ["client-a", "client-b", "server"]
-        server.run(["sh", "-c", SERVE], check=True)
-        server.wait_for_port(7000)
-        assert _ask(a, "server") == "server"
-        assert _ask(b, "server") == "server"
-        # Each VM has its own interface, though all started from one saved state.
-        for vm in (server, a, b):
-            assert lan_mac(vm.name, 0) in vm.run(["ip", "-br", "link"], check=True).stdout
-        lan.partition([server, a], [b])
-        assert _ask(a, "server") == "server"
-        assert _ask(b, "server") is None
-        lan.heal()
-        assert _ask(b, "server") == "server"
-        a.link_down()
-        assert _ask(a, "server") is None
-        a.link_up()
-        assert _ask(a, "server", timeout=10) == "server"
+        partition_and_unplug(lan, server, a, b)
+
+
+def three_on_a_network(session: vmlease.Session) -> tuple[vmlease.VM, vmlease.VM, vmlease.VM]:
+    """Debian VMs ``server``, ``client-a`` and ``client-b`` on network ``lan``, the
+    clients reaching the server's port 7000 by its name."""
+    server, a, b = (
+        session.create("debian-12", memory_mb=512, networks=["lan"], name=name)
+        for name in ("server", "client-a", "client-b")
+    )
+    server.run(["sh", "-c", SERVE], check=True)
+    server.wait_for_port(7000)
+    assert _ask(a, "server") == "server"
+    assert _ask(b, "server") == "server"
+    # Each VM has its own interface, though all started from one saved state.
+    for vm in (server, a, b):
+        assert lan_mac(vm.name, 0) in vm.run(["ip", "-br", "link"], check=True).stdout
+    return server, a, b
+
+
+def partition_and_unplug(
+    lan: vmlease.PrivateNetwork, server: vmlease.VM, a: vmlease.VM, b: vmlease.VM
+) -> None:
+    """``b`` cut off from ``server`` by a partition and back when it heals, then ``a``
+    by its own link (``server`` answers on port 7000 with its name)."""
+    lan.partition([server, a], [b])
+    assert _ask(a, server.name) == server.name
+    assert _ask(b, server.name) is None
+    lan.heal()
+    assert _ask(b, server.name) == server.name
+    a.link_down()
+    assert _ask(a, server.name) is None
+    a.link_up()
+    assert _ask(a, server.name, timeout=10) == server.name
 
 
 def _lan_address(vm: vmlease.VM) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmlease.backends.qemu._switch import Impairment, Switch
+from vmlease.backends.guest._switch import Impairment, Switch
 
 BROADCAST = b"\xff" * 6
 

@@ -4,6 +4,7 @@ socket, and its end with its owner."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vmlease.backends.qemu._switch import CONTROL
+from vmlease.backends.guest._switch import CONTROL
 
 BROADCAST = b"\xff" * 6
 
@@ -56,7 +57,7 @@ def switch(
 ) -> Iterator[tuple[Path, subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
     owner = subprocess.Popen(["sleep", "300"])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vmlease.backends.qemu._switch", str(tmp_path), str(owner.pid)]
+        [sys.executable, "-m", "vmlease.backends.guest._switch", str(tmp_path), str(owner.pid)]
     )
     deadline = time.monotonic() + 10
     while not (tmp_path / CONTROL).exists():
@@ -96,3 +97,50 @@ def test_the_switch_ends_with_its_owner_and_leaves_nothing(
     owner.kill()
     assert proc.wait(timeout=10) == 0
     assert not net.exists()  # its directory went with it
+
+
+def test_a_tcp_port_links_its_vm_like_a_unix_one(
+    switch: tuple[Path, subprocess.Popen[bytes], subprocess.Popen[bytes]],
+) -> None:
+    net, _proc, _owner = switch
+    reply = _ask(net, op="attach", port="b", uids=[os.getuid()])
+    assert isinstance(reply["tcp"], int)
+    with _link(net, "a") as a, socket.create_connection(("127.0.0.1", reply["tcp"]), 2) as b:
+        b.settimeout(2)
+        time.sleep(0.1)  # both connections accepted
+        a.sendall(_frame(1))
+        assert _got(b) is not None
+        b.sendall(_frame(2))
+        assert _got(a) is not None
+    # Asked again (a VM started again), the port is the same one.
+    assert _ask(net, op="attach", port="b", uids=[os.getuid()])["tcp"] == reply["tcp"]
+
+
+#: Connects to 127.0.0.1:PORT and prints whether the switch hung up on it.
+_STRANGER = """
+import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 2)
+c.settimeout(3)
+try:
+    print("closed" if c.recv(1) == b"" else "open")
+except TimeoutError:
+    print("open")
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="runs a process as another user, which takes root")
+def test_a_tcp_port_hangs_up_on_other_users(
+    switch: tuple[Path, subprocess.Popen[bytes], subprocess.Popen[bytes]],
+) -> None:
+    net, _proc, _owner = switch
+    port = _ask(net, op="attach", port="b", uids=[0])["tcp"]
+    stranger = subprocess.run(
+        ["/usr/bin/python3", "-c", _STRANGER, str(port)],  # one that user may run
+        cwd="/",
+        user=65534,
+        group=65534,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert stranger.stdout.strip() == "closed"

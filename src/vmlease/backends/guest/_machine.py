@@ -90,12 +90,14 @@ class Lan:
 
     Attributes:
         socket: where the network's switch takes this VM's link (a Unix socket,
-            relative to the VM's directory).
+            relative to the VM's directory; the qemu backend's).
         mac: the interface's address.
+        port: the switch's TCP port on 127.0.0.1 for the link (libvirt's).
     """
 
     socket: str
     mac: str
+    port: int = 0
 
 
 class Slot(enum.IntEnum):

@@ -164,9 +164,15 @@ class Agents:
         with self.channels.link(name).lock:
             self._monitor(name, f"savevm {tag}", timeout_s)
 
-    def restore(self, name: str, tag: str, timeout_s: float) -> None:
+    def restore(
+        self,
+        name: str,
+        tag: str,
+        timeout_s: float,
+        then: Callable[[AgentChannel, float], None] | None = None,
+    ) -> None:
         """Bring memory and disk back to ``tag`` (``loadvm``); then today's time and
-        fresh randomness."""
+        fresh randomness, and ``then(channel, deadline)`` when given."""
         deadline = time.monotonic() + timeout_s
         link = self.channels.link(name)
         with link.lock:
@@ -175,12 +181,13 @@ class Agents:
             left = max(0.1, min(CHANNEL_TIMEOUT_S, deadline - time.monotonic()))
             channel = self.channels.channel(link, self._opener(name), left)
             refresh(channel, left)
+            if then is not None:
+                then(channel, max(time.monotonic() + left, deadline))
             self.channels.done(link)
 
-    def _monitor(self, name: str, command: str, timeout_s: float) -> None:
+    def monitor(self, name: str, command: str, timeout_s: float) -> str:
         """Run a human-monitor command in VM ``name``'s QEMU within ``timeout_s``; its
-        output is empty on success. ``loadvm`` leaves the guest stopped when it
-        fails: resume it."""
+        output, empty on success. A guest left stopped (``loadvm`` fails so) runs on."""
         libvirt = libvirt_module()
         import libvirt_qemu
 
@@ -195,4 +202,8 @@ class Agents:
                 raise error(exc, f"VM {name}: {command} on {host.uri}") from exc
             return said
 
-        snapshot_outcome(name, command, within(timeout_s, f"VM {name}: {command}", run))
+        return within(timeout_s, f"VM {name}: {command}", run)
+
+    def _monitor(self, name: str, command: str, timeout_s: float) -> None:
+        """``savevm`` or ``loadvm``; BackendError with what QEMU said if it fails."""
+        snapshot_outcome(name, command, self.monitor(name, command, timeout_s))

@@ -50,6 +50,8 @@ from vmlease._spec import Network, VMSpec
 from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import Backend, BackendVM, Capabilities
 from vmlease.backends.guest._agent import AgentChannel, AgentOperations
+from vmlease.backends.guest._machine import Lan
+from vmlease.backends.guest._segments import Networks
 from vmlease.backends.guest._wakeup import name_guest
 from vmlease.backends.guest.images import Image, check_fits, find_image
 from vmlease.backends.libvirt._agents import CHANNEL_TIMEOUT_S, Agents
@@ -63,7 +65,8 @@ from vmlease.backends.libvirt._domains import (
     tsc_khz,
     words,
 )
-from vmlease.backends.libvirt._hosts import Host, Hosts, libvirt_module
+from vmlease.backends.libvirt._hosts import DEFAULT_URI, Host, Hosts, libvirt_module, parse_uris
+from vmlease.backends.libvirt._lans import LibvirtLans, placeholders
 from vmlease.backends.libvirt._leases import Leases
 from vmlease.backends.libvirt._preflight import preflight
 from vmlease.backends.libvirt._states import HostState, States, state_key
@@ -72,25 +75,8 @@ __all__ = ["LibvirtBackend", "parse_uris"]
 
 log = logging.getLogger("vmlease.libvirt")
 
-#: The URI used when none is given.
-DEFAULT_URI = "qemu:///system"
 
-
-def parse_uris(text: str) -> list[str]:
-    """URIs separated by commas or white space; ConfigError if none."""
-    uris = [u for u in re.split(r"[,\s]+", text.strip()) if u]
-    if not uris:
-        raise ConfigError("VMLEASE_LIBVIRT_URIS names no URI; give one, e.g. qemu:///system")
-    for uri in uris:
-        if "://" not in uri:
-            raise ConfigError(
-                f"{uri!r} is not a libvirt URI; write e.g. qemu:///system or "
-                "qemu+ssh://user@host/system"
-            )
-    return uris
-
-
-class LibvirtBackend(AgentOperations, Backend):
+class LibvirtBackend(AgentOperations, LibvirtLans, Backend):
     """VMs as libvirt domains, on one host or several.
 
     Args:
@@ -109,7 +95,9 @@ class LibvirtBackend(AgentOperations, Backend):
     """
 
     name = "libvirt"
-    capabilities = Capabilities(snapshots=True, stop_start=False, shared_namespace=True)
+    capabilities = Capabilities(
+        snapshots=True, stop_start=False, shared_namespace=True, networks=True
+    )
 
     def __init__(
         self,
@@ -159,6 +147,7 @@ class LibvirtBackend(AgentOperations, Backend):
         self.domains = Domains(self.hosts, self._state_dir / "libvirt")
         self.leases = Leases(self.domains, self.states, self._delete_volumes)
         self.agents = Agents(self.domains, self.console_tail)
+        self.lans = Networks(self._state_dir / "libvirt")
         self._lock = threading.Lock()
         # VMs whose booted state is saved once they are ready: name -> (host, key, id).
         self._saving: dict[str, tuple[Host, str, str]] = {}
@@ -192,6 +181,11 @@ class LibvirtBackend(AgentOperations, Backend):
                 "the libvirt backend offers network='user' and network='none'; "
                 "'restricted' (no traffic out) needs the qemu backend"
             )
+        if spec.networks and not any(host.passes_files for host in self.hosts.hosts):
+            raise InvalidSpec(
+                "private networks on the libvirt backend need a host that is this machine "
+                f"(a qemu:/// URI); these are not: {', '.join(self.uris)}"
+            )
 
     def create(self, name: str, spec: VMSpec, *, timeout_s: float = DEFAULT.create_s) -> None:
         # Given up at the deadline, a create may still make its domain: the name is
@@ -208,7 +202,12 @@ class LibvirtBackend(AgentOperations, Backend):
                 )
         host = self.hosts.choose(spec.memory_mb * 2**20)
         self.domains.record_host(name, host)
-        state = self._make(name, spec, image, host, warm=self.states is not None)
+        try:
+            lans = self._lans_for(name, spec, host)  # their switches hold its ports
+        except BaseException:
+            self.lans.leave(name)
+            raise
+        state = self._make(name, spec, image, host, lans, warm=self.states is not None)
         host.placed[name] = spec.memory_mb * 2**20
         with self._lock:
             self._booting[name] = image.ready if state is None else ()
@@ -232,13 +231,13 @@ class LibvirtBackend(AgentOperations, Backend):
             self.states.drop(host, state)
             self.domains.destroy(host, name)
             self._delete_volumes(host, name)
-            self._make(name, spec, image, host, warm=False)
+            self._make(name, spec, image, host, lans, warm=False)
             with self._lock:
                 self._booting[name] = image.ready
                 self._firmware[name] = image.boot == "firmware"
 
     def _make(
-        self, name: str, spec: VMSpec, image: Image, host: Host, *, warm: bool
+        self, name: str, spec: VMSpec, image: Image, host: Host, lans: tuple[Lan, ...], warm: bool
     ) -> HostState | None:
         """Make VM ``name``'s volumes and start its domain on ``host``: from a booted
         state when ``warm`` and the host has one (returned, the domain paused), else
@@ -268,6 +267,7 @@ class LibvirtBackend(AgentOperations, Backend):
                         kvm=self.kvm,
                         tsc_khz=tsc,
                         qboot=host.qboot,
+                        lans=placeholders(spec),
                     ),
                     volumes,
                     conn,
@@ -304,6 +304,7 @@ class LibvirtBackend(AgentOperations, Backend):
                 tsc_khz=tsc,
                 incoming=state is not None,
                 qboot=host.qboot,
+                lans=lans,
             )
             flags = libvirt.VIR_DOMAIN_START_AUTODESTROY
             if state is not None:
@@ -339,6 +340,7 @@ class LibvirtBackend(AgentOperations, Backend):
             if claim is not None and self.states is not None:
                 self.states.release(host, claim[0])
             self.domains.forget(name)
+            self.lans.leave(name)
             raise
         if claim is not None:
             with self._lock:
@@ -404,10 +406,14 @@ class LibvirtBackend(AgentOperations, Backend):
                 except BootError as exc:
                     tail = self.console_tail(name, 20)
                     raise BootError(f"{exc}\n--- console (last lines) ---\n{tail}") from exc
-        with self._lock:
-            saving = self._saving.pop(name, None)
+            with self._lock:
+                saving = self._saving.pop(name, None)
+            tell = self._lans_ready(name, channel, deadline, saving=saving is not None)
         if saving is not None:
             self._save_state(name, *saving)
+            with self._agent(name, max(1.0, deadline - time.monotonic())) as channel:
+                tell = self._lans_ready(name, channel, deadline, saving=False)
+        tell()
 
     def start(self, name: str, *, timeout_s: float = DEFAULT.start_s) -> None:
         raise UnsupportedOperation("the libvirt backend's VMs cannot be stopped and started")
@@ -472,6 +478,7 @@ class LibvirtBackend(AgentOperations, Backend):
         return removed
 
     def _forget(self, name: str) -> None:
+        self.lans.leave(name)
         host = self.leases.release(name)
         with self._lock:
             self._booting.pop(name, None)
@@ -483,33 +490,7 @@ class LibvirtBackend(AgentOperations, Backend):
         self.domains.forget(name)
 
     def list(self, *, timeout_s: float = DEFAULT.list_s) -> builtins.list[BackendVM]:
-        return within(timeout_s, "listing VMs", self._list)
-
-    def _list(self) -> builtins.list[BackendVM]:
-        libvirt = libvirt_module()
-        found = []
-        for host in self.hosts.answering():
-            try:
-                domains = self.hosts.connect(host).listAllDomains(0)
-            except libvirt.libvirtError as exc:
-                raise error(exc, f"listing domains on {host.uri}") from exc
-            for dom in domains:
-                with contextlib.suppress(libvirt.libvirtError):
-                    state = dom.state()[0]
-                    lease = lease_of(dom)
-                    detail = {"host": host.uri, "id": str(dom.ID())}
-                    if lease is not None:
-                        detail["session"] = lease.session
-                        detail["expires"] = f"{lease.expires:.0f}"
-                        detail["kept"] = "yes" if lease.kept else "no"
-                    found.append(
-                        BackendVM(
-                            dom.name(),
-                            "running" if state == libvirt.VIR_DOMAIN_RUNNING else "stopped",
-                            detail,
-                        )
-                    )
-        return found
+        return within(timeout_s, "listing VMs", self.domains.listing)
 
     # -- ownership -------------------------------------------------------------
 
@@ -576,7 +557,7 @@ class LibvirtBackend(AgentOperations, Backend):
     def restore(self, name: str, tag: str, *, timeout_s: float = DEFAULT.snapshot_s) -> None:
         """Bring memory and disk back to ``tag`` (``loadvm``); then today's time and
         fresh randomness."""
-        self.agents.restore(name, tag, timeout_s)
+        self.agents.restore(name, tag, timeout_s, self._lans_restored(name))
 
     # -- diagnosis ---------------------------------------------------------------
 
@@ -587,6 +568,7 @@ class LibvirtBackend(AgentOperations, Backend):
         self.agents.visit()
 
     def close(self) -> None:
+        self.lans.close()
         self.leases.close()
         self.agents.channels.close()
         for host in self.hosts.hosts:

@@ -19,6 +19,7 @@ from vmlease.backends.guest._machine import (
     MAC,
     TB_CACHE_MIB,
     UEFI_ROMS,
+    Lan,
     Machine,
     Slot,
     describe,
@@ -26,7 +27,7 @@ from vmlease.backends.guest._machine import (
 from vmlease.backends.guest.images import Image
 from vmlease.backends.libvirt._lease import Lease
 
-__all__ = ["QBOOT", "QEMU_NAMESPACE", "STATE_PORT", "DomainFiles", "domain_xml"]
+__all__ = ["QBOOT", "QEMU_NAMESPACE", "STATE_PORT", "DomainFiles", "domain_xml", "lan_alias"]
 
 #: Where Debian's QEMU keeps qboot, on every host until one says otherwise.
 QBOOT = "/usr/share/qemu/qboot.rom"
@@ -76,8 +77,12 @@ def domain_xml(
     tcg_cpu: str | None = None,
     incoming: bool = False,
     qboot: str | None = None,
+    lans: tuple[Lan, ...] = (),
 ) -> str:
     """The XML of VM ``name``'s domain, its lease in its metadata.
+
+    ``lans``: its interfaces on private networks, each a ``client`` interface to
+    its switch's TCP port on 127.0.0.1 (``guest/_segments.py``).
 
     ``qboot``: the host's qboot ROM, which a built image boots through on
     microvm (QEMU 8 and later default to SeaBIOS there, whose guests under
@@ -91,7 +96,9 @@ def domain_xml(
             "the libvirt backend offers network='user' and network='none'; "
             "'restricted' (no traffic out) needs the qemu backend"
         )
-    machine = describe(name, spec, image, kvm=kvm, tsc_khz=tsc_khz, tcg_cpu=tcg_cpu, qboot=qboot)
+    machine = describe(
+        name, spec, image, kvm=kvm, tsc_khz=tsc_khz, tcg_cpu=tcg_cpu, qboot=qboot, lans=lans
+    )
     return render(
         replace(machine, kernel=files.kernel, initrd=files.initrd),
         files,
@@ -153,13 +160,13 @@ def render(
     if emulator:
         _sub(devices, "emulator", emulator)
 
-    def place(device: ET.Element, at: Slot) -> None:
+    def place(device: ET.Element, at: Slot, after: int = 0) -> None:
         slot = machine.slot(at)
         if slot is None:
             _sub(device, "address", type="virtio-mmio")
         else:
-            pci = {"domain": "0x0000", "bus": "0x00", "slot": f"{slot:#04x}", "function": "0x0"}
-            _sub(device, "address", type="pci", **pci)
+            pci = {"domain": "0x0000", "bus": "0x00", "slot": f"{slot + after:#04x}"}
+            _sub(device, "address", type="pci", function="0x0", **pci)
 
     disk = _sub(devices, "disk", type="file", device="disk")
     # Disposable disks: a host crash loses nothing anyone needs, so skip flushes.
@@ -172,6 +179,13 @@ def render(
         _sub(nic, "mac", address=MAC)
         _sub(nic, "model", type="virtio")
         place(nic, Slot.NETWORK)
+    for index, lan in enumerate(machine.lans):
+        link = _sub(devices, "interface", type="client")
+        _sub(link, "mac", address=lan.mac)
+        _sub(link, "source", address="127.0.0.1", port=str(lan.port))
+        _sub(link, "model", type="virtio")
+        _sub(link, "alias", name=lan_alias(index))
+        place(link, Slot.LAN, index)
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
     place(rng, Slot.RNG)
@@ -197,6 +211,11 @@ def render(
         for arg in ("-incoming", "defer"):
             _sub(commandline, f"{{{QEMU_NAMESPACE}}}arg", value=arg)
     return ET.tostring(root, encoding="unicode")
+
+
+def lan_alias(index: int) -> str:
+    """The QEMU id of a VM's interface on its ``index``-th private network."""
+    return f"ua-lan{index}"
 
 
 def volume_xml(name: str, capacity: int, fmt: str, backing: str | None = None) -> str:

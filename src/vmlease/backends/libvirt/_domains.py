@@ -18,6 +18,7 @@ from typing import Any
 from vmlease._errors import BackendError, VMNotFound
 from vmlease._paths import ensure_private_dir
 from vmlease._procfs import host_tsc_khz
+from vmlease.backends._base import BackendVM
 from vmlease.backends.libvirt._hosts import Host, Hosts, download, libvirt_module
 from vmlease.backends.libvirt._lease import NAMESPACE, Lease, parse_lease
 
@@ -74,6 +75,33 @@ class Domains:
         (self._where_dir / name).unlink(missing_ok=True)
 
     # -- domains ---------------------------------------------------------------
+
+    def listing(self) -> list[BackendVM]:
+        """Every domain on every answering host, with its lease where it has one."""
+        libvirt = libvirt_module()
+        found = []
+        for host in self.hosts.answering():
+            try:
+                domains = self.hosts.connect(host).listAllDomains(0)
+            except libvirt.libvirtError as exc:
+                raise error(exc, f"listing domains on {host.uri}") from exc
+            for dom in domains:
+                with contextlib.suppress(libvirt.libvirtError):
+                    state = dom.state()[0]
+                    lease = lease_of(dom)
+                    detail = {"host": host.uri, "id": str(dom.ID())}
+                    if lease is not None:
+                        detail["session"] = lease.session
+                        detail["expires"] = f"{lease.expires:.0f}"
+                        detail["kept"] = "yes" if lease.kept else "no"
+                    found.append(
+                        BackendVM(
+                            dom.name(),
+                            "running" if state == libvirt.VIR_DOMAIN_RUNNING else "stopped",
+                            detail,
+                        )
+                    )
+        return found
 
     def lookup(self, host: Host, name: str) -> Any | None:
         """Domain ``name`` on ``host``, or None."""

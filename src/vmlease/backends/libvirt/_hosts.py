@@ -28,7 +28,16 @@ from vmlease._paths import megabytes
 from vmlease.backends.guest.images import Image
 from vmlease.backends.libvirt._domain import QBOOT, pool_xml, volume_xml
 
-__all__ = ["Host", "Hosts", "ImageVolumes", "download", "libvirt_module", "volume_mtime"]
+__all__ = [
+    "DEFAULT_URI",
+    "Host",
+    "Hosts",
+    "ImageVolumes",
+    "download",
+    "libvirt_module",
+    "parse_uris",
+    "volume_mtime",
+]
 
 log = logging.getLogger("vmlease.libvirt")
 
@@ -252,6 +261,11 @@ class Hosts:
             )
         data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
         return f"{data}/libvirt/{self.pool_name}"
+
+    def qemu_uid(self, host: Host) -> int | None:
+        """The user ``host`` runs QEMU as, if its libvirtd says."""
+        owner = _qemu_user(self.connect(host))
+        return None if owner is None else owner[0]
 
     def pool(self, host: Host) -> Any:
         """vmlease's storage pool on ``host``, defined, built and started if needed."""
@@ -562,3 +576,21 @@ class _Busy(Exception):
 def _words(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+#: The URI used when none is given.
+DEFAULT_URI = "qemu:///system"
+
+
+def parse_uris(text: str) -> list[str]:
+    """URIs separated by commas or white space; ConfigError if none."""
+    uris = [u for u in re.split(r"[,\s]+", text.strip()) if u]
+    if not uris:
+        raise ConfigError("VMLEASE_LIBVIRT_URIS names no URI; give one, e.g. qemu:///system")
+    for uri in uris:
+        if "://" not in uri:
+            raise ConfigError(
+                f"{uri!r} is not a libvirt URI; write e.g. qemu:///system or "
+                "qemu+ssh://user@host/system"
+            )
+    return uris

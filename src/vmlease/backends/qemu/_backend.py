@@ -49,6 +49,7 @@ from vmlease._timeouts import DEFAULT
 from vmlease.backends._base import Backend, BackendVM, Capabilities, Fault, Retry
 from vmlease.backends.guest._agent import AgentChannel, AgentOperations
 from vmlease.backends.guest._monitor import snapshot_outcome
+from vmlease.backends.guest._segments import Networks
 from vmlease.backends.guest._wakeup import name_guest, refresh
 from vmlease.backends.guest.images import (
     Image,
@@ -72,7 +73,7 @@ from vmlease.backends.qemu._launch import (
     with_ram,
 )
 from vmlease.backends.qemu._mapped import boot_ram, save_devices, state_meta
-from vmlease.backends.qemu._networks import LanOperations, Networks
+from vmlease.backends.qemu._networks import QemuLans
 from vmlease.backends.qemu._preflight import preflight
 from vmlease.backends.qemu._processes import (
     Processes,
@@ -110,7 +111,7 @@ log = logging.getLogger("vmlease.qemu")
 progress = logging.getLogger("vmlease.progress")
 
 
-class QemuBackend(AgentOperations, LanOperations, Backend):
+class QemuBackend(AgentOperations, QemuLans, Backend):
     """VMs as local QEMU processes.
 
     Args:
@@ -200,8 +201,7 @@ class QemuBackend(AgentOperations, LanOperations, Backend):
 
     def _probes(self) -> Path:
         ensure_private_dir(self.root)
-        # The answer is the host's, not a state directory's: it is kept with the
-        # images, which every state directory of this user shares.
+        # The host's answer, kept with the images every state directory shares.
         return self._image_dir if self._image_dir.is_dir() else self.root
 
     def launch_config(self, arch: str | None = None) -> LaunchConfig:
@@ -280,11 +280,10 @@ class QemuBackend(AgentOperations, LanOperations, Backend):
             vm_dir.mkdir(mode=0o700)
         except FileExistsError as exc:
             raise VMAlreadyExists(f"the qemu backend already has a VM named {name!r}") from exc
-        deadline = time.monotonic() + timeout_s
-        ram: RamFile | None = None
+        deadline, ram = time.monotonic() + timeout_s, None
         try:
             add_user(image.path, vm_dir)  # no prune removes the build under this VM
-            self.lans.join(name, vm_dir, spec.networks)  # their switches hold its ports
+            self._join(name, vm_dir, spec.networks)  # their switches hold its ports
             launch = qemu_argv(config, vm_dir, name, spec, image)
             record = {
                 "name": name,
@@ -582,11 +581,12 @@ class QemuBackend(AgentOperations, LanOperations, Backend):
         live = self._procs.attach(name)
         with live.lock:
             self._hmp(name, f"loadvm {tag}", timeout_s)
-            # The guest is back where it was at the snapshot: resynchronise the
-            # channel, and give it today's time instead of the snapshot's.
+            # Back where it was at the snapshot: resynchronise the channel; today's
+            # time, not the snapshot's; its networks' names as they are now.
             channel = self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
             channel.handshake(_RECONNECT_TIMEOUT_S)
             refresh(channel, _RECONNECT_TIMEOUT_S)
+            self._lans_up(name, channel, time.monotonic() + _RECONNECT_TIMEOUT_S)
             self._apply_forwards(name, {}, timeout_s)  # as they were before the restore
 
     def console_tail(self, name: str, lines: int = 40) -> str:

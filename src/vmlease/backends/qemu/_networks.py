@@ -1,267 +1,34 @@
-"""The private networks of one backend instance's VMs (one session's).
-
-A network is a directory under the backend's root, ``.lan-<instance>-<name>``,
-served by a switch process of its own (``_switch.py``) that this process
-starts on the first VM that joins. The switch holds each VM's port, a Unix
-socket its QEMU connects to; each VM directory links to the network's as
-``lanN``, so QEMU's path to its port stays short. The switch ends when this
-process does (it watches its owner's pidfd), and removes its directory: a
-network outlives neither its session nor a SIGKILL of it.
-
-Each VM on a network gets an address of the network's /24 (by the order it
-joined) and a MAC of its own (``guest/_machine.py`` ``lan_mac``), set in the
-guest whenever it becomes ready, is started from a saved state or is reset:
-a booted state holds the interface of whichever VM saved it, and two VMs
-started from one state must not share an address. Every VM on a network
-finds the others by name through ``/etc/hosts``.
+"""The qemu backend's side of private networks (``guest/_segments.py``): each VM
+directory links to its networks' directories as ``lanN``, so QEMU's path to
+its port (a Unix socket, ``-netdev stream``) stays short, and a link is cut
+with the human monitor's ``set_link``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import threading
-import time
-import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from vmlease._errors import BackendError, BootError, ChannelError, InvalidSpec, VMNotFound
-from vmlease._timeouts import DEFAULT
-from vmlease.backends.guest._agent import AgentChannel
-from vmlease.backends.guest._lans import LanLink, LanNames, set_lans
-from vmlease.backends.guest._machine import lan_mac
+from vmlease._errors import BackendError
+from vmlease.backends.guest._segments import LanOperations
 from vmlease.backends.qemu._launch import lan_dir
 from vmlease.backends.qemu._processes import monitor_command
-from vmlease.backends.qemu._switch import CONTROL
 
-__all__ = ["LanOperations", "Networks"]
-
-#: How long a switch may take to come up, and to answer a request.
-_START_S = 10.0
-_ASK_S = 5.0
-#: The first address a VM gets on a network (.10, .11, ...), and the most VMs.
-_FIRST_HOST = 10
-_MAX_MEMBERS = 200
+__all__ = ["QemuLans"]
 
 
-@dataclass
-class _Network:
-    name: str
-    path: Path
-    subnet: int
-    process: subprocess.Popen[bytes]
-    #: VM name -> its host number on the network.
-    members: dict[str, int] = field(default_factory=dict)
-    #: VMs whose guest knows its address (to tell of newcomers).
-    configured: set[str] = field(default_factory=set)
-
-    def address(self, vm: str) -> str:
-        return f"192.168.{self.subnet}.{self.members[vm]}"
-
-
-class Networks:
-    """This backend instance's private networks.
-
-    Args:
-        root: the backend's VM directories, where networks' directories go too.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.instance = uuid.uuid4().hex[:8]
-        self._lock = threading.Lock()
-        self._networks: dict[str, _Network] = {}
-        #: VM name -> the networks it joined, in the order its spec names them.
-        self._joined: dict[str, tuple[str, ...]] = {}
-
-    def _start(self, name: str) -> _Network:
-        path = self.root / f".lan-{self.instance}-{name}"
-        path.mkdir(mode=0o700)
-        with (path / "switch.log").open("wb") as log:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "vmlease.backends.qemu._switch",
-                    str(path),
-                    str(os.getpid()),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,  # a Ctrl-C of the tests is not its to take
-            )
-        deadline = time.monotonic() + _START_S
-        while not (path / CONTROL).exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                process.wait()
-                why = (path / "switch.log").read_text(errors="replace")[-500:]
-                shutil.rmtree(path, ignore_errors=True)
-                raise BackendError(f"the switch of network {name} did not start: {why}")
-            time.sleep(0.01)
-        return _Network(name, path, 100 + len(self._networks), process)
-
-    def _ask(self, network: _Network, **request: Any) -> dict[str, Any]:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(_ASK_S)
-                conn.connect(str(network.path / CONTROL))
-                conn.sendall(json.dumps(request).encode() + b"\n")
-                reply: dict[str, Any] = json.loads(conn.makefile().readline() or "{}")
-        except (OSError, ValueError) as exc:
-            raise BackendError(
-                f"the switch of network {network.name} did not answer: {exc}"
-            ) from exc
-        if not reply.get("ok"):
-            raise BackendError(f"network {network.name}: {reply.get('error', 'no answer')}")
-        return reply
-
-    def join(self, vm: str, vm_dir: Path, names: tuple[str, ...]) -> None:
-        """VM ``vm`` (about to be launched in ``vm_dir``) joins ``names``: each
-        network's switch runs and holds its port, and ``vm_dir`` links to it."""
-        with self._lock:
-            for index, name in enumerate(names):
-                network = self._networks.get(name)
-                if network is None:
-                    network = self._networks[name] = self._start(name)
-                if len(network.members) >= _MAX_MEMBERS:
-                    raise BackendError(f"network {name} has {_MAX_MEMBERS} VMs, its most")
-                # Recorded before the switch is asked: a join that fails half-way is
-                # undone by ``leave`` like a whole one.
-                self._joined[vm] = names[: index + 1]
-                taken = set(network.members.values())
-                network.members[vm] = next(n for n in range(_FIRST_HOST, 256) if n not in taken)
-                self._ask(network, op="attach", port=vm)
-                (vm_dir / lan_dir(index)).symlink_to(network.path)
-
-    def leave(self, vm: str) -> None:
-        """VM ``vm`` is gone: its ports and addresses are free."""
-        with self._lock:
-            for name in self._joined.pop(vm, ()):
-                network = self._networks.get(name)
-                if network is None:
-                    continue
-                network.members.pop(vm, None)
-                network.configured.discard(vm)
-                # Best effort: a VM's delete does not fail on its switch, which ends
-                # with this process anyway.
-                with contextlib.suppress(BackendError):
-                    if network.process.poll() is None:
-                        self._ask(network, op="detach", port=vm)
-
-    def prepare(self, vm: str, channel: AgentChannel, deadline: float) -> None:
-        """Bring VM ``vm``'s interfaces up with their MACs and no address, before its
-        booted state is saved: a start from the state then only sets an address and
-        a MAC, where an interface's first coming up is slow under TCG."""
-        with self._lock:
-            count = len(self._joined.get(vm, ()))
-        links = [LanLink(index, lan_mac(vm, index), None) for index in range(count)]
-        set_lans(channel, links, (), deadline, vm)
-
-    def configure(
-        self, vm: str, channel: AgentChannel, deadline: float
-    ) -> list[tuple[str, LanNames]]:
-        """Set VM ``vm``'s interfaces and names in its guest (through ``channel``);
-        returns the names the other VMs on its networks are to be given, by VM (the
-        caller gives them without holding ``vm``'s channel)."""
-        with self._lock:
-            names = self._joined.get(vm, ())
-            networks = [self._networks[name] for name in names]
-        links, blocks, others = [], [], []
-        for index, network in enumerate(networks):
-            links.append(LanLink(index, lan_mac(vm, index), f"{network.address(vm)}/24"))
-            lines = "\n".join(f"{network.address(m)} {m}" for m in sorted(network.members))
-            blocks.append(LanNames(network.name, lines))
-        set_lans(channel, links, blocks, deadline, vm)
-        for network, block in zip(networks, blocks, strict=True):
-            network.configured.add(vm)
-            others += [(m, block) for m in sorted(network.configured) if m != vm]
-        return others
-
-    def control(self, name: str, **request: Any) -> dict[str, Any]:
-        """Ask network ``name``'s switch (link, partition, heal, impair)."""
-        with self._lock:
-            network = self._networks.get(name)
-        if network is None:
-            raise BackendError(f"no VM of this session is on network {name}")
-        return self._ask(network, **request)
-
-    def close(self) -> None:
-        """Stop every switch of this instance; their directories go with them."""
-        with self._lock:
-            networks, self._networks = list(self._networks.values()), {}
-            self._joined.clear()
-        for network in networks:
-            network.process.terminate()
-            try:
-                network.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                network.process.kill()
-                network.process.wait()
-            shutil.rmtree(network.path, ignore_errors=True)
-
-
-class LanOperations:
-    """The QEMU backend's private-network operations (mixed into it)."""
-
-    lans: Networks
-
-    def _agent(
-        self, name: str, timeout_s: float = 10.0
-    ) -> contextlib.AbstractContextManager[AgentChannel]:
-        raise NotImplementedError
+class QemuLans(LanOperations):
+    """The qemu backend's private-network operations (mixed into it)."""
 
     def _dir(self, name: str) -> Path:
         raise NotImplementedError
 
-    def _read_record(self, name: str) -> dict[str, Any]:
-        raise NotImplementedError
+    def _join(self, name: str, vm_dir: Path, networks: tuple[str, ...]) -> None:
+        """VM ``name`` joins ``networks``: its directory links to each one's as ``lanN``."""
+        for index, port in enumerate(self.lans.join(name, networks)):
+            (vm_dir / lan_dir(index)).symlink_to(port.network)
 
-    def _lans_up(
-        self, name: str, channel: AgentChannel, deadline: float
-    ) -> list[tuple[str, LanNames]]:
-        """VM ``name``'s private interfaces set; what the others are to be told."""
-        return self.lans.configure(name, channel, deadline)
-
-    def _tell(self, updates: list[tuple[str, LanNames]], deadline: float) -> None:
-        """Give each VM its network's names (a VM that is gone or stopped meanwhile is
-        skipped: it learns the names when it is ready again)."""
-        for vm, block in updates:
-            with (
-                contextlib.suppress(VMNotFound, ChannelError, BootError),
-                self._agent(vm) as channel,
-            ):
-                set_lans(channel, (), (block,), deadline, vm)
-
-    def _lan_index(self, name: str, network: str) -> int:
-        networks = tuple(self._read_record(name).get("spec", {}).get("networks", ()))
-        if network not in networks:
-            raise InvalidSpec(
-                f"VM {name} is not on network {network!r} (it is on {list(networks)})"
-            )
-        return networks.index(network)
-
-    def set_link(
-        self, name: str, network: str, up: bool, *, timeout_s: float = DEFAULT.forward_s
-    ) -> None:
-        """Cut or restore VM ``name``'s link to ``network``: its interface sees no carrier."""
-        index = self._lan_index(name, network)
+    def _set_link(self, name: str, index: int, up: bool, timeout_s: float) -> None:
         state = "on" if up else "off"
         outcome = monitor_command(self._dir(name), f"set_link lan{index} {state}", timeout_s)
         if outcome.strip():
-            raise BackendError(f"VM {name}: set_link on {network}: {outcome.strip()}")
-
-    def network_control(
-        self, network: str, request: Mapping[str, Any], *, timeout_s: float = DEFAULT.forward_s
-    ) -> dict[str, Any]:
-        """Ask ``network``'s switch: partition, heal, impair."""
-        return self.lans.control(network, **request)
+            raise BackendError(f"VM {name}: set_link: {outcome.strip()}")

@@ -1,9 +1,11 @@
 """A private network's switch: Ethernet frames between VMs' second interfaces,
 with no root, bridge or TAP.
 
-Each VM on a network gives QEMU ``-netdev dgram`` with a Unix datagram
-socket of its own (its port) and the switch's socket as the remote end.
-The switch learns which port each source MAC address came from, sends a
+Each VM on a network has a port of its own on the switch, a listening Unix
+stream socket its QEMU connects to (``-netdev stream``), and, for QEMU that
+runs as another user (libvirt's), a TCP port on 127.0.0.1 that accepts only
+the users it was given (``-netdev socket``; both frame a packet with its
+length in 4 bytes). The switch learns which port each source MAC address came from, sends a
 frame for a known address to that port alone and floods the others
 (broadcast, multicast, unknown) to every port that can hear the sender.
 
@@ -16,6 +18,7 @@ the clock, the dice) injected; ``serve`` runs it on real sockets.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONTROL", "Impairment", "Switch", "main"]
+__all__ = ["CONTROL", "Impairment", "Switch", "main", "tcp_peer_uid"]
 
 #: Frames shorter than an Ethernet header carry nothing to switch.
 _HEADER = 14
@@ -201,6 +204,24 @@ class Switch:
                 self._send(held.frame, held.port)
 
 
+def tcp_peer_uid(peer: tuple[str, int], listener: socket.socket) -> int | None:
+    """The user owning the other end of a connection from ``peer`` to ``listener``
+    (both on 127.0.0.1), from ``/proc/net/tcp``; None if it cannot be told."""
+    ours = listener.getsockname()[1]
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        local, remote = fields[1].split(":"), fields[2].split(":")
+        if int(local[1], 16) == peer[1] and int(remote[1], 16) == ours:
+            return int(fields[7])
+    return None
+
+
 # -- the switch process ----------------------------------------------------------
 
 #: What a port's connection may hold unsent before frames to it are dropped
@@ -212,11 +233,13 @@ CONTROL = "control.sock"
 
 
 class _Port:
-    """One VM's link: a listening socket QEMU connects to, and its connection."""
+    """One VM's link: the listening sockets QEMU connects to, and its connection."""
 
-    def __init__(self, name: str, listener: socket.socket) -> None:
+    def __init__(self, name: str, listeners: list[socket.socket], uids: set[int]) -> None:
         self.name = name
-        self.listener = listener
+        self.listeners = listeners
+        #: Who may connect over TCP.
+        self.uids = uids
         self.conn: socket.socket | None = None
         self.inbuf = bytearray()
         self.outbuf = bytearray()
@@ -269,35 +292,61 @@ class _Server:
         port.inbuf.clear()
         port.outbuf.clear()
 
-    def attach(self, name: str) -> str:
+    def attach(self, name: str, uids: set[int] | None = None) -> dict[str, Any]:
+        """Port ``name``'s Unix socket, and with ``uids`` a TCP port on 127.0.0.1 that
+        those users alone may connect to."""
         if not name.isidentifier() and not name.replace("-", "_").isidentifier():
             raise ValueError(f"{name!r} cannot name a port")
-        if name not in self.ports:
+        port = self.ports.get(name)
+        if port is None:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             Path(f"{name}.sock").unlink(missing_ok=True)
             listener.bind(f"{name}.sock")
+            port = self.ports[name] = _Port(name, [listener], set())
+            self.switch.attach(name)
+        if uids is not None and len(port.listeners) == 1:
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.bind(("127.0.0.1", 0))
+            port.listeners.append(tcp)
+            port.uids = uids
+        for listener in port.listeners:
+            with contextlib.suppress(KeyError):
+                self.sel.get_key(listener)
+                continue
             listener.listen(1)
             listener.setblocking(False)
-            port = _Port(name, listener)
-            self.ports[name] = port
             self.sel.register(listener, selectors.EVENT_READ, ("listen", port))
-            self.switch.attach(name)
-        return f"{name}.sock"
+        reply: dict[str, Any] = {"path": f"{name}.sock"}
+        if len(port.listeners) > 1:
+            reply["tcp"] = port.listeners[1].getsockname()[1]
+        return reply
 
     def detach(self, name: str) -> None:
         port = self.ports.pop(name, None)
         if port is None:
             return
         self._hang_up(port)
-        self.sel.unregister(port.listener)
-        port.listener.close()
+        for listener in port.listeners:
+            self.sel.unregister(listener)
+            listener.close()
         Path(f"{name}.sock").unlink(missing_ok=True)
         self.switch.detach(name)
+
+    def _accept(self, port: _Port, listener: socket.socket) -> None:
+        conn, peer = listener.accept()
+        if listener.family == socket.AF_INET and tcp_peer_uid(peer, listener) not in port.uids:
+            conn.close()  # another user's process: not a VM of this network
+            return
+        conn.setblocking(False)
+        self._hang_up(port)  # a VM started again replaces its old link
+        port.conn = conn
+        self.sel.register(conn, selectors.EVENT_READ, ("link", port))
 
     def command(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "attach":
-            return {"path": self.attach(str(request["port"]))}
+            uids = request.get("uids")
+            return self.attach(str(request["port"]), None if uids is None else set(map(int, uids)))
         if op == "detach":
             self.detach(str(request["port"]))
         elif op == "link":
@@ -369,11 +418,8 @@ class _Server:
                 if kind == "control":
                     self._control()
                 elif kind == "listen":
-                    conn, _ = port.listener.accept()
-                    conn.setblocking(False)
-                    self._hang_up(port)  # a VM started again replaces its old link
-                    port.conn = conn
-                    self.sel.register(conn, selectors.EVENT_READ, ("link", port))
+                    assert isinstance(key.fileobj, socket.socket)
+                    self._accept(port, key.fileobj)
                 elif events & selectors.EVENT_READ:
                     self._read(port)
                 if kind == "link" and port.conn is not None and events & selectors.EVENT_WRITE:
@@ -382,7 +428,7 @@ class _Server:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m vmlease.backends.qemu._switch NET_DIR OWNER_PID``: serve the network
+    """``python -m vmlease.backends.guest._switch NET_DIR OWNER_PID``: serve the network
     in NET_DIR until its owner exits or it is told to stop."""
     net_dir, owner = Path(argv[0]), int(argv[1])
     os.chdir(net_dir)
