@@ -1,7 +1,8 @@
 """Example: an APT repository served from one Debian VM of a private network,
-installed from by two others by the server's name (each VM on the network
-finds the others by their VM names), and a client that rides
-out a partition of its server and carries on when the network heals.
+installed from by two others by the name the test gives the server (each VM
+on the network finds the others by their VM names and their aliases), and a
+client that rides out a partition of its server and carries on when the
+network heals.
 
 The repository is built here: a package (``dpkg-deb``) and its index
 (``dpkg-scanpackages``); the server VM serves it over HTTP on the private
@@ -35,7 +36,7 @@ POLL = (
     "nohup python3 -c 'import time,urllib.request\n"
     "while True:\n"
     " try:\n"
-    '  urllib.request.urlopen("http://SERVER:8000/Packages",timeout=1).read(); s="ok"\n'
+    '  urllib.request.urlopen("http://server:8000/Packages",timeout=1).read(); s="ok"\n'
     " except OSError:\n"
     '  s="down"\n'
     ' open("/var/log/poll","a").write(s+"\\n"); time.sleep(0.5)\' >/dev/null 2>&1 &'
@@ -97,7 +98,8 @@ def test_clients_install_from_the_servers_repository_and_ride_out_a_partition(
     vm_network: Callable[[str], vmlease.PrivateNetwork],
     repository: Path,
 ) -> None:
-    server, a, b = (vm_factory(image="debian-12", memory_mb=512, networks=["lan"]) for _ in "abc")
+    server = vm_factory(image="debian-12", memory_mb=512, networks=["lan"], alias="server")
+    a, b = (vm_factory(image="debian-12", memory_mb=512, networks=["lan"]) for _ in "ab")
     server.run(["mkdir", "-p", "/srv/repo"], check=True)
     for path in repository.iterdir():
         server.put(path, f"/srv/repo/{path.name}")
@@ -107,14 +109,14 @@ def test_clients_install_from_the_servers_repository_and_ride_out_a_partition(
     )
     server.wait_for_port(8000)
     for client in (a, b):
-        line = f"deb [trusted=yes] http://{server.name}:8000/ ./"
+        line = "deb [trusted=yes] http://server:8000/ ./"
         client.run(["sh", "-c", f"echo '{line}' > {SOURCES}"], check=True)
         client.run(["apt-get", "update", *LAN_ONLY], env=APT, check=True, timeout_s=120)
         client.run(["apt-get", "install", "-y", "hello-lan"], env=APT, check=True, timeout_s=300)
         assert client.run(["hello-lan"], check=True).stdout == "hello over the lan\n"
 
     lan = vm_network("lan")
-    b.run(["sh", "-c", POLL.replace("SERVER", server.name)], check=True)
+    b.run(["sh", "-c", POLL], check=True)
     _seen(b, "ok")
     lan.partition([server, a], [b])
     _seen(b, "down")

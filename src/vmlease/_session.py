@@ -336,17 +336,17 @@ class Session:
         user: str | None = None,
         arch: str | None = None,
         networks: Sequence[str] | None = None,
+        alias: str | None = None,
         spec: VMSpec | None = None,
     ) -> VM:
         """Create a VM and return it once it answers commands (a full system: once it is up,
         its SSH server included). The keywords are :class:`VMSpec`'s (``network``: ``user``,
         ``none`` or ``restricted``; ``networks``: the private ones it joins, see
-        :meth:`network`), or ``spec`` gives them all at once. The ledger records the VM
-        before the backend is asked for it; if anything fails, the VM is deleted again and
-        its row says why."""
+        :meth:`network`; ``alias``: its other name there), or ``spec`` gives them all. The
+        ledger records the VM first; if anything fails, it is deleted and its row says why."""
         if self._closed:
             raise VMStateError(f"session {self.id} is closed")
-        asked = {"image": image, "cpus": cpus, "memory_mb": memory_mb}
+        asked = {"image": image, "cpus": cpus, "memory_mb": memory_mb, "alias": alias}
         asked.update(network=network, disk_gb=disk_gb, user=user, arch=arch, networks=networks)
         spec = requested(spec, asked)
         timeout = positive(self.boot_timeout_s if boot_timeout_s is None else boot_timeout_s)

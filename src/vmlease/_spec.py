@@ -14,6 +14,7 @@ from vmlease._distros import canonical
 from vmlease._errors import InvalidSpec
 
 __all__ = [
+    "ALIAS_RULE",
     "ARCHES",
     "MAX_CPUS",
     "MAX_MEMORY_MB",
@@ -103,6 +104,8 @@ def debian_arch(arch: str) -> str:
 NETWORK_NAME = re.compile(r"[a-z][a-z0-9-]{0,14}")
 #: The most private networks one VM joins.
 MAX_NETWORKS = 4
+#: A name other VMs resolve: one DNS label, lower case.
+ALIAS_RULE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def parse_networks(value: object) -> tuple[str, ...]:
@@ -148,6 +151,8 @@ class VMSpec:
         networks: the private networks the VM joins, by the names the test gives
             them (``["lan"]``): each is a second interface on a segment the VMs
             of the session that name it share, beside the VM's own ``network``.
+        alias: a name the other VMs on its networks resolve it by, besides its
+            VM name (``server``): one DNS label, unique on each of its networks.
     """
 
     image: str = "tiny"
@@ -158,6 +163,7 @@ class VMSpec:
     user: str | None = None
     arch: str = ""
     networks: tuple[str, ...] = ()
+    alias: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image.strip():
@@ -171,6 +177,17 @@ class VMSpec:
         object.__setattr__(self, "networks", parse_networks(self.networks))
         if self.disk_gb is not None:
             _positive_int("disk_gb", self.disk_gb, MAX_DISK_GB)
+        if self.alias is not None:
+            if not isinstance(self.alias, str) or not ALIAS_RULE.fullmatch(self.alias):
+                raise InvalidSpec(
+                    "alias must be a host name (lower-case letters, digits and '-', at "
+                    f"most 63, not starting or ending with '-'), not {self.alias!r}"
+                )
+            if not self.networks:
+                raise InvalidSpec(
+                    f"alias {self.alias!r} names the VM on its private networks: give "
+                    "networks=[...] too"
+                )
         if self.user is not None and (
             not isinstance(self.user, str) or not USER_RULE.fullmatch(self.user)
         ):

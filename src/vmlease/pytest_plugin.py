@@ -257,7 +257,8 @@ def vm_host(vm: VM) -> Any:
 @pytest.fixture
 def vm_network(vm_session: Session) -> Iterator[Callable[[str], PrivateNetwork]]:
     """``vm_network("lan")``: the run's private network ``lan``, which VMs join with
-    ``networks=["lan"]`` (the marker's, ``vm_factory``'s); partition, heal, impair.
+    ``networks=["lan"]`` (the marker's, ``vm_factory``'s), known there by their names
+    and ``alias=``; partition, heal, impair.
     Whatever the test did to it is undone at its end (its VMs' links stay as they are)."""
     asked: dict[str, PrivateNetwork] = {}
 
@@ -273,7 +274,7 @@ def vm_network(vm_session: Session) -> Iterator[Callable[[str], PrivateNetwork]]
 @pytest.fixture
 def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
     """``vm_factory(image=..., cpus=..., memory_mb=..., network=..., disk_gb=..., user=...,
-    arch=..., networks=[...])`` makes a VM; all are deleted at the end."""
+    arch=..., networks=[...], alias=...)`` makes a VM; all are deleted at the end."""
     run = _run(request)
     uses: list[Use] = []
 

@@ -60,7 +60,7 @@ def test_a_request_is_laid_over_the_defaults_and_none_keeps_them() -> None:
 
 def test_a_request_for_a_field_a_vm_does_not_have_names_the_fields_it_has() -> None:
     with pytest.raises(
-        InvalidSpec, match="a VM has no colour; it takes arch, cpus, disk_gb, image"
+        InvalidSpec, match="a VM has no colour; it takes alias, arch, cpus, disk_gb, image"
     ):
         VMSpec().asking({"colour": "blue"})
     with pytest.raises(InvalidSpec, match="memory_mb must be at least 1"):
@@ -122,3 +122,26 @@ def test_a_spec_names_the_private_networks_it_joins_and_reads_them_back() -> Non
 def test_networks_a_spec_cannot_join_are_refused(networks: object, says: str) -> None:
     with pytest.raises(InvalidSpec, match=says):
         VMSpec.of(networks=networks)
+
+
+def test_a_vm_on_a_network_may_go_by_an_alias_there() -> None:
+    spec = VMSpec.of(networks=["lan"], alias="server-1")
+    assert spec.alias == "server-1"
+    assert VMSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize(
+    ("alias", "networks", "says"),
+    [
+        ("Server", ["lan"], "alias must be a host name"),
+        ("-web", ["lan"], "alias must be a host name"),
+        ("web-", ["lan"], "alias must be a host name"),
+        ("a" * 64, ["lan"], "alias must be a host name"),
+        ("web.lan", ["lan"], "alias must be a host name"),
+        (7, ["lan"], "alias must be a host name"),
+        ("web", [], "give networks"),
+    ],
+)
+def test_aliases_a_spec_cannot_have_are_refused(alias: object, networks: object, says: str) -> None:
+    with pytest.raises(InvalidSpec, match=says):
+        VMSpec.of(networks=networks, alias=alias)

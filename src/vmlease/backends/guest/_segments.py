@@ -106,6 +106,8 @@ class Networks:
         self._networks: dict[str, _Network] = {}
         #: VM name -> the networks it joined, in the order its spec names them.
         self._joined: dict[str, tuple[str, ...]] = {}
+        #: VM name -> the other name its networks know it by.
+        self._aliases: dict[str, str] = {}
 
     def _start(self, name: str) -> _Network:
         path = self.root / f".lan-{self.instance}-{name}"
@@ -150,13 +152,31 @@ class Networks:
             raise BackendError(f"network {network.name}: {reply.get('error', 'no answer')}")
         return reply
 
-    def join(self, vm: str, names: tuple[str, ...], *, uids: set[int] | None = None) -> list[Port]:
-        """VM ``vm`` (about to be launched) joins ``names``: each network's switch runs
-        and holds its port, a Unix socket and, with ``uids``, a port on 127.0.0.1
-        that those users alone may connect to. A join that fails half-way is undone
-        by ``leave`` like a whole one."""
+    def join(
+        self,
+        vm: str,
+        names: tuple[str, ...],
+        *,
+        alias: str | None = None,
+        uids: set[int] | None = None,
+    ) -> list[Port]:
+        """VM ``vm`` (about to be launched) joins ``names``, known there by its name and
+        ``alias``: each network's switch runs and holds its port, a Unix socket and,
+        with ``uids``, a port on 127.0.0.1 that those users alone may connect to. A
+        join that fails half-way is undone by ``leave`` like a whole one; a name
+        another VM of a network goes by is InvalidSpec, before anything is made."""
         ports = []
         with self._lock:
+            for name in names:
+                known = self._names_on(name)
+                for label in (vm, alias):
+                    if label is not None and label in known:
+                        raise InvalidSpec(
+                            f"VM {vm}: a VM on network {name} goes by {label!r} already; "
+                            "give each VM on a network an alias of its own"
+                        )
+            if alias is not None:
+                self._aliases[vm] = alias
             for index, name in enumerate(names):
                 network = self._networks.get(name)
                 if network is None:
@@ -172,6 +192,17 @@ class Networks:
                 reply = self._ask(network, **request)
                 ports.append(Port(network.path, network.path / reply["path"], reply.get("tcp")))
         return ports
+
+    def _names_on(self, name: str) -> set[str]:
+        """The names the VMs on network ``name`` go by (their own and their aliases)."""
+        network = self._networks.get(name)
+        members = set() if network is None else set(network.members)
+        return members | {self._aliases[m] for m in members if m in self._aliases}
+
+    def _known_as(self, network: _Network, vm: str) -> str:
+        """VM ``vm``'s line in ``network``'s block of /etc/hosts."""
+        alias = self._aliases.get(vm)
+        return f"{network.address(vm)} {vm}" + (f" {alias}" if alias else "")
 
     def joined(self, vm: str) -> tuple[str, ...]:
         """The networks VM ``vm`` is on, in the order its spec names them."""
@@ -189,6 +220,7 @@ class Networks:
     def leave(self, vm: str) -> None:
         """VM ``vm`` is gone: its ports and addresses are free."""
         with self._lock:
+            self._aliases.pop(vm, None)
             for name in self._joined.pop(vm, ()):
                 network = self._networks.get(name)
                 if network is None:
@@ -220,7 +252,7 @@ class Networks:
         links, blocks, others = [], [], []
         for index, network in enumerate(networks):
             links.append(LanLink(index, lan_mac(vm, index), f"{network.address(vm)}/24"))
-            lines = "\n".join(f"{network.address(m)} {m}" for m in sorted(network.members))
+            lines = "\n".join(self._known_as(network, m) for m in sorted(network.members))
             blocks.append(LanNames(network.name, lines))
         set_lans(channel, links, blocks, deadline, vm)
         for network, block in zip(networks, blocks, strict=True):

@@ -53,7 +53,7 @@ class LibvirtLans(LanOperations):
         found = self.hosts.qemu_uid(host)
         if found is not None:
             uids.add(found)
-        ports = self.lans.join(name, spec.networks, uids=uids)
+        ports = self.lans.join(name, spec.networks, alias=spec.alias, uids=uids)
         return tuple(
             Lan("", lan_mac(name, index), port.tcp or 0) for index, port in enumerate(ports)
         )

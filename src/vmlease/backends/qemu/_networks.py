@@ -22,9 +22,10 @@ class QemuLans(LanOperations):
     def _dir(self, name: str) -> Path:
         raise NotImplementedError
 
-    def _join(self, name: str, vm_dir: Path, networks: tuple[str, ...]) -> None:
-        """VM ``name`` joins ``networks``: its directory links to each one's as ``lanN``."""
-        for index, port in enumerate(self.lans.join(name, networks)):
+    def _join(self, name: str, vm_dir: Path, networks: tuple[str, ...], alias: str | None) -> None:
+        """VM ``name`` joins ``networks`` (known there as ``alias`` too): its directory
+        links to each one's as ``lanN``."""
+        for index, port in enumerate(self.lans.join(name, networks, alias=alias)):
             (vm_dir / lan_dir(index)).symlink_to(port.network)
 
     def _set_link(self, name: str, index: int, up: bool, timeout_s: float) -> None:
