@@ -3,6 +3,7 @@ leaves even a network whose switch no longer answers."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import cast
@@ -70,5 +71,25 @@ def test_vms_are_known_by_name_and_alias_and_no_two_go_by_one_name(tmp_path: Pat
         assert told == []  # vm-1's guest was never set up: it learns the names when it is
         networks.leave("vm-1")
         networks.join("vm-3", ("lan",), alias="server")  # the alias is free again
+    finally:
+        networks.close()
+
+
+def test_network_directories_no_switch_serves_are_swept_and_live_ones_kept(
+    tmp_path: Path,
+) -> None:
+    networks = Networks(tmp_path)
+    try:
+        [port] = networks.join("one", ("lan",))  # a live network, its switch running
+        stale = tmp_path / ".lan-0000dead-lan"
+        stale.mkdir()
+        (stale / "x.sock").touch()
+        young = tmp_path / ".lan-0000beef-lan"  # a switch of another session, starting
+        young.mkdir()
+        later = time.time() + 600
+        os.utime(young, (later, later))
+        assert networks.sweep(now=time.time() + 120) == [stale]
+        assert young.is_dir()
+        assert port.network.is_dir()
     finally:
         networks.close()

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from vmlease._errors import BackendError, BootError, ChannelError, InvalidSpec, VMNotFound
+from vmlease._procfs import pids_with_arg
 from vmlease._timeouts import DEFAULT
 from vmlease.backends.guest._agent import AgentChannel
 from vmlease.backends.guest._lans import LanLink, LanNames, set_lans
@@ -46,6 +47,8 @@ __all__ = ["LanOperations", "Networks", "Port", "Updates", "qemu_uids"]
 
 #: How long a switch may take to come up, and to answer a request.
 _START_S = 10.0
+#: A network directory no switch serves is a leftover once older than this.
+_STALE_S = 60.0
 _ASK_S = 5.0
 #: The first address a VM gets on a network (.10, .11, ...), and the most VMs.
 _FIRST_HOST = 10
@@ -109,7 +112,22 @@ class Networks:
         #: VM name -> the other name its networks know it by.
         self._aliases: dict[str, str] = {}
 
+    def sweep(self, now: float | None = None) -> list[Path]:
+        """Remove the network directories under the root that no switch serves (one
+        killed on its own, or a reboot's leftovers) and that are older than a switch
+        takes to start; the ones removed. Live networks are never touched."""
+        now = time.time() if now is None else now
+        gone = []
+        for path in self.root.glob(".lan-*") if self.root.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > _STALE_S and not pids_with_arg(str(path)):
+                    shutil.rmtree(path)
+                    gone.append(path)
+        return gone
+
     def _start(self, name: str) -> _Network:
+        if not self._networks:
+            self.sweep()
         path = self.root / f".lan-{self.instance}-{name}"
         path.mkdir(mode=0o700, parents=True)
         with (path / "switch.log").open("wb") as log:
