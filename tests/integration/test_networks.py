@@ -107,6 +107,11 @@ def test_a_reset_vm_comes_back_with_its_own_address_and_names(
         one.run(["sh", "-c", SERVE], check=True)
         one.wait_for_port(7000)
         assert _ask(two, "one") == "one"
+        # A restored snapshot knows the VMs that joined after it was taken.
+        two.snapshot("before")
+        session.create("debian-12", memory_mb=512, networks=["lan"], name="late")
+        two.restore("before")
+        assert two.run(["getent", "hosts", "late"]).exit_code == 0
 
 
 def _timed_ask(vm: vmlease.VM, host: str) -> float | None:

@@ -18,7 +18,6 @@ the clock, the dice) injected; ``serve`` runs it on real sockets.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import json
 import os
@@ -302,24 +301,25 @@ class _Server:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             Path(f"{name}.sock").unlink(missing_ok=True)
             listener.bind(f"{name}.sock")
-            port = self.ports[name] = _Port(name, [listener], set())
+            port = self.ports[name] = _Port(name, [], set())
+            self._listen(port, listener)
             self.switch.attach(name)
         if uids is not None and len(port.listeners) == 1:
             tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             tcp.bind(("127.0.0.1", 0))
-            port.listeners.append(tcp)
             port.uids = uids
-        for listener in port.listeners:
-            with contextlib.suppress(KeyError):
-                self.sel.get_key(listener)
-                continue
-            listener.listen(1)
-            listener.setblocking(False)
-            self.sel.register(listener, selectors.EVENT_READ, ("listen", port))
+            self._listen(port, tcp)
         reply: dict[str, Any] = {"path": f"{name}.sock"}
         if len(port.listeners) > 1:
             reply["tcp"] = port.listeners[1].getsockname()[1]
         return reply
+
+    def _listen(self, port: _Port, listener: socket.socket) -> None:
+        """``listener`` takes ``port``'s connection from now on."""
+        listener.listen(1)
+        listener.setblocking(False)
+        port.listeners.append(listener)
+        self.sel.register(listener, selectors.EVENT_READ, ("listen", port))
 
     def detach(self, name: str) -> None:
         port = self.ports.pop(name, None)
