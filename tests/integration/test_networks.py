@@ -61,9 +61,17 @@ def three_on_a_network(session: vmlease.Session) -> tuple[vmlease.VM, vmlease.VM
     server.wait_for_port(7000)
     assert _ask(a, "server") == "server"
     assert _ask(b, "server") == "server"
-    # Each VM has its own interface, though all started from one saved state.
+    # Each VM has its own interface and address, though all started from one
+    # saved state: no IPv6 link-local address made from the saving VM's MAC.
+    addresses = []
     for vm in (server, a, b):
-        assert lan_mac(vm.name, 0) in vm.run(["ip", "-br", "link"], check=True).stdout
+        links = vm.run(["ip", "-br", "link"], check=True).stdout.splitlines()
+        dev = next(line.split()[0] for line in links if lan_mac(vm.name, 0) in line)
+        shown = vm.run(["ip", "-br", "addr", "show", "dev", dev], check=True).stdout.split()
+        assert len(shown) == 3, shown  # name, state, one address: no IPv6
+        assert shown[2].startswith("192.168."), shown
+        addresses.append(shown[2])
+    assert len(set(addresses)) == 3
     return server, a, b
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from vmlease import ImageBuildError, ImageNotFound
 from vmlease._runner import SubprocessRunner, find_program, search_path
+from vmlease.backends.guest._machine import MAC
 from vmlease.backends.guest.images import (
     _foreign,
     _steps,
@@ -21,6 +22,7 @@ from vmlease.backends.guest.images import (
     find_image,
     list_images,
 )
+from vmlease.backends.guest.images._steps import guest_file
 
 
 def _parse_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
@@ -247,3 +249,41 @@ def test_a_missing_image_for_another_arch_says_how_to_build_it(tmp_path: Path) -
         find_image(tmp_path, "debian-13", "aarch64")
     assert cache_name("tiny", "aarch64") == "tiny@aarch64"
     assert cache_name("tiny") == "tiny"
+
+
+def test_debian_images_find_the_user_mode_interface_by_qemus_mac() -> None:
+    rule = guest_file("guest/debian/80-vmlease-network.rules").decode()
+    assert f'ATTR{{address}}=="{MAC}"' in rule
+    assert 'ENV{SYSTEMD_WANTS}+="vmlease-network@%k.service"' in rule
+    unit = guest_file("guest/debian/vmlease-network@.service").decode()
+    assert "ExecStart=/usr/libexec/vmlease-network %I" in unit
+
+
+def test_the_user_mode_interface_gets_qemus_address_and_route_and_no_ipv6(
+    tmp_path: Path,
+) -> None:
+    """The script run for real, on a TAP interface in a network namespace of its own."""
+    if find_program("unshare") is None or find_program("ip") is None:
+        pytest.skip("needs unshare and ip")
+    script = tmp_path / "vmlease-network"
+    script.write_bytes(guest_file("guest/debian/vmlease-network"))
+    inside = (
+        f"{{ ip tuntap add user0 mode tap && ip link set user0 address {MAC}; }} || exit 77; "
+        f"sh {script} user0 && "
+        "ip -br addr show dev user0 && ip route && "
+        "cat /proc/sys/net/ipv6/conf/user0/disable_ipv6"
+    )
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--net", "sh", "-c", inside],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode == 77 or "unshare:" in done.stderr:
+        pytest.skip(f"no network namespace with a TAP interface here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[2:] == ["10.0.2.15/24"]
+    assert "default via 10.0.2.2 dev user0" in done.stdout
+    assert lines[-1] == "1"

@@ -10,7 +10,9 @@ uses its builtins and one ``ip`` only.
 A link's interface is the VM's Nth Ethernet interface by ifindex, other than
 the user-mode one (QEMU's default MAC): the private networks' NICs follow
 it in the order the spec names the networks. It gets its own MAC and
-address, whatever a saved state left there. A network's names are a block
+address, whatever a saved state left there, and no IPv6: its link-local
+address, made from the MAC of the VM that saved a state, would be the same in
+every VM started from that state. A network's names are a block
 of ``/etc/hosts`` between ``# vmlease network NAME`` and ``... end``, replaced
 whole.
 """
@@ -109,6 +111,8 @@ while [ $n -le "$index" ]; do
   for e in $found; do [ "$e" = "$low" ] || rest="$rest $e"; done
   found=$rest n=$((n + 1))
 done
+echo 1 > "/proc/sys/net/ipv4/conf/$dev/arp_notify"
+echo 1 > "/proc/sys/net/ipv6/conf/$dev/disable_ipv6"
 set_addr="addr flush dev $dev scope global"
 [ -z "$addr" ] || set_addr="addr replace $addr dev $dev"
 printf 'link set dev %s address %s up\\n%s\\n' "$dev" "$mac" "$set_addr" | ip -batch -

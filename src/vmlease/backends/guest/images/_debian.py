@@ -11,7 +11,10 @@ Parts:
 - the stage-1 initramfs the recipes share (the virtio drivers, then
   ``/sbin/init``, which is systemd);
 - the vmlease agent as a systemd service started before ``sysinit.target``;
-- systemd-networkd with DHCP on ``en*``/``eth*``, and QEMU's user-mode DNS;
+- the user-mode interface set once, as it appears, to the address QEMU's
+  user-mode networking gives (``guest/debian/vmlease-network``), and its DNS; no
+  network daemon, which would wake at every change of a private network's
+  interface, at each start from a saved state;
 - no password anywhere: root's is locked, and SSH accepts keys only.
 
 Units a test VM does not need (apt's timers, e2scrub, fstrim, man-db, the
@@ -69,7 +72,7 @@ from vmlease.backends.guest.images._steps import (
 
 __all__ = ["PACKAGES", "RECIPES", "SUITES", "build_debian", "host_mirror"]
 
-RECIPE_VERSION = "5"
+RECIPE_VERSION = "6"
 SUITES = {"debian-12": "bookworm", "debian-13": "trixie"}
 PACKAGES = (
     "systemd-sysv",
@@ -86,7 +89,7 @@ PACKAGES = (
 #: patterns (a foreign image's packages are chosen so, not installed by mmdebstrap).
 MINBASE = ("?priority(required)", "apt")
 #: Units enabled besides those the packages enable.
-ENABLED = ("systemd-networkd.service", "vmlease-agent.service", "ssh.service")
+ENABLED = ("vmlease-agent.service", "ssh.service")
 #: Units a disposable test VM does not need; each costs boot time under TCG.
 MASKED = (
     "apt-daily.timer",
@@ -107,11 +110,15 @@ _EXCLUDED = (
 )
 _GUEST_FILES = {
     "etc/systemd/system/vmlease-agent.service": "guest/debian/vmlease-agent.service",
-    "etc/systemd/network/20-wired.network": "guest/debian/20-wired.network",
+    "etc/systemd/system/vmlease-network@.service": "guest/debian/vmlease-network@.service",
+    "etc/udev/rules.d/80-vmlease-network.rules": "guest/debian/80-vmlease-network.rules",
+    "usr/libexec/vmlease-network": "guest/debian/vmlease-network",
     "etc/fstab": "guest/debian/fstab",
     "etc/ssh/sshd_config.d/vmlease.conf": "guest/debian/sshd-vmlease.conf",
     "etc/systemd/system/ssh.service.d/hostkeys.conf": "guest/debian/ssh-hostkeys.conf",
 }
+#: The programs among the files vmlease adds.
+_EXECUTABLE = ("/vmlease-agent", "/vmlease-network")
 _TOOLS = {**COMMON_TOOLS, "mmdebstrap": "mmdebstrap"}
 _MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 DISK_SIZE = "4G"  # sparse: the guest's own room to install packages into
@@ -376,7 +383,7 @@ class _Builder(Steps):
             info.uid = info.gid = 0
             info.uname = info.gname = "root"
             if not info.issym():
-                executable = info.isdir() or info.name.endswith("/vmlease-agent")
+                executable = info.isdir() or info.name.endswith(_EXECUTABLE)
                 info.mode = 0o755 if executable else 0o644
             return info
 

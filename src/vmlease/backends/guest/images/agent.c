@@ -493,20 +493,29 @@ static int lan_interface(int s, uint32_t wanted, char name[IF_NAMESIZE]) {
     return -1;
 }
 
+/* Write `value` to the sysctl of interface `name` at `fmt` (a /proc/sys path). */
+static void set_sysctl(const char *fmt, const char *name, const char *value) {
+    char path[96];
+    snprintf(path, sizeof path, fmt, name);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) { ssize_t ignored = write(fd, value, strlen(value)); (void)ignored; close(fd); }
+}
+
 /* Give interface `name` its MAC and IPv4 address (none: 0.0.0.0) and bring it
- * up; NULL, or the step that failed (errno says why). */
+ * up; NULL, or the step that failed (errno says why). The first time, before
+ * it is up: a gratuitous ARP at each MAC change (arp_notify), and no IPv6, whose
+ * link-local address, made from the MAC of the VM that saved a state, every VM
+ * started from that state would share. */
 static const char *set_lan(int s, const char *name, const unsigned char *mac,
                            const unsigned char *addr, unsigned prefix) {
-    static char notifying[16][IF_NAMESIZE];  /* where arp_notify is on */
+    static char known[16][IF_NAMESIZE];  /* interfaces already so set */
     int told = 0;
-    for (int i = 0; i < 16 && notifying[i][0] && !told; i++) told = strcmp(notifying[i], name) == 0;
+    for (int i = 0; i < 16 && known[i][0] && !told; i++) told = strcmp(known[i], name) == 0;
     if (!told) {
-        char path[96];
-        snprintf(path, sizeof path, "/proc/sys/net/ipv4/conf/%s/arp_notify", name);
-        int fd = open(path, O_WRONLY | O_CLOEXEC);
-        if (fd >= 0) { ssize_t ignored = write(fd, "1", 1); (void)ignored; close(fd); }
+        set_sysctl("/proc/sys/net/ipv4/conf/%s/arp_notify", name, "1");
+        set_sysctl("/proc/sys/net/ipv6/conf/%s/disable_ipv6", name, "1");
         for (int i = 0; i < 16; i++)
-            if (!notifying[i][0]) { snprintf(notifying[i], IF_NAMESIZE, "%s", name); break; }
+            if (!known[i][0]) { snprintf(known[i], IF_NAMESIZE, "%s", name); break; }
     }
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
