@@ -72,6 +72,12 @@ def three_on_a_network(session: vmlease.Session) -> tuple[vmlease.VM, vmlease.VM
         assert shown[2].startswith("192.168."), shown
         addresses.append(shown[2])
     assert len(set(addresses)) == 3
+    # The first to join appended its block to the image's file; the others' joins
+    # replaced it whole.
+    hosts = server.run(["cat", "/etc/hosts"], check=True).stdout
+    assert hosts.startswith("127.0.0.1\tlocalhost\n"), hosts
+    assert hosts.count("# vmlease network lan\n") == 1, hosts
+    assert all(f" {vm.name}\n" in hosts for vm in (server, a, b)), hosts
     return server, a, b
 
 

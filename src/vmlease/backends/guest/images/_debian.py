@@ -72,7 +72,7 @@ from vmlease.backends.guest.images._steps import (
 
 __all__ = ["PACKAGES", "RECIPES", "SUITES", "build_debian", "host_mirror"]
 
-RECIPE_VERSION = "6"
+RECIPE_VERSION = "7"
 SUITES = {"debian-12": "bookworm", "debian-13": "trixie"}
 PACKAGES = (
     "systemd-sysv",
@@ -114,6 +114,7 @@ _GUEST_FILES = {
     "etc/udev/rules.d/80-vmlease-network.rules": "guest/debian/80-vmlease-network.rules",
     "usr/libexec/vmlease-network": "guest/debian/vmlease-network",
     "etc/fstab": "guest/debian/fstab",
+    "etc/hosts": "guest/debian/hosts",
     "etc/ssh/sshd_config.d/vmlease.conf": "guest/debian/sshd-vmlease.conf",
     "etc/systemd/system/ssh.service.d/hostkeys.conf": "guest/debian/ssh-hostkeys.conf",
 }

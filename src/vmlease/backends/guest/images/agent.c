@@ -50,7 +50,8 @@
  * address is announced by a gratuitous ARP when the MAC changes) and is
  * brought up. Each
  * tag's block of lines replaces the one of that tag in /etc/hosts, between
- * "# vmlease network TAG" and "# vmlease network TAG end".
+ * "# vmlease network TAG" and "# vmlease network TAG end", or is appended to
+ * the file when it has none.
  *
  * EXEC payload: u32 argc, argc x (u32 len, bytes), u32 envc,
  * envc x (u32 len, "KEY=VALUE"), u32 cwd length, cwd bytes.
@@ -579,7 +580,34 @@ static char *read_all(const char *path, size_t *len) {
     return buf;
 }
 
-/* Replace tag's block of names in /etc/hosts (renamed into place whole); 0 or -1 and errno. */
+/* Whether `text` (of `len` bytes) holds the line `line`. */
+static int has_line(const char *text, size_t len, const char *line) {
+    size_t want = strlen(line);
+    for (const char *at = text; at < text + len;) {
+        const char *nl = memchr(at, '\n', (size_t)(text + len - at));
+        size_t got = nl ? (size_t)(nl - at) : (size_t)(text + len - at);
+        if (got == want && memcmp(at, line, want) == 0) return 1;
+        at += got + 1;
+    }
+    return 0;
+}
+
+/* Append `n` bytes to an existing /etc/hosts in one write; 0 or -1 and errno. */
+static int append_hosts(const char *text, size_t n) {
+    int fd = open("/etc/hosts", O_WRONLY | O_APPEND | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t w = write(fd, text, n);
+    if (w >= 0 && (size_t)w != n) errno = EIO;
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return w >= 0 && (size_t)w == n ? 0 : -1;
+}
+
+/* Put tag's block of names in /etc/hosts: appended when the file has none (as
+ * after a start from a saved state, where a file's first new inode and rename
+ * cost more than the rest of NET under TCG), otherwise the file is replaced
+ * whole (renamed into place); 0 or -1 and errno. */
 static int set_names(const unsigned char *tag, size_t tag_len, const unsigned char *lines,
                      size_t lines_len) {
     char begin[128], end[160];
@@ -588,6 +616,20 @@ static int set_names(const unsigned char *tag, size_t tag_len, const unsigned ch
     size_t old_len = 0;
     char *old = read_all("/etc/hosts", &old_len);
     if (!old && errno != ENOENT) return -1;
+    if (old && !has_line(old, old_len, begin)) {
+        size_t cap = lines_len + 2 * sizeof end + 8, n = 0;
+        char *block = malloc(cap);
+        if (!block) { free(old); return -1; }
+        if (old_len > 0 && old[old_len - 1] != '\n') block[n++] = '\n';
+        n += (size_t)snprintf(block + n, cap - n, "%s\n", begin);
+        memcpy(block + n, lines, lines_len);
+        n += lines_len;
+        n += (size_t)snprintf(block + n, cap - n, "\n%s\n", end);
+        free(old);
+        int rc = append_hosts(block, n);
+        free(block);
+        return rc;
+    }
     if (!old) {
         old = strdup("127.0.0.1 localhost\n::1 localhost\n");
         if (!old) return -1;
