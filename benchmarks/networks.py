@@ -2,7 +2,9 @@
 and the host through user-mode networking, and what a second interface costs.
 
 Side by side in one run, medians (JSON in results/networks.json), debian-12
-with 1 vCPU and 512 MB under whichever accelerator this machine has:
+with 1 vCPU and 512 MB under whichever accelerator this machine has; with
+``--runs N``, traffic N/2 times, cold boots N/2 times and starts from the
+state and resets 3N times per shape, in a random order after a pause:
 
 - TCP round trip (one byte each way, over one connection, the mean of 200) and
   throughput (32 MB one way), VM to VM on the private network, beside the same
@@ -14,13 +16,16 @@ with 1 vCPU and 512 MB under whichever accelerator this machine has:
   size and private interfaces, which is where the network's cost lies. A
   first command is where a guest started from a state pays for what it does
   after its wake-up, so "to ready" alone would hide that cost from a VM
-  without a network.
+  without a network. Both shapes' states are saved by the run itself, in an
+  image directory of its own, so both start with the SSH login their state
+  already holds, as a user's do from their own state directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import statistics
 import tempfile
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import vmlease
+from benchmarks.resets import own_images
 from vmlease._paths import image_dir
 from vmlease.backends.guest.images import build_debian, build_tiny
 from vmlease.backends.qemu import QemuBackend
@@ -38,6 +44,10 @@ RESULTS = Path(__file__).parent / "results"
 #: The phase of a reset that sets up forwards, the disk's size and networks.
 _SET_UP = "forwards, disk size and networks"
 MB = 512
+#: Starts from the saved state and resets per shape, per run asked for.
+_WARM_PER_RUN = 3
+#: The pause before each sample.
+_SETTLE_S = 0.3
 #: Serves port 7001 in a guest (or the host): echoes round trips, swallows bulk.
 _SERVER = """
 import socket, sys, threading
@@ -123,38 +133,68 @@ def traffic(runs: int) -> dict[str, Any]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def _session(state: Path, *, warm: bool) -> tuple[vmlease.Session, QemuBackend]:
-    backend = QemuBackend(state_dir=state, warm_start=warm, env=os.environ)
+def _session(
+    state: Path, *, warm: bool, images: Path | None = None
+) -> tuple[vmlease.Session, QemuBackend]:
+    backend = QemuBackend(state_dir=state, image_dir=images, warm_start=warm, env=os.environ)
     return vmlease.Session(backend=backend, state_dir=state), backend
 
 
+def _cold(cold: vmlease.Session, networks: list[str]) -> float:
+    t = time.perf_counter()
+    cold.create("debian-12", memory_mb=MB, networks=networks).delete()
+    return time.perf_counter() - t
+
+
+def _warm(warm: vmlease.Session, backend: QemuBackend, networks: list[str]) -> dict[str, float]:
+    """One start from the saved state, to ready and to a first command's reply, then
+    a reset to a first command's reply, and the reset's set-up lap."""
+    t = time.perf_counter()
+    vm = warm.create("debian-12", memory_mb=MB, networks=networks)
+    took = {"warm": time.perf_counter() - t}
+    vm.run(["true"], check=True)
+    took["warm+cmd"] = time.perf_counter() - t
+    t = time.perf_counter()
+    vm.reset()
+    vm.run(["true"], check=True)
+    took["reset"] = time.perf_counter() - t
+    took["set-up"] = backend.start_timings(vm.name).get(_SET_UP, 0.0)
+    vm.delete()
+    return took
+
+
 def starts(runs: int) -> dict[str, Any]:
-    """Cold boots, starts from the saved state and resets, with and without a network."""
+    """Cold boots, starts from the saved state and resets, with and without a network.
+
+    Each round runs the two shapes in a random order after a pause (which also
+    lets the last VM's QEMU finish exiting): a fixed order could hand one
+    shape every slow turn of the host. Cold boots are max(3, runs/2) per shape;
+    starts from the state and resets, which take a fraction of a second,
+    ``_WARM_PER_RUN`` times ``runs``, so that their medians hold against the
+    host's drift."""
     samples: dict[str, list[float]] = {}
     shapes: dict[str, list[str]] = {"without": [], "with": ["lan"]}
+    order = random.Random(runs)
     with tempfile.TemporaryDirectory(prefix="vmlease-networks-") as tmp:
         cold, _ = _session(Path(tmp) / "cold", warm=False)
-        warm, backend = _session(Path(tmp) / "warm", warm=True)
+        images = own_images(Path(tmp))  # both shapes' states saved here, with one login
+        warm, backend = _session(Path(tmp) / "warm", warm=True, images=images)
         try:
             for networks in shapes.values():  # each shape's booted state, saved once
                 warm.create("debian-12", memory_mb=MB, networks=networks).delete()
-            for _ in range(runs):
-                for kind, networks in shapes.items():
-                    t = time.perf_counter()
-                    cold.create("debian-12", memory_mb=MB, networks=networks).delete()
-                    samples.setdefault(f"cold {kind}", []).append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    vm = warm.create("debian-12", memory_mb=MB, networks=networks)
-                    samples.setdefault(f"warm {kind}", []).append(time.perf_counter() - t)
-                    vm.run(["true"], check=True)
-                    samples.setdefault(f"warm+cmd {kind}", []).append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    vm.reset()
-                    vm.run(["true"], check=True)
-                    samples.setdefault(f"reset {kind}", []).append(time.perf_counter() - t)
-                    laps = backend.start_timings(vm.name)
-                    samples.setdefault(f"set-up {kind}", []).append(laps.get(_SET_UP, 0.0))
-                    vm.delete()
+            for _ in range(max(3, runs // 2)):
+                kinds = list(shapes.items())
+                order.shuffle(kinds)
+                for kind, networks in kinds:
+                    time.sleep(_SETTLE_S)
+                    samples.setdefault(f"cold {kind}", []).append(_cold(cold, networks))
+            for _ in range(runs * _WARM_PER_RUN):
+                kinds = list(shapes.items())
+                order.shuffle(kinds)
+                for kind, networks in kinds:
+                    time.sleep(_SETTLE_S)
+                    for what, value in _warm(warm, backend, networks).items():
+                        samples.setdefault(f"{what} {kind}", []).append(value)
         finally:
             cold.close()
             warm.close()
@@ -165,7 +205,7 @@ def main(runs: int = 7) -> int:
     build_tiny(image_dir())
     build_debian(image_dir(), "debian-12")
     moved = traffic(max(3, runs // 2))
-    started = starts(max(3, runs // 2))
+    started = starts(runs)
     print("private networks (debian-12, 1 vCPU, 512 MB; medians)")
     print(f"  {'':28} {'segment (VM to VM)':>20} {'user-mode (VM to host)':>24}")
     print(

@@ -55,7 +55,7 @@ def _backend(state: Path, mode: str, images: Path | None = None) -> QemuBackend:
     return QemuBackend(state_dir=state, image_dir=images, env=env)
 
 
-def _own_images(tmp: Path) -> Path:
+def own_images(tmp: Path) -> Path:
     """An image directory of its own (the builds linked in), so that its booted
     states are saved by this benchmark's state directory, with its SSH login, as a
     user's states are saved by the state directory they then use."""
@@ -137,7 +137,7 @@ def resets(image: str, memory_mb: int, runs: int) -> dict[str, Any]:
     phases: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="vmlease-resets-") as tmp:
         state, other = Path(tmp) / "state", Path(tmp) / "other"
-        images = _own_images(Path(tmp))
+        images = own_images(Path(tmp))
         backends = {m: _backend(state, m, images) for m in MODES}
         backends["other"] = _backend(other, "mapped", images)
         sessions = {
