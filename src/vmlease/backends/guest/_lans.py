@@ -14,7 +14,9 @@ address, whatever a saved state left there, and no IPv6: its link-local
 address, made from the MAC of the VM that saved a state, would be the same in
 every VM started from that state. A network's names are a block
 of ``/etc/hosts`` between ``# vmlease network NAME`` and ``... end``, replaced
-whole.
+whole; an agent of protocol 4 appends it where the file has none yet (after a
+start from a saved state, or a reset), which costs less under TCG than a new
+file renamed into place.
 """
 
 from __future__ import annotations
