@@ -46,6 +46,19 @@ def test_there_is_no_password_anywhere(debian: vmlease.VM) -> None:
     assert "permitrootlogin without-password" in config  # sshd's word for prohibit-password
 
 
+def test_the_first_boot_made_ed25519_and_ecdsa_host_keys_and_sshd_offers_them(
+    debian: vmlease.VM,
+) -> None:
+    assert _sh(debian, "cd /etc/ssh && ls ssh_host_*").split() == [
+        "ssh_host_ecdsa_key",
+        "ssh_host_ecdsa_key.pub",
+        "ssh_host_ed25519_key",
+        "ssh_host_ed25519_key.pub",
+    ]
+    offered = _sh(debian, "ssh-keyscan -T 30 127.0.0.1 2>/dev/null | cut -d' ' -f2 | sort")
+    assert offered.split() == ["ecdsa-sha2-nistp256", "ssh-ed25519"]
+
+
 def test_apt_points_at_the_hosts_mirror(debian: vmlease.VM, debian_image: Image) -> None:
     sources = _sh(debian, "cat /etc/apt/sources.list")
     assert debian_image.info["mirror"] in sources

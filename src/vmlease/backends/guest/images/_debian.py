@@ -72,7 +72,7 @@ from vmlease.backends.guest.images._steps import (
 
 __all__ = ["PACKAGES", "RECIPES", "SUITES", "build_debian", "host_mirror"]
 
-RECIPE_VERSION = "7"
+RECIPE_VERSION = "8"
 SUITES = {"debian-12": "bookworm", "debian-13": "trixie"}
 PACKAGES = (
     "systemd-sysv",
