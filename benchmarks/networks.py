@@ -9,6 +9,9 @@ state and resets 3N times per shape, in a random order after a pause:
 - TCP round trip (one byte each way, over one connection, the mean of 200) and
   throughput (32 MB one way), VM to VM on the private network, beside the same
   from a VM to an echo server on the host's 127.0.0.1 (the guest's 10.0.2.2);
+  and, with no VM, a 98-byte frame there and back through a network's switch
+  process between two of its ports (the median of 3000): the switch's share of
+  the segment's round trip;
 - cold boot to ready, start from the saved booted state to ready and to the
   reply of a first command, and reset to a first command's reply, each with
   and without a private network, interleaved (goal: the network costs under
@@ -28,6 +31,7 @@ import os
 import random
 import socket
 import statistics
+import struct
 import tempfile
 import threading
 import time
@@ -37,6 +41,7 @@ from typing import Any
 import vmlease
 from benchmarks.resets import own_images
 from vmlease._paths import image_dir
+from vmlease.backends.guest._segments import Networks
 from vmlease.backends.guest.images import build_debian, build_tiny
 from vmlease.backends.qemu import QemuBackend
 
@@ -133,6 +138,40 @@ def traffic(runs: int) -> dict[str, Any]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def _frame_rtt(here: socket.socket, there: socket.socket, out: bytes, back: bytes) -> float:
+    """One frame each way between two ports, as QEMU's stream netdev frames them."""
+
+    def relay(sender: socket.socket, receiver: socket.socket, frame: bytes) -> None:
+        sender.sendall(struct.pack(">I", len(frame)) + frame)
+        want, got = 4 + len(frame), b""
+        while len(got) < want:
+            got += receiver.recv(want - len(got))
+
+    start = time.perf_counter()
+    relay(here, there, out)
+    relay(there, here, back)
+    return time.perf_counter() - start
+
+
+def switch_alone(frames: int = 3000) -> float:
+    """The median round trip, in us, of a frame through a network's switch, no VM."""
+    a_mac, b_mac = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
+    out = b_mac + a_mac + b"\x08\x00" + bytes(84)
+    back = a_mac + b_mac + b"\x08\x00" + bytes(84)
+    with tempfile.TemporaryDirectory(prefix="vmlease-switch-") as tmp:
+        networks = Networks(Path(tmp))
+        try:
+            (a,), (b,) = networks.join("a", ("lan",)), networks.join("b", ("lan",))
+            with socket.socket(socket.AF_UNIX) as here, socket.socket(socket.AF_UNIX) as there:
+                here.connect(str(a.socket))
+                there.connect(str(b.socket))
+                _frame_rtt(here, there, out, back)  # the switch learns both MACs
+                samples = [_frame_rtt(here, there, out, back) for _ in range(frames)]
+        finally:
+            networks.close()
+    return statistics.median(samples) * 1e6
+
+
 def _session(
     state: Path, *, warm: bool, images: Path | None = None
 ) -> tuple[vmlease.Session, QemuBackend]:
@@ -205,6 +244,7 @@ def main(runs: int = 7) -> int:
     build_tiny(image_dir())
     build_debian(image_dir(), "debian-12")
     moved = traffic(max(3, runs // 2))
+    moved["switch alone rtt_us"] = switch_alone()
     started = starts(runs)
     print("private networks (debian-12, 1 vCPU, 512 MB; medians)")
     print(f"  {'':28} {'segment (VM to VM)':>20} {'user-mode (VM to host)':>24}")
@@ -213,6 +253,10 @@ def main(runs: int = 7) -> int:
         f"{moved['user rtt_us'] / 1000:21.2f} ms"
     )
     print(f"  {'throughput':28} {moved['segment MB/s']:15.1f} MB/s {moved['user MB/s']:19.1f} MB/s")
+    print(
+        f"  {'  of a round trip: the switch':28} {moved['switch alone rtt_us'] / 1000:17.2f} ms"
+        "  (a frame there and back through it, no VM)"
+    )
     print(f"  {'':28} {'without':>10} {'with lan':>10} {'cost':>8}  (goal < 10%)")
     costs = {}
     labels = {
