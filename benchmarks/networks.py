@@ -145,7 +145,10 @@ def _frame_rtt(here: socket.socket, there: socket.socket, out: bytes, back: byte
         sender.sendall(struct.pack(">I", len(frame)) + frame)
         want, got = 4 + len(frame), b""
         while len(got) < want:
-            got += receiver.recv(want - len(got))
+            chunk = receiver.recv(want - len(got))
+            if not chunk:
+                raise ConnectionError("the switch hung up on a port")
+            got += chunk
 
     start = time.perf_counter()
     relay(here, there, out)
@@ -163,8 +166,9 @@ def switch_alone(frames: int = 3000) -> float:
         try:
             (a,), (b,) = networks.join("a", ("lan",)), networks.join("b", ("lan",))
             with socket.socket(socket.AF_UNIX) as here, socket.socket(socket.AF_UNIX) as there:
-                here.connect(str(a.socket))
-                there.connect(str(b.socket))
+                for end, port in ((here, a), (there, b)):
+                    end.settimeout(10)  # a frame lost is an error, not a hang
+                    end.connect(str(port.socket))
                 _frame_rtt(here, there, out, back)  # the switch learns both MACs
                 samples = [_frame_rtt(here, there, out, back) for _ in range(frames)]
         finally:
