@@ -246,6 +246,49 @@ def test_a_protocol_3_agent_is_woken_in_one_exchange(channel_with: MakeChannel) 
     assert rest[4 + name_len :] == b"vmlease: guest vm-7 up, started from booted state k1\n"
 
 
+def test_requests_sent_with_the_wake_go_in_its_exchange_and_get_their_answers(
+    channel_with: MakeChannel,
+) -> None:
+    got: list[int] = []
+
+    def peer(sock: socket.socket) -> None:
+        _kind, nonce = read_frame(sock)
+        sock.sendall(frame(proto.HELLO, nonce + b"vmlease-agent 4"))
+        # Both arrive before either is answered: one round trip.
+        got.extend(read_frame(sock)[0] for _ in range(3))
+        sock.sendall(frame(proto.OK) + frame(proto.OK) + frame(proto.ERR, b"no such device"))
+        got.append(read_frame(sock)[0])
+        sock.sendall(frame(proto.OK))
+
+    ch, t = channel_with(peer)
+    ch.handshake(5.0)
+    also = [(proto.NET, b"one"), (proto.NET, b"two")]
+    assert ch.wake_as("vm-7", "k1", 5.0, also=also) == [None, "no such device"]
+    ch.sync(5.0)  # the channel is in step: the sync's answer is its own
+    t.join()
+    assert got == [proto.WAKE, proto.NET, proto.NET, proto.SYNC]
+
+
+def test_an_agent_older_than_the_wake_is_sent_nothing_else_with_it(
+    channel_with: MakeChannel,
+) -> None:
+    kinds: list[int] = []
+
+    def peer(sock: socket.socket) -> None:
+        _kind, nonce = read_frame(sock)
+        sock.sendall(frame(proto.HELLO, nonce + b"vmlease-agent 2"))
+        kinds.append(read_frame(sock)[0])
+        sock.sendall(frame(proto.OK))
+        kinds.append(read_frame(sock)[0])
+        sock.sendall(frame(proto.EXIT, struct.pack(">iB", 0, 0)))
+
+    ch, t = channel_with(peer)
+    ch.handshake(5.0)
+    assert ch.wake_as("vm-7", "k1", 5.0, also=[(proto.NET, b"x")]) == []
+    t.join()
+    assert kinds == [proto.SETTIME, proto.EXEC]
+
+
 def test_an_older_agent_is_woken_by_its_clock_and_a_command(channel_with: MakeChannel) -> None:
     kinds: list[int] = []
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
@@ -71,6 +72,57 @@ def test_vms_are_known_by_name_and_alias_and_no_two_go_by_one_name(tmp_path: Pat
         assert told == []  # vm-1's guest was never set up: it learns the names when it is
         networks.leave("vm-1")
         networks.join("vm-3", ("lan",), alias="server")  # the alias is free again
+    finally:
+        networks.close()
+
+
+class _Waking(_Channel):
+    """A guest woken from a saved state; its NET answered by ``answer``."""
+
+    def __init__(self, protocol: int, answer: str | None = None) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.answer = answer
+        self.woken: list[tuple[str, list[tuple[int, bytes]]]] = []
+
+    def wake_as(
+        self, name: str, state: str, timeout_s: float, *, also: Sequence[tuple[int, bytes]] = ()
+    ) -> list[str | None]:
+        self.woken.append((name, list(also)))
+        return [self.answer for _ in also]
+
+
+def test_a_wake_sets_a_vms_networks_in_its_exchange_and_configure_is_left_nothing(
+    tmp_path: Path,
+) -> None:
+    networks = Networks(tmp_path)
+    try:
+        networks.join("vm-1", ("lan",))
+        networks.join("vm-2", ("lan",))
+        one = _Waking(4)
+        networks.wake("vm-1", "k1", cast(AgentChannel, one), 5.0)
+        names = LanNames("lan", "192.168.100.10 vm-1\n192.168.100.11 vm-2")
+        link = LanLink(0, lan_mac("vm-1", 0), "192.168.100.10/24")
+        assert one.woken == [("vm-1", [(NET, pack([link], [names]))])]
+        assert networks.woken("vm-1") == []  # vm-2 was not set up yet
+        assert networks.woken("vm-1") is None  # once
+        # vm-2, set up later, tells vm-1 of itself: vm-1 is known to be set up.
+        told = networks.configure("vm-2", cast(AgentChannel, _Channel()), time.monotonic() + 5)
+        assert told == [("vm-1", names)]
+        # A guest that could not set its network is left to configure, which says why.
+        two = _Waking(4, answer="no interface for private network 0")
+        networks.wake("vm-2", "k1", cast(AgentChannel, two), 5.0)
+        assert networks.woken("vm-2") is None
+        # An agent older than NET is woken alone.
+        three = _Waking(3)
+        networks.wake("vm-2", "k1", cast(AgentChannel, three), 5.0)
+        assert three.woken == [("vm-2", [])]
+        assert networks.woken("vm-2") is None
+        # A VM on no network is woken alone.
+        networks.join("vm-3", ())
+        four = _Waking(4)
+        networks.wake("vm-3", "k1", cast(AgentChannel, four), 5.0)
+        assert four.woken == [("vm-3", [])]
     finally:
         networks.close()
 

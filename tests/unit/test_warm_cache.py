@@ -172,7 +172,7 @@ def test_a_vm_of_a_mapped_state_is_charged_the_memory_it_holds_of_its_own() -> N
 def test_each_vms_start_keeps_its_own_phase_times() -> None:
     from vmlease.backends.qemu._starts import Starts
 
-    starts = Starts(None, None, lambda: "qemu-img", None)  # type: ignore[arg-type]
+    starts = Starts(None, None, lambda: "qemu-img", None, None)  # type: ignore[arg-type]
     starts.lap("a", "", first=True)
     starts.lap("b", "", first=True)
     starts.lap("a", "kill")

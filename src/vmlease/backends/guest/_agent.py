@@ -432,26 +432,40 @@ class AgentChannel:
 
     def request(self, kind: int, payload: bytes, timeout_s: float, *, what: str) -> None:
         """Send one request the agent answers OK or ERR; ChannelError on ERR."""
-        error: list[str] = []
+        (error,) = self.requests([(kind, payload)], timeout_s, what=what)
+        if error is not None:
+            raise ChannelError(f"VM {self._name}: {error}")
+
+    def requests(
+        self, frames: Sequence[tuple[int, bytes]], timeout_s: float, *, what: str
+    ) -> list[str | None]:
+        """Send requests the agent answers OK or ERR, all at once (one round trip);
+        their answers in order: None for OK, the agent's message for ERR."""
+        answers: list[str | None] = []
 
         def handle(kind: int, body: bytes) -> bool:
-            if kind == ERR:
-                error.append(body.decode(errors="replace"))
-            return kind in (OK, ERR)
+            if kind in (OK, ERR):
+                answers.append(body.decode(errors="replace") if kind == ERR else None)
+            return len(answers) == len(frames)
 
         deadline = time.monotonic() + timeout_s
-        self._converse([_frame(kind, payload)], handle, deadline, what=what)
-        if error:
-            raise ChannelError(f"VM {self._name}: {error[0]}")
+        outgoing = b"".join(_frame(kind, payload) for kind, payload in frames)
+        self._converse([outgoing], handle, deadline, what=what)
+        return answers
 
-    def wake_as(self, name: str, state: str, timeout_s: float) -> None:
+    def wake_as(
+        self, name: str, state: str, timeout_s: float, *, also: Sequence[tuple[int, bytes]] = ()
+    ) -> list[str | None]:
         """After a start from the saved booted state ``state``: today's time, fresh
         randomness and VM ``name``'s own hostname (the guest carries the name of
         the VM it was saved from), and a console line saying so.
 
         An agent of protocol 3 does it all in one exchange (WAKE), starting no
         process: the first process a guest starts after a start from a state
-        is slow, since the emulator has translated none of its code yet.
+        is slow, since the emulator has translated none of its code yet. The
+        requests ``also`` (of protocol 3 or later) go in the same exchange;
+        returns their answers (see ``requests``), or none where the agent is
+        older and they were not sent.
         """
         line = f"vmlease: guest {name} up, started from booted state {state}\n"
         if self.protocol >= _WAKE_SINCE:
@@ -464,8 +478,12 @@ class AgentChannel:
                 + host
                 + line.encode()
             )
-            self.request(WAKE, payload, timeout_s, what="waking the guest")
-            return
+            woke, *answers = self.requests(
+                [(WAKE, payload), *also], timeout_s, what="waking the guest"
+            )
+            if woke is not None:
+                raise ChannelError(f"VM {self._name}: {woke}")
+            return answers
         self.set_time(time.time(), timeout_s, seed=os.urandom(64))
         script = (
             'hostname "$1" && echo "vmlease: guest $1 up, '
@@ -480,6 +498,7 @@ class AgentChannel:
         )
         if done.exit_code != 0:
             raise ChannelError(f"naming the guest failed: {done.stderr!r}")
+        return []
 
     def sync(self, timeout_s: float) -> None:
         """Ask the guest to flush its file systems to disk."""

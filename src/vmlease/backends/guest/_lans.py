@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from vmlease._errors import ChannelError
 from vmlease.backends.guest._agent import NET, AgentChannel
 
-__all__ = ["LanLink", "LanNames", "set_lans"]
+__all__ = ["NET_SINCE", "LanLink", "LanNames", "pack", "set_lans"]
 
 #: The first agent protocol that understands NET.
 NET_SINCE = 4

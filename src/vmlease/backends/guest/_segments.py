@@ -38,8 +38,8 @@ from typing import Any
 from vmlease._errors import BackendError, BootError, ChannelError, InvalidSpec, VMNotFound
 from vmlease._procfs import pids_with_arg
 from vmlease._timeouts import DEFAULT
-from vmlease.backends.guest._agent import AgentChannel
-from vmlease.backends.guest._lans import LanLink, LanNames, set_lans
+from vmlease.backends.guest._agent import NET, AgentChannel
+from vmlease.backends.guest._lans import NET_SINCE, LanLink, LanNames, pack, set_lans
 from vmlease.backends.guest._machine import lan_mac
 from vmlease.backends.guest._switch import CONTROL
 
@@ -111,6 +111,8 @@ class Networks:
         self._joined: dict[str, tuple[str, ...]] = {}
         #: VM name -> the other name its networks know it by.
         self._aliases: dict[str, str] = {}
+        #: VM name -> what the others are to be told, its wake-up having set its networks.
+        self._woken: dict[str, Updates] = {}
 
     def sweep(self, now: float | None = None) -> list[Path]:
         """Remove the network directories under the root that no switch serves (one
@@ -239,6 +241,7 @@ class Networks:
         """VM ``vm`` is gone: its ports and addresses are free."""
         with self._lock:
             self._aliases.pop(vm, None)
+            self._woken.pop(vm, None)
             for name in self._joined.pop(vm, ()):
                 network = self._networks.get(name)
                 if network is None:
@@ -260,23 +263,52 @@ class Networks:
         links = [LanLink(index, lan_mac(vm, index), None) for index in range(count)]
         set_lans(channel, links, (), deadline, vm)
 
+    def _settings(self, vm: str) -> tuple[list[LanLink], list[LanNames], Updates]:
+        """VM ``vm``'s interfaces and names, and the names the other VMs on its
+        networks are to be given, by VM. From now on ``vm`` is told of newcomers:
+        one that joins after this sees it configured and tells it (through its
+        channel, so after what the caller sends it now)."""
+        with self._lock:
+            networks = [self._networks[name] for name in self._joined.get(vm, ())]
+            links, blocks, others = [], [], []
+            for index, network in enumerate(networks):
+                links.append(LanLink(index, lan_mac(vm, index), f"{network.address(vm)}/24"))
+                lines = "\n".join(self._known_as(network, m) for m in sorted(network.members))
+                block = LanNames(network.name, lines)
+                blocks.append(block)
+                network.configured.add(vm)
+                others += [(m, block) for m in sorted(network.configured) if m != vm]
+        return links, blocks, others
+
     def configure(self, vm: str, channel: AgentChannel, deadline: float) -> Updates:
         """Set VM ``vm``'s interfaces and names in its guest (through ``channel``);
         returns the names the other VMs on its networks are to be given, by VM (the
         caller gives them without holding ``vm``'s channel)."""
-        with self._lock:
-            names = self._joined.get(vm, ())
-            networks = [self._networks[name] for name in names]
-        links, blocks, others = [], [], []
-        for index, network in enumerate(networks):
-            links.append(LanLink(index, lan_mac(vm, index), f"{network.address(vm)}/24"))
-            lines = "\n".join(self._known_as(network, m) for m in sorted(network.members))
-            blocks.append(LanNames(network.name, lines))
+        links, blocks, others = self._settings(vm)
         set_lans(channel, links, blocks, deadline, vm)
-        for network, block in zip(networks, blocks, strict=True):
-            network.configured.add(vm)
-            others += [(m, block) for m in sorted(network.configured) if m != vm]
         return others
+
+    def wake(self, vm: str, state: str, channel: AgentChannel, timeout_s: float) -> None:
+        """Wake VM ``vm``'s guest after a start from ``state`` (``wake_as``), its
+        interfaces and names set in the same exchange where its agent can: a
+        round trip fewer than ``configure`` after it. What the others are to be
+        told is then kept for ``woken``; a guest that could not set them is left
+        to ``configure``, which says why."""
+        self.woken(vm)  # an earlier wake-up's, never used: its start went no further
+        if not self.joined(vm) or channel.protocol < NET_SINCE:
+            channel.wake_as(vm, state, timeout_s)
+            return
+        links, blocks, others = self._settings(vm)
+        answers = channel.wake_as(vm, state, timeout_s, also=[(NET, pack(links, blocks))])
+        if answers == [None]:
+            with self._lock:
+                self._woken[vm] = others
+
+    def woken(self, vm: str) -> Updates | None:
+        """What the others are to be told, if VM ``vm``'s last wake-up set its networks
+        (once: None after that)."""
+        with self._lock:
+            return self._woken.pop(vm, None)
 
     def control(self, name: str, **request: Any) -> dict[str, Any]:
         """Ask network ``name``'s switch (link, partition, heal, impair)."""
@@ -317,8 +349,10 @@ class LanOperations:
         raise NotImplementedError
 
     def _lans_up(self, name: str, channel: AgentChannel, deadline: float) -> Updates:
-        """VM ``name``'s private interfaces set; what the others are to be told."""
-        return self.lans.configure(name, channel, deadline)
+        """VM ``name``'s private interfaces set (by its wake-up, or now); what the others
+        are to be told."""
+        told = self.lans.woken(name)
+        return told if told is not None else self.lans.configure(name, channel, deadline)
 
     def _tell(self, updates: Updates, deadline: float) -> None:
         """Give each VM its network's names (a VM that is gone or stopped meanwhile is

@@ -363,7 +363,7 @@ class LibvirtBackend(AgentOperations, LibvirtLans, Backend):
         )
         dom.resume()
         with self._agent(name, max(1.0, deadline - time.monotonic())) as channel:
-            channel.wake_as(name, state.key, CHANNEL_TIMEOUT_S)
+            self.lans.wake(name, state.key, channel, CHANNEL_TIMEOUT_S)
 
     def _save_state(self, name: str, host: Host, key: str, id_: str) -> None:
         """Save VM ``name``, just booted, as the booted state ``key`` on ``host``; it

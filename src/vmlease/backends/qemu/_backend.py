@@ -160,8 +160,9 @@ class QemuBackend(AgentOperations, QemuLans, Backend):
         self.warm = warm_cache(
             self._image_dir, self._env, warm_start=warm_start, states_per_image=states_per_image
         )
+        self.lans = Networks(self.root)
         self._starts = Starts(
-            self._procs, self._run, lambda: self.require(self._qemu_img), self.warm
+            self._procs, self._run, lambda: self.require(self._qemu_img), self.warm, self.lans
         )
         # VMs booted by this process whose booted state is to be saved: name -> its
         # key, image, and the memory file it boots on (a mapped state) or None.
@@ -171,7 +172,6 @@ class QemuBackend(AgentOperations, QemuLans, Backend):
         self._booting: dict[str, tuple[str, ...]] = {}
         # VMs just started from a saved state, not yet told their SSH key: name -> state.
         self._fresh: dict[str, WarmState] = {}
-        self.lans = Networks(self.root)
 
     # -- set-up ----------------------------------------------------------
 
@@ -586,7 +586,7 @@ class QemuBackend(AgentOperations, QemuLans, Backend):
             channel = self._procs.channel(name, live, _RECONNECT_TIMEOUT_S)
             channel.handshake(_RECONNECT_TIMEOUT_S)
             refresh(channel, _RECONNECT_TIMEOUT_S)
-            self._lans_up(name, channel, time.monotonic() + _RECONNECT_TIMEOUT_S)
+            self.lans.configure(name, channel, time.monotonic() + _RECONNECT_TIMEOUT_S)
             self._apply_forwards(name, {}, timeout_s)  # as they were before the restore
 
     def console_tail(self, name: str, lines: int = 40) -> str:

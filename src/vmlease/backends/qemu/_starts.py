@@ -2,7 +2,8 @@
 
 A start from a state is a new QEMU started ``-incoming defer`` that loads the
 state and runs; the agent then tells the guest its name, today's time and
-fresh randomness (``wake_as``). From a mapped state (``_states.py``) the VM's
+fresh randomness, and its private networks if it is on any (``Networks.wake``,
+one exchange with the agent). From a mapped state (``_states.py``) the VM's
 disk is a copy of the state's empty overlay and its memory the state's file,
 mapped copy-on-write, so a start reads almost nothing: that is also how such
 a VM is reset (:meth:`Starts.reset`): its QEMU is killed, its disk dropped,
@@ -27,6 +28,7 @@ from vmlease._errors import (
     VMLeaseError,
 )
 from vmlease._runner import Runner
+from vmlease.backends.guest._segments import Networks
 from vmlease.backends.guest.images import add_user, remove_user
 from vmlease.backends.qemu._disks import overlay_for
 from vmlease.backends.qemu._launch import CONSOLE_LOG, DISK, RamFile, with_ram
@@ -59,6 +61,7 @@ class Starts:
         run: runs ``qemu-img``.
         qemu_img: finds ``qemu-img``.
         warm: the saved states (None when warm starts are off).
+        lans: the backend's private networks, set at a VM's wake-up.
     """
 
     def __init__(
@@ -67,8 +70,10 @@ class Starts:
         run: Runner,
         qemu_img: Callable[[], str],
         warm: WarmCache | None,
+        lans: Networks,
     ) -> None:
         self._procs = procs
+        self._lans = lans
         self._run = run
         self._qemu_img = qemu_img
         self.warm = warm
@@ -145,7 +150,7 @@ class Starts:
                 self.lap(name, "load")
                 channel = self._procs.channel(name, live, max(1.0, deadline - time.monotonic()))
                 self.lap(name, "connect")
-                channel.wake_as(name, found.key, _WAKE_TIMEOUT_S)
+                self._lans.wake(name, found.key, channel, _WAKE_TIMEOUT_S)
                 self.lap(name, "wake")
         except BackendTimeout:
             raise
