@@ -4,7 +4,8 @@ and the host through user-mode networking, and what a second interface costs.
 Side by side in one run, medians (JSON in results/networks.json), debian-12
 with 1 vCPU and 512 MB under whichever accelerator this machine has; with
 ``--runs N``, traffic N/2 times, cold boots N/2 times and starts from the
-state and resets 3N times per shape, in a random order after a pause:
+state and resets 3N times per shape (from three states per shape, each saved
+anew), in a random order after a pause:
 
 - TCP round trip (one byte each way, over one connection, the mean of 200) and
   throughput (32 MB one way), VM to VM on the private network, beside the same
@@ -51,6 +52,8 @@ _SET_UP = "forwards, disk size and networks"
 MB = 512
 #: Starts from the saved state and resets per shape, per run asked for.
 _WARM_PER_RUN = 3
+#: How many booted states per shape those start from, in turn.
+_STATES = 3
 #: The pause before each sample.
 _SETTLE_S = 0.3
 #: Serves port 7001 in a guest (or the host): echoes round trips, swallows bulk.
@@ -214,33 +217,40 @@ def starts(runs: int) -> dict[str, Any]:
     shape every slow turn of the host. Cold boots are max(3, runs/2) per shape;
     starts from the state and resets, which take a fraction of a second,
     ``_WARM_PER_RUN`` times ``runs``, so that their medians hold against the
-    host's drift."""
+    host's drift, from ``_STATES`` states per shape in turn, each saved anew,
+    so that no one state's moment (what its guest was doing when it was saved)
+    decides a shape's figures."""
     samples: dict[str, list[float]] = {}
     shapes: dict[str, list[str]] = {"without": [], "with": ["lan"]}
     order = random.Random(runs)
     with tempfile.TemporaryDirectory(prefix="vmlease-networks-") as tmp:
         cold, _ = _session(Path(tmp) / "cold", warm=False)
-        images = own_images(Path(tmp))  # both shapes' states saved here, with one login
-        warm, backend = _session(Path(tmp) / "warm", warm=True, images=images)
         try:
-            for networks in shapes.values():  # each shape's booted state, saved once
-                warm.create("debian-12", memory_mb=MB, networks=networks).delete()
             for _ in range(max(3, runs // 2)):
                 kinds = list(shapes.items())
                 order.shuffle(kinds)
                 for kind, networks in kinds:
                     time.sleep(_SETTLE_S)
                     samples.setdefault(f"cold {kind}", []).append(_cold(cold, networks))
-            for _ in range(runs * _WARM_PER_RUN):
-                kinds = list(shapes.items())
-                order.shuffle(kinds)
-                for kind, networks in kinds:
-                    time.sleep(_SETTLE_S)
-                    for what, value in _warm(warm, backend, networks).items():
-                        samples.setdefault(f"{what} {kind}", []).append(value)
         finally:
             cold.close()
-            warm.close()
+        for turn in range(_STATES):
+            here = Path(tmp) / f"states-{turn}"
+            here.mkdir()
+            images = own_images(here)  # both shapes' states saved here, with one login
+            warm, backend = _session(here / "warm", warm=True, images=images)
+            try:
+                for networks in shapes.values():  # each shape's booted state, saved once
+                    warm.create("debian-12", memory_mb=MB, networks=networks).delete()
+                for _ in range(-(-runs * _WARM_PER_RUN // _STATES)):
+                    kinds = list(shapes.items())
+                    order.shuffle(kinds)
+                    for kind, networks in kinds:
+                        time.sleep(_SETTLE_S)
+                        for what, value in _warm(warm, backend, networks).items():
+                            samples.setdefault(f"{what} {kind}", []).append(value)
+            finally:
+                warm.close()
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
