@@ -4,8 +4,8 @@ and the host through user-mode networking, and what a second interface costs.
 Side by side in one run, medians (JSON in results/networks.json), debian-12
 with 1 vCPU and 512 MB under whichever accelerator this machine has; with
 ``--runs N``, traffic N/2 times, cold boots N/2 times and starts from the
-state and resets 3N times per shape (from three states per shape, each saved
-anew), in a random order after a pause:
+state and resets 3N times per shape and first command (from three states per
+shape, each saved anew), in a random order after a pause:
 
 - TCP round trip (one byte each way, over one connection, the mean of 200) and
   throughput (32 MB one way), VM to VM on the private network, beside the same
@@ -16,13 +16,15 @@ anew), in a random order after a pause:
 - cold boot to ready, start from the saved booted state to ready and to the
   reply of a first command, and reset to a first command's reply, each with
   and without a private network, interleaved (goal: the network costs under
-  10% of each); and the part of a reset that sets up the VM's forwards, disk
-  size and private interfaces, which is where the network's cost lies. A
-  first command is where a guest started from a state pays for what it does
-  after its wake-up, so "to ready" alone would hide that cost from a VM
-  without a network. Both shapes' states are saved by the run itself, in an
-  image directory of its own, so both start with the SSH login their state
-  already holds, as a user's do from their own state directory.
+  10% of each); and of a reset, its wake-up (the exchange that also sets a
+  VM's private interfaces and names) and its first command. A first command
+  is where a guest started from a state pays for the kernel code it runs
+  for the first time since the restore; a network's set-up in the wake-up
+  runs some of that code first, so "to ready" alone would charge it to the
+  VM on a network; how much of it depends on the command, so there are two:
+  ``true`` and ``sh -c :``. Both shapes' states are saved by the run itself,
+  in an image directory of its own, so both start with the SSH login their
+  state already holds, as a user's do from their own state directory.
 """
 
 from __future__ import annotations
@@ -47,13 +49,16 @@ from vmlease.backends.guest.images import build_debian, build_tiny
 from vmlease.backends.qemu import QemuBackend
 
 RESULTS = Path(__file__).parent / "results"
-#: The phase of a reset that sets up forwards, the disk's size and networks.
-_SET_UP = "forwards, disk size and networks"
+#: The phase of a start that wakes the guest (and sets its private networks).
+_WAKE = "wake"
 MB = 512
 #: Starts from the saved state and resets per shape, per run asked for.
 _WARM_PER_RUN = 3
 #: How many booted states per shape those start from, in turn.
 _STATES = 3
+#: Two first commands, a program and a shell's builtin: after a restore each runs
+#: kernel code new to TCG, some of which a network's set-up runs first.
+_FIRST = {"true": ["true"], "sh -c :": ["sh", "-c", ":"]}
 #: The pause before each sample.
 _SETTLE_S = 0.3
 #: Serves port 7001 in a guest (or the host): echoes round trips, swallows bulk.
@@ -192,19 +197,23 @@ def _cold(cold: vmlease.Session, networks: list[str]) -> float:
     return time.perf_counter() - t
 
 
-def _warm(warm: vmlease.Session, backend: QemuBackend, networks: list[str]) -> dict[str, float]:
-    """One start from the saved state, to ready and to a first command's reply, then
-    a reset to a first command's reply, and the reset's set-up lap."""
+def _warm(
+    warm: vmlease.Session, backend: QemuBackend, networks: list[str], first: str
+) -> dict[str, float]:
+    """One start from the saved state, to ready and to the reply of command ``first``,
+    then a reset to its reply, and of that reset its wake-up and the command."""
     t = time.perf_counter()
     vm = warm.create("debian-12", memory_mb=MB, networks=networks)
     took = {"warm": time.perf_counter() - t}
-    vm.run(["true"], check=True)
-    took["warm+cmd"] = time.perf_counter() - t
+    vm.run(_FIRST[first], check=True)
+    took[f"warm+cmd {first}"] = time.perf_counter() - t
     t = time.perf_counter()
     vm.reset()
-    vm.run(["true"], check=True)
-    took["reset"] = time.perf_counter() - t
-    took["set-up"] = backend.start_timings(vm.name).get(_SET_UP, 0.0)
+    ran = time.perf_counter()
+    vm.run(_FIRST[first], check=True)
+    took[f"reset {first}"] = time.perf_counter() - t
+    took[f"reset's command {first}"] = time.perf_counter() - ran
+    took["reset's wake-up"] = backend.start_timings(vm.name).get(_WAKE, 0.0)
     vm.delete()
     return took
 
@@ -212,9 +221,10 @@ def _warm(warm: vmlease.Session, backend: QemuBackend, networks: list[str]) -> d
 def starts(runs: int) -> dict[str, Any]:
     """Cold boots, starts from the saved state and resets, with and without a network.
 
-    Each round runs the two shapes in a random order after a pause (which also
-    lets the last VM's QEMU finish exiting): a fixed order could hand one
-    shape every slow turn of the host. Cold boots are max(3, runs/2) per shape;
+    Each round runs the two shapes (and, from a state, each with each first
+    command) in a random order after a pause (which also lets the last VM's
+    QEMU finish exiting): a fixed order could hand one shape every slow turn
+    of the host. Cold boots are max(3, runs/2) per shape;
     starts from the state and resets, which take a fraction of a second,
     ``_WARM_PER_RUN`` times ``runs``, so that their medians hold against the
     host's drift, from ``_STATES`` states per shape in turn, each saved anew,
@@ -243,11 +253,11 @@ def starts(runs: int) -> dict[str, Any]:
                 for networks in shapes.values():  # each shape's booted state, saved once
                     warm.create("debian-12", memory_mb=MB, networks=networks).delete()
                 for _ in range(-(-runs * _WARM_PER_RUN // _STATES)):
-                    kinds = list(shapes.items())
-                    order.shuffle(kinds)
-                    for kind, networks in kinds:
+                    turns = [(kind, first) for kind in shapes for first in _FIRST]
+                    order.shuffle(turns)
+                    for kind, first in turns:
                         time.sleep(_SETTLE_S)
-                        for what, value in _warm(warm, backend, networks).items():
+                        for what, value in _warm(warm, backend, shapes[kind], first).items():
                             samples.setdefault(f"{what} {kind}", []).append(value)
             finally:
                 warm.close()
@@ -273,20 +283,19 @@ def main(runs: int = 7) -> int:
     )
     print(f"  {'':28} {'without':>10} {'with lan':>10} {'cost':>8}  (goal < 10%)")
     costs = {}
-    labels = {
-        "cold": "cold boot to ready",
-        "warm": "warm start to ready",
-        "warm+cmd": "warm start to a command",
-        "reset": "reset to a command",
-    }
+    labels = {"cold": "cold boot to ready", "warm": "warm start to ready"}
+    for first in _FIRST:
+        labels[f"warm+cmd {first}"] = f"warm start to `{first}`"
+    for first in _FIRST:
+        labels[f"reset {first}"] = f"reset to `{first}`"
     for what, label in labels.items():
         without, with_ = started[f"{what} without"], started[f"{what} with"]
         costs[what] = with_ / without - 1
-        print(f"  {label:28} {without:9.2f}s {with_:9.2f}s {costs[what]:+7.1%}")
-    print(
-        f"  {'  of a reset: the set-up':28} {started['set-up without']:9.2f}s "
-        f"{started['set-up with']:9.2f}s  (forwards, disk size, private interfaces)"
-    )
+        print(f"  {label:28} {without:9.3f}s {with_:9.3f}s {costs[what]:+7.1%}")
+    parts = [("reset's wake-up", "  of a reset: the wake-up")]
+    parts += [(f"reset's command {first}", f"  of a reset: `{first}`") for first in _FIRST]
+    for part, label in parts:
+        print(f"  {label:28} {started[f'{part} without']:9.3f}s {started[f'{part} with']:9.3f}s")
     RESULTS.mkdir(exist_ok=True)
     out = {"traffic": moved, "starts": started, "costs": costs}
     (RESULTS / "networks.json").write_text(json.dumps(out, indent=2) + "\n")
