@@ -269,26 +269,6 @@ def test_requests_sent_with_the_wake_go_in_its_exchange_and_get_their_answers(
     assert got == [proto.WAKE, proto.NET, proto.NET, proto.SYNC]
 
 
-def test_an_agent_older_than_the_wake_is_sent_nothing_else_with_it(
-    channel_with: MakeChannel,
-) -> None:
-    kinds: list[int] = []
-
-    def peer(sock: socket.socket) -> None:
-        _kind, nonce = read_frame(sock)
-        sock.sendall(frame(proto.HELLO, nonce + b"vmlease-agent 2"))
-        kinds.append(read_frame(sock)[0])
-        sock.sendall(frame(proto.OK))
-        kinds.append(read_frame(sock)[0])
-        sock.sendall(frame(proto.EXIT, struct.pack(">iB", 0, 0)))
-
-    ch, t = channel_with(peer)
-    ch.handshake(5.0)
-    assert ch.wake_as("vm-7", "k1", 5.0, also=[(proto.NET, b"x")]) == []
-    t.join()
-    assert kinds == [proto.SETTIME, proto.EXEC]
-
-
 def test_an_older_agent_is_woken_by_its_clock_and_a_command(channel_with: MakeChannel) -> None:
     kinds: list[int] = []
 
@@ -304,7 +284,8 @@ def test_an_older_agent_is_woken_by_its_clock_and_a_command(channel_with: MakeCh
 
     ch, t = channel_with(peer)
     ch.handshake(5.0)
-    ch.wake_as("vm-7", "k1", 5.0)
+    # Nothing else goes with the wake-up: NET is left to the caller.
+    assert ch.wake_as("vm-7", "k1", 5.0, also=[(proto.NET, b"x")]) == []
     t.join()
     assert kinds == [proto.SETTIME, proto.EXEC]
 
