@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import vmlease
+from vmlease.backends.guest._lans import USER_MAC
 from vmlease.backends.guest._machine import lan_mac
 from vmlease.backends.guest.images import Image
 
@@ -65,11 +66,14 @@ def three_on_a_network(session: vmlease.Session) -> tuple[vmlease.VM, vmlease.VM
     # saved state: no IPv6 link-local address made from the saving VM's MAC.
     addresses = []
     for vm in (server, a, b):
-        links = vm.run(["ip", "-br", "link"], check=True).stdout.splitlines()
-        dev = next(line.split()[0] for line in links if lan_mac(vm.name, 0) in line)
+        links = [
+            line.split() for line in vm.run(["ip", "-br", "link"], check=True).stdout.splitlines()
+        ]
+        [(dev, mac)] = [(f[0], f[2]) for f in links if f[2] not in (USER_MAC, "00:00:00:00:00:00")]
         shown = vm.run(["ip", "-br", "addr", "show", "dev", dev], check=True).stdout.split()
         assert len(shown) == 3, shown  # name, state, one address: no IPv6
         assert shown[2].startswith("192.168."), shown
+        assert mac == lan_mac(shown[2].split("/")[0]), (mac, shown)  # the address's own
         addresses.append(shown[2])
     assert len(set(addresses)) == 3
     # The first to join appended its block to the image's file; the others' joins

@@ -53,10 +53,12 @@ class _Channel:
         self.sent.append(payload)
 
 
-def test_vms_are_known_by_name_and_alias_and_no_two_go_by_one_name(tmp_path: Path) -> None:
+def test_vms_are_known_by_name_and_alias_and_no_two_go_by_one_name_and_macs_follow_addresses(
+    tmp_path: Path,
+) -> None:
     networks = Networks(tmp_path)
     try:
-        networks.join("vm-1", ("lan",), alias="server")
+        [first] = networks.join("vm-1", ("lan",), alias="server")
         with pytest.raises(InvalidSpec, match="goes by 'server' already"):
             networks.join("vm-2", ("lan",), alias="server")
         with pytest.raises(InvalidSpec, match="goes by 'vm-1' already"):
@@ -67,11 +69,14 @@ def test_vms_are_known_by_name_and_alias_and_no_two_go_by_one_name(tmp_path: Pat
         told = networks.configure("vm-2", cast(AgentChannel, channel), time.monotonic() + 5)
         names = LanNames("lan", "192.168.100.10 vm-1 server\n192.168.100.11 vm-2")
         assert channel.sent == [
-            pack([LanLink(0, lan_mac("vm-2", 0), "192.168.100.11/24")], [names])
+            pack([LanLink(0, lan_mac("192.168.100.11"), "192.168.100.11/24")], [names])
         ]
         assert told == []  # vm-1's guest was never set up: it learns the names when it is
         networks.leave("vm-1")
-        networks.join("vm-3", ("lan",), alias="server")  # the alias is free again
+        [taker] = networks.join("vm-3", ("lan",), alias="server")  # the alias is free again
+        # vm-3 takes the address vm-1 left, and its MAC with it: no ARP cache on the
+        # network can hold another MAC for that address.
+        assert taker.mac == first.mac == "02:76:c0:a8:64:0a"
     finally:
         networks.close()
 
@@ -102,7 +107,7 @@ def test_a_wake_sets_a_vms_networks_in_its_exchange_and_configure_is_left_nothin
         one = _Waking(4)
         networks.wake("vm-1", "k1", cast(AgentChannel, one), 5.0)
         names = LanNames("lan", "192.168.100.10 vm-1\n192.168.100.11 vm-2")
-        link = LanLink(0, lan_mac("vm-1", 0), "192.168.100.10/24")
+        link = LanLink(0, lan_mac("192.168.100.10"), "192.168.100.10/24")
         assert one.woken == [("vm-1", [(NET, pack([link], [names]))])]
         assert networks.woken("vm-1") == []  # vm-2 was not set up yet
         assert networks.woken("vm-1") is None  # once

@@ -113,7 +113,6 @@ while [ $n -le "$index" ]; do
   for e in $found; do [ "$e" = "$low" ] || rest="$rest $e"; done
   found=$rest n=$((n + 1))
 done
-echo 1 > "/proc/sys/net/ipv4/conf/$dev/arp_notify"
 echo 1 > "/proc/sys/net/ipv6/conf/$dev/disable_ipv6"
 set_addr="addr flush dev $dev scope global"
 [ -z "$addr" ] || set_addr="addr replace $addr dev $dev"

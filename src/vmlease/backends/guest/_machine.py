@@ -27,7 +27,7 @@ owner's, and the visitors' where the image's agent serves it).
 from __future__ import annotations
 
 import enum
-import hashlib
+import ipaddress
 from dataclasses import dataclass, field
 
 from vmlease._spec import Network, VMSpec
@@ -44,6 +44,7 @@ __all__ = [
     "Slot",
     "describe",
     "lan_mac",
+    "placeholder_mac",
 ]
 
 #: QEMU's own default address for a first network card. An imported image's
@@ -77,11 +78,17 @@ UEFI_ROMS = {
 UEFI_PACKAGES = {"x86_64": "ovmf", "aarch64": "qemu-efi-aarch64"}
 
 
-def lan_mac(name: str, index: int) -> str:
-    """The MAC address of VM ``name``'s interface on its ``index``-th private network:
-    locally administered, and the same for a name wherever it is made."""
-    digest = hashlib.sha256(f"{name}/{index}".encode()).digest()
-    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+def lan_mac(address: str) -> str:
+    """The MAC of the private interface whose IPv4 address is ``address``: locally
+    administered, and made from the address alone (as Docker's are), so that a VM
+    taking an address another VM left never finds a different MAC for it in its
+    peers' ARP caches, and needs not announce itself."""
+    return ":".join(f"{b:02x}" for b in (0x02, 0x76, *ipaddress.IPv4Address(address).packed))
+
+
+def placeholder_mac(index: int) -> str:
+    """The MAC of a private interface in a saved state's key: any VM's differs."""
+    return lan_mac(f"0.0.0.{index}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ ends when this process does (it watches its owner's pidfd), and removes its
 directory: a network outlives neither its session nor a SIGKILL of it.
 
 Each VM on a network gets an address of the network's /24 (by the order it
-joined) and a MAC of its own (``_machine.py`` ``lan_mac``), set in the guest
+joined) and a MAC made from that address (``_machine.py`` ``lan_mac``), set in the guest
 (``_lans.py``) whenever it becomes ready, is started from a saved state or is
 reset: a booted state holds the interface of whichever VM saved it, and two
 VMs started from one state must not share an address. Every VM on a network
@@ -73,11 +73,13 @@ def qemu_uids() -> set[int]:
 @dataclass(frozen=True, slots=True)
 class Port:
     """A VM's port on a network: the network's directory, its Unix socket there,
-    and its TCP port on 127.0.0.1 (when one was asked for)."""
+    its TCP port on 127.0.0.1 (when one was asked for), and the MAC of the VM's
+    interface there."""
 
     network: Path
     socket: Path
     tcp: int | None = None
+    mac: str = ""
 
 
 @dataclass
@@ -210,7 +212,10 @@ class Networks:
                 if uids is not None:
                     request["uids"] = sorted(uids)
                 reply = self._ask(network, **request)
-                ports.append(Port(network.path, network.path / reply["path"], reply.get("tcp")))
+                mac = lan_mac(network.address(vm))
+                ports.append(
+                    Port(network.path, network.path / reply["path"], reply.get("tcp"), mac)
+                )
         return ports
 
     def _names_on(self, name: str) -> set[str]:
@@ -259,8 +264,9 @@ class Networks:
         booted state is saved: a start from the state then only sets an address and
         a MAC, where an interface's first coming up is slow under TCG."""
         with self._lock:
-            count = len(self._joined.get(vm, ()))
-        links = [LanLink(index, lan_mac(vm, index), None) for index in range(count)]
+            networks = [self._networks[name] for name in self._joined.get(vm, ())]
+            macs = [lan_mac(network.address(vm)) for network in networks]
+        links = [LanLink(index, mac, None) for index, mac in enumerate(macs)]
         set_lans(channel, links, (), deadline, vm)
 
     def _settings(self, vm: str) -> tuple[list[LanLink], list[LanNames], Updates]:
@@ -272,7 +278,8 @@ class Networks:
             networks = [self._networks[name] for name in self._joined.get(vm, ())]
             links, blocks, others = [], [], []
             for index, network in enumerate(networks):
-                links.append(LanLink(index, lan_mac(vm, index), f"{network.address(vm)}/24"))
+                address = network.address(vm)
+                links.append(LanLink(index, lan_mac(address), f"{address}/24"))
                 lines = "\n".join(self._known_as(network, m) for m in sorted(network.members))
                 block = LanNames(network.name, lines)
                 blocks.append(block)

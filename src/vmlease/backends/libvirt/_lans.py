@@ -19,7 +19,7 @@ from collections.abc import Callable
 from vmlease._errors import BackendError, InvalidSpec
 from vmlease._spec import VMSpec
 from vmlease.backends.guest._agent import AgentChannel
-from vmlease.backends.guest._machine import Lan, lan_mac
+from vmlease.backends.guest._machine import Lan, placeholder_mac
 from vmlease.backends.guest._segments import LanOperations, qemu_uids
 from vmlease.backends.libvirt._agents import Agents
 from vmlease.backends.libvirt._domain import lan_alias
@@ -30,7 +30,7 @@ __all__ = ["LibvirtLans", "placeholders"]
 
 def placeholders(spec: VMSpec) -> tuple[Lan, ...]:
     """The interfaces a booted state's key is made with: every VM's differ."""
-    return tuple(Lan("", lan_mac("@", index)) for index in range(len(spec.networks)))
+    return tuple(Lan("", placeholder_mac(index)) for index in range(len(spec.networks)))
 
 
 class LibvirtLans(LanOperations):
@@ -54,9 +54,7 @@ class LibvirtLans(LanOperations):
         if found is not None:
             uids.add(found)
         ports = self.lans.join(name, spec.networks, alias=spec.alias, uids=uids)
-        return tuple(
-            Lan("", lan_mac(name, index), port.tcp or 0) for index, port in enumerate(ports)
-        )
+        return tuple(Lan("", port.mac, port.tcp or 0) for port in ports)
 
     def _lans_ready(
         self, name: str, channel: AgentChannel, deadline: float, *, saving: bool

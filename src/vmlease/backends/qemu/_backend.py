@@ -283,8 +283,8 @@ class QemuBackend(AgentOperations, QemuLans, Backend):
         deadline, ram = time.monotonic() + timeout_s, None
         try:
             add_user(image.path, vm_dir)  # no prune removes the build under this VM
-            self._join(name, vm_dir, spec.networks, spec.alias)  # switches hold its ports
-            launch = qemu_argv(config, vm_dir, name, spec, image)
+            macs = self._join(name, vm_dir, spec.networks, spec.alias)  # switches hold its ports
+            launch = qemu_argv(config, vm_dir, name, spec, image, macs=macs)
             record = {
                 "name": name,
                 "spec": json.loads(spec.to_json()),

@@ -10,7 +10,7 @@ absolute, because ``-daemonize`` moves QEMU to ``/`` once it is up.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from vmlease.backends.guest._machine import (
     Machine,
     Slot,
     describe,
-    lan_mac,
+    placeholder_mac,
 )
 from vmlease.backends.guest.images import Image
 
@@ -178,16 +178,22 @@ def qemu_argv(
     image: Image,
     *,
     seed: Path | None = None,
+    macs: Sequence[str] = (),
 ) -> list[str]:
     """The full QEMU command for VM ``name`` in ``vm_dir``.
 
     ``seed`` is a read-only disk to attach as well (an imported image's
     cloud-init seed, on its first boot). Each private network the spec names is
     an interface whose link is the Unix socket ``lanN/NAME.sock`` (``lanN`` is
-    the VM directory's link to the network's directory).
+    the VM directory's link to the network's directory), with the MAC of the
+    same place in ``macs`` (a placeholder where there is none, as in a saved
+    state's key).
     """
     lans = tuple(
-        Lan(f"{lan_dir(index)}/{name}.sock", lan_mac(name, index))
+        Lan(
+            f"{lan_dir(index)}/{name}.sock",
+            macs[index] if index < len(macs) else placeholder_mac(index),
+        )
         for index in range(len(spec.networks))
     )
     machine = describe(

@@ -22,11 +22,15 @@ class QemuLans(LanOperations):
     def _dir(self, name: str) -> Path:
         raise NotImplementedError
 
-    def _join(self, name: str, vm_dir: Path, networks: tuple[str, ...], alias: str | None) -> None:
+    def _join(
+        self, name: str, vm_dir: Path, networks: tuple[str, ...], alias: str | None
+    ) -> list[str]:
         """VM ``name`` joins ``networks`` (known there as ``alias`` too): its directory
-        links to each one's as ``lanN``."""
-        for index, port in enumerate(self.lans.join(name, networks, alias=alias)):
+        links to each one's as ``lanN``; the MACs of its interfaces there."""
+        ports = self.lans.join(name, networks, alias=alias)
+        for index, port in enumerate(ports):
             (vm_dir / lan_dir(index)).symlink_to(port.network)
+        return [port.mac for port in ports]
 
     def _set_link(self, name: str, index: int, up: bool, timeout_s: float) -> None:
         state = "on" if up else "off"

@@ -46,10 +46,10 @@
  * NET (protocol 4) sets a VM's interfaces on its private networks and the
  * names it knows them by, also without starting a process. Interface `index`
  * is the index-th Ethernet interface, by ifindex, other than the user-mode one
- * (QEMU's default MAC); it gets the MAC and address given (0.0.0.0: none; the
- * address is announced by a gratuitous ARP when the MAC changes) and is
- * brought up. Each
- * tag's block of lines replaces the one of that tag in /etc/hosts, between
+ * (QEMU's default MAC); it gets the MAC given, then the address (0.0.0.0:
+ * none), and is brought up. The host makes a MAC from its address, so no
+ * other VM's ARP cache can hold another MAC for it, and nothing is announced.
+ * Each tag's block of lines replaces the one of that tag in /etc/hosts, between
  * "# vmlease network TAG" and "# vmlease network TAG end", or is appended to
  * the file when it has none.
  *
@@ -503,17 +503,16 @@ static void set_sysctl(const char *fmt, const char *name, const char *value) {
 }
 
 /* Give interface `name` its MAC and IPv4 address (none: 0.0.0.0) and bring it
- * up; NULL, or the step that failed (errno says why). The first time, before
- * it is up: a gratuitous ARP at each MAC change (arp_notify), and no IPv6, whose
- * link-local address, made from the MAC of the VM that saved a state, every VM
- * started from that state would share. */
+ * up; NULL, or the step that failed (errno says why). The MAC first: an address
+ * comes up with the MAC it keeps. The first time, before it is up: no IPv6,
+ * whose link-local address, made from the MAC of the VM that saved a state,
+ * every VM started from that state would share. */
 static const char *set_lan(int s, const char *name, const unsigned char *mac,
                            const unsigned char *addr, unsigned prefix) {
     static char known[16][IF_NAMESIZE];  /* interfaces already so set */
     int told = 0;
     for (int i = 0; i < 16 && known[i][0] && !told; i++) told = strcmp(known[i], name) == 0;
     if (!told) {
-        set_sysctl("/proc/sys/net/ipv4/conf/%s/arp_notify", name, "1");
         set_sysctl("/proc/sys/net/ipv6/conf/%s/disable_ipv6", name, "1");
         for (int i = 0; i < 16; i++)
             if (!known[i][0]) { snprintf(known[i], IF_NAMESIZE, "%s", name); break; }
@@ -521,6 +520,19 @@ static const char *set_lan(int s, const char *name, const unsigned char *mac,
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
     snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
+    if (ioctl(s, SIOCGIFHWADDR, &ifr) != 0) return "reading its MAC";
+    if (memcmp(ifr.ifr_hwaddr.sa_data, mac, 6) != 0) {
+        ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+        memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+        if (ioctl(s, SIOCSIFHWADDR, &ifr) != 0) {
+            if (errno != EBUSY) return "setting its MAC";
+            struct ifreq down = ifr;  /* a driver that changes it only while down */
+            if (ioctl(s, SIOCGIFFLAGS, &down) != 0) return "reading its flags";
+            down.ifr_flags &= ~IFF_UP;
+            if (ioctl(s, SIOCSIFFLAGS, &down) != 0) return "bringing it down";
+            if (ioctl(s, SIOCSIFHWADDR, &ifr) != 0) return "setting its MAC";
+        }
+    }
     struct sockaddr_in *in = (struct sockaddr_in *)&ifr.ifr_addr;
     static const unsigned char none[4];
     int unset = memcmp(addr, none, 4) == 0;
@@ -535,19 +547,6 @@ static const char *set_lan(int s, const char *name, const unsigned char *mac,
         if (ioctl(s, SIOCSIFADDR, &ifr) != 0) return "setting its address";
         in->sin_addr.s_addr = mask;
         if (!unset && ioctl(s, SIOCSIFNETMASK, &ifr) != 0) return "setting its netmask";
-    }
-    if (ioctl(s, SIOCGIFHWADDR, &ifr) != 0) return "reading its MAC";
-    if (memcmp(ifr.ifr_hwaddr.sa_data, mac, 6) != 0) {
-        ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
-        memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
-        if (ioctl(s, SIOCSIFHWADDR, &ifr) != 0) {
-            if (errno != EBUSY) return "setting its MAC";
-            struct ifreq down = ifr;  /* a driver that changes it only while down */
-            if (ioctl(s, SIOCGIFFLAGS, &down) != 0) return "reading its flags";
-            down.ifr_flags &= ~IFF_UP;
-            if (ioctl(s, SIOCSIFFLAGS, &down) != 0) return "bringing it down";
-            if (ioctl(s, SIOCSIFHWADDR, &ifr) != 0) return "setting its MAC";
-        }
     }
     if (ioctl(s, SIOCGIFFLAGS, &ifr) != 0) return "reading its flags";
     if (!(ifr.ifr_flags & IFF_UP)) {
@@ -671,7 +670,8 @@ static void net(const unsigned char *p, size_t len) {
     if (len < 4) { send_error("%s: %s", "network", EINVAL); return; }
     size_t links = get32(p), off = 4;
     if (links > 16 || len - off < links * 15 + 4) { send_error("%s: %s", "network", EINVAL); return; }
-    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    static int s = -1;  /* kept: a start from a saved state has it at no cost */
+    if (s < 0) s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (s < 0) { send_error("%s: %s", "network socket", errno); return; }
     for (size_t i = 0; i < links; i++, off += 15) {
         char name[IF_NAMESIZE];
@@ -679,7 +679,6 @@ static void net(const unsigned char *p, size_t len) {
             char what[64];
             snprintf(what, sizeof what, "the interface of private network %u", (unsigned)get32(p + off));
             send_error("%s: %s", what, errno);
-            close(s);
             return;
         }
         const char *failed = set_lan(s, name, p + off + 4, p + off + 10, p[off + 14]);
@@ -687,11 +686,9 @@ static void net(const unsigned char *p, size_t len) {
             char what[IF_NAMESIZE + 64];
             snprintf(what, sizeof what, "%s: %s", name, failed);
             send_error("%s: %s", what, errno);
-            close(s);
             return;
         }
     }
-    close(s);
     size_t blocks = get32(p + off);
     off += 4;
     for (size_t i = 0; i < blocks; i++) {
