@@ -111,7 +111,7 @@ def _lan_address(vm: vmlease.VM) -> str:
     return found[0]
 
 
-def test_a_reset_vm_comes_back_with_its_own_address_and_names(
+def test_a_reset_vm_comes_back_with_its_own_address_and_names_and_a_taken_address_its_mac(
     debian_image: Image, state: Path
 ) -> None:
     with vmlease.Session(state_dir=state) as session:
@@ -130,6 +130,15 @@ def test_a_reset_vm_comes_back_with_its_own_address_and_names(
         session.create("debian-12", memory_mb=512, networks=["lan"], name="late")
         two.restore("before")
         assert two.run(["getent", "hosts", "late"]).exit_code == 0
+        # A VM that takes the address one left (and with it one's MAC) is reached at
+        # once by two, which talked to one at that address.
+        address = _lan_address(one)
+        one.delete()
+        new = session.create("debian-12", memory_mb=512, networks=["lan"], name="new")
+        assert _lan_address(new) == address
+        new.run(["sh", "-c", SERVE], check=True)
+        new.wait_for_port(7000)
+        assert _ask(two, "new") == "new"
 
 
 def _timed_ask(vm: vmlease.VM, host: str) -> float | None:
