@@ -73,13 +73,13 @@ def qemu_uids() -> set[int]:
 @dataclass(frozen=True, slots=True)
 class Port:
     """A VM's port on a network: the network's directory, its Unix socket there,
-    its TCP port on 127.0.0.1 (when one was asked for), and the MAC of the VM's
-    interface there."""
+    the MAC of the VM's interface there, and its TCP port on 127.0.0.1 (when one
+    was asked for)."""
 
     network: Path
     socket: Path
+    mac: str
     tcp: int | None = None
-    mac: str = ""
 
 
 @dataclass
@@ -214,7 +214,7 @@ class Networks:
                 reply = self._ask(network, **request)
                 mac = lan_mac(network.address(vm))
                 ports.append(
-                    Port(network.path, network.path / reply["path"], reply.get("tcp"), mac)
+                    Port(network.path, network.path / reply["path"], mac, reply.get("tcp"))
                 )
         return ports
 
